@@ -1,0 +1,940 @@
+//! The `locus` command line.
+//!
+//! Exit codes a script can rely on:
+//! - 0: success
+//! - 1: the operation failed (the message and, with `--json`, the error code say why)
+//! - 2: bad usage (unknown flag, malformed argument)
+//! - 3: the cluster did not answer in time
+//! - 4: configuration or certificate problem
+//!
+//! With `--json`, data goes to stdout as one JSON document and errors to
+//! stderr as `{"error":{"code":"NotFound","errno":2,"message":"..."}}`.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::client::{ClientError, MetaClient};
+use crate::config::ClientConfig;
+use crate::proto::*;
+use crate::up;
+
+#[derive(Parser)]
+#[command(
+    name = "locus",
+    version,
+    about = "Locus: a distributed filesystem with integrated VM placement"
+)]
+pub struct Cli {
+    /// Client configuration (default: $LOCUS_CONFIG, else ~/.locus/client.toml).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Print data as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Work with files and directories.
+    #[command(subcommand)]
+    Fs(FsCmd),
+    /// Inspect and change the metadata cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Start a whole local cluster on loopback.
+    Up(up::UpArgs),
+    /// Stop the local cluster started by `locus up`.
+    Down(up::DownArgs),
+}
+
+#[derive(Subcommand)]
+pub enum FsCmd {
+    /// Create directories.
+    Mkdir {
+        /// Create missing parents; no error if the directory exists.
+        #[arg(short, long)]
+        parents: bool,
+        /// Permission bits, octal.
+        #[arg(short, long, default_value = "755")]
+        mode: String,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// List a directory (or show a file).
+    Ls {
+        /// Long format: type, mode, links, owner, size, mtime.
+        #[arg(short, long)]
+        long: bool,
+        #[arg(default_value = "/")]
+        path: PathBuf,
+    },
+    /// Show an inode's attributes (does not follow a final symlink).
+    Stat { path: PathBuf },
+    /// Rename or move; into DST when DST is a directory.
+    Mv {
+        src: PathBuf,
+        dst: PathBuf,
+        /// Fail if the destination exists.
+        #[arg(short = 'n', long)]
+        no_clobber: bool,
+    },
+    /// Remove files, or directories with -r / -d.
+    Rm {
+        /// Remove directories and their contents.
+        #[arg(short, long)]
+        recursive: bool,
+        /// Remove empty directories.
+        #[arg(short, long)]
+        dir: bool,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Make a hard link, or a symbolic link with -s.
+    Ln {
+        #[arg(short, long)]
+        symbolic: bool,
+        target: PathBuf,
+        link: PathBuf,
+    },
+    /// Create empty files or update their times.
+    Touch {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Change permission bits (octal).
+    Chmod { mode: String, path: PathBuf },
+    /// Change owner: UID or UID:GID (numeric).
+    Chown { owner: String, path: PathBuf },
+    /// Extended attributes.
+    #[command(subcommand)]
+    Xattr(XattrCmd),
+}
+
+#[derive(Subcommand)]
+pub enum XattrCmd {
+    Get {
+        path: PathBuf,
+        name: String,
+    },
+    Set {
+        path: PathBuf,
+        name: String,
+        value: String,
+        /// Fail if it exists.
+        #[arg(long, conflicts_with = "replace")]
+        create: bool,
+        /// Fail if it does not exist.
+        #[arg(long)]
+        replace: bool,
+    },
+    Rm {
+        path: PathBuf,
+        name: String,
+    },
+    Ls {
+        path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Members, leader, term, commit and applied index, lag.
+    Status,
+    /// Add a metadata node (start it first, without --bootstrap).
+    AddNode(NodeArgs),
+    /// Remove a metadata node from the voters.
+    RemoveNode {
+        #[arg(long)]
+        id: u64,
+    },
+    /// Build a Raft snapshot on the leader now.
+    Snapshot,
+}
+
+#[derive(Args)]
+pub struct NodeArgs {
+    #[arg(long)]
+    pub id: u64,
+    /// Its QUIC address, ip:port.
+    #[arg(long)]
+    pub addr: String,
+}
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+pub struct CliError {
+    pub exit: u8,
+    pub code: Option<ErrorCode>,
+    pub message: String,
+}
+
+impl CliError {
+    fn usage(msg: impl Into<String>) -> Self {
+        CliError {
+            exit: 2,
+            code: Some(ErrorCode::Invalid),
+            message: msg.into(),
+        }
+    }
+    fn config(msg: impl Into<String>) -> Self {
+        CliError {
+            exit: 4,
+            code: None,
+            message: msg.into(),
+        }
+    }
+    fn from_client(context: &str, e: ClientError) -> Self {
+        let exit = match &e {
+            ClientError::Unavailable { .. } => 3,
+            ClientError::Tls(_) | ClientError::Config(_) => 4,
+            ClientError::Remote(w) if w.code == ErrorCode::Unauthorized => 4,
+            ClientError::Remote(w)
+                if matches!(w.code, ErrorCode::Unavailable | ErrorCode::Timeout) =>
+            {
+                3
+            }
+            _ => 1,
+        };
+        let message = if context.is_empty() {
+            e.to_string()
+        } else {
+            format!("{context}: {e}")
+        };
+        CliError {
+            exit,
+            code: Some(e.code()),
+            message,
+        }
+    }
+    pub fn print(&self, json: bool) {
+        if json {
+            let v = serde_json::json!({"error": {
+                "code": self.code.map(|c| c.to_string()),
+                "errno": self.code.map(|c| c.errno()),
+                "message": self.message,
+            }});
+            eprintln!("{v}");
+        } else {
+            match self.code {
+                Some(c) if self.exit == 1 => eprintln!("locus: {} ({c})", self.message),
+                _ => eprintln!("locus: {}", self.message),
+            }
+        }
+    }
+}
+
+type CliResult<T = ()> = Result<T, CliError>;
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> CliResult {
+    let json = cli.json;
+    match cli.cmd {
+        Cmd::Up(args) => up::up(args, json).await.map_err(|e| CliError {
+            exit: 1,
+            code: None,
+            message: format!("{e:#}"),
+        }),
+        Cmd::Down(args) => up::down(args).map_err(|e| CliError {
+            exit: 1,
+            code: None,
+            message: format!("{e:#}"),
+        }),
+        Cmd::Fs(cmd) => {
+            let client = connect(cli.config)?;
+            fs(&client, cmd, json).await
+        }
+        Cmd::Cluster(cmd) => {
+            let client = connect(cli.config)?;
+            cluster(&client, cmd, json).await
+        }
+    }
+}
+
+fn connect(config: Option<PathBuf>) -> CliResult<MetaClient> {
+    let path = config.unwrap_or_else(ClientConfig::default_path);
+    if !path.exists() {
+        return Err(CliError::config(format!(
+            "no client configuration at {} (start a cluster with `locus up`, or pass --config)",
+            path.display()
+        )));
+    }
+    let cfg = ClientConfig::load(&path).map_err(|e| CliError::config(e.to_string()))?;
+    MetaClient::new(&cfg).map_err(|e| CliError::from_client("", e))
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("locus: cannot encode output: {e}"),
+    }
+}
+
+/// A path inside Locus as bytes, always absolute.
+fn abs(p: &std::path::Path) -> Vec<u8> {
+    let b = p.as_os_str().as_bytes();
+    if b.first() == Some(&b'/') {
+        b.to_vec()
+    } else {
+        let mut v = b"/".to_vec();
+        v.extend_from_slice(b);
+        v
+    }
+}
+
+fn show(p: &[u8]) -> String {
+    String::from_utf8_lossy(p).into_owned()
+}
+
+/// (parent path, last name) of an absolute path.
+fn split(path: &[u8]) -> CliResult<(Vec<u8>, Vec<u8>)> {
+    let trimmed: &[u8] = {
+        let mut t = path;
+        while t.len() > 1 && t.last() == Some(&b'/') {
+            t = &t[..t.len() - 1];
+        }
+        t
+    };
+    let pos = trimmed.iter().rposition(|&b| b == b'/').unwrap_or(0);
+    let name = trimmed[pos + 1..].to_vec();
+    if name.is_empty() {
+        return Err(CliError::usage(format!(
+            "{}: names no file (the root?)",
+            show(path)
+        )));
+    }
+    let parent = if pos == 0 {
+        b"/".to_vec()
+    } else {
+        trimmed[..pos].to_vec()
+    };
+    Ok((parent, name))
+}
+
+fn parse_mode(s: &str) -> CliResult<u32> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| CliError::usage(format!("mode {s:?} is not an octal number up to 7777")))
+}
+
+fn caller() -> Caller {
+    // The CLI acts as the invoking user.
+    Caller {
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+    }
+}
+
+async fn parent_ino(c: &MetaClient, parent: &[u8]) -> CliResult<Ino> {
+    let a = c
+        .resolve(parent, true)
+        .await
+        .map_err(|e| CliError::from_client(&show(parent), e))?;
+    if a.kind != FileKind::Dir {
+        return Err(CliError {
+            exit: 1,
+            code: Some(ErrorCode::NotDir),
+            message: format!("{}: not a directory", show(parent)),
+        });
+    }
+    Ok(a.ino)
+}
+
+fn fmt_time(t: Timespec) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::new(t.secs.max(0) as u64, t.nanos),
+    )
+    .to_string()
+}
+
+fn mode_string(a: &Attr) -> String {
+    let mut s = String::new();
+    s.push(a.kind.letter());
+    let p = a.perm;
+    let bits = [
+        (0o400, 'r'),
+        (0o200, 'w'),
+        (0o100, 'x'),
+        (0o040, 'r'),
+        (0o020, 'w'),
+        (0o010, 'x'),
+        (0o004, 'r'),
+        (0o002, 'w'),
+        (0o001, 'x'),
+    ];
+    for (i, (bit, ch)) in bits.iter().enumerate() {
+        let mut c = if p & bit != 0 { *ch } else { '-' };
+        if i == 2 && p & 0o4000 != 0 {
+            c = if c == 'x' { 's' } else { 'S' };
+        }
+        if i == 5 && p & 0o2000 != 0 {
+            c = if c == 'x' { 's' } else { 'S' };
+        }
+        if i == 8 && p & 0o1000 != 0 {
+            c = if c == 'x' { 't' } else { 'T' };
+        }
+        s.push(c);
+    }
+    s
+}
+
+async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
+    match cmd {
+        FsCmd::Mkdir {
+            parents,
+            mode,
+            paths,
+        } => {
+            let perm = parse_mode(&mode)?;
+            for p in paths {
+                let path = abs(&p);
+                if parents {
+                    mkdir_p(c, &path, perm).await?;
+                } else {
+                    let (parent, name) = split(&path)?;
+                    let pino = parent_ino(c, &parent).await?;
+                    c.op(MetaOp::Mkdir {
+                        parent: pino,
+                        name,
+                        perm,
+                        caller: caller(),
+                    })
+                    .await
+                    .map_err(|e| CliError::from_client(&show(&path), e))?;
+                }
+            }
+            Ok(())
+        }
+        FsCmd::Ls { long, path } => {
+            let path = abs(&path);
+            let a = c
+                .resolve(&path, true)
+                .await
+                .map_err(|e| CliError::from_client(&show(&path), e))?;
+            let entries = if a.kind == FileKind::Dir {
+                c.readdir_all(a.ino)
+                    .await
+                    .map_err(|e| CliError::from_client(&show(&path), e))?
+            } else {
+                vec![DirEntry {
+                    name: split(&path).map(|(_, n)| n).unwrap_or_default(),
+                    ino: a.ino,
+                    kind: a.kind,
+                }]
+            };
+            if !long && !json {
+                for e in &entries {
+                    println!("{}", show(&e.name));
+                }
+                return Ok(());
+            }
+            let mut rows = Vec::new();
+            for e in &entries {
+                match c.getattr(e.ino).await {
+                    Ok(attr) => rows.push((e.name.clone(), attr)),
+                    // Removed since the listing: skip it, as ls does.
+                    Err(ClientError::Remote(w)) if w.code == ErrorCode::NotFound => {}
+                    Err(err) => return Err(CliError::from_client(&show(&e.name), err)),
+                }
+            }
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(n, a)| serde_json::json!({"name": show(n), "attr": a}))
+                    .collect();
+                print_json(&v);
+            } else {
+                for (n, a) in rows {
+                    println!(
+                        "{} {:>3} {:>5} {:>5} {:>12} {} {}",
+                        mode_string(&a),
+                        a.nlink,
+                        a.uid,
+                        a.gid,
+                        a.size,
+                        fmt_time(a.mtime),
+                        show(&n)
+                    );
+                }
+            }
+            Ok(())
+        }
+        FsCmd::Stat { path } => {
+            let path = abs(&path);
+            let a = c
+                .resolve(&path, false)
+                .await
+                .map_err(|e| CliError::from_client(&show(&path), e))?;
+            if json {
+                print_json(&a);
+            } else {
+                println!("  File: {}", show(&path));
+                println!("  Type: {:?}  Inode: {}  Links: {}", a.kind, a.ino, a.nlink);
+                println!("  Size: {}", a.size);
+                println!(
+                    "Access: ({:04o}/{})  Uid: {}  Gid: {}",
+                    a.perm,
+                    mode_string(&a),
+                    a.uid,
+                    a.gid
+                );
+                println!("Access: {}", fmt_time(a.atime));
+                println!("Modify: {}", fmt_time(a.mtime));
+                println!("Change: {}", fmt_time(a.ctime));
+                println!(" Birth: {}", fmt_time(a.crtime));
+            }
+            Ok(())
+        }
+        FsCmd::Mv {
+            src,
+            dst,
+            no_clobber,
+        } => {
+            let (src, dst) = (abs(&src), abs(&dst));
+            let (sp, sn) = split(&src)?;
+            let spino = parent_ino(c, &sp).await?;
+            let (dpino, dn) = match c.resolve(&dst, true).await {
+                Ok(a) if a.kind == FileKind::Dir => (a.ino, sn.clone()),
+                _ => {
+                    let (dp, dn) = split(&dst)?;
+                    (parent_ino(c, &dp).await?, dn)
+                }
+            };
+            let flags = if no_clobber { RENAME_NOREPLACE } else { 0 };
+            c.op(MetaOp::Rename {
+                parent: spino,
+                name: sn,
+                new_parent: dpino,
+                new_name: dn,
+                flags,
+            })
+            .await
+            .map_err(|e| CliError::from_client(&format!("{} -> {}", show(&src), show(&dst)), e))?;
+            Ok(())
+        }
+        FsCmd::Rm {
+            recursive,
+            dir,
+            paths,
+        } => {
+            for p in paths {
+                let path = abs(&p);
+                let a = c
+                    .resolve(&path, false)
+                    .await
+                    .map_err(|e| CliError::from_client(&show(&path), e))?;
+                let (parent, name) = split(&path)?;
+                let pino = parent_ino(c, &parent).await?;
+                if a.kind == FileKind::Dir {
+                    if recursive {
+                        remove_tree(c, a.ino).await?;
+                    } else if !dir {
+                        return Err(CliError {
+                            exit: 1,
+                            code: Some(ErrorCode::IsDir),
+                            message: format!("{}: is a directory (use -r or -d)", show(&path)),
+                        });
+                    }
+                    c.op(MetaOp::Rmdir { parent: pino, name })
+                        .await
+                        .map_err(|e| CliError::from_client(&show(&path), e))?;
+                } else {
+                    c.op(MetaOp::Unlink { parent: pino, name })
+                        .await
+                        .map_err(|e| CliError::from_client(&show(&path), e))?;
+                }
+            }
+            Ok(())
+        }
+        FsCmd::Ln {
+            symbolic,
+            target,
+            link,
+        } => {
+            let link = abs(&link);
+            let (lp, ln) = split(&link)?;
+            let lpino = parent_ino(c, &lp).await?;
+            if symbolic {
+                let target = target.as_os_str().as_bytes().to_vec();
+                c.op(MetaOp::Symlink {
+                    parent: lpino,
+                    name: ln,
+                    target,
+                    caller: caller(),
+                })
+                .await
+                .map_err(|e| CliError::from_client(&show(&link), e))?;
+            } else {
+                let t = abs(&target);
+                let a = c
+                    .resolve(&t, false)
+                    .await
+                    .map_err(|e| CliError::from_client(&show(&t), e))?;
+                c.op(MetaOp::Link {
+                    ino: a.ino,
+                    new_parent: lpino,
+                    new_name: ln,
+                })
+                .await
+                .map_err(|e| CliError::from_client(&show(&link), e))?;
+            }
+            Ok(())
+        }
+        FsCmd::Touch { paths } => {
+            for p in paths {
+                let path = abs(&p);
+                match c.resolve(&path, true).await {
+                    Ok(a) => {
+                        let set = SetAttr {
+                            atime: Some(SetTime::Now),
+                            mtime: Some(SetTime::Now),
+                            ..Default::default()
+                        };
+                        c.op(MetaOp::SetAttr { ino: a.ino, set })
+                            .await
+                            .map_err(|e| CliError::from_client(&show(&path), e))?;
+                    }
+                    Err(ClientError::Remote(w)) if w.code == ErrorCode::NotFound => {
+                        let (parent, name) = split(&path)?;
+                        let pino = parent_ino(c, &parent).await?;
+                        c.op(MetaOp::Create {
+                            parent: pino,
+                            name,
+                            perm: 0o644,
+                            caller: caller(),
+                            exclusive: false,
+                        })
+                        .await
+                        .map_err(|e| CliError::from_client(&show(&path), e))?;
+                    }
+                    Err(e) => return Err(CliError::from_client(&show(&path), e)),
+                }
+            }
+            Ok(())
+        }
+        FsCmd::Chmod { mode, path } => {
+            let perm = parse_mode(&mode)?;
+            let path = abs(&path);
+            let a = c
+                .resolve(&path, true)
+                .await
+                .map_err(|e| CliError::from_client(&show(&path), e))?;
+            let set = SetAttr {
+                mode: Some(perm),
+                ..Default::default()
+            };
+            c.op(MetaOp::SetAttr { ino: a.ino, set })
+                .await
+                .map_err(|e| CliError::from_client(&show(&path), e))?;
+            Ok(())
+        }
+        FsCmd::Chown { owner, path } => {
+            let (u, g) = match owner.split_once(':') {
+                Some((u, g)) => (u, Some(g)),
+                None => (owner.as_str(), None),
+            };
+            let uid: u32 = u
+                .parse()
+                .map_err(|_| CliError::usage(format!("uid {u:?} is not a number")))?;
+            let gid: Option<u32> = match g {
+                Some(g) => Some(
+                    g.parse()
+                        .map_err(|_| CliError::usage(format!("gid {g:?} is not a number")))?,
+                ),
+                None => None,
+            };
+            let path = abs(&path);
+            let a = c
+                .resolve(&path, true)
+                .await
+                .map_err(|e| CliError::from_client(&show(&path), e))?;
+            let set = SetAttr {
+                uid: Some(uid),
+                gid,
+                ..Default::default()
+            };
+            c.op(MetaOp::SetAttr { ino: a.ino, set })
+                .await
+                .map_err(|e| CliError::from_client(&show(&path), e))?;
+            Ok(())
+        }
+        FsCmd::Xattr(x) => xattr(c, x, json).await,
+    }
+}
+
+async fn xattr(c: &MetaClient, cmd: XattrCmd, json: bool) -> CliResult {
+    let resolve = |p: PathBuf| async move {
+        let path = abs(&p);
+        c.resolve(&path, true)
+            .await
+            .map(|a| a.ino)
+            .map_err(|e| CliError::from_client(&show(&path), e))
+    };
+    match cmd {
+        XattrCmd::Get { path, name } => {
+            let ino = resolve(path).await?;
+            match c
+                .read(MetaRead::GetXattr {
+                    ino,
+                    name: name.clone().into_bytes(),
+                })
+                .await
+            {
+                Ok(ReadReply::Xattr(v)) => {
+                    if json {
+                        print_json(&serde_json::json!({"name": name, "value": show(&v)}));
+                    } else {
+                        println!("{}", show(&v));
+                    }
+                    Ok(())
+                }
+                Ok(other) => Err(CliError {
+                    exit: 1,
+                    code: Some(ErrorCode::Internal),
+                    message: format!("unexpected reply {other:?}"),
+                }),
+                Err(e) => Err(CliError::from_client(&name, e)),
+            }
+        }
+        XattrCmd::Set {
+            path,
+            name,
+            value,
+            create,
+            replace,
+        } => {
+            let ino = resolve(path).await?;
+            let flags = if create {
+                XATTR_CREATE
+            } else if replace {
+                XATTR_REPLACE
+            } else {
+                0
+            };
+            c.op(MetaOp::SetXattr {
+                ino,
+                name: name.clone().into_bytes(),
+                value: value.into_bytes(),
+                flags,
+            })
+            .await
+            .map_err(|e| CliError::from_client(&name, e))?;
+            Ok(())
+        }
+        XattrCmd::Rm { path, name } => {
+            let ino = resolve(path).await?;
+            c.op(MetaOp::RemoveXattr {
+                ino,
+                name: name.clone().into_bytes(),
+            })
+            .await
+            .map_err(|e| CliError::from_client(&name, e))?;
+            Ok(())
+        }
+        XattrCmd::Ls { path } => {
+            let ino = resolve(path).await?;
+            match c.read(MetaRead::ListXattr { ino }).await {
+                Ok(ReadReply::XattrNames(names)) => {
+                    let names: Vec<String> = names.iter().map(|n| show(n)).collect();
+                    if json {
+                        print_json(&names);
+                    } else {
+                        for n in names {
+                            println!("{n}");
+                        }
+                    }
+                    Ok(())
+                }
+                Ok(other) => Err(CliError {
+                    exit: 1,
+                    code: Some(ErrorCode::Internal),
+                    message: format!("unexpected reply {other:?}"),
+                }),
+                Err(e) => Err(CliError::from_client("", e)),
+            }
+        }
+    }
+}
+
+async fn mkdir_p(c: &MetaClient, path: &[u8], perm: u32) -> CliResult {
+    let mut ino = ROOT_INO;
+    let mut so_far = Vec::new();
+    for comp in path
+        .split(|&b| b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+    {
+        so_far.push(b'/');
+        so_far.extend_from_slice(comp);
+        let made = c
+            .op(MetaOp::Mkdir {
+                parent: ino,
+                name: comp.to_vec(),
+                perm,
+                caller: caller(),
+            })
+            .await;
+        ino = match made {
+            Ok(OpReply::Attr(a)) => a.ino,
+            Ok(other) => {
+                return Err(CliError {
+                    exit: 1,
+                    code: Some(ErrorCode::Internal),
+                    message: format!("unexpected reply {other:?}"),
+                })
+            }
+            Err(ClientError::Remote(w)) if w.code == ErrorCode::Exists => {
+                let a = c
+                    .resolve(&so_far, true)
+                    .await
+                    .map_err(|e| CliError::from_client(&show(&so_far), e))?;
+                if a.kind != FileKind::Dir {
+                    return Err(CliError {
+                        exit: 1,
+                        code: Some(ErrorCode::NotDir),
+                        message: format!("{}: exists and is not a directory", show(&so_far)),
+                    });
+                }
+                a.ino
+            }
+            Err(e) => return Err(CliError::from_client(&show(&so_far), e)),
+        };
+    }
+    Ok(())
+}
+
+/// Removes everything below directory `ino` (not the directory itself).
+async fn remove_tree(c: &MetaClient, ino: Ino) -> CliResult {
+    let entries = c
+        .readdir_all(ino)
+        .await
+        .map_err(|e| CliError::from_client("", e))?;
+    for e in entries {
+        if e.kind == FileKind::Dir {
+            Box::pin(remove_tree(c, e.ino)).await?;
+            c.op(MetaOp::Rmdir {
+                parent: ino,
+                name: e.name.clone(),
+            })
+            .await
+            .map_err(|err| CliError::from_client(&show(&e.name), err))?;
+        } else {
+            c.op(MetaOp::Unlink {
+                parent: ino,
+                name: e.name.clone(),
+            })
+            .await
+            .map_err(|err| CliError::from_client(&show(&e.name), err))?;
+        }
+    }
+    Ok(())
+}
+
+async fn cluster(c: &MetaClient, cmd: ClusterCmd, json: bool) -> CliResult {
+    match cmd {
+        ClusterCmd::Status => {
+            let leader_view = match c
+                .admin(AdminOp::Status)
+                .await
+                .map_err(|e| CliError::from_client("", e))?
+            {
+                AdminReply::Status(s) => s,
+                other => {
+                    return Err(CliError {
+                        exit: 1,
+                        code: Some(ErrorCode::Internal),
+                        message: format!("unexpected reply {other:?}"),
+                    })
+                }
+            };
+            // Each member's own view gives its applied index.
+            let mut nodes = Vec::new();
+            for m in &leader_view.members {
+                nodes.push((m.clone(), c.status_of(&m.addr).await.ok()));
+            }
+            if json {
+                let v = serde_json::json!({
+                    "leader_id": leader_view.leader_id,
+                    "term": leader_view.term,
+                    "commit_index": if leader_view.leader_id == Some(leader_view.node_id) { Some(leader_view.commit_index) } else { None },
+                    "last_log_index": leader_view.last_log_index,
+                    "members": nodes.iter().map(|(m, s)| serde_json::json!({
+                        "id": m.id,
+                        "addr": m.addr,
+                        "voter": m.voter,
+                        "reachable": s.is_some(),
+                        "state": s.as_ref().map(|s| s.state.clone()),
+                        "applied_index": s.as_ref().map(|s| s.applied_index),
+                        "matched_index": m.matched_index,
+                        "lag": m.lag,
+                    })).collect::<Vec<_>>(),
+                });
+                print_json(&v);
+            } else {
+                println!(
+                    "leader: {}   term: {}   commit index: {}",
+                    leader_view
+                        .leader_id
+                        .map(|l| l.to_string())
+                        .unwrap_or_else(|| "none".into()),
+                    leader_view.term,
+                    leader_view.commit_index
+                );
+                println!(
+                    "{:>4}  {:<22} {:<8} {:<10} {:>10} {:>10} {:>6}",
+                    "id", "address", "role", "state", "applied", "matched", "lag"
+                );
+                for (m, s) in nodes {
+                    println!(
+                        "{:>4}  {:<22} {:<8} {:<10} {:>10} {:>10} {:>6}",
+                        m.id,
+                        m.addr,
+                        if m.voter { "voter" } else { "learner" },
+                        s.as_ref()
+                            .map(|s| s.state.as_str())
+                            .unwrap_or("unreachable"),
+                        s.as_ref()
+                            .map(|s| s.applied_index.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        m.matched_index
+                            .map(|x| x.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        m.lag.map(|x| x.to_string()).unwrap_or_else(|| "-".into()),
+                    );
+                }
+            }
+            Ok(())
+        }
+        ClusterCmd::AddNode(a) => {
+            c.admin(AdminOp::AddNode {
+                id: a.id,
+                addr: a.addr.clone(),
+            })
+            .await
+            .map_err(|e| CliError::from_client(&format!("add node {}", a.id), e))?;
+            if !json {
+                println!("node {} at {} is a voter", a.id, a.addr);
+            }
+            Ok(())
+        }
+        ClusterCmd::RemoveNode { id } => {
+            c.admin(AdminOp::RemoveNode { id })
+                .await
+                .map_err(|e| CliError::from_client(&format!("remove node {id}"), e))?;
+            if !json {
+                println!("node {id} removed");
+            }
+            Ok(())
+        }
+        ClusterCmd::Snapshot => {
+            c.admin(AdminOp::Snapshot)
+                .await
+                .map_err(|e| CliError::from_client("snapshot", e))?;
+            Ok(())
+        }
+    }
+}

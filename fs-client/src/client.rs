@@ -1,0 +1,415 @@
+//! [`MetaClient`]: requests to the metadata service, with leader discovery,
+//! retries under one deadline, and at-most-once writes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+
+use crate::config::ClientConfig;
+use crate::frame::{self, FrameError};
+use crate::proto::*;
+use crate::tls::{self, TlsError};
+
+/// The longest one attempt may take before the client tries another server.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("{0}")]
+    Remote(WireError),
+    #[error("no metadata server answered within {timeout:?} (last error: {last})")]
+    Unavailable { timeout: Duration, last: String },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Config(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The stable code of this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ClientError::Remote(e) => e.code,
+            ClientError::Unavailable { .. } => ErrorCode::Unavailable,
+            ClientError::Tls(_) | ClientError::Config(_) => ErrorCode::Invalid,
+            ClientError::Protocol(_) => ErrorCode::Internal,
+        }
+    }
+
+    pub fn errno(&self) -> i32 {
+        self.code().errno()
+    }
+}
+
+impl From<WireError> for ClientError {
+    fn from(e: WireError) -> Self {
+        ClientError::Remote(e)
+    }
+}
+
+/// What one attempt against one server produced.
+enum Attempt {
+    Done(Response),
+    /// Transport trouble: try elsewhere.
+    Failed(String),
+}
+
+/// A metadata service client. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct MetaClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    quic: quinn::ClientConfig,
+    servers: Vec<String>,
+    /// Address believed to be the leader.
+    leader: std::sync::Mutex<Option<String>>,
+    next: AtomicUsize,
+    conns: Mutex<HashMap<String, quinn::Connection>>,
+    client_id: u128,
+    seq: AtomicU64,
+    timeout: Duration,
+}
+
+impl MetaClient {
+    /// Sets up a client for `cfg`. No connection is made until the first request.
+    pub fn new(cfg: &ClientConfig) -> Result<Self, ClientError> {
+        cfg.validate()
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let quic = tls::client_config(&cfg.identity(), CLIENT_ALPN)?;
+        let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
+        let endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| ClientError::Config(format!("client socket: {e}")))?;
+        Ok(MetaClient {
+            inner: Arc::new(Inner {
+                endpoint,
+                quic,
+                servers: cfg.meta.clone(),
+                leader: std::sync::Mutex::new(None),
+                next: AtomicUsize::new(0),
+                conns: Mutex::new(HashMap::new()),
+                client_id: rand::random(),
+                seq: AtomicU64::new(1),
+                timeout: cfg.timeout(),
+            }),
+        })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// Applies one namespace change, at most once even across retries.
+    pub async fn op(&self, op: MetaOp) -> Result<OpReply, ClientError> {
+        let id = RequestId {
+            client: self.inner.client_id,
+            seq: self.inner.seq.fetch_add(1, Ordering::Relaxed),
+        };
+        match self.call(Request::Op { id, op }).await? {
+            Reply::Op(r) => Ok(r),
+            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// A linearizable read.
+    pub async fn read(&self, read: MetaRead) -> Result<ReadReply, ClientError> {
+        match self.call(Request::Read(read)).await? {
+            Reply::Read(r) => Ok(r),
+            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// An administrative request, sent to the leader.
+    pub async fn admin(&self, op: AdminOp) -> Result<AdminReply, ClientError> {
+        match self.call(Request::Admin(op)).await? {
+            Reply::Admin(r) => Ok(r),
+            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// The status as one particular server sees it (no redirection).
+    pub async fn status_of(&self, addr: &str) -> Result<ClusterStatus, ClientError> {
+        let req = Envelope {
+            version: PROTOCOL_VERSION,
+            request: Request::Admin(AdminOp::Status),
+        };
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, self.attempt(addr, &req)).await {
+            Ok(Attempt::Done(Ok(Reply::Admin(AdminReply::Status(s))))) => Ok(s),
+            Ok(Attempt::Done(Ok(other))) => {
+                Err(ClientError::Protocol(format!("unexpected reply {other:?}")))
+            }
+            Ok(Attempt::Done(Err(e))) => Err(ClientError::Remote(e)),
+            Ok(Attempt::Failed(m)) => Err(ClientError::Unavailable {
+                timeout: ATTEMPT_TIMEOUT,
+                last: m,
+            }),
+            Err(_) => Err(ClientError::Unavailable {
+                timeout: ATTEMPT_TIMEOUT,
+                last: format!("{addr}: timed out"),
+            }),
+        }
+    }
+
+    /// The configured server addresses.
+    pub fn servers(&self) -> &[String] {
+        &self.inner.servers
+    }
+
+    fn pick(&self) -> String {
+        if let Some(l) = self.inner.leader.lock().ok().and_then(|l| l.clone()) {
+            return l;
+        }
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        self.inner.servers[i % self.inner.servers.len()].clone()
+    }
+
+    fn set_leader(&self, addr: Option<String>) {
+        if let Ok(mut l) = self.inner.leader.lock() {
+            *l = addr;
+        }
+    }
+
+    async fn call(&self, request: Request) -> Result<Reply, ClientError> {
+        let env = Envelope {
+            version: PROTOCOL_VERSION,
+            request,
+        };
+        let deadline = Instant::now() + self.inner.timeout;
+        let mut backoff = BACKOFF_MIN;
+        let mut last = String::from("no attempt");
+        loop {
+            let addr = self.pick();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Unavailable {
+                    timeout: self.inner.timeout,
+                    last,
+                });
+            }
+            let outcome =
+                tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), self.attempt(&addr, &env)).await;
+            match outcome {
+                Ok(Attempt::Done(Ok(reply))) => {
+                    self.set_leader(Some(addr));
+                    return Ok(reply);
+                }
+                Ok(Attempt::Done(Err(e))) if e.code == ErrorCode::NotLeader => {
+                    last = format!("{addr}: {}", e.message);
+                    match e.leader {
+                        Some(h) if !h.addr.is_empty() && h.addr != addr => {
+                            self.set_leader(Some(h.addr));
+                            continue;
+                        }
+                        _ => self.set_leader(None),
+                    }
+                }
+                Ok(Attempt::Done(Err(e))) if e.code.is_retryable() => {
+                    last = format!("{addr}: {}", e.message);
+                    self.set_leader(None);
+                }
+                Ok(Attempt::Done(Err(e))) => return Err(ClientError::Remote(e)),
+                Ok(Attempt::Failed(m)) => {
+                    last = format!("{addr}: {m}");
+                    self.set_leader(None);
+                    self.forget(&addr).await;
+                }
+                Err(_) => {
+                    last = format!("{addr}: no answer within {:?}", left.min(ATTEMPT_TIMEOUT));
+                    self.set_leader(None);
+                    self.forget(&addr).await;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(backoff.min(left)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn forget(&self, addr: &str) {
+        self.inner.conns.lock().await.remove(addr);
+    }
+
+    async fn connection(&self, addr: &str) -> Result<quinn::Connection, String> {
+        let mut conns = self.inner.conns.lock().await;
+        if let Some(c) = conns.get(addr) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let sock: SocketAddr = match addr.parse() {
+            Ok(s) => s,
+            Err(_) => tokio::net::lookup_host(addr)
+                .await
+                .map_err(|e| format!("resolve: {e}"))?
+                .next()
+                .ok_or_else(|| "resolve: no address".to_string())?,
+        };
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(self.inner.quic.clone(), sock, tls::SERVER_NAME)
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| "connect: timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))?;
+        conns.insert(addr.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    async fn attempt(&self, addr: &str, env: &Envelope) -> Attempt {
+        let conn = match self.connection(addr).await {
+            Ok(c) => c,
+            Err(e) => return Attempt::Failed(e),
+        };
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return Attempt::Failed(format!("open stream: {e}")),
+        };
+        if let Err(e) = frame::write_frame(&mut send, env).await {
+            return Attempt::Failed(e.to_string());
+        }
+        let _ = send.finish();
+        match frame::read_frame::<Response>(&mut recv).await {
+            Ok(r) => Attempt::Done(r),
+            Err(e) => Attempt::Failed(e.to_string()),
+        }
+    }
+
+    /// Opens a change stream at `from` on any reachable server.
+    pub async fn subscribe(&self, from: u64) -> Result<ChangeStream, ClientError> {
+        let env = Envelope {
+            version: PROTOCOL_VERSION,
+            request: Request::Subscribe { from },
+        };
+        let mut last = String::new();
+        let servers = self.inner.servers.clone();
+        for addr in servers.iter().cycle().take(servers.len() * 2) {
+            let conn = match self.connection(addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let (mut send, recv) = match conn.open_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    last = e.to_string();
+                    self.forget(addr).await;
+                    continue;
+                }
+            };
+            if let Err(e) = frame::write_frame(&mut send, &env).await {
+                last = e.to_string();
+                continue;
+            }
+            let _ = send.finish();
+            return Ok(ChangeStream { recv, _send: send });
+        }
+        Err(ClientError::Unavailable {
+            timeout: CONNECT_TIMEOUT,
+            last,
+        })
+    }
+
+    // ----- conveniences over `op` and `read`
+
+    pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr, ClientError> {
+        expect_attr(
+            self.read(MetaRead::Lookup {
+                parent,
+                name: name.to_vec(),
+            })
+            .await?,
+        )
+    }
+
+    pub async fn getattr(&self, ino: Ino) -> Result<Attr, ClientError> {
+        expect_attr(self.read(MetaRead::GetAttr { ino }).await?)
+    }
+
+    /// Resolves an absolute path; `follow` follows a symlink in the last component.
+    pub async fn resolve(&self, path: &[u8], follow: bool) -> Result<Attr, ClientError> {
+        expect_attr(
+            self.read(MetaRead::Resolve {
+                path: path.to_vec(),
+                follow,
+            })
+            .await?,
+        )
+    }
+
+    /// Every entry of a directory, page by page.
+    pub async fn readdir_all(&self, ino: Ino) -> Result<Vec<DirEntry>, ClientError> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            match self
+                .read(MetaRead::ReadDir {
+                    ino,
+                    after: after.clone(),
+                    limit: MAX_READDIR_PAGE,
+                })
+                .await?
+            {
+                ReadReply::Entries { entries, more } => {
+                    after = entries.last().map(|e| e.name.clone());
+                    out.extend(entries);
+                    if !more || after.is_none() {
+                        return Ok(out);
+                    }
+                }
+                other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+            }
+        }
+    }
+
+    pub async fn op_attr(&self, op: MetaOp) -> Result<Attr, ClientError> {
+        match self.op(op).await? {
+            OpReply::Attr(a) => Ok(a),
+            other => Err(ClientError::Protocol(format!(
+                "expected attributes, got {other:?}"
+            ))),
+        }
+    }
+}
+
+fn expect_attr(r: ReadReply) -> Result<Attr, ClientError> {
+    match r {
+        ReadReply::Attr(a) => Ok(a),
+        other => Err(ClientError::Protocol(format!(
+            "expected attributes, got {other:?}"
+        ))),
+    }
+}
+
+/// A change stream from one server. On error, resubscribe from the index
+/// after the last one received.
+pub struct ChangeStream {
+    recv: quinn::RecvStream,
+    _send: quinn::SendStream,
+}
+
+impl ChangeStream {
+    /// The next item; `Ok(None)` when the server ended the stream.
+    pub async fn next(&mut self) -> Result<Option<StreamItem>, ClientError> {
+        match frame::read_frame::<StreamItem>(&mut self.recv).await {
+            Ok(item) => Ok(Some(item)),
+            Err(FrameError::Closed) => Ok(None),
+            Err(e) => Err(ClientError::Protocol(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Length-prefixed postcard frames on QUIC streams.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Largest control frame (requests, replies, stream items). Bulk data does
+/// not travel in frames.
+pub const MAX_FRAME_BYTES: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("stream closed")]
+    Closed,
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error("undecodable frame: {0}")]
+    Decode(String),
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = postcard::to_allocvec(msg).map_err(|e| FrameError::Decode(e.to_string()))?;
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), FrameError> {
+    let bytes = encode(msg)?;
+    send.write_all(&bytes)
+        .await
+        .map_err(|e| FrameError::Stream(e.to_string()))
+}
+
+/// Reads one frame; [`FrameError::Closed`] when the stream ended cleanly
+/// before a frame began.
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Err(FrameError::Closed),
+        Err(e) => return Err(FrameError::Stream(e.to_string())),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| FrameError::Stream(e.to_string()))?;
+    postcard::from_bytes(&body).map_err(|e| FrameError::Decode(e.to_string()))
+}

@@ -1,0 +1,21 @@
+//! The Locus client side.
+//!
+//! - [`proto`]: the wire protocol every server speaks (servers depend on
+//!   this crate for it; this crate never depends on a server).
+//! - [`tls`]: the cluster CA, certificates and QUIC TLS settings.
+//! - [`client`]: [`client::MetaClient`], requests with leader discovery,
+//!   retries and at-most-once writes.
+//! - [`cli`]: the `locus` command line; [`up`] runs a local cluster.
+//!
+//! Start reading at [`client::MetaClient`].
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod frame;
+pub mod proto;
+pub mod tls;
+pub mod up;
+
+pub use client::{ClientError, MetaClient};
+pub use config::ClientConfig;

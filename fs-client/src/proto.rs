@@ -1,0 +1,758 @@
+//! The wire protocol between clients and Locus servers.
+//!
+//! Every request travels on its own QUIC bidirectional stream negotiated with
+//! ALPN [`CLIENT_ALPN`]: one length-prefixed postcard frame holding an
+//! [`Envelope`], answered by one frame holding a [`Response`] (or, for
+//! [`Request::Subscribe`], a sequence of [`StreamItem`] frames). Errors carry
+//! a stable numeric [`ErrorCode`]; clients branch on the code, never on the
+//! message. Enums only ever grow at the end, so older peers keep decoding.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// ALPN of client connections. Bump on an incompatible change.
+pub const CLIENT_ALPN: &[u8] = b"locus/1";
+/// The protocol revision inside [`CLIENT_ALPN`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Inode number. The root directory is [`ROOT_INO`].
+pub type Ino = u64;
+pub const ROOT_INO: Ino = 1;
+
+/// Longest file name, in bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+/// Longest symlink target, in bytes (PATH_MAX).
+pub const MAX_SYMLINK_BYTES: usize = 4095;
+/// Longest path resolved by the server.
+pub const MAX_PATH_BYTES: usize = 4095;
+/// Longest xattr name and value.
+pub const MAX_XATTR_NAME_BYTES: usize = 255;
+pub const MAX_XATTR_VALUE_BYTES: usize = 65_536;
+/// Most xattrs on one inode.
+pub const MAX_XATTRS_PER_INODE: usize = 1024;
+/// Most hard links to one inode.
+pub const MAX_LINKS: u32 = 65_000;
+/// Most entries one readdir page returns.
+pub const MAX_READDIR_PAGE: u32 = 4096;
+/// Most symlinks followed while resolving one path.
+pub const MAX_SYMLINK_FOLLOWS: u32 = 40;
+
+/// rename(2) flags.
+pub const RENAME_NOREPLACE: u32 = 1;
+pub const RENAME_EXCHANGE: u32 = 2;
+/// setxattr(2) flags.
+pub const XATTR_CREATE: u32 = 1;
+pub const XATTR_REPLACE: u32 = 2;
+
+/// Seconds and nanoseconds since the Unix epoch.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Timespec {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Timespec {
+    pub fn from_nanos(n: i128) -> Self {
+        Timespec {
+            secs: n.div_euclid(1_000_000_000) as i64,
+            nanos: n.rem_euclid(1_000_000_000) as u32,
+        }
+    }
+    pub fn as_nanos(&self) -> i128 {
+        self.secs as i128 * 1_000_000_000 + self.nanos as i128
+    }
+    pub fn now() -> Self {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timespec {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        }
+    }
+}
+
+/// The type of an inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl FileKind {
+    /// The `S_IFMT` bits of this kind.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            FileKind::File => 0o100000,
+            FileKind::Dir => 0o040000,
+            FileKind::Symlink => 0o120000,
+            FileKind::Fifo => 0o010000,
+            FileKind::Socket => 0o140000,
+            FileKind::CharDevice => 0o020000,
+            FileKind::BlockDevice => 0o060000,
+        }
+    }
+
+    /// The kind named by the `S_IFMT` bits of `mode`.
+    pub fn from_mode(mode: u32) -> Option<FileKind> {
+        Some(match mode & 0o170000 {
+            0o100000 | 0 => FileKind::File,
+            0o040000 => FileKind::Dir,
+            0o120000 => FileKind::Symlink,
+            0o010000 => FileKind::Fifo,
+            0o140000 => FileKind::Socket,
+            0o020000 => FileKind::CharDevice,
+            0o060000 => FileKind::BlockDevice,
+            _ => return None,
+        })
+    }
+
+    pub fn letter(self) -> char {
+        match self {
+            FileKind::File => '-',
+            FileKind::Dir => 'd',
+            FileKind::Symlink => 'l',
+            FileKind::Fifo => 'p',
+            FileKind::Socket => 's',
+            FileKind::CharDevice => 'c',
+            FileKind::BlockDevice => 'b',
+        }
+    }
+}
+
+/// The attributes of an inode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: FileKind,
+    /// Permission bits, including setuid, setgid and sticky (`mode & 0o7777`).
+    pub perm: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub crtime: Timespec,
+    pub rdev: u32,
+    /// Bumped when an inode number is reused; lets NFS-style handles detect staleness.
+    pub generation: u64,
+}
+
+impl Attr {
+    /// `st_mode`: type and permission bits.
+    pub fn mode(&self) -> u32 {
+        self.kind.mode_bits() | (self.perm & 0o7777)
+    }
+}
+
+/// A time to set: an explicit value or the server's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetTime {
+    Now,
+    At(Timespec),
+}
+
+/// Which attributes a setattr changes; `None` leaves one alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttr {
+    /// Permission bits (`mode & 0o7777`); the type bits are ignored.
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    /// Set ctime explicitly (restore tools); otherwise any change sets it to now.
+    pub ctime: Option<Timespec>,
+}
+
+/// A directory entry as readdir returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: Ino,
+    pub kind: FileKind,
+}
+
+/// Who asks: the identity new inodes are owned by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Caller {
+    pub const ROOT: Caller = Caller { uid: 0, gid: 0 };
+}
+
+/// Namespace changes. Each goes through Raft; the leader stamps the time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaOp {
+    Mkdir {
+        parent: Ino,
+        name: Vec<u8>,
+        perm: u32,
+        caller: Caller,
+    },
+    /// Creates a regular file. With `exclusive` false an existing regular
+    /// file is returned as it is (open with O_CREAT, without O_EXCL).
+    Create {
+        parent: Ino,
+        name: Vec<u8>,
+        perm: u32,
+        caller: Caller,
+        exclusive: bool,
+    },
+    /// Creates a FIFO, socket or device node (`mode` carries the type bits).
+    Mknod {
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    },
+    Symlink {
+        parent: Ino,
+        name: Vec<u8>,
+        target: Vec<u8>,
+        caller: Caller,
+    },
+    Link {
+        ino: Ino,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+    },
+    Unlink {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Rename {
+        parent: Ino,
+        name: Vec<u8>,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+        flags: u32,
+    },
+    SetAttr {
+        ino: Ino,
+        set: SetAttr,
+    },
+    SetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: u32,
+    },
+    RemoveXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+}
+
+impl MetaOp {
+    pub fn name(&self) -> &'static str {
+        match self {
+            MetaOp::Mkdir { .. } => "mkdir",
+            MetaOp::Create { .. } => "create",
+            MetaOp::Mknod { .. } => "mknod",
+            MetaOp::Symlink { .. } => "symlink",
+            MetaOp::Link { .. } => "link",
+            MetaOp::Unlink { .. } => "unlink",
+            MetaOp::Rmdir { .. } => "rmdir",
+            MetaOp::Rename { .. } => "rename",
+            MetaOp::SetAttr { .. } => "setattr",
+            MetaOp::SetXattr { .. } => "setxattr",
+            MetaOp::RemoveXattr { .. } => "removexattr",
+        }
+    }
+}
+
+/// What a [`MetaOp`] returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpReply {
+    /// The attributes of the created or changed inode.
+    Attr(Attr),
+    Done,
+}
+
+/// Namespace reads, linearizable (served by the leader after a read index).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaRead {
+    Lookup {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    GetAttr {
+        ino: Ino,
+    },
+    /// Entries after `after` (exclusive) in name order, at most `limit`.
+    /// `.` and `..` are not included.
+    ReadDir {
+        ino: Ino,
+        after: Option<Vec<u8>>,
+        limit: u32,
+    },
+    Readlink {
+        ino: Ino,
+    },
+    GetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    ListXattr {
+        ino: Ino,
+    },
+    StatFs,
+    /// Resolves an absolute path. Symlinks in the middle are followed; the
+    /// last component is followed only when `follow` is set.
+    Resolve {
+        path: Vec<u8>,
+        follow: bool,
+    },
+}
+
+/// Filesystem totals.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatFs {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub available_bytes: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+    pub block_size: u32,
+    pub max_name: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadReply {
+    Attr(Attr),
+    Entries { entries: Vec<DirEntry>, more: bool },
+    Link(Vec<u8>),
+    Xattr(Vec<u8>),
+    XattrNames(Vec<Vec<u8>>),
+    StatFs(StatFs),
+}
+
+/// One member of the metadata cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub addr: String,
+    pub voter: bool,
+    /// Last log index known replicated to it (leader's view).
+    pub matched_index: Option<u64>,
+    /// How far it trails the leader's log, in entries.
+    pub lag: Option<u64>,
+}
+
+/// The cluster as the answering node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node_id: u64,
+    pub state: String,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: Option<u64>,
+    pub members: Vec<MemberStatus>,
+}
+
+/// Cluster administration (role `admin` only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminOp {
+    Status,
+    /// Adds a metadata node: first as a learner, then as a voter once caught up.
+    AddNode {
+        id: u64,
+        addr: String,
+    },
+    RemoveNode {
+        id: u64,
+    },
+    /// Builds a Raft snapshot now.
+    Snapshot,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminReply {
+    Status(ClusterStatus),
+    Done,
+}
+
+/// Identifies one logical request across retries, so the metadata service
+/// applies it at most once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RequestId {
+    pub client: u128,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Op {
+        id: RequestId,
+        op: MetaOp,
+    },
+    Read(MetaRead),
+    Admin(AdminOp),
+    /// Streams applied namespace changes from log index `from` (inclusive).
+    Subscribe {
+        from: u64,
+    },
+    /// Liveness probe; answered by any node without Raft.
+    Ping,
+}
+
+/// Every request frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub version: u16,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Op(OpReply),
+    Read(ReadReply),
+    Admin(AdminReply),
+    Pong { node_id: u64 },
+}
+
+pub type Response = Result<Reply, WireError>;
+
+/// Namespace changes, as the change stream delivers them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// An inode was created or its attributes changed.
+    InodeSet(Attr),
+    InodeRemoved {
+        ino: Ino,
+    },
+    EntrySet {
+        parent: Ino,
+        name: Vec<u8>,
+        ino: Ino,
+        kind: FileKind,
+    },
+    EntryRemoved {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    XattrChanged {
+        ino: Ino,
+    },
+}
+
+/// Frames of a change stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamItem {
+    /// The changes of one applied log entry.
+    Changes {
+        index: u64,
+        changes: Vec<Change>,
+    },
+    /// The history before the requested index is gone: the full state
+    /// follows as `Changes` at index `index`, then `SnapshotEnd`.
+    SnapshotBegin {
+        index: u64,
+    },
+    SnapshotEnd {
+        index: u64,
+    },
+    /// Nothing new; `applied` is the server's applied index.
+    Idle {
+        applied: u64,
+    },
+    /// The stream cannot go on.
+    Error(WireError),
+}
+
+/// Stable error codes. Never renumber; add at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "u16", from = "u16")]
+pub enum ErrorCode {
+    NotFound,
+    Exists,
+    NotDir,
+    IsDir,
+    NotEmpty,
+    Invalid,
+    NameTooLong,
+    PermissionDenied,
+    NotPermitted,
+    NoData,
+    Range,
+    TooBig,
+    Loop,
+    CrossDevice,
+    QuotaExceeded,
+    NoSpace,
+    NotSupported,
+    Busy,
+    Stale,
+    TooManyLinks,
+    Io,
+    /// Ask the leader instead (see the hint).
+    NotLeader,
+    /// No quorum or the service is starting; retry later.
+    Unavailable,
+    Timeout,
+    /// The peer's certificate does not allow this request.
+    Unauthorized,
+    /// Malformed request or unsupported protocol version.
+    BadRequest,
+    Internal,
+    /// A code this build does not know (a newer server).
+    Unknown(u16),
+}
+
+impl ErrorCode {
+    pub fn as_u16(self) -> u16 {
+        match self {
+            ErrorCode::NotFound => 1,
+            ErrorCode::Exists => 2,
+            ErrorCode::NotDir => 3,
+            ErrorCode::IsDir => 4,
+            ErrorCode::NotEmpty => 5,
+            ErrorCode::Invalid => 6,
+            ErrorCode::NameTooLong => 7,
+            ErrorCode::PermissionDenied => 8,
+            ErrorCode::NotPermitted => 9,
+            ErrorCode::NoData => 10,
+            ErrorCode::Range => 11,
+            ErrorCode::TooBig => 12,
+            ErrorCode::Loop => 13,
+            ErrorCode::CrossDevice => 14,
+            ErrorCode::QuotaExceeded => 15,
+            ErrorCode::NoSpace => 16,
+            ErrorCode::NotSupported => 17,
+            ErrorCode::Busy => 18,
+            ErrorCode::Stale => 19,
+            ErrorCode::TooManyLinks => 20,
+            ErrorCode::Io => 21,
+            ErrorCode::NotLeader => 100,
+            ErrorCode::Unavailable => 101,
+            ErrorCode::Timeout => 102,
+            ErrorCode::Unauthorized => 103,
+            ErrorCode::BadRequest => 104,
+            ErrorCode::Internal => 105,
+            ErrorCode::Unknown(c) => c,
+        }
+    }
+
+    /// The errno a local filesystem returns for this error.
+    pub fn errno(self) -> i32 {
+        match self {
+            ErrorCode::NotFound => libc::ENOENT,
+            ErrorCode::Exists => libc::EEXIST,
+            ErrorCode::NotDir => libc::ENOTDIR,
+            ErrorCode::IsDir => libc::EISDIR,
+            ErrorCode::NotEmpty => libc::ENOTEMPTY,
+            ErrorCode::Invalid => libc::EINVAL,
+            ErrorCode::NameTooLong => libc::ENAMETOOLONG,
+            ErrorCode::PermissionDenied => libc::EACCES,
+            ErrorCode::NotPermitted => libc::EPERM,
+            ErrorCode::NoData => libc::ENODATA,
+            ErrorCode::Range => libc::ERANGE,
+            ErrorCode::TooBig => libc::E2BIG,
+            ErrorCode::Loop => libc::ELOOP,
+            ErrorCode::CrossDevice => libc::EXDEV,
+            ErrorCode::QuotaExceeded => libc::EDQUOT,
+            ErrorCode::NoSpace => libc::ENOSPC,
+            ErrorCode::NotSupported => libc::EOPNOTSUPP,
+            ErrorCode::Busy => libc::EBUSY,
+            ErrorCode::Stale => libc::ESTALE,
+            ErrorCode::TooManyLinks => libc::EMLINK,
+            ErrorCode::Timeout => libc::ETIMEDOUT,
+            ErrorCode::Unauthorized => libc::EACCES,
+            ErrorCode::Io
+            | ErrorCode::NotLeader
+            | ErrorCode::Unavailable
+            | ErrorCode::BadRequest
+            | ErrorCode::Internal
+            | ErrorCode::Unknown(_) => libc::EIO,
+        }
+    }
+
+    /// Whether retrying the same request later may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::Timeout
+        )
+    }
+}
+
+impl From<ErrorCode> for u16 {
+    fn from(c: ErrorCode) -> u16 {
+        c.as_u16()
+    }
+}
+
+impl From<u16> for ErrorCode {
+    fn from(c: u16) -> ErrorCode {
+        const KNOWN: [ErrorCode; 27] = [
+            ErrorCode::NotFound,
+            ErrorCode::Exists,
+            ErrorCode::NotDir,
+            ErrorCode::IsDir,
+            ErrorCode::NotEmpty,
+            ErrorCode::Invalid,
+            ErrorCode::NameTooLong,
+            ErrorCode::PermissionDenied,
+            ErrorCode::NotPermitted,
+            ErrorCode::NoData,
+            ErrorCode::Range,
+            ErrorCode::TooBig,
+            ErrorCode::Loop,
+            ErrorCode::CrossDevice,
+            ErrorCode::QuotaExceeded,
+            ErrorCode::NoSpace,
+            ErrorCode::NotSupported,
+            ErrorCode::Busy,
+            ErrorCode::Stale,
+            ErrorCode::TooManyLinks,
+            ErrorCode::Io,
+            ErrorCode::NotLeader,
+            ErrorCode::Unavailable,
+            ErrorCode::Timeout,
+            ErrorCode::Unauthorized,
+            ErrorCode::BadRequest,
+            ErrorCode::Internal,
+        ];
+        KNOWN
+            .into_iter()
+            .find(|k| k.as_u16() == c)
+            .unwrap_or(ErrorCode::Unknown(c))
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorCode::Unknown(c) => write!(f, "error {c}"),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+/// Where the leader is, for a `NotLeader` error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderHint {
+    pub id: u64,
+    pub addr: String,
+}
+
+/// An error as it crosses the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub leader: Option<LeaderHint>,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+            leader: None,
+        }
+    }
+}
+
+/// Checks a file name: not empty, not `.` or `..`, no `/` or NUL, at most
+/// [`MAX_NAME_BYTES`].
+pub fn validate_name(name: &[u8]) -> Result<(), WireError> {
+    let show = || String::from_utf8_lossy(name).into_owned();
+    if name.is_empty() {
+        return Err(WireError::new(ErrorCode::Invalid, "empty file name"));
+    }
+    if name == b"." || name == b".." {
+        return Err(WireError::new(
+            ErrorCode::Invalid,
+            format!("file name {:?} is reserved", show()),
+        ));
+    }
+    if name.contains(&b'/') {
+        return Err(WireError::new(
+            ErrorCode::Invalid,
+            format!("file name {:?} contains '/'", show()),
+        ));
+    }
+    if name.contains(&0) {
+        return Err(WireError::new(
+            ErrorCode::Invalid,
+            format!("file name {:?} contains NUL", show()),
+        ));
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(WireError::new(
+            ErrorCode::NameTooLong,
+            format!("file name of {} bytes exceeds {MAX_NAME_BYTES}", name.len()),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_roundtrip_and_are_stable() {
+        for c in 0..200u16 {
+            let code = ErrorCode::from(c);
+            assert_eq!(code.as_u16(), c);
+        }
+        assert_eq!(ErrorCode::NotFound.as_u16(), 1);
+        assert_eq!(ErrorCode::NotLeader.as_u16(), 100);
+        let e = WireError::new(ErrorCode::NotEmpty, "x");
+        let b = postcard::to_allocvec(&e).unwrap();
+        let back: WireError = postcard::from_bytes(&b).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name(b"ok").is_ok());
+        assert_eq!(validate_name(b"").unwrap_err().code, ErrorCode::Invalid);
+        assert_eq!(validate_name(b".").unwrap_err().code, ErrorCode::Invalid);
+        assert_eq!(validate_name(b"..").unwrap_err().code, ErrorCode::Invalid);
+        assert_eq!(validate_name(b"a/b").unwrap_err().code, ErrorCode::Invalid);
+        assert_eq!(validate_name(b"a\0b").unwrap_err().code, ErrorCode::Invalid);
+        assert_eq!(
+            validate_name(&[b'x'; 256]).unwrap_err().code,
+            ErrorCode::NameTooLong
+        );
+        assert!(validate_name(&[b'x'; 255]).is_ok());
+        assert!(
+            validate_name(&[0xff, 0xfe]).is_ok(),
+            "names are bytes, not UTF-8"
+        );
+    }
+
+    #[test]
+    fn timespec_nanos_roundtrip() {
+        for n in [-1_500_000_000i128, 0, 1, 1_999_999_999] {
+            assert_eq!(Timespec::from_nanos(n).as_nanos(), n);
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! `locus up` / `locus down`: a whole local cluster on loopback, from one
+//! data directory.
+//!
+//! Layout of the data directory:
+//! - `certs/`: the cluster CA and every certificate;
+//! - `meta-<i>/`: the Raft state of metadata node i;
+//! - `logs/<service>.log`, `run/<service>.pid`;
+//! - `client.toml`: the admin client configuration the CLI uses.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::client::MetaClient;
+use crate::config::{default_data_dir, ClientConfig};
+use crate::proto::*;
+use crate::tls;
+
+/// How long `up` waits for the cluster to serve requests.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `down` waits for a graceful stop before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Args, Debug, Clone)]
+pub struct UpArgs {
+    /// Where the cluster keeps everything (default ~/.locus).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Metadata nodes to run.
+    #[arg(long, default_value_t = 3)]
+    pub meta: u64,
+    /// Loopback address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub ip: IpAddr,
+    /// Metadata node i listens on UDP base+i; its metrics on TCP base+100+i.
+    #[arg(long, default_value_t = 7100)]
+    pub base_port: u16,
+    /// The locus-server binary (default: next to this one, else $PATH).
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DownArgs {
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// One process of the local cluster.
+struct Service {
+    name: String,
+    args: Vec<String>,
+}
+
+fn find_server(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    if let Ok(me) = std::env::current_exe() {
+        let sib = me.with_file_name("locus-server");
+        if sib.exists() {
+            return Ok(sib);
+        }
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        let p = dir.join("locus-server");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "locus-server not found next to locus or on $PATH (build it with `cargo build --release`)"
+    )
+}
+
+fn pid_file(dir: &Path, name: &str) -> PathBuf {
+    dir.join("run").join(format!("{name}.pid"))
+}
+
+/// The pid in a pid file, if that process is alive and is a Locus server.
+fn running_pid(path: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let is_ours = cmdline
+        .split(|&b| b == 0)
+        .next()
+        .is_some_and(|argv0| argv0.ends_with(b"locus-server"));
+    is_ours.then_some(pid)
+}
+
+pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
+    let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    if args.meta == 0 || args.meta > 9 {
+        bail!("--meta must be between 1 and 9");
+    }
+    if args.base_port < 1024 || args.base_port > 65000 {
+        bail!("--base-port must be between 1024 and 65000");
+    }
+    for sub in ["certs", "logs", "run"] {
+        std::fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("create {}", dir.join(sub).display()))?;
+    }
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("resolve {}", dir.display()))?;
+    let certs = dir.join("certs");
+    tls::init_cluster_certs(&certs, args.meta, &[args.ip]).context("create certificates")?;
+    let server = find_server(args.server_bin.clone())?;
+
+    let addr = |i: u64| format!("{}:{}", args.ip, args.base_port as u64 + i);
+    let members: Vec<String> = (1..=args.meta)
+        .map(|i| format!("{i}={}", addr(i)))
+        .collect();
+    let mut services = Vec::new();
+    for i in 1..=args.meta {
+        services.push(Service {
+            name: format!("meta-{i}"),
+            args: vec![
+                "meta".into(),
+                "--id".into(),
+                i.to_string(),
+                "--listen".into(),
+                addr(i),
+                "--data-dir".into(),
+                dir.join(format!("meta-{i}")).display().to_string(),
+                "--certs".into(),
+                certs.display().to_string(),
+                "--metrics-listen".into(),
+                format!("{}:{}", args.ip, args.base_port as u64 + 100 + i),
+                "--bootstrap".into(),
+                members.join(","),
+            ],
+        });
+    }
+
+    let mut started = Vec::new();
+    for s in &services {
+        let pidf = pid_file(&dir, &s.name);
+        if let Some(pid) = running_pid(&pidf) {
+            tracing::info!(service = %s.name, pid, "already running");
+            continue;
+        }
+        let log_path = dir.join("logs").join(format!("{}.log", s.name));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("open {}", log_path.display()))?;
+        let mut cmd = Command::new(&server);
+        cmd.args(&s.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: a Ctrl-C in this terminal does not stop it.
+            .process_group(0);
+        use std::os::unix::process::CommandExt;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {} ({})", s.name, server.display()))?;
+        std::fs::write(&pidf, child.id().to_string())
+            .with_context(|| format!("write {}", pidf.display()))?;
+        started.push(s.name.clone());
+    }
+
+    let client_cfg = ClientConfig {
+        meta: (1..=args.meta).map(addr).collect(),
+        ca: certs.join("ca.pem"),
+        cert: certs.join("admin.pem"),
+        key: certs.join("admin.key"),
+        timeout_ms: crate::config::DEFAULT_TIMEOUT_MS,
+    };
+    let cfg_path = dir.join("client.toml");
+    client_cfg.save(&cfg_path).context("write client.toml")?;
+
+    // Ready when a linearizable read succeeds: a leader exists and the root is made.
+    let client = MetaClient::new(&client_cfg)?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        match client.read(MetaRead::StatFs).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "cluster not ready yet")
+            }
+            Err(e) => bail!(
+                "cluster did not become ready within {READY_TIMEOUT:?}: {e}; see {}",
+                dir.join("logs").display()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    if json {
+        let v = serde_json::json!({
+            "data_dir": dir,
+            "config": cfg_path,
+            "meta": client_cfg.meta,
+            "started": started,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "Locus is up: {} metadata nodes on {}",
+            args.meta,
+            client_cfg.meta.join(", ")
+        );
+        println!("  data:    {}", dir.display());
+        println!("  logs:    {}", dir.join("logs").display());
+        println!(
+            "  metrics: http://{}:{}/metrics (node 1)",
+            args.ip,
+            args.base_port + 101
+        );
+        println!();
+        if cfg_path != ClientConfig::default_path() {
+            println!("  export LOCUS_CONFIG={}", cfg_path.display());
+        }
+        println!("  locus cluster status");
+        println!("  locus fs mkdir /vm && locus fs ls -l /");
+        println!(
+            "  locus down{}",
+            if args.data_dir.is_some() {
+                format!(" --data-dir {}", dir.display())
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
+}
+
+pub fn down(args: DownArgs) -> anyhow::Result<()> {
+    let dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let run = dir.join("run");
+    let Ok(rd) = std::fs::read_dir(&run) else {
+        println!("nothing running in {}", dir.display());
+        return Ok(());
+    };
+    let mut pids = Vec::new();
+    for e in rd.flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "pid") {
+            if let Some(pid) = running_pid(&path) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                pids.push((pid, path.clone()));
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    for (pid, path) in &pids {
+        while Instant::now() < deadline && running_pid(path).is_some() && alive(*pid) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if alive(*pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    println!("stopped {} processes", pids.len());
+    Ok(())
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); look at its state.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,842 @@
+//! The namespace state machine against a model of POSIX directory trees.
+
+use std::collections::BTreeMap;
+
+use fs_client::proto::*;
+use proptest::prelude::*;
+use raft::{KvRead, MemKv, StateMachineLogic, Txn};
+
+use super::fsm::{Command, Namespace, OpResult};
+use super::read;
+
+/// Applies one command to the store and returns its results.
+fn apply(kv: &mut MemKv, index: u64, cmd: &Command) -> Vec<OpResult> {
+    let ns = Namespace::default();
+    let bytes = postcard::to_allocvec(cmd).unwrap();
+    let (reply, muts) = {
+        let mut txn = Txn::new(&*kv);
+        let reply = ns.apply(&mut txn, index, &bytes).unwrap();
+        (reply, txn.into_mutations())
+    };
+    kv.commit(muts);
+    postcard::from_bytes(&reply).unwrap()
+}
+
+struct Fs {
+    kv: MemKv,
+    index: u64,
+    now: i64,
+}
+
+impl Fs {
+    fn new() -> Self {
+        let mut fs = Fs {
+            kv: MemKv::new(),
+            index: 0,
+            now: 1_000,
+        };
+        fs.index += 1;
+        apply(
+            &mut fs.kv,
+            fs.index,
+            &Command::Init {
+                now: Timespec {
+                    secs: fs.now,
+                    nanos: 0,
+                },
+            },
+        );
+        fs
+    }
+    fn op_with_id(&mut self, id: Option<RequestId>, op: MetaOp) -> OpResult {
+        self.index += 1;
+        self.now += 1;
+        let cmd = Command::Batch {
+            now: Timespec {
+                secs: self.now,
+                nanos: 0,
+            },
+            ops: vec![(id, op)],
+        };
+        apply(&mut self.kv, self.index, &cmd).pop().unwrap()
+    }
+    fn op(&mut self, op: MetaOp) -> OpResult {
+        self.op_with_id(None, op)
+    }
+    fn resolve(&self, path: &str) -> Result<Attr, WireError> {
+        read::resolve(&self.kv, path.as_bytes(), false)
+            .unwrap()
+            .map(|r| r.attr)
+    }
+    fn read(&self, r: MetaRead) -> Result<ReadReply, WireError> {
+        read::query(&self.kv, &r, read::Capacity::default()).unwrap()
+    }
+    fn list(&self, ino: Ino) -> Vec<DirEntry> {
+        match self
+            .read(MetaRead::ReadDir {
+                ino,
+                after: None,
+                limit: MAX_READDIR_PAGE,
+            })
+            .unwrap()
+        {
+            ReadReply::Entries { entries, .. } => entries,
+            other => panic!("{other:?}"),
+        }
+    }
+    /// (path, kind, nlink) for everything in the tree.
+    fn tree(&self) -> BTreeMap<String, (FileKind, u32)> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![(String::new(), ROOT_INO)];
+        while let Some((path, ino)) = stack.pop() {
+            for e in self.list(ino) {
+                let p = format!("{path}/{}", String::from_utf8_lossy(&e.name));
+                let attr = match self.read(MetaRead::GetAttr { ino: e.ino }).unwrap() {
+                    ReadReply::Attr(a) => a,
+                    other => panic!("{other:?}"),
+                };
+                assert_eq!(attr.kind, e.kind, "entry kind matches inode kind at {p}");
+                if e.kind == FileKind::Dir {
+                    stack.push((p.clone(), e.ino));
+                }
+                out.insert(p, (attr.kind, attr.nlink));
+            }
+        }
+        out
+    }
+}
+
+fn mkdir(parent: Ino, name: &str) -> MetaOp {
+    MetaOp::Mkdir {
+        parent,
+        name: name.into(),
+        perm: 0o755,
+        caller: Caller::ROOT,
+    }
+}
+
+fn create(parent: Ino, name: &str) -> MetaOp {
+    MetaOp::Create {
+        parent,
+        name: name.into(),
+        perm: 0o644,
+        caller: Caller::ROOT,
+        exclusive: true,
+    }
+}
+
+fn code(r: &OpResult) -> Option<ErrorCode> {
+    r.as_ref().err().map(|e| e.code)
+}
+
+fn ino_of(r: OpResult) -> Ino {
+    match r.unwrap() {
+        OpReply::Attr(a) => a.ino,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn bad_names_are_refused_and_change_nothing() {
+    let mut fs = Fs::new();
+    let before = fs.kv.map.clone();
+    let long = "x".repeat(256);
+    for (name, want) in [
+        ("", ErrorCode::Invalid),
+        (".", ErrorCode::Invalid),
+        ("..", ErrorCode::Invalid),
+        ("a/b", ErrorCode::Invalid),
+        ("a\0b", ErrorCode::Invalid),
+        (long.as_str(), ErrorCode::NameTooLong),
+    ] {
+        assert_eq!(
+            code(&fs.op(mkdir(ROOT_INO, name))),
+            Some(want),
+            "mkdir {name:?}"
+        );
+        assert_eq!(
+            code(&fs.op(create(ROOT_INO, name))),
+            Some(want),
+            "create {name:?}"
+        );
+    }
+    // Only bookkeeping keys (applied index, dedup GC) may differ.
+    let data = |m: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>| {
+        m.iter()
+            .filter(|(k, _)| matches!(k[0], b'I' | b'D' | b'X'))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(data(&before), data(&fs.kv.map));
+    assert!(fs.list(ROOT_INO).is_empty());
+}
+
+#[test]
+fn rename_refuses_moving_a_directory_into_its_subtree() {
+    let mut fs = Fs::new();
+    let a = ino_of(fs.op(mkdir(ROOT_INO, "a")));
+    let b = ino_of(fs.op(mkdir(a, "b")));
+    let r = fs.op(MetaOp::Rename {
+        parent: ROOT_INO,
+        name: "a".into(),
+        new_parent: b,
+        new_name: "a".into(),
+        flags: 0,
+    });
+    assert_eq!(code(&r), Some(ErrorCode::Invalid));
+    let r = fs.op(MetaOp::Rename {
+        parent: ROOT_INO,
+        name: "a".into(),
+        new_parent: a,
+        new_name: "x".into(),
+        flags: 0,
+    });
+    assert_eq!(code(&r), Some(ErrorCode::Invalid));
+    assert!(fs.resolve("/a/b").is_ok());
+}
+
+#[test]
+fn rmdir_non_empty_and_unlink_dir() {
+    let mut fs = Fs::new();
+    let a = ino_of(fs.op(mkdir(ROOT_INO, "a")));
+    fs.op(create(a, "f")).unwrap();
+    assert_eq!(
+        code(&fs.op(MetaOp::Rmdir {
+            parent: ROOT_INO,
+            name: "a".into()
+        })),
+        Some(ErrorCode::NotEmpty)
+    );
+    assert_eq!(
+        code(&fs.op(MetaOp::Unlink {
+            parent: ROOT_INO,
+            name: "a".into()
+        })),
+        Some(ErrorCode::IsDir)
+    );
+    assert_eq!(
+        code(&fs.op(MetaOp::Rmdir {
+            parent: a,
+            name: "f".into()
+        })),
+        Some(ErrorCode::NotDir)
+    );
+    fs.op(MetaOp::Unlink {
+        parent: a,
+        name: "f".into(),
+    })
+    .unwrap();
+    fs.op(MetaOp::Rmdir {
+        parent: ROOT_INO,
+        name: "a".into(),
+    })
+    .unwrap();
+    assert_eq!(fs.resolve("/").unwrap().nlink, 2);
+}
+
+#[test]
+fn hard_links_count_and_survive_unlink() {
+    let mut fs = Fs::new();
+    let f = ino_of(fs.op(create(ROOT_INO, "f")));
+    fs.op(MetaOp::Link {
+        ino: f,
+        new_parent: ROOT_INO,
+        new_name: "g".into(),
+    })
+    .unwrap();
+    assert_eq!(fs.resolve("/g").unwrap().nlink, 2);
+    assert_eq!(
+        code(&fs.op(MetaOp::Link {
+            ino: ROOT_INO,
+            new_parent: ROOT_INO,
+            new_name: "d".into()
+        })),
+        Some(ErrorCode::NotPermitted)
+    );
+    fs.op(MetaOp::Unlink {
+        parent: ROOT_INO,
+        name: "f".into(),
+    })
+    .unwrap();
+    let g = fs.resolve("/g").unwrap();
+    assert_eq!((g.ino, g.nlink), (f, 1));
+    // Renaming one link onto another of the same inode does nothing.
+    fs.op(MetaOp::Link {
+        ino: f,
+        new_parent: ROOT_INO,
+        new_name: "h".into(),
+    })
+    .unwrap();
+    fs.op(MetaOp::Rename {
+        parent: ROOT_INO,
+        name: "g".into(),
+        new_parent: ROOT_INO,
+        new_name: "h".into(),
+        flags: 0,
+    })
+    .unwrap();
+    assert!(fs.resolve("/g").is_ok() && fs.resolve("/h").is_ok());
+}
+
+#[test]
+fn retried_requests_apply_once() {
+    let mut fs = Fs::new();
+    let id = RequestId { client: 7, seq: 1 };
+    let first = fs.op_with_id(Some(id), create(ROOT_INO, "once"));
+    let again = fs.op_with_id(Some(id), create(ROOT_INO, "once"));
+    assert!(first.is_ok());
+    assert_eq!(
+        first, again,
+        "the retry gets the original reply, not EEXIST"
+    );
+    let other = fs.op_with_id(
+        Some(RequestId { client: 7, seq: 2 }),
+        create(ROOT_INO, "once"),
+    );
+    assert_eq!(code(&other), Some(ErrorCode::Exists));
+}
+
+#[test]
+fn xattr_flags_and_limits() {
+    let mut fs = Fs::new();
+    let f = ino_of(fs.op(create(ROOT_INO, "f")));
+    let set = |name: &str, v: &[u8], flags| MetaOp::SetXattr {
+        ino: f,
+        name: name.into(),
+        value: v.to_vec(),
+        flags,
+    };
+    assert_eq!(
+        code(&fs.op(set("user.a", b"1", XATTR_REPLACE))),
+        Some(ErrorCode::NoData)
+    );
+    fs.op(set("user.a", b"1", XATTR_CREATE)).unwrap();
+    assert_eq!(
+        code(&fs.op(set("user.a", b"2", XATTR_CREATE))),
+        Some(ErrorCode::Exists)
+    );
+    fs.op(set("user.a", b"2", XATTR_REPLACE)).unwrap();
+    assert_eq!(
+        fs.read(MetaRead::GetXattr {
+            ino: f,
+            name: "user.a".into()
+        })
+        .unwrap(),
+        ReadReply::Xattr(b"2".to_vec())
+    );
+    assert_eq!(
+        code(&fs.op(set("bogus.a", b"1", 0))),
+        Some(ErrorCode::NotSupported)
+    );
+    assert_eq!(
+        code(&fs.op(set("user.big", &vec![0; MAX_XATTR_VALUE_BYTES + 1], 0))),
+        Some(ErrorCode::TooBig)
+    );
+    fs.op(MetaOp::RemoveXattr {
+        ino: f,
+        name: "user.a".into(),
+    })
+    .unwrap();
+    assert_eq!(
+        code(&fs.op(MetaOp::RemoveXattr {
+            ino: f,
+            name: "user.a".into()
+        })),
+        Some(ErrorCode::NoData)
+    );
+    // Deleting the file drops its xattrs.
+    fs.op(set("user.b", b"x", 0)).unwrap();
+    fs.op(MetaOp::Unlink {
+        parent: ROOT_INO,
+        name: "f".into(),
+    })
+    .unwrap();
+    assert!(!fs.kv.map.keys().any(|k| k[0] == b'X'));
+}
+
+#[test]
+fn symlinks_resolve_with_loop_limit() {
+    let mut fs = Fs::new();
+    let d = ino_of(fs.op(mkdir(ROOT_INO, "d")));
+    fs.op(create(d, "f")).unwrap();
+    let sl = |parent, name: &str, target: &str| MetaOp::Symlink {
+        parent,
+        name: name.into(),
+        target: target.into(),
+        caller: Caller::ROOT,
+    };
+    fs.op(sl(ROOT_INO, "abs", "/d")).unwrap();
+    fs.op(sl(ROOT_INO, "rel", "d/../d")).unwrap();
+    fs.op(sl(ROOT_INO, "loop", "loop")).unwrap();
+    assert_eq!(
+        read::resolve(&fs.kv, b"/abs/f", false)
+            .unwrap()
+            .unwrap()
+            .attr
+            .kind,
+        FileKind::File
+    );
+    assert_eq!(
+        read::resolve(&fs.kv, b"/rel/f", false)
+            .unwrap()
+            .unwrap()
+            .attr
+            .kind,
+        FileKind::File
+    );
+    assert_eq!(
+        read::resolve(&fs.kv, b"/abs", false)
+            .unwrap()
+            .unwrap()
+            .attr
+            .kind,
+        FileKind::Symlink
+    );
+    assert_eq!(
+        read::resolve(&fs.kv, b"/loop", true)
+            .unwrap()
+            .unwrap_err()
+            .code,
+        ErrorCode::Loop
+    );
+    assert_eq!(
+        code(&fs.op(sl(ROOT_INO, "e", ""))),
+        Some(ErrorCode::NotFound)
+    );
+}
+
+#[test]
+fn readdir_pages_resume_after_the_last_name() {
+    let mut fs = Fs::new();
+    for i in 0..25 {
+        fs.op(create(ROOT_INO, &format!("f{i:02}"))).unwrap();
+    }
+    let mut after = None;
+    let mut names = Vec::new();
+    loop {
+        let ReadReply::Entries { entries, more } = fs
+            .read(MetaRead::ReadDir {
+                ino: ROOT_INO,
+                after: after.clone(),
+                limit: 10,
+            })
+            .unwrap()
+        else {
+            panic!()
+        };
+        after = entries.last().map(|e| e.name.clone());
+        names.extend(entries.into_iter().map(|e| e.name));
+        // A concurrent change between pages must not disturb the others.
+        let _ = fs.op(MetaOp::Unlink {
+            parent: ROOT_INO,
+            name: b"f24".to_vec(),
+        });
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(names.len(), 24, "f24 was removed before its page");
+}
+
+#[test]
+fn changes_are_recorded_per_entry() {
+    let mut fs = Fs::new();
+    fs.op(mkdir(ROOT_INO, "d")).unwrap();
+    let key = super::keys::change(fs.index);
+    let changes: Vec<Change> = super::fsm::dec(&fs.kv.get(&key).unwrap().unwrap()).unwrap();
+    assert!(changes
+        .iter()
+        .any(|c| matches!(c, Change::EntrySet { parent: ROOT_INO, name, .. } if name == b"d")));
+    assert!(changes
+        .iter()
+        .any(|c| matches!(c, Change::InodeSet(a) if a.ino == ROOT_INO && a.nlink == 3)));
+}
+
+// ---------------------------------------------------------------------------
+// Model
+
+#[derive(Debug, Clone)]
+enum MNode {
+    Dir {
+        entries: BTreeMap<String, usize>,
+        parent: usize,
+    },
+    File {
+        nlink: u32,
+    },
+    Link {
+        nlink: u32,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Model {
+    nodes: BTreeMap<usize, MNode>,
+    next: usize,
+}
+
+const ROOT: usize = 0;
+
+impl Model {
+    fn new() -> Self {
+        let mut nodes = BTreeMap::new();
+        nodes.insert(
+            ROOT,
+            MNode::Dir {
+                entries: BTreeMap::new(),
+                parent: ROOT,
+            },
+        );
+        Model { nodes, next: 1 }
+    }
+    fn entries(&self, d: usize) -> Option<&BTreeMap<String, usize>> {
+        match self.nodes.get(&d)? {
+            MNode::Dir { entries, .. } => Some(entries),
+            _ => None,
+        }
+    }
+    fn entries_mut(&mut self, d: usize) -> &mut BTreeMap<String, usize> {
+        match self.nodes.get_mut(&d) {
+            Some(MNode::Dir { entries, .. }) => entries,
+            _ => panic!("not a dir"),
+        }
+    }
+    fn is_dir(&self, n: usize) -> bool {
+        matches!(self.nodes.get(&n), Some(MNode::Dir { .. }))
+    }
+    /// Resolves a path of directory names, not following links.
+    fn dir(&self, path: &[&str]) -> Result<usize, ErrorCode> {
+        let mut cur = ROOT;
+        for c in path {
+            let e = match self.nodes.get(&cur) {
+                Some(MNode::Dir { entries, .. }) => entries,
+                // Every symlink points at "t", which never exists: dangling.
+                Some(MNode::Link { .. }) => return Err(ErrorCode::NotFound),
+                _ => return Err(ErrorCode::NotDir),
+            };
+            cur = *e.get(*c).ok_or(ErrorCode::NotFound)?;
+        }
+        if !self.is_dir(cur) {
+            return Err(ErrorCode::NotDir);
+        }
+        Ok(cur)
+    }
+    fn ancestors(&self, mut d: usize) -> Vec<usize> {
+        let mut v = vec![d];
+        while d != ROOT {
+            d = match &self.nodes[&d] {
+                MNode::Dir { parent, .. } => *parent,
+                _ => unreachable!(),
+            };
+            v.push(d);
+        }
+        v
+    }
+    fn new_node(&mut self, n: MNode) -> usize {
+        let id = self.next;
+        self.next += 1;
+        self.nodes.insert(id, n);
+        id
+    }
+    fn drop_link(&mut self, n: usize) {
+        match self.nodes.get_mut(&n) {
+            Some(MNode::File { nlink }) | Some(MNode::Link { nlink }) if *nlink > 1 => *nlink -= 1,
+            _ => {
+                self.nodes.remove(&n);
+            }
+        }
+    }
+    fn apply(&mut self, op: &ModelOp) -> Result<(), ErrorCode> {
+        match op {
+            ModelOp::Mkdir(p, n) | ModelOp::Create(p, n) | ModelOp::Symlink(p, n) => {
+                let d = self.dir(p)?;
+                if self.entries(d).unwrap().contains_key(*n) {
+                    return Err(ErrorCode::Exists);
+                }
+                let node = match op {
+                    ModelOp::Mkdir(..) => MNode::Dir {
+                        entries: BTreeMap::new(),
+                        parent: d,
+                    },
+                    ModelOp::Create(..) => MNode::File { nlink: 1 },
+                    _ => MNode::Link { nlink: 1 },
+                };
+                let id = self.new_node(node);
+                self.entries_mut(d).insert(n.to_string(), id);
+                Ok(())
+            }
+            ModelOp::Unlink(p, n) => {
+                let d = self.dir(p)?;
+                let t = *self
+                    .entries(d)
+                    .unwrap()
+                    .get(*n)
+                    .ok_or(ErrorCode::NotFound)?;
+                if self.is_dir(t) {
+                    return Err(ErrorCode::IsDir);
+                }
+                self.entries_mut(d).remove(*n);
+                self.drop_link(t);
+                Ok(())
+            }
+            ModelOp::Rmdir(p, n) => {
+                let d = self.dir(p)?;
+                let t = *self
+                    .entries(d)
+                    .unwrap()
+                    .get(*n)
+                    .ok_or(ErrorCode::NotFound)?;
+                if !self.is_dir(t) {
+                    return Err(ErrorCode::NotDir);
+                }
+                if !self.entries(t).unwrap().is_empty() {
+                    return Err(ErrorCode::NotEmpty);
+                }
+                self.entries_mut(d).remove(*n);
+                self.nodes.remove(&t);
+                Ok(())
+            }
+            ModelOp::Link(p, n, p2, n2) => {
+                let d = self.dir(p)?;
+                let t = *self
+                    .entries(d)
+                    .unwrap()
+                    .get(*n)
+                    .ok_or(ErrorCode::NotFound)?;
+                if self.is_dir(t) {
+                    return Err(ErrorCode::NotPermitted);
+                }
+                let d2 = self.dir(p2)?;
+                if self.entries(d2).unwrap().contains_key(*n2) {
+                    return Err(ErrorCode::Exists);
+                }
+                if let Some(MNode::File { nlink }) | Some(MNode::Link { nlink }) =
+                    self.nodes.get_mut(&t)
+                {
+                    *nlink += 1;
+                }
+                self.entries_mut(d2).insert(n2.to_string(), t);
+                Ok(())
+            }
+            ModelOp::Rename(p, n, p2, n2, flags) => {
+                let d = self.dir(p)?;
+                let d2 = self.dir(p2)?;
+                let s = *self
+                    .entries(d)
+                    .unwrap()
+                    .get(*n)
+                    .ok_or(ErrorCode::NotFound)?;
+                let t = self.entries(d2).unwrap().get(*n2).copied();
+                if *flags == RENAME_EXCHANGE {
+                    let t = t.ok_or(ErrorCode::NotFound)?;
+                    if s == t {
+                        return Ok(());
+                    }
+                    if d != d2 {
+                        if self.is_dir(s) && self.ancestors(d2).contains(&s) {
+                            return Err(ErrorCode::Invalid);
+                        }
+                        if self.is_dir(t) && self.ancestors(d).contains(&t) {
+                            return Err(ErrorCode::Invalid);
+                        }
+                    }
+                    self.entries_mut(d).insert(n.to_string(), t);
+                    self.entries_mut(d2).insert(n2.to_string(), s);
+                    for (x, to) in [(s, d2), (t, d)] {
+                        if let Some(MNode::Dir { parent, .. }) = self.nodes.get_mut(&x) {
+                            *parent = to;
+                        }
+                    }
+                    return Ok(());
+                }
+                if let Some(t) = t {
+                    if *flags == RENAME_NOREPLACE {
+                        return Err(ErrorCode::Exists);
+                    }
+                    if s == t {
+                        return Ok(());
+                    }
+                }
+                if self.is_dir(s) && self.ancestors(d2).contains(&s) {
+                    return Err(ErrorCode::Invalid);
+                }
+                if let Some(t) = t {
+                    match (self.is_dir(s), self.is_dir(t)) {
+                        (true, false) => return Err(ErrorCode::NotDir),
+                        (false, true) => return Err(ErrorCode::IsDir),
+                        (true, true) if !self.entries(t).unwrap().is_empty() => {
+                            return Err(ErrorCode::NotEmpty)
+                        }
+                        _ => {}
+                    }
+                    self.drop_link(t);
+                }
+                self.entries_mut(d).remove(*n);
+                self.entries_mut(d2).insert(n2.to_string(), s);
+                if let Some(MNode::Dir { parent, .. }) = self.nodes.get_mut(&s) {
+                    *parent = d2;
+                }
+                Ok(())
+            }
+        }
+    }
+    fn tree(&self) -> BTreeMap<String, (FileKind, u32)> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![(String::new(), ROOT)];
+        while let Some((path, d)) = stack.pop() {
+            for (name, &n) in self.entries(d).unwrap() {
+                let p = format!("{path}/{name}");
+                let v = match &self.nodes[&n] {
+                    MNode::Dir { entries, .. } => {
+                        stack.push((p.clone(), n));
+                        let subdirs = entries.values().filter(|c| self.is_dir(**c)).count() as u32;
+                        (FileKind::Dir, 2 + subdirs)
+                    }
+                    MNode::File { nlink } => (FileKind::File, *nlink),
+                    MNode::Link { nlink } => (FileKind::Symlink, *nlink),
+                };
+                out.insert(p, v);
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+enum ModelOp {
+    Mkdir(Vec<&'static str>, &'static str),
+    Create(Vec<&'static str>, &'static str),
+    Symlink(Vec<&'static str>, &'static str),
+    Unlink(Vec<&'static str>, &'static str),
+    Rmdir(Vec<&'static str>, &'static str),
+    Link(
+        Vec<&'static str>,
+        &'static str,
+        Vec<&'static str>,
+        &'static str,
+    ),
+    Rename(
+        Vec<&'static str>,
+        &'static str,
+        Vec<&'static str>,
+        &'static str,
+        u32,
+    ),
+}
+
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+fn arb_dir() -> impl Strategy<Value = Vec<&'static str>> {
+    prop::collection::vec(prop::sample::select(&NAMES[..]), 0..3)
+}
+
+fn arb_name() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(&NAMES[..])
+}
+
+fn arb_op() -> impl Strategy<Value = ModelOp> {
+    prop_oneof![
+        3 => (arb_dir(), arb_name()).prop_map(|(p, n)| ModelOp::Mkdir(p, n)),
+        3 => (arb_dir(), arb_name()).prop_map(|(p, n)| ModelOp::Create(p, n)),
+        1 => (arb_dir(), arb_name()).prop_map(|(p, n)| ModelOp::Symlink(p, n)),
+        2 => (arb_dir(), arb_name()).prop_map(|(p, n)| ModelOp::Unlink(p, n)),
+        2 => (arb_dir(), arb_name()).prop_map(|(p, n)| ModelOp::Rmdir(p, n)),
+        1 => (arb_dir(), arb_name(), arb_dir(), arb_name()).prop_map(|(p, n, q, m)| ModelOp::Link(p, n, q, m)),
+        4 => (arb_dir(), arb_name(), arb_dir(), arb_name(), prop::sample::select(&[0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE][..]))
+            .prop_map(|(p, n, q, m, f)| ModelOp::Rename(p, n, q, m, f)),
+    ]
+}
+
+fn path_of(dir: &[&str]) -> String {
+    format!("/{}", dir.join("/"))
+}
+
+/// Runs the op on the state machine, resolving directories first as a client would.
+fn run_fs(fs: &mut Fs, op: &ModelOp) -> Result<(), ErrorCode> {
+    let dir = |fs: &Fs, d: &[&str]| -> Result<Ino, ErrorCode> {
+        let a = fs.resolve(&path_of(d)).map_err(|e| e.code)?;
+        if a.kind != FileKind::Dir {
+            return Err(ErrorCode::NotDir);
+        }
+        Ok(a.ino)
+    };
+    let r = match op {
+        ModelOp::Mkdir(p, n) => fs.op(mkdir(dir(fs, p)?, n)),
+        ModelOp::Create(p, n) => fs.op(create(dir(fs, p)?, n)),
+        ModelOp::Symlink(p, n) => fs.op(MetaOp::Symlink {
+            parent: dir(fs, p)?,
+            name: n.as_bytes().to_vec(),
+            target: b"t".to_vec(),
+            caller: Caller::ROOT,
+        }),
+        ModelOp::Unlink(p, n) => fs.op(MetaOp::Unlink {
+            parent: dir(fs, p)?,
+            name: n.as_bytes().to_vec(),
+        }),
+        ModelOp::Rmdir(p, n) => fs.op(MetaOp::Rmdir {
+            parent: dir(fs, p)?,
+            name: n.as_bytes().to_vec(),
+        }),
+        ModelOp::Link(p, n, q, m) => {
+            let d = dir(fs, p)?;
+            let t = match fs.read(MetaRead::Lookup {
+                parent: d,
+                name: n.as_bytes().to_vec(),
+            }) {
+                Ok(ReadReply::Attr(a)) => a.ino,
+                Ok(_) => unreachable!(),
+                Err(e) => return Err(e.code),
+            };
+            fs.op(MetaOp::Link {
+                ino: t,
+                new_parent: dir(fs, q)?,
+                new_name: m.as_bytes().to_vec(),
+            })
+        }
+        ModelOp::Rename(p, n, q, m, f) => {
+            let (d, d2) = (dir(fs, p)?, dir(fs, q)?);
+            fs.op(MetaOp::Rename {
+                parent: d,
+                name: n.as_bytes().to_vec(),
+                new_parent: d2,
+                new_name: m.as_bytes().to_vec(),
+                flags: *f,
+            })
+        }
+    };
+    r.map(|_| ()).map_err(|e| e.code)
+}
+
+/// The model resolves the directory arguments first, in the same order.
+fn run_model(m: &mut Model, op: &ModelOp) -> Result<(), ErrorCode> {
+    match op {
+        ModelOp::Link(p, n, q, _) => {
+            let d = m.dir(p)?;
+            m.entries(d).unwrap().get(*n).ok_or(ErrorCode::NotFound)?;
+            m.dir(q)?;
+        }
+        ModelOp::Rename(p, _, q, _, _) => {
+            m.dir(p)?;
+            m.dir(q)?;
+        }
+        _ => {}
+    }
+    m.apply(op)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Any sequence of operations gives the model's results and the model's tree.
+    #[test]
+    fn state_machine_matches_model(ops in prop::collection::vec(arb_op(), 1..60)) {
+        let mut fs = Fs::new();
+        let mut model = Model::new();
+        for op in &ops {
+            let got = run_fs(&mut fs, op);
+            let want = run_model(&mut model, op);
+            prop_assert_eq!(got, want, "op {:?}", op);
+        }
+        prop_assert_eq!(fs.tree(), model.tree());
+    }
+}

@@ -1,0 +1,149 @@
+//! Key layout of the metadata state machine. Integers are big endian so the
+//! key order is the numeric order.
+//!
+//! | prefix | key                         | value                      |
+//! |--------|-----------------------------|----------------------------|
+//! | `I`    | ino                         | [`InodeRec`]               |
+//! | `D`    | parent ino, name            | [`DentryRec`]              |
+//! | `X`    | ino, name                   | xattr value                |
+//! | `S`    | name                        | system counters            |
+//! | `Q`    | client id, seq              | [`DedupRec`]: stored reply |
+//! | `q`    | expiry, client id, seq      | empty: dedup expiry index  |
+//! | `E`    | log index                   | `Vec<Change>`              |
+//!
+//! [`InodeRec`]: super::fsm::InodeRec
+//! [`DentryRec`]: super::fsm::DentryRec
+//! [`DedupRec`]: super::fsm::DedupRec
+
+use fs_client::proto::{Ino, RequestId};
+
+pub const INODE: u8 = b'I';
+pub const DENTRY: u8 = b'D';
+pub const XATTR: u8 = b'X';
+pub const SYSTEM: u8 = b'S';
+pub const DEDUP: u8 = b'Q';
+pub const DEDUP_EXPIRY: u8 = b'q';
+pub const CHANGE: u8 = b'E';
+
+pub fn inode(ino: Ino) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(INODE);
+    k.extend_from_slice(&ino.to_be_bytes());
+    k
+}
+
+pub fn inode_from_key(k: &[u8]) -> Option<Ino> {
+    (k.len() == 9 && k[0] == INODE)
+        .then(|| u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")))
+}
+
+pub fn dentry(parent: Ino, name: &[u8]) -> Vec<u8> {
+    let mut k = dir_prefix(parent);
+    k.extend_from_slice(name);
+    k
+}
+
+/// The prefix of every entry of directory `parent`.
+pub fn dir_prefix(parent: Ino) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + 32);
+    k.push(DENTRY);
+    k.extend_from_slice(&parent.to_be_bytes());
+    k
+}
+
+/// (parent, name) of a dentry key.
+pub fn dentry_from_key(k: &[u8]) -> Option<(Ino, &[u8])> {
+    (k.len() > 9 && k[0] == DENTRY).then(|| {
+        (
+            u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")),
+            &k[9..],
+        )
+    })
+}
+
+pub fn xattr(ino: Ino, name: &[u8]) -> Vec<u8> {
+    let mut k = xattr_prefix(ino);
+    k.extend_from_slice(name);
+    k
+}
+
+pub fn xattr_prefix(ino: Ino) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + 16);
+    k.push(XATTR);
+    k.extend_from_slice(&ino.to_be_bytes());
+    k
+}
+
+pub fn system(name: &str) -> Vec<u8> {
+    let mut k = vec![SYSTEM];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub fn dedup(id: &RequestId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(25);
+    k.push(DEDUP);
+    k.extend_from_slice(&id.client.to_be_bytes());
+    k.extend_from_slice(&id.seq.to_be_bytes());
+    k
+}
+
+/// Expiry times are nanoseconds since the epoch, offset so they sort as unsigned.
+pub fn dedup_expiry(expiry_ns: i128, id: &RequestId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(41);
+    k.push(DEDUP_EXPIRY);
+    k.extend_from_slice(&((expiry_ns as u128) ^ (1u128 << 127)).to_be_bytes());
+    k.extend_from_slice(&id.client.to_be_bytes());
+    k.extend_from_slice(&id.seq.to_be_bytes());
+    k
+}
+
+/// The exclusive upper bound of expiry keys at or before `now_ns`.
+pub fn dedup_expiry_upto(now_ns: i128) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(DEDUP_EXPIRY);
+    k.extend_from_slice(&(((now_ns as u128) ^ (1u128 << 127)).wrapping_add(1)).to_be_bytes());
+    k
+}
+
+/// The request id inside an expiry key.
+pub fn dedup_id_from_expiry_key(k: &[u8]) -> Option<RequestId> {
+    if k.len() != 41 || k[0] != DEDUP_EXPIRY {
+        return None;
+    }
+    Some(RequestId {
+        client: u128::from_be_bytes(k[17..33].try_into().ok()?),
+        seq: u64::from_be_bytes(k[33..41].try_into().ok()?),
+    })
+}
+
+pub fn change(index: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(CHANGE);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+pub fn change_index(k: &[u8]) -> Option<u64> {
+    (k.len() == 9 && k[0] == CHANGE)
+        .then(|| u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sort_numerically_and_parse_back() {
+        assert!(inode(2) < inode(256));
+        assert_eq!(inode_from_key(&inode(77)), Some(77));
+        assert_eq!(dentry_from_key(&dentry(5, b"x")), Some((5, &b"x"[..])));
+        assert!(dentry(1, b"zzz") < dentry(2, b""));
+        let id = RequestId { client: 9, seq: 3 };
+        assert!(dedup_expiry(-5, &id) < dedup_expiry(5, &id));
+        assert!(dedup_expiry(5, &id) < dedup_expiry_upto(5));
+        assert!(dedup_expiry(6, &id) > dedup_expiry_upto(5));
+        assert_eq!(dedup_id_from_expiry_key(&dedup_expiry(1, &id)), Some(id));
+        assert_eq!(change_index(&change(42)), Some(42));
+    }
+}

@@ -1,0 +1,520 @@
+//! The metadata service: namespace operations through Raft, linearizable
+//! reads, cluster administration and the change stream.
+//!
+//! Writes from all clients are packed into batches ([`MAX_BATCH_OPS`] at
+//! most, [`MAX_INFLIGHT_BATCHES`] in flight): one Raft entry, one replicated
+//! append and one fsync per batch, so throughput grows with concurrency.
+
+pub mod fsm;
+#[cfg(test)]
+mod fsm_tests;
+pub mod keys;
+pub mod read;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fs_client::frame;
+use fs_client::proto::*;
+use fs_client::tls::Role;
+use raft::{KvReadExt, RaftNode, RaftNodeError};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::metrics::Metrics;
+use fsm::{enc, Command, OpResult};
+use read::Capacity;
+
+/// Most operations in one Raft entry.
+pub const MAX_BATCH_OPS: usize = 1024;
+/// Batches proposed and not yet applied, at most.
+pub const MAX_INFLIGHT_BATCHES: usize = 4;
+/// Operations waiting for a batch, at most; beyond it callers wait.
+const OP_QUEUE: usize = 65_536;
+/// How long a write may wait for commit before the client is told to retry.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a read may wait for the read index.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long adding a node may take (it must catch up first).
+const ADD_NODE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Change records sent per read of the history.
+const STREAM_CHUNK: usize = 256;
+/// An idle change stream reports the applied index this often.
+const STREAM_IDLE: Duration = Duration::from_secs(5);
+
+struct PendingOp {
+    id: Option<RequestId>,
+    op: MetaOp,
+    reply: oneshot::Sender<OpResult>,
+}
+
+/// The metadata service of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct MetaService {
+    raft: RaftNode,
+    ops: mpsc::Sender<PendingOp>,
+    metrics: Arc<Metrics>,
+}
+
+pub fn raft_error(e: RaftNodeError) -> WireError {
+    match e {
+        RaftNodeError::NotLeader {
+            leader_id,
+            leader_addr,
+        } => WireError {
+            code: ErrorCode::NotLeader,
+            message: format!("not the leader; leader is {leader_id:?}"),
+            leader: leader_id.map(|id| LeaderHint {
+                id,
+                addr: leader_addr.unwrap_or_default(),
+            }),
+        },
+        RaftNodeError::NoQuorum(m) => {
+            WireError::new(ErrorCode::Unavailable, format!("no quorum: {m}"))
+        }
+        RaftNodeError::Membership(m) => WireError::new(ErrorCode::Busy, m),
+        other => WireError::new(ErrorCode::Unavailable, other.to_string()),
+    }
+}
+
+impl MetaService {
+    pub fn start(raft: RaftNode, metrics: Arc<Metrics>) -> Self {
+        let (tx, rx) = mpsc::channel(OP_QUEUE);
+        tokio::spawn(batch_loop(raft.clone(), rx, metrics.clone()));
+        tokio::spawn(init_root(raft.clone()));
+        MetaService {
+            raft,
+            ops: tx,
+            metrics,
+        }
+    }
+
+    pub fn raft(&self) -> &RaftNode {
+        &self.raft
+    }
+
+    /// Answers one request (not `Subscribe`, see [`Self::serve_subscription`]).
+    pub async fn handle(&self, role: Role, request: Request) -> Response {
+        let started = Instant::now();
+        let label = match &request {
+            Request::Op { op, .. } => op.name(),
+            Request::Read(r) => read_name(r),
+            Request::Admin(_) => "admin",
+            Request::Subscribe { .. } => "subscribe",
+            Request::Ping => "ping",
+        };
+        let resp = self.dispatch(role, request).await;
+        self.metrics.observe(
+            label,
+            started.elapsed(),
+            resp.as_ref().err().map(|e| e.code),
+        );
+        resp
+    }
+
+    async fn dispatch(&self, role: Role, request: Request) -> Response {
+        match request {
+            Request::Ping => Ok(Reply::Pong {
+                node_id: self.raft.id(),
+            }),
+            Request::Op { id, op } => self.write(Some(id), op).await.map(Reply::Op),
+            Request::Read(r) => self.read(&r).await.map(Reply::Read),
+            Request::Admin(op) => {
+                if !matches!(op, AdminOp::Status) && !matches!(role, Role::Admin | Role::Node) {
+                    return Err(WireError::new(
+                        ErrorCode::Unauthorized,
+                        format!(
+                            "{op:?} needs an admin certificate; this one is {}",
+                            role.as_str()
+                        ),
+                    ));
+                }
+                self.admin(op).await.map(Reply::Admin)
+            }
+            Request::Subscribe { .. } => Err(WireError::new(
+                ErrorCode::BadRequest,
+                "subscribe needs its own stream",
+            )),
+        }
+    }
+
+    /// Proposes one operation through the batcher.
+    pub async fn write(&self, id: Option<RequestId>, op: MetaOp) -> OpResult {
+        let (tx, rx) = oneshot::channel();
+        self.ops
+            .send(PendingOp { id, op, reply: tx })
+            .await
+            .map_err(|_| WireError::new(ErrorCode::Unavailable, "metadata service stopping"))?;
+        rx.await
+            .map_err(|_| WireError::new(ErrorCode::Unavailable, "metadata service stopping"))?
+    }
+
+    /// A linearizable read.
+    pub async fn read(&self, r: &MetaRead) -> Result<ReadReply, WireError> {
+        match tokio::time::timeout(READ_TIMEOUT, self.raft.read_barrier()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(raft_error(e)),
+            Err(_) => {
+                return Err(WireError::new(
+                    ErrorCode::Unavailable,
+                    "read index timed out",
+                ))
+            }
+        }
+        let res = self.raft.reader().with_snapshot(|kv| {
+            if fsm::load_inode(kv, ROOT_INO)?.is_none() {
+                return Ok(Err(WireError::new(
+                    ErrorCode::Unavailable,
+                    "namespace not initialized yet",
+                )));
+            }
+            read::query(kv, r, self.capacity())
+        });
+        res.map_err(|e| WireError::new(ErrorCode::Io, e.to_string()))?
+    }
+
+    fn capacity(&self) -> Capacity {
+        Capacity::default()
+    }
+
+    async fn admin(&self, op: AdminOp) -> Result<AdminReply, WireError> {
+        match op {
+            AdminOp::Status => Ok(AdminReply::Status(self.status())),
+            AdminOp::AddNode { id, addr } => {
+                self.require_leader()?;
+                if addr.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(WireError::new(
+                        ErrorCode::Invalid,
+                        format!("{addr:?} is not an ip:port address"),
+                    ));
+                }
+                let voters = self.voters();
+                if voters.contains(&id) {
+                    return Err(WireError::new(
+                        ErrorCode::Exists,
+                        format!("node {id} is already a voter"),
+                    ));
+                }
+                let add = async {
+                    self.raft.add_learner(id, addr).await?;
+                    let mut v = self.voters();
+                    v.insert(id);
+                    self.raft.change_voters(v).await
+                };
+                match tokio::time::timeout(ADD_NODE_TIMEOUT, add).await {
+                    Ok(r) => r.map_err(raft_error)?,
+                    Err(_) => {
+                        return Err(WireError::new(
+                            ErrorCode::Timeout,
+                            "the new node did not catch up in time",
+                        ))
+                    }
+                }
+                Ok(AdminReply::Done)
+            }
+            AdminOp::RemoveNode { id } => {
+                self.require_leader()?;
+                let mut v = self.voters();
+                if !v.remove(&id) {
+                    return Err(WireError::new(
+                        ErrorCode::NotFound,
+                        format!("node {id} is not a voter"),
+                    ));
+                }
+                if v.is_empty() {
+                    return Err(WireError::new(
+                        ErrorCode::Invalid,
+                        "cannot remove the last voter",
+                    ));
+                }
+                self.raft.change_voters(v).await.map_err(raft_error)?;
+                Ok(AdminReply::Done)
+            }
+            AdminOp::Snapshot => {
+                self.raft.trigger_snapshot().await.map_err(raft_error)?;
+                Ok(AdminReply::Done)
+            }
+        }
+    }
+
+    fn require_leader(&self) -> Result<(), WireError> {
+        if self.raft.is_leader() {
+            return Ok(());
+        }
+        let hint = self.raft.leader();
+        Err(WireError {
+            code: ErrorCode::NotLeader,
+            message: "not the leader".into(),
+            leader: hint.map(|(id, addr)| LeaderHint { id, addr }),
+        })
+    }
+
+    fn voters(&self) -> BTreeSet<u64> {
+        self.raft
+            .metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// The cluster as this node sees it.
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.raft.metrics();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let last_log = m.last_log_index.unwrap_or(0);
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let matched = |id: u64| -> Option<u64> {
+            if id == m.id {
+                return Some(last_log);
+            }
+            m.replication
+                .as_ref()?
+                .get(&id)
+                .map(|l| l.map(|l| l.index).unwrap_or(0))
+        };
+        let is_leader = m.state == raft::ServerState::Leader;
+        let commit_index = if is_leader {
+            // The highest index a majority of voters holds.
+            let mut v: Vec<u64> = voters.iter().map(|&id| matched(id).unwrap_or(0)).collect();
+            v.sort_unstable_by(|a, b| b.cmp(a));
+            v.get(voters.len() / 2).copied().unwrap_or(0)
+        } else {
+            applied
+        };
+        let members = membership
+            .nodes()
+            .map(|(id, node)| {
+                let mi = if is_leader { matched(*id) } else { None };
+                MemberStatus {
+                    id: *id,
+                    addr: node.addr.clone(),
+                    voter: voters.contains(id),
+                    matched_index: mi,
+                    lag: mi.map(|x| last_log.saturating_sub(x)),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            node_id: m.id,
+            state: format!("{:?}", m.state),
+            leader_id: m.current_leader,
+            term: m.current_term,
+            last_log_index: last_log,
+            commit_index,
+            applied_index: applied,
+            snapshot_index: m.snapshot.map(|s| s.index),
+            members,
+        }
+    }
+
+    /// Streams changes from `from` on `send` until the client goes away.
+    pub async fn serve_subscription(&self, mut send: quinn::SendStream, from: u64) {
+        if let Err(e) = self.stream_changes(&mut send, from).await {
+            tracing::debug!(error = %e, "change stream ended");
+        }
+        let _ = send.finish();
+    }
+
+    async fn stream_changes(
+        &self,
+        send: &mut quinn::SendStream,
+        from: u64,
+    ) -> Result<(), frame::FrameError> {
+        let mut next = from.max(1);
+        let mut applied_rx = self.raft.applied_watch();
+        let reader = self.raft.reader().clone();
+        loop {
+            let floor = reader
+                .with_latest(|kv| fsm::get_counter(kv, fsm::CHANGE_FLOOR))
+                .map_err(|e| frame::FrameError::Stream(e.to_string()))?;
+            if next <= floor {
+                next = self.send_snapshot(send).await? + 1;
+                continue;
+            }
+            let start = keys::change(next);
+            let end = raft::kv::prefix_end(&[keys::CHANGE]).expect("non-0xFF prefix");
+            let rows = reader
+                .with_latest(|kv| kv.scan_collect(&start, &end, STREAM_CHUNK))
+                .map_err(|e| frame::FrameError::Stream(e.to_string()))?;
+            if !rows.is_empty() {
+                for (k, v) in rows {
+                    let Some(index) = keys::change_index(&k) else {
+                        continue;
+                    };
+                    let changes: Vec<Change> =
+                        fsm::dec(&v).map_err(|e| frame::FrameError::Decode(e.to_string()))?;
+                    frame::write_frame(send, &StreamItem::Changes { index, changes }).await?;
+                    next = index + 1;
+                }
+                continue;
+            }
+            let applied = *applied_rx.borrow_and_update();
+            if applied >= next {
+                // Entries without changes: nothing to send, move on.
+                next = applied + 1;
+                continue;
+            }
+            match tokio::time::timeout(STREAM_IDLE, applied_rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Ok(()),
+                Err(_) => frame::write_frame(send, &StreamItem::Idle { applied }).await?,
+            }
+        }
+    }
+
+    /// Sends the whole namespace as one snapshot; returns its index.
+    async fn send_snapshot(&self, send: &mut quinn::SendStream) -> Result<u64, frame::FrameError> {
+        // Collect from one point-in-time view, then send without holding it.
+        let (index, batches) = self
+            .raft
+            .reader()
+            .with_snapshot(|kv| -> Result<(u64, Vec<Vec<Change>>), raft::KvError> {
+                let index = fsm::get_counter(kv, fsm::APPLIED)?;
+                let mut batches = Vec::new();
+                let mut cur = Vec::new();
+                let mut err = None;
+                for prefix in [keys::INODE, keys::DENTRY] {
+                    kv.scan(&[prefix], &[prefix + 1], &mut |k, v| {
+                        let change = if prefix == keys::INODE {
+                            fsm::dec::<fsm::InodeRec>(v).map(|r| Change::InodeSet(r.attr))
+                        } else {
+                            fsm::dec::<fsm::DentryRec>(v).and_then(|d| {
+                                let (parent, name) = keys::dentry_from_key(k)
+                                    .ok_or_else(|| raft::KvError("bad dentry key".into()))?;
+                                Ok(Change::EntrySet {
+                                    parent,
+                                    name: name.to_vec(),
+                                    ino: d.ino,
+                                    kind: d.kind,
+                                })
+                            })
+                        };
+                        match change {
+                            Ok(c) => cur.push(c),
+                            Err(e) => {
+                                err = Some(e);
+                                return false;
+                            }
+                        }
+                        if cur.len() >= STREAM_CHUNK {
+                            batches.push(std::mem::take(&mut cur));
+                        }
+                        true
+                    })?;
+                }
+                if let Some(e) = err {
+                    return Err(e);
+                }
+                if !cur.is_empty() {
+                    batches.push(cur);
+                }
+                Ok((index, batches))
+            })
+            .map_err(|e| frame::FrameError::Stream(e.to_string()))?;
+        frame::write_frame(send, &StreamItem::SnapshotBegin { index }).await?;
+        for changes in batches {
+            frame::write_frame(send, &StreamItem::Changes { index, changes }).await?;
+        }
+        frame::write_frame(send, &StreamItem::SnapshotEnd { index }).await?;
+        Ok(index)
+    }
+}
+
+fn read_name(r: &MetaRead) -> &'static str {
+    match r {
+        MetaRead::Lookup { .. } => "lookup",
+        MetaRead::GetAttr { .. } => "getattr",
+        MetaRead::ReadDir { .. } => "readdir",
+        MetaRead::Readlink { .. } => "readlink",
+        MetaRead::GetXattr { .. } => "getxattr",
+        MetaRead::ListXattr { .. } => "listxattr",
+        MetaRead::StatFs => "statfs",
+        MetaRead::Resolve { .. } => "resolve",
+    }
+}
+
+/// Packs queued operations into Raft entries.
+async fn batch_loop(raft: RaftNode, mut rx: mpsc::Receiver<PendingOp>, metrics: Arc<Metrics>) {
+    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
+    while let Some(first) = rx.recv().await {
+        // Wait for a slot first: operations arriving meanwhile join this batch.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_OPS {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        metrics.batch_size.observe(batch.len() as f64);
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            propose(&raft, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn propose(raft: &RaftNode, batch: Vec<PendingOp>) {
+    let cmd = Command::Batch {
+        now: Timespec::now(),
+        ops: batch.iter().map(|p| (p.id, p.op.clone())).collect(),
+    };
+    let outcome = match tokio::time::timeout(WRITE_TIMEOUT, raft.write(enc(&cmd))).await {
+        Ok(Ok(bytes)) => match postcard::from_bytes::<Vec<OpResult>>(&bytes) {
+            Ok(results) if results.len() == batch.len() => Ok(results),
+            Ok(results) => Err(WireError::new(
+                ErrorCode::Internal,
+                format!("{} results for {} operations", results.len(), batch.len()),
+            )),
+            Err(e) => Err(WireError::new(
+                ErrorCode::Internal,
+                format!("undecodable reply: {e}"),
+            )),
+        },
+        Ok(Err(e)) => Err(raft_error(e)),
+        // The entry may still commit; the client retries with the same
+        // request id and gets the stored result.
+        Err(_) => Err(WireError::new(ErrorCode::Timeout, "commit timed out")),
+    };
+    match outcome {
+        Ok(results) => {
+            for (p, r) in batch.into_iter().zip(results) {
+                let _ = p.reply.send(r);
+            }
+        }
+        Err(e) => {
+            for p in batch {
+                let _ = p.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// Creates the root directory once this node leads a fresh cluster.
+async fn init_root(raft: RaftNode) {
+    loop {
+        let have_root = raft
+            .reader()
+            .with_latest(|kv| fsm::load_inode(kv, ROOT_INO))
+            .ok()
+            .flatten()
+            .is_some();
+        if have_root {
+            return;
+        }
+        if raft.is_leader() {
+            let cmd = Command::Init {
+                now: Timespec::now(),
+            };
+            if let Err(e) = raft.write(enc(&cmd)).await {
+                tracing::debug!(error = %e, "root init not committed yet");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

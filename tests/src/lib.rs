@@ -1,0 +1,428 @@
+//! Test fixtures that run the real Locus binaries.
+//!
+//! [`MetaCluster`] starts `locus-server meta` processes on free loopback
+//! ports in a temporary directory, and can kill (-9), pause (SIGSTOP),
+//! resume and restart them. [`netns::Net`] puts nodes in network namespaces
+//! so a test can cut their links. Everything is torn down on drop, also when
+//! a test fails.
+//!
+//! The binaries are found next to the test executable's `deps/` directory
+//! (`target/<profile>/`), or in `$LOCUS_BIN_DIR`; build them first with
+//! `cargo build --bins`.
+
+pub mod netns;
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use fs_client::proto::*;
+use fs_client::{ClientConfig, MetaClient};
+
+/// The directory with the workspace binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LOCUS_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// The path of a workspace binary; panics with instructions when missing.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build --bins` first (or set LOCUS_BIN_DIR)",
+        p.display()
+    );
+    p
+}
+
+/// A free UDP port on 127.0.0.1 (also free for TCP at the time of asking).
+pub fn free_port() -> u16 {
+    loop {
+        let u = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let port = u.local_addr().expect("addr").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Logs a phase of a scenario: what happens next and what must hold.
+pub fn phase(msg: &str) {
+    eprintln!("\n=== {msg}");
+}
+
+/// Sets up logging for a test binary once.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOCUS_TEST_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// One `locus-server meta` process.
+pub struct MetaNode {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    /// Runs the process inside this network namespace.
+    netns: Option<String>,
+    child: Option<Child>,
+}
+
+impl MetaNode {
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let server = bin("locus-server");
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&server);
+                c
+            }
+            None => Command::new(&server),
+        };
+        cmd.args(&self.args)
+            .env("LOCUS_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("spawn meta node {}", self.id))?,
+        );
+        Ok(())
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for MetaNode {
+    fn drop(&mut self) {
+        // A paused process must be resumed to die cleanly under SIGKILL? No:
+        // SIGKILL works on stopped processes too.
+        self.kill();
+    }
+}
+
+/// Options for a test cluster.
+#[derive(Debug, Clone)]
+pub struct MetaOptions {
+    pub nodes: u64,
+    pub snapshot_every: Option<u64>,
+    pub keep_logs: Option<u64>,
+    pub change_history: Option<u64>,
+    /// Node addresses (one per node) instead of free loopback ports.
+    pub addrs: Option<Vec<SocketAddr>>,
+    /// Network namespaces to run the nodes in (one per node).
+    pub netns: Option<Vec<String>>,
+}
+
+impl Default for MetaOptions {
+    fn default() -> Self {
+        MetaOptions {
+            nodes: 3,
+            snapshot_every: None,
+            keep_logs: None,
+            change_history: None,
+            addrs: None,
+            netns: None,
+        }
+    }
+}
+
+/// A metadata cluster of real processes.
+pub struct MetaCluster {
+    pub dir: tempfile::TempDir,
+    pub certs: PathBuf,
+    pub nodes: BTreeMap<u64, MetaNode>,
+}
+
+impl MetaCluster {
+    /// Starts `opts.nodes` nodes and waits until the namespace serves reads.
+    pub async fn start(opts: MetaOptions) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("locus-test-").tempdir()?;
+        let certs = dir.path().join("certs");
+        let ips: Vec<std::net::IpAddr> = match &opts.addrs {
+            Some(a) => a
+                .iter()
+                .map(|a| a.ip())
+                .chain(["127.0.0.1".parse()?])
+                .collect(),
+            None => vec!["127.0.0.1".parse()?],
+        };
+        fs_client::tls::init_cluster_certs(&certs, opts.nodes + 2, &ips)?;
+        let addrs: Vec<SocketAddr> = match &opts.addrs {
+            Some(a) => a.clone(),
+            None => (0..opts.nodes)
+                .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+                .collect(),
+        };
+        let members: Vec<String> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect();
+        let mut nodes = BTreeMap::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let id = i as u64 + 1;
+            let data_dir = dir.path().join(format!("meta-{id}"));
+            let mut args = vec![
+                "meta".to_string(),
+                "--id".into(),
+                id.to_string(),
+                "--listen".into(),
+                addr.to_string(),
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+                "--certs".into(),
+                certs.display().to_string(),
+                "--bootstrap".into(),
+                members.join(","),
+            ];
+            if let Some(n) = opts.snapshot_every {
+                args.extend(["--snapshot-every".into(), n.to_string()]);
+            }
+            if let Some(n) = opts.keep_logs {
+                args.extend(["--keep-logs".into(), n.to_string()]);
+            }
+            if let Some(n) = opts.change_history {
+                args.extend(["--change-history".into(), n.to_string()]);
+            }
+            let mut node = MetaNode {
+                id,
+                addr: *addr,
+                data_dir,
+                log: dir.path().join(format!("meta-{id}.log")),
+                args,
+                netns: opts.netns.as_ref().map(|n| n[i].clone()),
+                child: None,
+            };
+            node.spawn()?;
+            nodes.insert(id, node);
+        }
+        let cluster = MetaCluster { dir, certs, nodes };
+        cluster.wait_ready(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    /// A client configuration for certificate `name` (admin, client, host).
+    pub fn client_config(&self, name: &str) -> ClientConfig {
+        ClientConfig {
+            meta: self.nodes.values().map(|n| n.addr.to_string()).collect(),
+            ca: self.certs.join("ca.pem"),
+            cert: self.certs.join(format!("{name}.pem")),
+            key: self.certs.join(format!("{name}.key")),
+            timeout_ms: 20_000,
+        }
+    }
+
+    /// An admin client.
+    pub fn client(&self) -> MetaClient {
+        MetaClient::new(&self.client_config("admin")).expect("client")
+    }
+
+    /// Writes a client.toml for the `locus` CLI and returns its path.
+    pub fn write_cli_config(
+        &self,
+        name: &str,
+        meta: Option<Vec<String>>,
+        timeout_ms: u64,
+    ) -> PathBuf {
+        let mut cfg = self.client_config(name);
+        if let Some(m) = meta {
+            cfg.meta = m;
+        }
+        cfg.timeout_ms = timeout_ms;
+        let p = self
+            .dir
+            .path()
+            .join(format!("{name}-{}.toml", rand::random::<u32>()));
+        cfg.save(&p).expect("save client config");
+        p
+    }
+
+    /// Waits until a linearizable read succeeds.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let client = self.client();
+        let deadline = Instant::now() + timeout;
+        loop {
+            match client.read(MetaRead::StatFs).await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    bail!(
+                        "cluster not ready after {timeout:?}: {e}\n{}",
+                        self.logs_tail()
+                    )
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// The current leader as the reachable nodes report it.
+    pub async fn leader(&self) -> Option<u64> {
+        let client = self.client();
+        for n in self.nodes.values().filter(|n| n.is_running()) {
+            if let Ok(s) = client.status_of(&n.addr.to_string()).await {
+                if s.leader_id.is_some() && s.state == "Leader" {
+                    return s.leader_id;
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits for a leader other than `not`.
+    pub async fn wait_leader(&self, not: Option<u64>, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.leader().await {
+                if Some(l) != not {
+                    return Ok(l);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no new leader within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn node(&mut self, id: u64) -> &mut MetaNode {
+        self.nodes.get_mut(&id).expect("node id")
+    }
+
+    pub fn kill(&mut self, id: u64) {
+        self.node(id).kill();
+    }
+
+    pub fn pause(&mut self, id: u64) {
+        self.node(id).signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    pub fn resume(&mut self, id: u64) {
+        self.node(id).signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    /// Starts a killed node again with the same data.
+    pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        let n = self.node(id);
+        n.kill();
+        n.spawn()
+    }
+
+    /// Status as node `id` reports it.
+    pub async fn status_of(&self, id: u64) -> anyhow::Result<ClusterStatus> {
+        let addr = self.nodes[&id].addr.to_string();
+        Ok(self.client().status_of(&addr).await?)
+    }
+
+    /// The last lines of every node's log, for failure messages.
+    pub fn logs_tail(&self) -> String {
+        let mut out = String::new();
+        for n in self.nodes.values() {
+            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- node {} log (last 30 lines)\n", n.id));
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Runs the `locus` CLI with `args` and returns (exit code, stdout, stderr).
+pub fn locus_cli(config: &Path, args: &[&str], netns: Option<&str>) -> (i32, String, String) {
+    let locus = bin("locus");
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&locus);
+            c
+        }
+        None => Command::new(&locus),
+    };
+    let out = cmd
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run locus");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Walks the whole namespace from the root; returns every path with its
+/// attributes. Fails on a directory reached twice (a cycle or a second link).
+pub async fn walk(client: &MetaClient) -> anyhow::Result<BTreeMap<String, Attr>> {
+    let mut out = BTreeMap::new();
+    let mut seen_dirs = std::collections::HashSet::new();
+    let mut stack = vec![("/".to_string(), ROOT_INO)];
+    while let Some((path, ino)) = stack.pop() {
+        if !seen_dirs.insert(ino) {
+            bail!("directory inode {ino} reached twice (at {path})");
+        }
+        for e in client.readdir_all(ino).await? {
+            let name = String::from_utf8_lossy(&e.name).into_owned();
+            let p = if path == "/" {
+                format!("/{name}")
+            } else {
+                format!("{path}/{name}")
+            };
+            let attr = client.getattr(e.ino).await?;
+            if e.kind == FileKind::Dir {
+                stack.push((p.clone(), e.ino));
+            }
+            out.insert(p, attr);
+        }
+    }
+    Ok(out)
+}
