@@ -14,16 +14,10 @@ pub struct Etcd {
 impl Etcd {
     /// Starts three members under `dir` with default (durable) settings.
     pub async fn start(dir: &Path) -> anyhow::Result<Etcd> {
-        let bin = which("etcd")
-            .context("etcd not found: install the etcd-server package (scripts/install-deps.sh)")?;
-        let ports: Vec<(u16, u16)> = (0..3)
-            .map(|_| (locus_tests::free_port(), locus_tests::free_port()))
-            .collect();
-        let cluster: Vec<String> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}"))
-            .collect();
+        let bin = which("etcd").context("etcd not found: install the etcd-server package (scripts/install-deps.sh)")?;
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (locus_tests::free_port(), locus_tests::free_port())).collect();
+        let cluster: Vec<String> =
+            ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
         let mut children = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
             let log = std::fs::File::create(dir.join(format!("etcd-{i}.log")))?;
@@ -55,13 +49,7 @@ impl Etcd {
                 .context("start etcd")?;
             children.push(child);
         }
-        let etcd = Etcd {
-            endpoints: ports
-                .iter()
-                .map(|(c, _)| format!("http://127.0.0.1:{c}"))
-                .collect(),
-            children,
-        };
+        let etcd = Etcd { endpoints: ports.iter().map(|(c, _)| format!("http://127.0.0.1:{c}")).collect(), children };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(mut c) = etcd_client::Client::connect(&etcd.endpoints, None).await {
@@ -87,7 +75,5 @@ impl Drop for Etcd {
 }
 
 fn which(name: &str) -> Option<std::path::PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.exists())
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.exists())
 }

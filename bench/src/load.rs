@@ -25,13 +25,7 @@ impl Stats {
     pub fn row(&self) -> String {
         format!(
             "{:<7} {:<8} {:>4} {:>10.0} {:>9} {:>9} {:>8}",
-            self.system,
-            self.op,
-            self.clients,
-            self.ops_per_sec,
-            self.p50_us,
-            self.p99_us,
-            self.errors
+            self.system, self.op, self.clients, self.ops_per_sec, self.p50_us, self.p99_us, self.errors
         )
     }
 
@@ -45,13 +39,7 @@ impl Stats {
 
 /// Runs `op(worker, seq)` from `clients` workers for `duration` (or until a
 /// worker's op returns `None`, meaning it has no more work).
-pub async fn run<F, Fut>(
-    system: &str,
-    name: &str,
-    clients: usize,
-    duration: Duration,
-    op: F,
-) -> Stats
+pub async fn run<F, Fut>(system: &str, name: &str, clients: usize, duration: Duration, op: F) -> Stats
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Option<Result<(), String>>> + Send,

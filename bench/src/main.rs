@@ -45,33 +45,20 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LOCUS_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOCUS_LOG").unwrap_or_else(|_| "warn".into()))
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.cmd {
-        Cmd::Meta {
-            secs,
-            clients,
-            no_etcd,
-            out,
-        } => rt.block_on(meta(Duration::from_secs(secs), clients, no_etcd, out)),
+        Cmd::Meta { secs, clients, no_etcd, out } => {
+            rt.block_on(meta(Duration::from_secs(secs), clients, no_etcd, out))
+        }
     }
 }
 
 const VALUE_BYTES: usize = 120;
 
-async fn meta(
-    d: Duration,
-    levels: Vec<usize>,
-    no_etcd: bool,
-    out: Option<std::path::PathBuf>,
-) -> anyhow::Result<()> {
+async fn meta(d: Duration, levels: Vec<usize>, no_etcd: bool, out: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let mut results: Vec<Stats> = Vec::new();
     println!("{}", Stats::header());
 
@@ -117,12 +104,7 @@ async fn meta(
             let (cl, cr) = (cl.clone(), cr.clone());
             async move {
                 let (w, i) = pick(&cr);
-                let r = cl
-                    .read(MetaRead::Lookup {
-                        parent: dir,
-                        name: format!("w{w}-{i}").into(),
-                    })
-                    .await;
+                let r = cl.read(MetaRead::Lookup { parent: dir, name: format!("w{w}-{i}").into() }).await;
                 Some(r.map(|_| ()).map_err(|e| e.to_string()))
             }
         })
@@ -135,13 +117,8 @@ async fn meta(
             let (cl, cr) = (cl.clone(), cr.clone());
             async move {
                 let (w, i) = pick(&cr);
-                let r = cl
-                    .read(MetaRead::ReadDir {
-                        ino: dir,
-                        after: Some(format!("w{w}-{i}").into()),
-                        limit: 100,
-                    })
-                    .await;
+                let r =
+                    cl.read(MetaRead::ReadDir { ino: dir, after: Some(format!("w{w}-{i}").into()), limit: 100 }).await;
                 Some(r.map(|_| ()).map_err(|e| e.to_string()))
             }
         })
@@ -176,15 +153,12 @@ async fn meta(
 
     if !no_etcd {
         eprintln!("starting a 3-member etcd cluster (default durable settings)");
-        let tmp = tempfile::Builder::new()
-            .prefix("locus-bench-etcd-")
-            .tempdir()?;
+        let tmp = tempfile::Builder::new().prefix("locus-bench-etcd-").tempdir()?;
         let etcd = etcd::Etcd::start(tmp.path()).await?;
         let ec = etcd_client::Client::connect(&etcd.endpoints, None).await?;
         let value = vec![b'v'; VALUE_BYTES];
         for &c in &levels {
-            let created: Arc<Vec<AtomicU64>> =
-                Arc::new((0..c).map(|_| AtomicU64::new(0)).collect());
+            let created: Arc<Vec<AtomicU64>> = Arc::new((0..c).map(|_| AtomicU64::new(0)).collect());
             let (cl, cr, v) = (ec.clone(), created.clone(), value.clone());
             let s = load::run("etcd", "create", c, d, move |w, i| {
                 let (mut cl, cr, v) = (cl.clone(), cr.clone(), v.clone());
@@ -225,9 +199,7 @@ async fn meta(
                 let (mut cl, cr) = (cl.clone(), cr.clone());
                 async move {
                     let (w, i) = pick(&cr);
-                    let opts = etcd_client::GetOptions::new()
-                        .with_range(format!("/c{c}0"))
-                        .with_limit(100);
+                    let opts = etcd_client::GetOptions::new().with_range(format!("/c{c}0")).with_limit(100);
                     let r = cl.get(format!("/c{c}/w{w}-{i}\0"), Some(opts)).await;
                     Some(r.map(|_| ()).map_err(|e| e.to_string()))
                 }
@@ -268,10 +240,7 @@ async fn meta(
     println!();
     for &c in &levels {
         let get = |sys: &str, op: &str| {
-            results
-                .iter()
-                .find(|s| s.system == sys && s.op == op && s.clients == c)
-                .map(|s| s.ops_per_sec)
+            results.iter().find(|s| s.system == sys && s.op == op && s.clients == c).map(|s| s.ops_per_sec)
         };
         for op in ["create", "stat", "readdir", "rename"] {
             if let (Some(l), Some(e)) = (get("locus", op), get("etcd", op)) {

@@ -22,11 +22,7 @@ use crate::proto::*;
 use crate::up;
 
 #[derive(Parser)]
-#[command(
-    name = "locus",
-    version,
-    about = "Locus: a distributed filesystem with integrated VM placement"
-)]
+#[command(name = "locus", version, about = "Locus: a distributed filesystem with integrated VM placement")]
 pub struct Cli {
     /// Client configuration (default: $LOCUS_CONFIG, else ~/.locus/client.toml).
     #[arg(long, global = true)]
@@ -175,41 +171,21 @@ pub struct CliError {
 
 impl CliError {
     fn usage(msg: impl Into<String>) -> Self {
-        CliError {
-            exit: 2,
-            code: Some(ErrorCode::Invalid),
-            message: msg.into(),
-        }
+        CliError { exit: 2, code: Some(ErrorCode::Invalid), message: msg.into() }
     }
     fn config(msg: impl Into<String>) -> Self {
-        CliError {
-            exit: 4,
-            code: None,
-            message: msg.into(),
-        }
+        CliError { exit: 4, code: None, message: msg.into() }
     }
     fn from_client(context: &str, e: ClientError) -> Self {
         let exit = match &e {
             ClientError::Unavailable { .. } => 3,
             ClientError::Tls(_) | ClientError::Config(_) => 4,
             ClientError::Remote(w) if w.code == ErrorCode::Unauthorized => 4,
-            ClientError::Remote(w)
-                if matches!(w.code, ErrorCode::Unavailable | ErrorCode::Timeout) =>
-            {
-                3
-            }
+            ClientError::Remote(w) if matches!(w.code, ErrorCode::Unavailable | ErrorCode::Timeout) => 3,
             _ => 1,
         };
-        let message = if context.is_empty() {
-            e.to_string()
-        } else {
-            format!("{context}: {e}")
-        };
-        CliError {
-            exit,
-            code: Some(e.code()),
-            message,
-        }
+        let message = if context.is_empty() { e.to_string() } else { format!("{context}: {e}") };
+        CliError { exit, code: Some(e.code()), message }
     }
     pub fn print(&self, json: bool) {
         if json {
@@ -234,16 +210,10 @@ type CliResult<T = ()> = Result<T, CliError>;
 pub async fn run(cli: Cli) -> CliResult {
     let json = cli.json;
     match cli.cmd {
-        Cmd::Up(args) => up::up(args, json).await.map_err(|e| CliError {
-            exit: 1,
-            code: None,
-            message: format!("{e:#}"),
-        }),
-        Cmd::Down(args) => up::down(args).map_err(|e| CliError {
-            exit: 1,
-            code: None,
-            message: format!("{e:#}"),
-        }),
+        Cmd::Up(args) => {
+            up::up(args, json).await.map_err(|e| CliError { exit: 1, code: None, message: format!("{e:#}") })
+        }
+        Cmd::Down(args) => up::down(args).map_err(|e| CliError { exit: 1, code: None, message: format!("{e:#}") }),
         Cmd::Fs(cmd) => {
             let client = connect(cli.config)?;
             fs(&client, cmd, json).await
@@ -302,16 +272,9 @@ fn split(path: &[u8]) -> CliResult<(Vec<u8>, Vec<u8>)> {
     let pos = trimmed.iter().rposition(|&b| b == b'/').unwrap_or(0);
     let name = trimmed[pos + 1..].to_vec();
     if name.is_empty() {
-        return Err(CliError::usage(format!(
-            "{}: names no file (the root?)",
-            show(path)
-        )));
+        return Err(CliError::usage(format!("{}: names no file (the root?)", show(path))));
     }
-    let parent = if pos == 0 {
-        b"/".to_vec()
-    } else {
-        trimmed[..pos].to_vec()
-    };
+    let parent = if pos == 0 { b"/".to_vec() } else { trimmed[..pos].to_vec() };
     Ok((parent, name))
 }
 
@@ -324,17 +287,11 @@ fn parse_mode(s: &str) -> CliResult<u32> {
 
 fn caller() -> Caller {
     // The CLI acts as the invoking user.
-    Caller {
-        uid: nix::unistd::getuid().as_raw(),
-        gid: nix::unistd::getgid().as_raw(),
-    }
+    Caller { uid: nix::unistd::getuid().as_raw(), gid: nix::unistd::getgid().as_raw() }
 }
 
 async fn parent_ino(c: &MetaClient, parent: &[u8]) -> CliResult<Ino> {
-    let a = c
-        .resolve(parent, true)
-        .await
-        .map_err(|e| CliError::from_client(&show(parent), e))?;
+    let a = c.resolve(parent, true).await.map_err(|e| CliError::from_client(&show(parent), e))?;
     if a.kind != FileKind::Dir {
         return Err(CliError {
             exit: 1,
@@ -346,10 +303,8 @@ async fn parent_ino(c: &MetaClient, parent: &[u8]) -> CliResult<Ino> {
 }
 
 fn fmt_time(t: Timespec) -> String {
-    humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::new(t.secs.max(0) as u64, t.nanos),
-    )
-    .to_string()
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::new(t.secs.max(0) as u64, t.nanos))
+        .to_string()
 }
 
 fn mode_string(a: &Attr) -> String {
@@ -385,11 +340,7 @@ fn mode_string(a: &Attr) -> String {
 
 async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
     match cmd {
-        FsCmd::Mkdir {
-            parents,
-            mode,
-            paths,
-        } => {
+        FsCmd::Mkdir { parents, mode, paths } => {
             let perm = parse_mode(&mode)?;
             for p in paths {
                 let path = abs(&p);
@@ -398,34 +349,20 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
                 } else {
                     let (parent, name) = split(&path)?;
                     let pino = parent_ino(c, &parent).await?;
-                    c.op(MetaOp::Mkdir {
-                        parent: pino,
-                        name,
-                        perm,
-                        caller: caller(),
-                    })
-                    .await
-                    .map_err(|e| CliError::from_client(&show(&path), e))?;
+                    c.op(MetaOp::Mkdir { parent: pino, name, perm, caller: caller() })
+                        .await
+                        .map_err(|e| CliError::from_client(&show(&path), e))?;
                 }
             }
             Ok(())
         }
         FsCmd::Ls { long, path } => {
             let path = abs(&path);
-            let a = c
-                .resolve(&path, true)
-                .await
-                .map_err(|e| CliError::from_client(&show(&path), e))?;
+            let a = c.resolve(&path, true).await.map_err(|e| CliError::from_client(&show(&path), e))?;
             let entries = if a.kind == FileKind::Dir {
-                c.readdir_all(a.ino)
-                    .await
-                    .map_err(|e| CliError::from_client(&show(&path), e))?
+                c.readdir_all(a.ino).await.map_err(|e| CliError::from_client(&show(&path), e))?
             } else {
-                vec![DirEntry {
-                    name: split(&path).map(|(_, n)| n).unwrap_or_default(),
-                    ino: a.ino,
-                    kind: a.kind,
-                }]
+                vec![DirEntry { name: split(&path).map(|(_, n)| n).unwrap_or_default(), ino: a.ino, kind: a.kind }]
             };
             if !long && !json {
                 for e in &entries {
@@ -443,10 +380,7 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
                 }
             }
             if json {
-                let v: Vec<_> = rows
-                    .iter()
-                    .map(|(n, a)| serde_json::json!({"name": show(n), "attr": a}))
-                    .collect();
+                let v: Vec<_> = rows.iter().map(|(n, a)| serde_json::json!({"name": show(n), "attr": a})).collect();
                 print_json(&v);
             } else {
                 for (n, a) in rows {
@@ -466,23 +400,14 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
         }
         FsCmd::Stat { path } => {
             let path = abs(&path);
-            let a = c
-                .resolve(&path, false)
-                .await
-                .map_err(|e| CliError::from_client(&show(&path), e))?;
+            let a = c.resolve(&path, false).await.map_err(|e| CliError::from_client(&show(&path), e))?;
             if json {
                 print_json(&a);
             } else {
                 println!("  File: {}", show(&path));
                 println!("  Type: {:?}  Inode: {}  Links: {}", a.kind, a.ino, a.nlink);
                 println!("  Size: {}", a.size);
-                println!(
-                    "Access: ({:04o}/{})  Uid: {}  Gid: {}",
-                    a.perm,
-                    mode_string(&a),
-                    a.uid,
-                    a.gid
-                );
+                println!("Access: ({:04o}/{})  Uid: {}  Gid: {}", a.perm, mode_string(&a), a.uid, a.gid);
                 println!("Access: {}", fmt_time(a.atime));
                 println!("Modify: {}", fmt_time(a.mtime));
                 println!("Change: {}", fmt_time(a.ctime));
@@ -490,11 +415,7 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
             }
             Ok(())
         }
-        FsCmd::Mv {
-            src,
-            dst,
-            no_clobber,
-        } => {
+        FsCmd::Mv { src, dst, no_clobber } => {
             let (src, dst) = (abs(&src), abs(&dst));
             let (sp, sn) = split(&src)?;
             let spino = parent_ino(c, &sp).await?;
@@ -506,28 +427,15 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
                 }
             };
             let flags = if no_clobber { RENAME_NOREPLACE } else { 0 };
-            c.op(MetaOp::Rename {
-                parent: spino,
-                name: sn,
-                new_parent: dpino,
-                new_name: dn,
-                flags,
-            })
-            .await
-            .map_err(|e| CliError::from_client(&format!("{} -> {}", show(&src), show(&dst)), e))?;
+            c.op(MetaOp::Rename { parent: spino, name: sn, new_parent: dpino, new_name: dn, flags })
+                .await
+                .map_err(|e| CliError::from_client(&format!("{} -> {}", show(&src), show(&dst)), e))?;
             Ok(())
         }
-        FsCmd::Rm {
-            recursive,
-            dir,
-            paths,
-        } => {
+        FsCmd::Rm { recursive, dir, paths } => {
             for p in paths {
                 let path = abs(&p);
-                let a = c
-                    .resolve(&path, false)
-                    .await
-                    .map_err(|e| CliError::from_client(&show(&path), e))?;
+                let a = c.resolve(&path, false).await.map_err(|e| CliError::from_client(&show(&path), e))?;
                 let (parent, name) = split(&path)?;
                 let pino = parent_ino(c, &parent).await?;
                 if a.kind == FileKind::Dir {
@@ -551,37 +459,21 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
             }
             Ok(())
         }
-        FsCmd::Ln {
-            symbolic,
-            target,
-            link,
-        } => {
+        FsCmd::Ln { symbolic, target, link } => {
             let link = abs(&link);
             let (lp, ln) = split(&link)?;
             let lpino = parent_ino(c, &lp).await?;
             if symbolic {
                 let target = target.as_os_str().as_bytes().to_vec();
-                c.op(MetaOp::Symlink {
-                    parent: lpino,
-                    name: ln,
-                    target,
-                    caller: caller(),
-                })
-                .await
-                .map_err(|e| CliError::from_client(&show(&link), e))?;
+                c.op(MetaOp::Symlink { parent: lpino, name: ln, target, caller: caller() })
+                    .await
+                    .map_err(|e| CliError::from_client(&show(&link), e))?;
             } else {
                 let t = abs(&target);
-                let a = c
-                    .resolve(&t, false)
+                let a = c.resolve(&t, false).await.map_err(|e| CliError::from_client(&show(&t), e))?;
+                c.op(MetaOp::Link { ino: a.ino, new_parent: lpino, new_name: ln })
                     .await
-                    .map_err(|e| CliError::from_client(&show(&t), e))?;
-                c.op(MetaOp::Link {
-                    ino: a.ino,
-                    new_parent: lpino,
-                    new_name: ln,
-                })
-                .await
-                .map_err(|e| CliError::from_client(&show(&link), e))?;
+                    .map_err(|e| CliError::from_client(&show(&link), e))?;
             }
             Ok(())
         }
@@ -590,11 +482,8 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
                 let path = abs(&p);
                 match c.resolve(&path, true).await {
                     Ok(a) => {
-                        let set = SetAttr {
-                            atime: Some(SetTime::Now),
-                            mtime: Some(SetTime::Now),
-                            ..Default::default()
-                        };
+                        let set =
+                            SetAttr { atime: Some(SetTime::Now), mtime: Some(SetTime::Now), ..Default::default() };
                         c.op(MetaOp::SetAttr { ino: a.ino, set })
                             .await
                             .map_err(|e| CliError::from_client(&show(&path), e))?;
@@ -602,15 +491,9 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
                     Err(ClientError::Remote(w)) if w.code == ErrorCode::NotFound => {
                         let (parent, name) = split(&path)?;
                         let pino = parent_ino(c, &parent).await?;
-                        c.op(MetaOp::Create {
-                            parent: pino,
-                            name,
-                            perm: 0o644,
-                            caller: caller(),
-                            exclusive: false,
-                        })
-                        .await
-                        .map_err(|e| CliError::from_client(&show(&path), e))?;
+                        c.op(MetaOp::Create { parent: pino, name, perm: 0o644, caller: caller(), exclusive: false })
+                            .await
+                            .map_err(|e| CliError::from_client(&show(&path), e))?;
                     }
                     Err(e) => return Err(CliError::from_client(&show(&path), e)),
                 }
@@ -620,17 +503,9 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
         FsCmd::Chmod { mode, path } => {
             let perm = parse_mode(&mode)?;
             let path = abs(&path);
-            let a = c
-                .resolve(&path, true)
-                .await
-                .map_err(|e| CliError::from_client(&show(&path), e))?;
-            let set = SetAttr {
-                mode: Some(perm),
-                ..Default::default()
-            };
-            c.op(MetaOp::SetAttr { ino: a.ino, set })
-                .await
-                .map_err(|e| CliError::from_client(&show(&path), e))?;
+            let a = c.resolve(&path, true).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+            let set = SetAttr { mode: Some(perm), ..Default::default() };
+            c.op(MetaOp::SetAttr { ino: a.ino, set }).await.map_err(|e| CliError::from_client(&show(&path), e))?;
             Ok(())
         }
         FsCmd::Chown { owner, path } => {
@@ -638,29 +513,15 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
                 Some((u, g)) => (u, Some(g)),
                 None => (owner.as_str(), None),
             };
-            let uid: u32 = u
-                .parse()
-                .map_err(|_| CliError::usage(format!("uid {u:?} is not a number")))?;
+            let uid: u32 = u.parse().map_err(|_| CliError::usage(format!("uid {u:?} is not a number")))?;
             let gid: Option<u32> = match g {
-                Some(g) => Some(
-                    g.parse()
-                        .map_err(|_| CliError::usage(format!("gid {g:?} is not a number")))?,
-                ),
+                Some(g) => Some(g.parse().map_err(|_| CliError::usage(format!("gid {g:?} is not a number")))?),
                 None => None,
             };
             let path = abs(&path);
-            let a = c
-                .resolve(&path, true)
-                .await
-                .map_err(|e| CliError::from_client(&show(&path), e))?;
-            let set = SetAttr {
-                uid: Some(uid),
-                gid,
-                ..Default::default()
-            };
-            c.op(MetaOp::SetAttr { ino: a.ino, set })
-                .await
-                .map_err(|e| CliError::from_client(&show(&path), e))?;
+            let a = c.resolve(&path, true).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+            let set = SetAttr { uid: Some(uid), gid, ..Default::default() };
+            c.op(MetaOp::SetAttr { ino: a.ino, set }).await.map_err(|e| CliError::from_client(&show(&path), e))?;
             Ok(())
         }
         FsCmd::Xattr(x) => xattr(c, x, json).await,
@@ -670,21 +531,12 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
 async fn xattr(c: &MetaClient, cmd: XattrCmd, json: bool) -> CliResult {
     let resolve = |p: PathBuf| async move {
         let path = abs(&p);
-        c.resolve(&path, true)
-            .await
-            .map(|a| a.ino)
-            .map_err(|e| CliError::from_client(&show(&path), e))
+        c.resolve(&path, true).await.map(|a| a.ino).map_err(|e| CliError::from_client(&show(&path), e))
     };
     match cmd {
         XattrCmd::Get { path, name } => {
             let ino = resolve(path).await?;
-            match c
-                .read(MetaRead::GetXattr {
-                    ino,
-                    name: name.clone().into_bytes(),
-                })
-                .await
-            {
+            match c.read(MetaRead::GetXattr { ino, name: name.clone().into_bytes() }).await {
                 Ok(ReadReply::Xattr(v)) => {
                     if json {
                         print_json(&serde_json::json!({"name": name, "value": show(&v)}));
@@ -701,13 +553,7 @@ async fn xattr(c: &MetaClient, cmd: XattrCmd, json: bool) -> CliResult {
                 Err(e) => Err(CliError::from_client(&name, e)),
             }
         }
-        XattrCmd::Set {
-            path,
-            name,
-            value,
-            create,
-            replace,
-        } => {
+        XattrCmd::Set { path, name, value, create, replace } => {
             let ino = resolve(path).await?;
             let flags = if create {
                 XATTR_CREATE
@@ -716,24 +562,16 @@ async fn xattr(c: &MetaClient, cmd: XattrCmd, json: bool) -> CliResult {
             } else {
                 0
             };
-            c.op(MetaOp::SetXattr {
-                ino,
-                name: name.clone().into_bytes(),
-                value: value.into_bytes(),
-                flags,
-            })
-            .await
-            .map_err(|e| CliError::from_client(&name, e))?;
+            c.op(MetaOp::SetXattr { ino, name: name.clone().into_bytes(), value: value.into_bytes(), flags })
+                .await
+                .map_err(|e| CliError::from_client(&name, e))?;
             Ok(())
         }
         XattrCmd::Rm { path, name } => {
             let ino = resolve(path).await?;
-            c.op(MetaOp::RemoveXattr {
-                ino,
-                name: name.clone().into_bytes(),
-            })
-            .await
-            .map_err(|e| CliError::from_client(&name, e))?;
+            c.op(MetaOp::RemoveXattr { ino, name: name.clone().into_bytes() })
+                .await
+                .map_err(|e| CliError::from_client(&name, e))?;
             Ok(())
         }
         XattrCmd::Ls { path } => {
@@ -764,20 +602,10 @@ async fn xattr(c: &MetaClient, cmd: XattrCmd, json: bool) -> CliResult {
 async fn mkdir_p(c: &MetaClient, path: &[u8], perm: u32) -> CliResult {
     let mut ino = ROOT_INO;
     let mut so_far = Vec::new();
-    for comp in path
-        .split(|&b| b == b'/')
-        .filter(|c| !c.is_empty() && *c != b".")
-    {
+    for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
         so_far.push(b'/');
         so_far.extend_from_slice(comp);
-        let made = c
-            .op(MetaOp::Mkdir {
-                parent: ino,
-                name: comp.to_vec(),
-                perm,
-                caller: caller(),
-            })
-            .await;
+        let made = c.op(MetaOp::Mkdir { parent: ino, name: comp.to_vec(), perm, caller: caller() }).await;
         ino = match made {
             Ok(OpReply::Attr(a)) => a.ino,
             Ok(other) => {
@@ -788,10 +616,7 @@ async fn mkdir_p(c: &MetaClient, path: &[u8], perm: u32) -> CliResult {
                 })
             }
             Err(ClientError::Remote(w)) if w.code == ErrorCode::Exists => {
-                let a = c
-                    .resolve(&so_far, true)
-                    .await
-                    .map_err(|e| CliError::from_client(&show(&so_far), e))?;
+                let a = c.resolve(&so_far, true).await.map_err(|e| CliError::from_client(&show(&so_far), e))?;
                 if a.kind != FileKind::Dir {
                     return Err(CliError {
                         exit: 1,
@@ -809,26 +634,17 @@ async fn mkdir_p(c: &MetaClient, path: &[u8], perm: u32) -> CliResult {
 
 /// Removes everything below directory `ino` (not the directory itself).
 async fn remove_tree(c: &MetaClient, ino: Ino) -> CliResult {
-    let entries = c
-        .readdir_all(ino)
-        .await
-        .map_err(|e| CliError::from_client("", e))?;
+    let entries = c.readdir_all(ino).await.map_err(|e| CliError::from_client("", e))?;
     for e in entries {
         if e.kind == FileKind::Dir {
             Box::pin(remove_tree(c, e.ino)).await?;
-            c.op(MetaOp::Rmdir {
-                parent: ino,
-                name: e.name.clone(),
-            })
-            .await
-            .map_err(|err| CliError::from_client(&show(&e.name), err))?;
+            c.op(MetaOp::Rmdir { parent: ino, name: e.name.clone() })
+                .await
+                .map_err(|err| CliError::from_client(&show(&e.name), err))?;
         } else {
-            c.op(MetaOp::Unlink {
-                parent: ino,
-                name: e.name.clone(),
-            })
-            .await
-            .map_err(|err| CliError::from_client(&show(&e.name), err))?;
+            c.op(MetaOp::Unlink { parent: ino, name: e.name.clone() })
+                .await
+                .map_err(|err| CliError::from_client(&show(&e.name), err))?;
         }
     }
     Ok(())
@@ -837,11 +653,7 @@ async fn remove_tree(c: &MetaClient, ino: Ino) -> CliResult {
 async fn cluster(c: &MetaClient, cmd: ClusterCmd, json: bool) -> CliResult {
     match cmd {
         ClusterCmd::Status => {
-            let leader_view = match c
-                .admin(AdminOp::Status)
-                .await
-                .map_err(|e| CliError::from_client("", e))?
-            {
+            let leader_view = match c.admin(AdminOp::Status).await.map_err(|e| CliError::from_client("", e))? {
                 AdminReply::Status(s) => s,
                 other => {
                     return Err(CliError {
@@ -877,10 +689,7 @@ async fn cluster(c: &MetaClient, cmd: ClusterCmd, json: bool) -> CliResult {
             } else {
                 println!(
                     "leader: {}   term: {}   commit index: {}",
-                    leader_view
-                        .leader_id
-                        .map(|l| l.to_string())
-                        .unwrap_or_else(|| "none".into()),
+                    leader_view.leader_id.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
                     leader_view.term,
                     leader_view.commit_index
                 );
@@ -894,15 +703,9 @@ async fn cluster(c: &MetaClient, cmd: ClusterCmd, json: bool) -> CliResult {
                         m.id,
                         m.addr,
                         if m.voter { "voter" } else { "learner" },
-                        s.as_ref()
-                            .map(|s| s.state.as_str())
-                            .unwrap_or("unreachable"),
-                        s.as_ref()
-                            .map(|s| s.applied_index.to_string())
-                            .unwrap_or_else(|| "-".into()),
-                        m.matched_index
-                            .map(|x| x.to_string())
-                            .unwrap_or_else(|| "-".into()),
+                        s.as_ref().map(|s| s.state.as_str()).unwrap_or("unreachable"),
+                        s.as_ref().map(|s| s.applied_index.to_string()).unwrap_or_else(|| "-".into()),
+                        m.matched_index.map(|x| x.to_string()).unwrap_or_else(|| "-".into()),
                         m.lag.map(|x| x.to_string()).unwrap_or_else(|| "-".into()),
                     );
                 }
@@ -910,12 +713,9 @@ async fn cluster(c: &MetaClient, cmd: ClusterCmd, json: bool) -> CliResult {
             Ok(())
         }
         ClusterCmd::AddNode(a) => {
-            c.admin(AdminOp::AddNode {
-                id: a.id,
-                addr: a.addr.clone(),
-            })
-            .await
-            .map_err(|e| CliError::from_client(&format!("add node {}", a.id), e))?;
+            c.admin(AdminOp::AddNode { id: a.id, addr: a.addr.clone() })
+                .await
+                .map_err(|e| CliError::from_client(&format!("add node {}", a.id), e))?;
             if !json {
                 println!("node {} at {} is a voter", a.id, a.addr);
             }
@@ -931,9 +731,7 @@ async fn cluster(c: &MetaClient, cmd: ClusterCmd, json: bool) -> CliResult {
             Ok(())
         }
         ClusterCmd::Snapshot => {
-            c.admin(AdminOp::Snapshot)
-                .await
-                .map_err(|e| CliError::from_client("snapshot", e))?;
+            c.admin(AdminOp::Snapshot).await.map_err(|e| CliError::from_client("snapshot", e))?;
             Ok(())
         }
     }

@@ -18,6 +18,11 @@ use crate::tls::{self, TlsError};
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
+/// After this long without an answer, ask the other servers who leads: a
+/// leader that died leaves its connection silent, not closed.
+const LEADER_PROBE_AFTER: Duration = Duration::from_millis(300);
+/// How often the probe asks again.
+const LEADER_PROBE_EVERY: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
@@ -86,12 +91,10 @@ struct Inner {
 impl MetaClient {
     /// Sets up a client for `cfg`. No connection is made until the first request.
     pub fn new(cfg: &ClientConfig) -> Result<Self, ClientError> {
-        cfg.validate()
-            .map_err(|e| ClientError::Config(e.to_string()))?;
+        cfg.validate().map_err(|e| ClientError::Config(e.to_string()))?;
         let quic = tls::client_config(&cfg.identity(), CLIENT_ALPN)?;
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
-        let endpoint = quinn::Endpoint::client(bind)
-            .map_err(|e| ClientError::Config(format!("client socket: {e}")))?;
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Config(format!("client socket: {e}")))?;
         Ok(MetaClient {
             inner: Arc::new(Inner {
                 endpoint,
@@ -113,10 +116,7 @@ impl MetaClient {
 
     /// Applies one namespace change, at most once even across retries.
     pub async fn op(&self, op: MetaOp) -> Result<OpReply, ClientError> {
-        let id = RequestId {
-            client: self.inner.client_id,
-            seq: self.inner.seq.fetch_add(1, Ordering::Relaxed),
-        };
+        let id = RequestId { client: self.inner.client_id, seq: self.inner.seq.fetch_add(1, Ordering::Relaxed) };
         match self.call(Request::Op { id, op }).await? {
             Reply::Op(r) => Ok(r),
             other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
@@ -141,24 +141,13 @@ impl MetaClient {
 
     /// The status as one particular server sees it (no redirection).
     pub async fn status_of(&self, addr: &str) -> Result<ClusterStatus, ClientError> {
-        let req = Envelope {
-            version: PROTOCOL_VERSION,
-            request: Request::Admin(AdminOp::Status),
-        };
+        let req = Envelope { version: PROTOCOL_VERSION, request: Request::Admin(AdminOp::Status) };
         match tokio::time::timeout(ATTEMPT_TIMEOUT, self.attempt(addr, &req)).await {
             Ok(Attempt::Done(Ok(Reply::Admin(AdminReply::Status(s))))) => Ok(s),
-            Ok(Attempt::Done(Ok(other))) => {
-                Err(ClientError::Protocol(format!("unexpected reply {other:?}")))
-            }
+            Ok(Attempt::Done(Ok(other))) => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
             Ok(Attempt::Done(Err(e))) => Err(ClientError::Remote(e)),
-            Ok(Attempt::Failed(m)) => Err(ClientError::Unavailable {
-                timeout: ATTEMPT_TIMEOUT,
-                last: m,
-            }),
-            Err(_) => Err(ClientError::Unavailable {
-                timeout: ATTEMPT_TIMEOUT,
-                last: format!("{addr}: timed out"),
-            }),
+            Ok(Attempt::Failed(m)) => Err(ClientError::Unavailable { timeout: ATTEMPT_TIMEOUT, last: m }),
+            Err(_) => Err(ClientError::Unavailable { timeout: ATTEMPT_TIMEOUT, last: format!("{addr}: timed out") }),
         }
     }
 
@@ -182,10 +171,7 @@ impl MetaClient {
     }
 
     async fn call(&self, request: Request) -> Result<Reply, ClientError> {
-        let env = Envelope {
-            version: PROTOCOL_VERSION,
-            request,
-        };
+        let env = Envelope { version: PROTOCOL_VERSION, request };
         let deadline = Instant::now() + self.inner.timeout;
         let mut backoff = BACKOFF_MIN;
         let mut last = String::from("no attempt");
@@ -193,13 +179,19 @@ impl MetaClient {
             let addr = self.pick();
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ClientError::Unavailable {
-                    timeout: self.inner.timeout,
-                    last,
-                });
+                return Err(ClientError::Unavailable { timeout: self.inner.timeout, last });
             }
-            let outcome =
-                tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), self.attempt(&addr, &env)).await;
+            let attempt = tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), self.attempt(&addr, &env));
+            let outcome = tokio::select! {
+                r = attempt => r,
+                other = self.probe_leader_elsewhere(&addr) => {
+                    // Requests carry ids, so sending it again elsewhere is safe.
+                    last = format!("{addr}: silent; {other} leads now");
+                    self.forget(&addr).await;
+                    self.set_leader(Some(other));
+                    continue;
+                }
+            };
             match outcome {
                 Ok(Attempt::Done(Ok(reply))) => {
                     self.set_leader(Some(addr));
@@ -237,13 +229,36 @@ impl MetaClient {
         }
     }
 
+    /// Resolves when another server reports a leader at an address other
+    /// than `addr`; pends forever otherwise. Starts after [`LEADER_PROBE_AFTER`].
+    async fn probe_leader_elsewhere(&self, addr: &str) -> String {
+        tokio::time::sleep(LEADER_PROBE_AFTER).await;
+        loop {
+            for other in self.inner.servers.iter().filter(|s| s.as_str() != addr) {
+                let req = Envelope { version: PROTOCOL_VERSION, request: Request::Admin(AdminOp::Status) };
+                let probe = tokio::time::timeout(LEADER_PROBE_EVERY, self.attempt(other, &req)).await;
+                if let Ok(Attempt::Done(Ok(Reply::Admin(AdminReply::Status(s))))) = probe {
+                    let leader_addr =
+                        s.leader_id.and_then(|l| s.members.iter().find(|m| m.id == l)).map(|m| m.addr.clone());
+                    if let Some(l) = leader_addr {
+                        if l != addr {
+                            return l;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(LEADER_PROBE_EVERY).await;
+        }
+    }
+
     async fn forget(&self, addr: &str) {
         self.inner.conns.lock().await.remove(addr);
     }
 
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, String> {
-        let mut conns = self.inner.conns.lock().await;
-        if let Some(c) = conns.get(addr) {
+        // Never hold the cache lock while dialing: a dead server must not
+        // delay requests to the live ones.
+        if let Some(c) = self.inner.conns.lock().await.get(addr) {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
@@ -265,7 +280,7 @@ impl MetaClient {
             .await
             .map_err(|_| "connect: timed out".to_string())?
             .map_err(|e| format!("connect: {e}"))?;
-        conns.insert(addr.to_string(), conn.clone());
+        self.inner.conns.lock().await.insert(addr.to_string(), conn.clone());
         Ok(conn)
     }
 
@@ -290,10 +305,7 @@ impl MetaClient {
 
     /// Opens a change stream at `from` on any reachable server.
     pub async fn subscribe(&self, from: u64) -> Result<ChangeStream, ClientError> {
-        let env = Envelope {
-            version: PROTOCOL_VERSION,
-            request: Request::Subscribe { from },
-        };
+        let env = Envelope { version: PROTOCOL_VERSION, request: Request::Subscribe { from } };
         let mut last = String::new();
         let servers = self.inner.servers.clone();
         for addr in servers.iter().cycle().take(servers.len() * 2) {
@@ -319,22 +331,13 @@ impl MetaClient {
             let _ = send.finish();
             return Ok(ChangeStream { recv, _send: send });
         }
-        Err(ClientError::Unavailable {
-            timeout: CONNECT_TIMEOUT,
-            last,
-        })
+        Err(ClientError::Unavailable { timeout: CONNECT_TIMEOUT, last })
     }
 
     // ----- conveniences over `op` and `read`
 
     pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr, ClientError> {
-        expect_attr(
-            self.read(MetaRead::Lookup {
-                parent,
-                name: name.to_vec(),
-            })
-            .await?,
-        )
+        expect_attr(self.read(MetaRead::Lookup { parent, name: name.to_vec() }).await?)
     }
 
     pub async fn getattr(&self, ino: Ino) -> Result<Attr, ClientError> {
@@ -343,13 +346,7 @@ impl MetaClient {
 
     /// Resolves an absolute path; `follow` follows a symlink in the last component.
     pub async fn resolve(&self, path: &[u8], follow: bool) -> Result<Attr, ClientError> {
-        expect_attr(
-            self.read(MetaRead::Resolve {
-                path: path.to_vec(),
-                follow,
-            })
-            .await?,
-        )
+        expect_attr(self.read(MetaRead::Resolve { path: path.to_vec(), follow }).await?)
     }
 
     /// Every entry of a directory, page by page.
@@ -357,14 +354,7 @@ impl MetaClient {
         let mut out = Vec::new();
         let mut after = None;
         loop {
-            match self
-                .read(MetaRead::ReadDir {
-                    ino,
-                    after: after.clone(),
-                    limit: MAX_READDIR_PAGE,
-                })
-                .await?
-            {
+            match self.read(MetaRead::ReadDir { ino, after: after.clone(), limit: MAX_READDIR_PAGE }).await? {
                 ReadReply::Entries { entries, more } => {
                     after = entries.last().map(|e| e.name.clone());
                     out.extend(entries);
@@ -380,9 +370,7 @@ impl MetaClient {
     pub async fn op_attr(&self, op: MetaOp) -> Result<Attr, ClientError> {
         match self.op(op).await? {
             OpReply::Attr(a) => Ok(a),
-            other => Err(ClientError::Protocol(format!(
-                "expected attributes, got {other:?}"
-            ))),
+            other => Err(ClientError::Protocol(format!("expected attributes, got {other:?}"))),
         }
     }
 }
@@ -390,9 +378,7 @@ impl MetaClient {
 fn expect_attr(r: ReadReply) -> Result<Attr, ClientError> {
     match r {
         ReadReply::Attr(a) => Ok(a),
-        other => Err(ClientError::Protocol(format!(
-            "expected attributes, got {other:?}"
-        ))),
+        other => Err(ClientError::Protocol(format!("expected attributes, got {other:?}"))),
     }
 }
 

@@ -30,10 +30,7 @@ fn default_timeout() -> u64 {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
@@ -42,11 +39,7 @@ pub enum ConfigError {
 
 impl ClientConfig {
     pub fn identity(&self) -> Identity {
-        Identity {
-            ca: self.ca.clone(),
-            cert: self.cert.clone(),
-            key: self.key.clone(),
-        }
+        Identity { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
     }
 
     pub fn timeout(&self) -> Duration {
@@ -54,14 +47,9 @@ impl ClientConfig {
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        let mut cfg: ClientConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let mut cfg: ClientConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
         // Relative certificate paths are relative to the file.
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.ca, &mut cfg.cert, &mut cfg.key] {
@@ -75,17 +63,12 @@ impl ClientConfig {
 
     pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
         let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        std::fs::write(path, text).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })
+        std::fs::write(path, text).map_err(|source| ConfigError::Read { path: path.into(), source })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.meta.is_empty() {
-            return Err(ConfigError::Invalid(
-                "no metadata server addresses (`meta`)".into(),
-            ));
+            return Err(ConfigError::Invalid("no metadata server addresses (`meta`)".into()));
         }
         if self.timeout_ms == 0 {
             return Err(ConfigError::Invalid("timeout_ms must be positive".into()));
@@ -105,8 +88,5 @@ impl ClientConfig {
 
 /// `~/.locus`, the default data directory of `locus up`.
 pub fn default_data_dir() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join(".locus")
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".locus")
 }

@@ -29,21 +29,14 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
-pub async fn write_frame<T: Serialize>(
-    send: &mut quinn::SendStream,
-    msg: &T,
-) -> Result<(), FrameError> {
+pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), FrameError> {
     let bytes = encode(msg)?;
-    send.write_all(&bytes)
-        .await
-        .map_err(|e| FrameError::Stream(e.to_string()))
+    send.write_all(&bytes).await.map_err(|e| FrameError::Stream(e.to_string()))
 }
 
 /// Reads one frame; [`FrameError::Closed`] when the stream ended cleanly
 /// before a frame began.
-pub async fn read_frame<T: DeserializeOwned>(
-    recv: &mut quinn::RecvStream,
-) -> Result<T, FrameError> {
+pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<T, FrameError> {
     let mut len = [0u8; 4];
     match recv.read_exact(&mut len).await {
         Ok(()) => {}
@@ -55,8 +48,6 @@ pub async fn read_frame<T: DeserializeOwned>(
         return Err(FrameError::TooLarge(len));
     }
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| FrameError::Stream(e.to_string()))?;
+    recv.read_exact(&mut body).await.map_err(|e| FrameError::Stream(e.to_string()))?;
     postcard::from_bytes(&body).map_err(|e| FrameError::Decode(e.to_string()))
 }

@@ -46,9 +46,7 @@ pub const XATTR_CREATE: u32 = 1;
 pub const XATTR_REPLACE: u32 = 2;
 
 /// Seconds and nanoseconds since the Unix epoch.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Timespec {
     pub secs: i64,
     pub nanos: u32,
@@ -56,22 +54,14 @@ pub struct Timespec {
 
 impl Timespec {
     pub fn from_nanos(n: i128) -> Self {
-        Timespec {
-            secs: n.div_euclid(1_000_000_000) as i64,
-            nanos: n.rem_euclid(1_000_000_000) as u32,
-        }
+        Timespec { secs: n.div_euclid(1_000_000_000) as i64, nanos: n.rem_euclid(1_000_000_000) as u32 }
     }
     pub fn as_nanos(&self) -> i128 {
         self.secs as i128 * 1_000_000_000 + self.nanos as i128
     }
     pub fn now() -> Self {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        Timespec {
-            secs: d.as_secs() as i64,
-            nanos: d.subsec_nanos(),
-        }
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Timespec { secs: d.as_secs() as i64, nanos: d.subsec_nanos() }
     }
 }
 
@@ -592,10 +582,7 @@ impl ErrorCode {
 
     /// Whether retrying the same request later may succeed.
     pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::Timeout
-        )
+        matches!(self, ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::Timeout)
     }
 }
 
@@ -636,10 +623,7 @@ impl From<u16> for ErrorCode {
             ErrorCode::BadRequest,
             ErrorCode::Internal,
         ];
-        KNOWN
-            .into_iter()
-            .find(|k| k.as_u16() == c)
-            .unwrap_or(ErrorCode::Unknown(c))
+        KNOWN.into_iter().find(|k| k.as_u16() == c).unwrap_or(ErrorCode::Unknown(c))
     }
 }
 
@@ -670,11 +654,7 @@ pub struct WireError {
 
 impl WireError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        WireError {
-            code,
-            message: message.into(),
-            leader: None,
-        }
+        WireError { code, message: message.into(), leader: None }
     }
 }
 
@@ -686,22 +666,13 @@ pub fn validate_name(name: &[u8]) -> Result<(), WireError> {
         return Err(WireError::new(ErrorCode::Invalid, "empty file name"));
     }
     if name == b"." || name == b".." {
-        return Err(WireError::new(
-            ErrorCode::Invalid,
-            format!("file name {:?} is reserved", show()),
-        ));
+        return Err(WireError::new(ErrorCode::Invalid, format!("file name {:?} is reserved", show())));
     }
     if name.contains(&b'/') {
-        return Err(WireError::new(
-            ErrorCode::Invalid,
-            format!("file name {:?} contains '/'", show()),
-        ));
+        return Err(WireError::new(ErrorCode::Invalid, format!("file name {:?} contains '/'", show())));
     }
     if name.contains(&0) {
-        return Err(WireError::new(
-            ErrorCode::Invalid,
-            format!("file name {:?} contains NUL", show()),
-        ));
+        return Err(WireError::new(ErrorCode::Invalid, format!("file name {:?} contains NUL", show())));
     }
     if name.len() > MAX_NAME_BYTES {
         return Err(WireError::new(
@@ -738,15 +709,9 @@ mod tests {
         assert_eq!(validate_name(b"..").unwrap_err().code, ErrorCode::Invalid);
         assert_eq!(validate_name(b"a/b").unwrap_err().code, ErrorCode::Invalid);
         assert_eq!(validate_name(b"a\0b").unwrap_err().code, ErrorCode::Invalid);
-        assert_eq!(
-            validate_name(&[b'x'; 256]).unwrap_err().code,
-            ErrorCode::NameTooLong
-        );
+        assert_eq!(validate_name(&[b'x'; 256]).unwrap_err().code, ErrorCode::NameTooLong);
         assert!(validate_name(&[b'x'; 255]).is_ok());
-        assert!(
-            validate_name(&[0xff, 0xfe]).is_ok(),
-            "names are bytes, not UTF-8"
-        );
+        assert!(validate_name(&[0xff, 0xfe]).is_ok(), "names are bytes, not UTF-8");
     }
 
     #[test]

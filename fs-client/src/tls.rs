@@ -12,18 +12,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The DNS name every node certificate carries and clients verify.
 pub const SERVER_NAME: &str = "locus";
-/// Idle QUIC connections are closed after this.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection that hears nothing for this long is closed (a peer that
+/// died without closing it is noticed within this time).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keep-alive on open connections, well under [`IDLE_TIMEOUT`].
-pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// Concurrent requests one connection may have open.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
@@ -64,10 +65,7 @@ impl Role {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a PEM {what}")]
     Pem { path: PathBuf, what: &'static str },
     #[error("certificate generation: {0}")]
@@ -79,10 +77,7 @@ pub enum TlsError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
-    move |source| TlsError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| TlsError::Io { path: path.to_path_buf(), source }
 }
 
 /// The files of one identity: the cluster CA, a certificate and its key.
@@ -96,11 +91,7 @@ pub struct Identity {
 impl Identity {
     /// The identity named `name` in a certificate directory.
     pub fn in_dir(dir: &Path, name: &str) -> Self {
-        Identity {
-            ca: dir.join("ca.pem"),
-            cert: dir.join(format!("{name}.pem")),
-            key: dir.join(format!("{name}.key")),
-        }
+        Identity { ca: dir.join("ca.pem"), cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) }
     }
 }
 
@@ -119,11 +110,7 @@ pub fn init_ca(dir: &Path) -> Result<bool, TlsError> {
     dn.push(DnType::OrganizationName, "Locus");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2124, 1, 1);
     let cert = params.self_signed(&key)?;
@@ -135,13 +122,8 @@ pub fn init_ca(dir: &Path) -> Result<bool, TlsError> {
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io(path))?;
     f.write_all(bytes).map_err(io(path))
 }
 
@@ -164,14 +146,8 @@ pub fn issue(dir: &Path, name: &str, role: Role, ips: &[IpAddr]) -> Result<Ident
     dn.push(DnType::OrganizationName, "Locus");
     dn.push(DnType::OrganizationalUnitName, role.as_str());
     params.distinguished_name = dn;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ClientAuth,
-        ExtendedKeyUsagePurpose::ServerAuth,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2124, 1, 1);
     let key = KeyPair::generate()?;
@@ -188,32 +164,22 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
-        .filter_map(Result::ok)
-        .collect();
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes).filter_map(Result::ok).collect();
     if certs.is_empty() {
-        return Err(TlsError::Pem {
-            path: path.to_path_buf(),
-            what: "certificate",
-        });
+        return Err(TlsError::Pem { path: path.to_path_buf(), what: "certificate" });
     }
     Ok(certs)
 }
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::Pem {
-        path: path.to_path_buf(),
-        what: "private key",
-    })
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::Pem { path: path.to_path_buf(), what: "private key" })
 }
 
 fn roots(id: &Identity) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(&id.ca)? {
-        roots
-            .add(c)
-            .map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
+        roots.add(c).map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
     }
     Ok(Arc::new(roots))
 }
@@ -234,10 +200,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
 /// The server side: requires a client certificate signed by the cluster CA
 /// and offers `alpns`.
 pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> Result<quinn::ServerConfig, TlsError> {
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(id)?, provider())
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(id)?, provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -246,8 +211,7 @@ pub fn server_config(id: &Identity, alpns: &[&[u8]]) -> Result<quinn::ServerConf
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     tls.max_early_data_size = 0;
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(transport_config());
     Ok(cfg)
@@ -263,8 +227,7 @@ pub fn client_config(id: &Identity, alpn: &[u8]) -> Result<quinn::ClientConfig, 
         .with_client_auth_cert(load_certs(&id.cert)?, load_key(&id.key)?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![alpn.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(transport_config());
     Ok(cfg)
@@ -278,9 +241,7 @@ pub fn init_cluster_certs(dir: &Path, nodes: u64, ips: &[IpAddr]) -> Result<Vec<
     if init_ca(dir)? {
         made.push("ca".to_string());
     }
-    let mut want: Vec<(String, Role)> = (1..=nodes)
-        .map(|i| (format!("node-{i}"), Role::Node))
-        .collect();
+    let mut want: Vec<(String, Role)> = (1..=nodes).map(|i| (format!("node-{i}"), Role::Node)).collect();
     want.push(("admin".into(), Role::Admin));
     want.push(("client".into(), Role::Client));
     want.push(("host".into(), Role::Host));
@@ -297,38 +258,25 @@ pub fn init_cluster_certs(dir: &Path, nodes: u64, ips: &[IpAddr]) -> Result<Vec<
 
 /// The role and name in the peer's (already verified) certificate.
 pub fn peer_identity(conn: &quinn::Connection) -> Result<(Role, String), TlsError> {
-    let any = conn
-        .peer_identity()
-        .ok_or_else(|| TlsError::Peer("no certificate".into()))?;
+    let any = conn.peer_identity().ok_or_else(|| TlsError::Peer("no certificate".into()))?;
     let certs = any
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| TlsError::Peer("unexpected identity type".into()))?;
-    let der = certs
-        .first()
-        .ok_or_else(|| TlsError::Peer("empty chain".into()))?;
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::Peer(e.to_string()))?;
+    let der = certs.first().ok_or_else(|| TlsError::Peer("empty chain".into()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::Peer(e.to_string()))?;
     let subject = cert.subject();
     let role = subject
         .iter_organizational_unit()
         .filter_map(|a| a.as_str().ok())
         .find_map(Role::parse)
         .ok_or_else(|| TlsError::Peer("no role in subject".into()))?;
-    let name = subject
-        .iter_common_name()
-        .filter_map(|a| a.as_str().ok())
-        .next()
-        .unwrap_or("")
-        .to_string();
+    let name = subject.iter_common_name().filter_map(|a| a.as_str().ok()).next().unwrap_or("").to_string();
     Ok((role, name))
 }
 
 /// The negotiated ALPN of a connection.
 pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
-    conn.handshake_data()?
-        .downcast::<quinn::crypto::rustls::HandshakeData>()
-        .ok()?
-        .protocol
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
 }
 
 #[cfg(test)]
@@ -340,13 +288,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         assert!(init_ca(d.path()).unwrap());
         assert!(!init_ca(d.path()).unwrap(), "an existing CA is kept");
-        let id = issue(
-            d.path(),
-            "node-1",
-            Role::Node,
-            &["127.0.0.1".parse().unwrap()],
-        )
-        .unwrap();
+        let id = issue(d.path(), "node-1", Role::Node, &["127.0.0.1".parse().unwrap()]).unwrap();
         server_config(&id, &[b"x"]).unwrap();
         let admin = issue(d.path(), "admin", Role::Admin, &[]).unwrap();
         client_config(&admin, b"x").unwrap();

@@ -72,9 +72,7 @@ fn find_server(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!(
-        "locus-server not found next to locus or on $PATH (build it with `cargo build --release`)"
-    )
+    bail!("locus-server not found next to locus or on $PATH (build it with `cargo build --release`)")
 }
 
 fn pid_file(dir: &Path, name: &str) -> PathBuf {
@@ -85,10 +83,7 @@ fn pid_file(dir: &Path, name: &str) -> PathBuf {
 fn running_pid(path: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let is_ours = cmdline
-        .split(|&b| b == 0)
-        .next()
-        .is_some_and(|argv0| argv0.ends_with(b"locus-server"));
+    let is_ours = cmdline.split(|&b| b == 0).next().is_some_and(|argv0| argv0.ends_with(b"locus-server"));
     is_ours.then_some(pid)
 }
 
@@ -101,20 +96,15 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
         bail!("--base-port must be between 1024 and 65000");
     }
     for sub in ["certs", "logs", "run"] {
-        std::fs::create_dir_all(dir.join(sub))
-            .with_context(|| format!("create {}", dir.join(sub).display()))?;
+        std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("create {}", dir.join(sub).display()))?;
     }
-    let dir = dir
-        .canonicalize()
-        .with_context(|| format!("resolve {}", dir.display()))?;
+    let dir = dir.canonicalize().with_context(|| format!("resolve {}", dir.display()))?;
     let certs = dir.join("certs");
     tls::init_cluster_certs(&certs, args.meta, &[args.ip]).context("create certificates")?;
     let server = find_server(args.server_bin.clone())?;
 
     let addr = |i: u64| format!("{}:{}", args.ip, args.base_port as u64 + i);
-    let members: Vec<String> = (1..=args.meta)
-        .map(|i| format!("{i}={}", addr(i)))
-        .collect();
+    let members: Vec<String> = (1..=args.meta).map(|i| format!("{i}={}", addr(i))).collect();
     let mut services = Vec::new();
     for i in 1..=args.meta {
         services.push(Service {
@@ -158,11 +148,8 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
             // Its own process group: a Ctrl-C in this terminal does not stop it.
             .process_group(0);
         use std::os::unix::process::CommandExt;
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("start {} ({})", s.name, server.display()))?;
-        std::fs::write(&pidf, child.id().to_string())
-            .with_context(|| format!("write {}", pidf.display()))?;
+        let child = cmd.spawn().with_context(|| format!("start {} ({})", s.name, server.display()))?;
+        std::fs::write(&pidf, child.id().to_string()).with_context(|| format!("write {}", pidf.display()))?;
         started.push(s.name.clone());
     }
 
@@ -185,10 +172,9 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "cluster not ready yet")
             }
-            Err(e) => bail!(
-                "cluster did not become ready within {READY_TIMEOUT:?}: {e}; see {}",
-                dir.join("logs").display()
-            ),
+            Err(e) => {
+                bail!("cluster did not become ready within {READY_TIMEOUT:?}: {e}; see {}", dir.join("logs").display())
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -202,18 +188,10 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
-            "Locus is up: {} metadata nodes on {}",
-            args.meta,
-            client_cfg.meta.join(", ")
-        );
+        println!("Locus is up: {} metadata nodes on {}", args.meta, client_cfg.meta.join(", "));
         println!("  data:    {}", dir.display());
         println!("  logs:    {}", dir.join("logs").display());
-        println!(
-            "  metrics: http://{}:{}/metrics (node 1)",
-            args.ip,
-            args.base_port + 101
-        );
+        println!("  metrics: http://{}:{}/metrics (node 1)", args.ip, args.base_port + 101);
         println!();
         if cfg_path != ClientConfig::default_path() {
             println!("  export LOCUS_CONFIG={}", cfg_path.display());
@@ -222,11 +200,7 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
         println!("  locus fs mkdir /vm && locus fs ls -l /");
         println!(
             "  locus down{}",
-            if args.data_dir.is_some() {
-                format!(" --data-dir {}", dir.display())
-            } else {
-                String::new()
-            }
+            if args.data_dir.is_some() { format!(" --data-dir {}", dir.display()) } else { String::new() }
         );
     }
     Ok(())
@@ -244,10 +218,7 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
         let path = e.path();
         if path.extension().is_some_and(|x| x == "pid") {
             if let Some(pid) = running_pid(&path) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
                 pids.push((pid, path.clone()));
             } else {
                 let _ = std::fs::remove_file(&path);
@@ -260,10 +231,7 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(50));
         }
         if alive(*pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
         }
         let _ = std::fs::remove_file(path);
     }
@@ -274,7 +242,7 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
 fn alive(pid: i32) -> bool {
     // A zombie still answers kill(0); look at its state.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"),
+        Ok(s) => s.split_whitespace().nth(2).is_none_or(|st| st != "Z"),
         Err(_) => false,
     }
 }

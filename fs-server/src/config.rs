@@ -10,10 +10,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("missing setting `{0}` (give it in the config file or as --{1})")]
@@ -47,7 +44,7 @@ pub struct MetaSettings {
     pub bootstrap: Option<String>,
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
-    /// The minimum election timeout; the maximum is twice this.
+    /// The minimum election timeout; the maximum is 10/7 of it.
     #[arg(long)]
     pub election_timeout_ms: Option<u64>,
     /// Build a Raft snapshot after this many log entries.
@@ -81,30 +78,17 @@ impl MetaSettings {
     }
 
     pub fn load(path: &Path) -> Result<MetaSettings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
     }
 
     pub fn resolve(self) -> Result<MetaConfig, ConfigError> {
         let id = self.id.ok_or(ConfigError::Missing("id", "id"))?;
         if id == 0 {
-            return Err(ConfigError::Invalid {
-                field: "id",
-                reason: "must be positive".into(),
-            });
+            return Err(ConfigError::Invalid { field: "id", reason: "must be positive".into() });
         }
-        let listen = self
-            .listen
-            .ok_or(ConfigError::Missing("listen", "listen"))?;
-        let data_dir = self
-            .data_dir
-            .ok_or(ConfigError::Missing("data_dir", "data-dir"))?;
+        let listen = self.listen.ok_or(ConfigError::Missing("listen", "listen"))?;
+        let data_dir = self.data_dir.ok_or(ConfigError::Missing("data_dir", "data-dir"))?;
         let certs = self.certs.ok_or(ConfigError::Missing("certs", "certs"))?;
         let bootstrap = match &self.bootstrap {
             Some(s) => Some(parse_members(s)?),
@@ -118,16 +102,15 @@ impl MetaSettings {
                 });
             }
         }
-        let heartbeat_ms = self.heartbeat_ms.unwrap_or(150);
-        let election_timeout_ms = self.election_timeout_ms.unwrap_or(750);
+        let heartbeat_ms = self.heartbeat_ms.unwrap_or(200);
+        let election_timeout_ms = self.election_timeout_ms.unwrap_or(700);
         if election_timeout_ms < heartbeat_ms * 3 {
             return Err(ConfigError::Invalid {
                 field: "election_timeout_ms",
-                reason: format!(
-                    "{election_timeout_ms} must be at least 3x heartbeat_ms ({heartbeat_ms})"
-                ),
+                reason: format!("{election_timeout_ms} must be at least 3x heartbeat_ms ({heartbeat_ms})"),
             });
         }
+        let election_timeout_max_ms = election_timeout_ms + election_timeout_ms * 3 / 7;
         Ok(MetaConfig {
             id,
             listen,
@@ -137,12 +120,10 @@ impl MetaSettings {
             bootstrap,
             heartbeat_ms,
             election_timeout_ms,
+            election_timeout_max_ms,
             snapshot_every: self.snapshot_every.unwrap_or(20_000),
             keep_logs: self.keep_logs.unwrap_or(2_000),
-            change_history: self
-                .change_history
-                .unwrap_or(crate::meta::fsm::CHANGE_RETAIN_ENTRIES)
-                .max(1),
+            change_history: self.change_history.unwrap_or(crate::meta::fsm::CHANGE_RETAIN_ENTRIES).max(1),
         })
     }
 }
@@ -155,28 +136,19 @@ pub fn parse_members(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
             field: "bootstrap",
             reason: format!("{part:?} is not id=ip:port"),
         })?;
-        let id: u64 = id.trim().parse().map_err(|_| ConfigError::Invalid {
-            field: "bootstrap",
-            reason: format!("{id:?} is not a node id"),
-        })?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::Invalid { field: "bootstrap", reason: format!("{id:?} is not a node id") })?;
         let addr = addr.trim();
         addr.parse::<SocketAddr>()
-            .map_err(|_| ConfigError::Invalid {
-                field: "bootstrap",
-                reason: format!("{addr:?} is not ip:port"),
-            })?;
+            .map_err(|_| ConfigError::Invalid { field: "bootstrap", reason: format!("{addr:?} is not ip:port") })?;
         if out.insert(id, addr.to_string()).is_some() {
-            return Err(ConfigError::Invalid {
-                field: "bootstrap",
-                reason: format!("node {id} listed twice"),
-            });
+            return Err(ConfigError::Invalid { field: "bootstrap", reason: format!("node {id} listed twice") });
         }
     }
     if out.is_empty() {
-        return Err(ConfigError::Invalid {
-            field: "bootstrap",
-            reason: "no members".into(),
-        });
+        return Err(ConfigError::Invalid { field: "bootstrap", reason: "no members".into() });
     }
     Ok(out)
 }
@@ -192,6 +164,7 @@ pub struct MetaConfig {
     pub bootstrap: Option<BTreeMap<u64, String>>,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
+    pub election_timeout_max_ms: u64,
     pub snapshot_every: u64,
     pub keep_logs: u64,
     pub change_history: u64,
@@ -205,28 +178,16 @@ mod tests {
     fn members_parse_and_errors_name_the_problem() {
         let m = parse_members("1=127.0.0.1:1, 2=127.0.0.1:2").unwrap();
         assert_eq!(m.len(), 2);
-        assert!(parse_members("1=nohost")
-            .unwrap_err()
-            .to_string()
-            .contains("nohost"));
-        assert!(parse_members("x=127.0.0.1:1")
-            .unwrap_err()
-            .to_string()
-            .contains("x"));
-        assert!(parse_members("1=127.0.0.1:1,1=127.0.0.1:2")
-            .unwrap_err()
-            .to_string()
-            .contains("twice"));
+        assert!(parse_members("1=nohost").unwrap_err().to_string().contains("nohost"));
+        assert!(parse_members("x=127.0.0.1:1").unwrap_err().to_string().contains("x"));
+        assert!(parse_members("1=127.0.0.1:1,1=127.0.0.1:2").unwrap_err().to_string().contains("twice"));
     }
 
     #[test]
     fn missing_fields_are_named() {
         let e = MetaSettings::default().resolve().unwrap_err();
         assert!(e.to_string().contains("`id`"));
-        let s = MetaSettings {
-            id: Some(1),
-            ..Default::default()
-        };
+        let s = MetaSettings { id: Some(1), ..Default::default() };
         assert!(s.resolve().unwrap_err().to_string().contains("listen"));
     }
 }

@@ -38,38 +38,23 @@ const METRICS_REFRESH: Duration = Duration::from_secs(1);
 pub async fn run_meta(cfg: MetaConfig) -> anyhow::Result<()> {
     let span = tracing::info_span!("meta", node = cfg.id);
     let _enter = span.enter();
-    let endpoint =
-        server::endpoint(&cfg.identity, cfg.listen, true).context("start QUIC endpoint")?;
-    let raft_client =
-        tls::client_config(&cfg.identity, raft::RAFT_ALPN).context("raft client TLS")?;
-    let transport = RaftTransport::new(
-        cfg.id,
-        endpoint.clone(),
-        raft_client,
-        tls::SERVER_NAME.to_string(),
-    );
+    let endpoint = server::endpoint(&cfg.identity, cfg.listen, true).context("start QUIC endpoint")?;
+    let raft_client = tls::client_config(&cfg.identity, raft::RAFT_ALPN).context("raft client TLS")?;
+    let transport = RaftTransport::new(cfg.id, endpoint.clone(), raft_client, tls::SERVER_NAME.to_string());
     let mut rcfg = RaftNodeConfig::new(cfg.id, cfg.data_dir.clone());
     rcfg.heartbeat_ms = cfg.heartbeat_ms;
     rcfg.election_timeout_min_ms = cfg.election_timeout_ms;
-    rcfg.election_timeout_max_ms = cfg.election_timeout_ms * 2;
+    rcfg.election_timeout_max_ms = cfg.election_timeout_max_ms;
     rcfg.snapshot_every_entries = cfg.snapshot_every;
     rcfg.keep_entries_after_snapshot = cfg.keep_logs;
-    let node = RaftNode::start(
-        rcfg,
-        Arc::new(meta::fsm::Namespace {
-            change_retain: cfg.change_history,
-        }),
-        transport,
-    )
-    .await
-    .context("start raft")?;
+    let node = RaftNode::start(rcfg, Arc::new(meta::fsm::Namespace { change_retain: cfg.change_history }), transport)
+        .await
+        .context("start raft")?;
     let metrics = Metrics::new("meta");
     let svc = MetaService::start(node.clone(), metrics.clone());
     tokio::spawn(server::accept_loop(endpoint.clone(), svc.clone()));
     if let Some(members) = &cfg.bootstrap {
-        node.initialize(members.clone())
-            .await
-            .context("initialize cluster")?;
+        node.initialize(members.clone()).await.context("initialize cluster")?;
     }
     if let Some(addr) = cfg.metrics_listen {
         let m = metrics.clone();
@@ -102,20 +87,15 @@ async fn refresh_raft_metrics(svc: MetaService, m: Arc<Metrics>) {
         m.raft_commit_index.set(s.commit_index as i64);
         m.raft_applied_index.set(s.applied_index as i64);
         m.raft_last_log_index.set(s.last_log_index as i64);
-        m.raft_apply_lag
-            .set(s.last_log_index.saturating_sub(s.applied_index) as i64);
-        m.raft_is_leader
-            .set((s.leader_id == Some(s.node_id)) as i64);
+        m.raft_apply_lag.set(s.last_log_index.saturating_sub(s.applied_index) as i64);
+        m.raft_is_leader.set((s.leader_id == Some(s.node_id)) as i64);
         tokio::time::sleep(METRICS_REFRESH).await;
     }
 }
 
 async fn wait_for_stop() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         // Without signal handlers the process runs until killed.
         std::future::pending::<()>().await;
         return;

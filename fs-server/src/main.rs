@@ -8,11 +8,7 @@ use clap::{Parser, Subcommand};
 use fs_server::config::MetaSettings;
 
 #[derive(Parser)]
-#[command(
-    name = "locus-server",
-    version,
-    about = "Locus servers: metadata, chunk storage, controllers"
-)]
+#[command(name = "locus-server", version, about = "Locus servers: metadata, chunk storage, controllers")]
 struct Cli {
     /// Log filter (tracing syntax), e.g. `info` or `fs_server=debug`.
     #[arg(long, global = true, env = "LOCUS_LOG", default_value = "info")]
@@ -48,9 +44,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     match run(cli.cmd) {
@@ -67,10 +61,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Init { dir, nodes, ips } => {
             let made = fs_client::tls::init_cluster_certs(&dir, nodes, &ips)?;
             if made.is_empty() {
-                println!(
-                    "certificates in {} are complete; nothing to do",
-                    dir.display()
-                );
+                println!("certificates in {} are complete; nothing to do", dir.display());
             } else {
                 println!("created in {}: {}", dir.display(), made.join(", "));
             }

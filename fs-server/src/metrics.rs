@@ -49,56 +49,22 @@ impl Metrics {
             raft_apply_lag: Gauge::default(),
             raft_is_leader: Gauge::default(),
             requests: Family::default(),
-            latency: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
-            }),
+            latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_05, 2.0, 20))),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             gauges: Family::default(),
             registry: Registry::default(),
         };
         if role == "meta" {
             registry.register("raft_term", "Current Raft term", m.raft_term.clone());
-            registry.register(
-                "raft_commit_index",
-                "Committed log index (leader's view)",
-                m.raft_commit_index.clone(),
-            );
-            registry.register(
-                "raft_applied_index",
-                "Last applied log index",
-                m.raft_applied_index.clone(),
-            );
-            registry.register(
-                "raft_last_log_index",
-                "Last log index",
-                m.raft_last_log_index.clone(),
-            );
-            registry.register(
-                "raft_apply_lag",
-                "Log entries not yet applied",
-                m.raft_apply_lag.clone(),
-            );
-            registry.register(
-                "raft_is_leader",
-                "1 on the leader",
-                m.raft_is_leader.clone(),
-            );
-            registry.register(
-                "meta_batch_ops",
-                "Operations per Raft entry",
-                m.batch_size.clone(),
-            );
+            registry.register("raft_commit_index", "Committed log index (leader's view)", m.raft_commit_index.clone());
+            registry.register("raft_applied_index", "Last applied log index", m.raft_applied_index.clone());
+            registry.register("raft_last_log_index", "Last log index", m.raft_last_log_index.clone());
+            registry.register("raft_apply_lag", "Log entries not yet applied", m.raft_apply_lag.clone());
+            registry.register("raft_is_leader", "1 on the leader", m.raft_is_leader.clone());
+            registry.register("meta_batch_ops", "Operations per Raft entry", m.batch_size.clone());
         }
-        registry.register(
-            "requests",
-            "Requests by operation and result",
-            m.requests.clone(),
-        );
-        registry.register(
-            "request_latency_seconds",
-            "Request latency by operation",
-            m.latency.clone(),
-        );
+        registry.register("requests", "Requests by operation and result", m.requests.clone());
+        registry.register("request_latency_seconds", "Request latency by operation", m.latency.clone());
         registry.register("state", "Role-specific gauges", m.gauges.clone());
         Arc::new(Metrics { registry, ..m })
     }
@@ -108,15 +74,8 @@ impl Metrics {
             None => "ok".to_string(),
             Some(c) => format!("{c}"),
         };
-        self.requests
-            .get_or_create(&ResultLabels {
-                op: op.to_string(),
-                result,
-            })
-            .inc();
-        self.latency
-            .get_or_create(&OpLabels { op: op.to_string() })
-            .observe(took.as_secs_f64());
+        self.requests.get_or_create(&ResultLabels { op: op.to_string(), result }).inc();
+        self.latency.get_or_create(&OpLabels { op: op.to_string() }).observe(took.as_secs_f64());
     }
 
     pub fn render(&self) -> String {
@@ -135,10 +94,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
             let m = metrics.clone();
             async move {
                 (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
+                    [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
                     m.render(),
                 )
             }

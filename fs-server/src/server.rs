@@ -21,30 +21,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("bind {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
 }
 
 /// Binds a QUIC endpoint that serves clients and, with `raft`, Raft peers.
-pub fn endpoint(
-    id: &Identity,
-    listen: SocketAddr,
-    raft: bool,
-) -> Result<quinn::Endpoint, ServerError> {
-    let alpns: Vec<&[u8]> = if raft {
-        vec![CLIENT_ALPN, raft::RAFT_ALPN]
-    } else {
-        vec![CLIENT_ALPN]
-    };
+pub fn endpoint(id: &Identity, listen: SocketAddr, raft: bool) -> Result<quinn::Endpoint, ServerError> {
+    let alpns: Vec<&[u8]> = if raft { vec![CLIENT_ALPN, raft::RAFT_ALPN] } else { vec![CLIENT_ALPN] };
     let cfg = tls::server_config(id, &alpns)?;
-    quinn::Endpoint::server(cfg, listen).map_err(|source| ServerError::Bind {
-        addr: listen,
-        source,
-    })
+    quinn::Endpoint::server(cfg, listen).map_err(|source| ServerError::Bind { addr: listen, source })
 }
 
 /// Accepts connections until the endpoint closes.
@@ -108,33 +94,21 @@ async fn serve_connection(incoming: quinn::Incoming, meta: MetaService) {
     }
 }
 
-async fn serve_stream(
-    meta: MetaService,
-    role: Role,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) {
-    let env: Envelope =
-        match tokio::time::timeout(REQUEST_TIMEOUT, frame::read_frame(&mut recv)).await {
-            Ok(Ok(e)) => e,
-            Ok(Err(e)) => {
-                let resp: Response = Err(WireError::new(
-                    ErrorCode::BadRequest,
-                    format!("bad request frame: {e}"),
-                ));
-                let _ = frame::write_frame(&mut send, &resp).await;
-                let _ = send.finish();
-                return;
-            }
-            Err(_) => return,
-        };
+async fn serve_stream(meta: MetaService, role: Role, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let env: Envelope = match tokio::time::timeout(REQUEST_TIMEOUT, frame::read_frame(&mut recv)).await {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            let resp: Response = Err(WireError::new(ErrorCode::BadRequest, format!("bad request frame: {e}")));
+            let _ = frame::write_frame(&mut send, &resp).await;
+            let _ = send.finish();
+            return;
+        }
+        Err(_) => return,
+    };
     if env.version != PROTOCOL_VERSION {
         let resp: Response = Err(WireError::new(
             ErrorCode::BadRequest,
-            format!(
-                "protocol version {} not supported (server speaks {PROTOCOL_VERSION})",
-                env.version
-            ),
+            format!("protocol version {} not supported (server speaks {PROTOCOL_VERSION})", env.version),
         ));
         let _ = frame::write_frame(&mut send, &resp).await;
         let _ = send.finish();

@@ -23,10 +23,7 @@ struct Lcg(u64);
 
 impl Lcg {
     fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         (self.0 >> 33) % n
     }
 }
@@ -36,19 +33,12 @@ fn main() -> Result<(), PlacementError> {
     let hosts_total = ZONES * RACKS_PER_ZONE * HOSTS_PER_RACK;
     let topology = |id: u64| {
         let rack = id / HOSTS_PER_RACK;
-        Topology::new(
-            format!("z{}", rack / RACKS_PER_ZONE),
-            format!("r{rack}"),
-            format!("h{id}"),
-        )
+        Topology::new(format!("z{}", rack / RACKS_PER_ZONE), format!("r{rack}"), format!("h{id}"))
     };
     let mut hosts = Vec::new();
     let mut storage = Vec::new();
     for id in 0..hosts_total {
-        let cached_images = (0..IMAGES)
-            .filter(|_| rng.below(10) < 3)
-            .map(|i| format!("/img/{i}"))
-            .collect();
+        let cached_images = (0..IMAGES).filter(|_| rng.below(10) < 3).map(|i| format!("/img/{i}")).collect();
         hosts.push(VmHost {
             id,
             name: format!("h{id}"),
@@ -61,46 +51,25 @@ fn main() -> Result<(), PlacementError> {
             cached_images,
             groups: Default::default(),
         });
-        storage.push(StorageNode {
-            id,
-            topology: topology(id),
-            healthy: true,
-        });
+        storage.push(StorageNode { id, topology: topology(id), healthy: true });
     }
     let mut files = Vec::new();
     for f in 0..FILES + IMAGES {
         let home = rng.below(hosts_total);
         let chunks = (0..CHUNKS_PER_FILE)
             .map(|_| {
-                let far =
-                    |rng: &mut Lcg| (home + HOSTS_PER_RACK * (1 + rng.below(200))) % hosts_total;
-                ChunkLoc {
-                    bytes: 64 << 20,
-                    replicas: vec![home, far(&mut rng), far(&mut rng)],
-                }
+                let far = |rng: &mut Lcg| (home + HOSTS_PER_RACK * (1 + rng.below(200))) % hosts_total;
+                ChunkLoc { bytes: 64 << 20, replicas: vec![home, far(&mut rng), far(&mut rng)] }
             })
             .collect();
-        let path = if f < FILES {
-            format!("/data/{f}")
-        } else {
-            format!("/img/{}", f - FILES)
-        };
+        let path = if f < FILES { format!("/data/{f}") } else { format!("/img/{}", f - FILES) };
         files.push(FileLayout { path, chunks });
     }
-    let view = ClusterView {
-        hosts,
-        storage,
-        files,
-    };
+    let view = ClusterView { hosts, storage, files };
 
     let started = Instant::now();
     let mut index = ClusterIndex::new(view)?;
-    println!(
-        "index: {} hosts, {} chunks, built in {:?}",
-        hosts_total,
-        FILES * CHUNKS_PER_FILE,
-        started.elapsed()
-    );
+    println!("index: {} hosts, {} chunks, built in {:?}", hosts_total, FILES * CHUNKS_PER_FILE, started.elapsed());
 
     let requests: Vec<VmRequest> = (0..DECISIONS)
         .map(|i| VmRequest {
@@ -112,10 +81,7 @@ fn main() -> Result<(), PlacementError> {
             proximity: Level::ALL[rng.below(4) as usize],
             anti_affinity: (rng.below(2) == 0).then(|| format!("g{}", rng.below(100))),
             priority: 0,
-            policy: DelayPolicy {
-                max_wait_ms: 0,
-                relax_to: Level::Any,
-            },
+            policy: DelayPolicy { max_wait_ms: 0, relax_to: Level::Any },
             waited_ms: 0,
         })
         .collect();
@@ -138,22 +104,11 @@ fn main() -> Result<(), PlacementError> {
     let started = Instant::now();
     let results = index.place_many(&requests, Explain::Summary);
     let secs = started.elapsed().as_secs_f64();
-    let placed = results
-        .iter()
-        .filter(|r| r.as_ref().is_ok_and(|d| d.outcome.host().is_some()))
-        .count();
-    println!(
-        "place_many: {:.0} decisions/s ({placed}/{} placed)",
-        requests.len() as f64 / secs,
-        requests.len()
-    );
+    let placed = results.iter().filter(|r| r.as_ref().is_ok_and(|d| d.outcome.host().is_some())).count();
+    println!("place_many: {:.0} decisions/s ({placed}/{} placed)", requests.len() as f64 / secs, requests.len());
 
     let started = Instant::now();
     let why = index.place(&requests[0], Explain::Full)?;
-    println!(
-        "one Full explanation: {} notes in {:?}",
-        why.candidates.len(),
-        started.elapsed()
-    );
+    println!("one Full explanation: {} notes in {:?}", why.candidates.len(), started.elapsed());
     Ok(())
 }

@@ -47,21 +47,13 @@ pub enum PlacementError {
     #[error("file {path} appears twice in the cluster view")]
     DuplicateFile { path: String },
     #[error("file {path} chunk {chunk_index}: replica on unknown storage server {server}")]
-    UnknownReplicaServer {
-        path: String,
-        chunk_index: u64,
-        server: u64,
-    },
+    UnknownReplicaServer { path: String, chunk_index: u64, server: u64 },
     #[error("vm {vm}: vcpus must be at least 1")]
     ZeroVcpus { vm: String },
     #[error("vm {vm}: mem_mb must be at least 1")]
     ZeroMemory { vm: String },
     #[error("vm {vm}: {field} names {path}, which is not in the cluster view")]
-    UnknownFile {
-        vm: String,
-        field: FileField,
-        path: String,
-    },
+    UnknownFile { vm: String, field: FileField, path: String },
     #[error("vm {vm}: datasets lists {count} files, at most {max} allowed", max = MAX_DATASETS_PER_VM)]
     TooManyDatasets { vm: String, count: usize },
     #[error("unknown vm host {id}")]
@@ -69,18 +61,9 @@ pub enum PlacementError {
     #[error("vm {vm}: host {host} is unhealthy")]
     HostUnhealthy { vm: String, host: u64 },
     #[error("vm {vm}: host {host} lacks capacity ({vcpus} vcpus, {mem_mb} MB needed)")]
-    NoCapacity {
-        vm: String,
-        host: u64,
-        vcpus: u32,
-        mem_mb: u64,
-    },
+    NoCapacity { vm: String, host: u64, vcpus: u32, mem_mb: u64 },
     #[error("vm {vm}: host {host} already runs a vm of anti-affinity group {group}")]
-    AntiAffinityConflict {
-        vm: String,
-        host: u64,
-        group: String,
-    },
+    AntiAffinityConflict { vm: String, host: u64, group: String },
     #[error("unknown level {text:?}: expected host, rack, zone or any")]
     UnknownLevel { text: String },
 }

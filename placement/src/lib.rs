@@ -85,14 +85,13 @@ pub mod vm;
 
 pub use error::{FileField, PlacementError};
 pub use replica::{
-    pick_read_replica, place_replicas, ReplicaCandidate, ReplicaPlan, ReplicaRejection,
-    ReplicaRequest, ReplicaVerdict, Shortfall, ShortfallReason, StorageServer, MAX_COPIES,
-    SPACE_RESERVE_PERCENT,
+    pick_read_replica, place_replicas, ReplicaCandidate, ReplicaPlan, ReplicaRejection, ReplicaRequest, ReplicaVerdict,
+    Shortfall, ShortfallReason, StorageServer, MAX_COPIES, SPACE_RESERVE_PERCENT,
 };
 pub use topology::{Level, Topology};
 pub use vm::{
-    place_many, place_vm, Attempt, BytesAtDistance, CandidateNote, CapacityFit, ChunkLoc,
-    ClusterIndex, ClusterView, DelayPolicy, Explain, FileLayout, HolderNote, ImageNote, NoFit,
-    Portion, RejectionCounts, Score, StorageNode, VmDecision, VmHost, VmOutcome, VmRejection,
-    VmRequest, MAX_DATASETS_PER_VM, MAX_HOLDERS_PER_NOTE, MAX_RETRY_AFTER_MS, SUMMARY_TOP_N,
+    place_many, place_vm, Attempt, BytesAtDistance, CandidateNote, CapacityFit, ChunkLoc, ClusterIndex, ClusterView,
+    DelayPolicy, Explain, FileLayout, HolderNote, ImageNote, NoFit, Portion, RejectionCounts, Score, StorageNode,
+    VmDecision, VmHost, VmOutcome, VmRejection, VmRequest, MAX_DATASETS_PER_VM, MAX_HOLDERS_PER_NOTE,
+    MAX_RETRY_AFTER_MS, SUMMARY_TOP_N,
 };

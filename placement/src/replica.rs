@@ -150,19 +150,12 @@ pub enum ReplicaRejection {
 /// tie), then the best of a domain not yet used, and so on; that greedy order
 /// places as many replicas as the distinct usable domains allow. Cost:
 /// O(servers × copies).
-pub fn place_replicas(
-    request: &ReplicaRequest,
-    servers: &[StorageServer],
-) -> Result<ReplicaPlan, PlacementError> {
+pub fn place_replicas(request: &ReplicaRequest, servers: &[StorageServer]) -> Result<ReplicaPlan, PlacementError> {
     if request.copies == 0 || request.copies > MAX_COPIES {
-        return Err(PlacementError::InvalidCopies {
-            copies: request.copies,
-        });
+        return Err(PlacementError::InvalidCopies { copies: request.copies });
     }
     if request.spread == Level::Any {
-        return Err(PlacementError::InvalidSpread {
-            level: request.spread,
-        });
+        return Err(PlacementError::InvalidSpread { level: request.spread });
     }
     let mut by_id: FastMap<u64, usize> = FastMap::default();
     by_id.reserve(servers.len());
@@ -173,9 +166,7 @@ pub fn place_replicas(
     }
     let mut holds = vec![false; servers.len()];
     for &id in &request.existing {
-        let &i = by_id
-            .get(&id)
-            .ok_or(PlacementError::UnknownExistingServer { id })?;
+        let &i = by_id.get(&id).ok_or(PlacementError::UnknownExistingServer { id })?;
         if std::mem::replace(&mut holds[i], true) {
             return Err(PlacementError::DuplicateExisting { id });
         }
@@ -188,9 +179,7 @@ pub fn place_replicas(
         .iter()
         .map(|s| {
             let next = domain_ids.len();
-            *domain_ids
-                .entry(s.topology.domain_key(request.spread))
-                .or_insert(next)
+            *domain_ids.entry(s.topology.domain_key(request.spread)).or_insert(next)
         })
         .collect();
     // Which server's replica occupies each domain: existing ones first.
@@ -213,19 +202,14 @@ pub fn place_replicas(
             } else if s.draining {
                 ReplicaRejection::Draining
             } else if !s.has_room(request.bytes) {
-                ReplicaRejection::NoSpace {
-                    free_bytes: s.free_bytes(),
-                    needed_bytes: s.bytes_needed(request.bytes),
-                }
+                ReplicaRejection::NoSpace { free_bytes: s.free_bytes(), needed_bytes: s.bytes_needed(request.bytes) }
             } else {
                 return None; // eligible; decided below
             };
             Some(ReplicaVerdict::Rejected { reason })
         })
         .collect();
-    let eligible: Vec<usize> = (0..servers.len())
-        .filter(|&i| verdicts[i].is_none())
-        .collect();
+    let eligible: Vec<usize> = (0..servers.len()).filter(|&i| verdicts[i].is_none()).collect();
 
     // At most MAX_COPIES, so the narrowing cannot truncate.
     let wanted = usize::from(request.copies).saturating_sub(request.existing.len()) as u8;
@@ -253,25 +237,16 @@ pub fn place_replicas(
         for &id in &request.existing {
             existing_domains[domain_of[by_id[&id]]] = true;
         }
-        let usable_domains: FastSet<usize> = usable
-            .iter()
-            .map(|&i| domain_of[i])
-            .filter(|&d| !existing_domains[d])
-            .collect();
+        let usable_domains: FastSet<usize> =
+            usable.iter().map(|&i| domain_of[i]).filter(|&d| !existing_domains[d]).collect();
         let reason = if usable.len() < usize::from(wanted) {
             ShortfallReason::NotEnoughHealthyServers
         } else if usable_domains.len() < usize::from(wanted) {
-            ShortfallReason::NotEnoughDomains {
-                level: request.spread,
-            }
+            ShortfallReason::NotEnoughDomains { level: request.spread }
         } else {
             ShortfallReason::NotEnoughSpace
         };
-        Shortfall {
-            wanted,
-            placed: chosen_idx.len() as u8,
-            reason,
-        }
+        Shortfall { wanted, placed: chosen_idx.len() as u8, reason }
     });
 
     let mut is_chosen = vec![false; servers.len()];
@@ -286,26 +261,16 @@ pub fn place_replicas(
                 Some(v) => v.clone(),
                 None if is_chosen[i] => ReplicaVerdict::Chosen,
                 None => match occupant[domain_of[i]] {
-                    Some(by) => ReplicaVerdict::Rejected {
-                        reason: ReplicaRejection::DomainUsed { by },
-                    },
+                    Some(by) => ReplicaVerdict::Rejected { reason: ReplicaRejection::DomainUsed { by } },
                     None => ReplicaVerdict::NotNeeded,
                 },
             };
-            ReplicaCandidate {
-                server: s.id,
-                free_bytes: s.free_bytes(),
-                verdict,
-            }
+            ReplicaCandidate { server: s.id, free_bytes: s.free_bytes(), verdict }
         })
         .collect();
     candidates.sort_by_key(|c| c.server);
 
-    Ok(ReplicaPlan {
-        chosen: chosen_idx.iter().map(|&i| servers[i].id).collect(),
-        shortfall,
-        candidates,
-    })
+    Ok(ReplicaPlan { chosen: chosen_idx.iter().map(|&i| servers[i].id).collect(), shortfall, candidates })
 }
 
 /// `Less` when `a` should be chosen before `b`: higher free fraction, then
@@ -319,10 +284,7 @@ fn better_server(a: &StorageServer, b: &StorageServer) -> Ordering {
 /// Orders replicas nearest to `client` first: same host, same rack, same
 /// zone, then the rest; lowest id first within a distance.
 pub fn pick_read_replica(client: &Topology, replicas: &[(u64, Topology)]) -> Vec<u64> {
-    let mut order: Vec<(Level, u64)> = replicas
-        .iter()
-        .map(|(id, t)| (client.distance(t), *id))
-        .collect();
+    let mut order: Vec<(Level, u64)> = replicas.iter().map(|(id, t)| (client.distance(t), *id)).collect();
     order.sort_unstable();
     order.into_iter().map(|(_, id)| id).collect()
 }
@@ -345,22 +307,11 @@ mod tests {
     }
 
     fn request(copies: u8, spread: Level) -> ReplicaRequest {
-        ReplicaRequest {
-            copies,
-            spread,
-            existing: vec![],
-            exclude: vec![],
-            bytes: GB,
-        }
+        ReplicaRequest { copies, spread, existing: vec![], exclude: vec![], bytes: GB }
     }
 
     fn verdict(plan: &ReplicaPlan, id: u64) -> &ReplicaVerdict {
-        &plan
-            .candidates
-            .iter()
-            .find(|c| c.server == id)
-            .expect("candidate listed")
-            .verdict
+        &plan.candidates.iter().find(|c| c.server == id).expect("candidate listed").verdict
     }
 
     /// Goal: replicas land in distinct racks, emptiest first.
@@ -376,22 +327,13 @@ mod tests {
         let plan = place_replicas(&request(3, Level::Rack), &servers).unwrap();
         assert_eq!(plan.chosen, vec![2, 5, 4]);
         assert_eq!(plan.shortfall, None);
-        assert_eq!(
-            verdict(&plan, 1),
-            &ReplicaVerdict::Rejected {
-                reason: ReplicaRejection::DomainUsed { by: 2 }
-            }
-        );
+        assert_eq!(verdict(&plan, 1), &ReplicaVerdict::Rejected { reason: ReplicaRejection::DomainUsed { by: 2 } });
     }
 
     /// Goal: equal free fractions are broken by id, so the plan is deterministic.
     #[test]
     fn ties_break_by_lowest_id() {
-        let servers = [
-            server(9, "z", "r1", 0),
-            server(3, "z", "r2", 0),
-            server(5, "z", "r3", 0),
-        ];
+        let servers = [server(9, "z", "r1", 0), server(3, "z", "r2", 0), server(5, "z", "r3", 0)];
         let plan = place_replicas(&request(2, Level::Rack), &servers).unwrap();
         assert_eq!(plan.chosen, vec![3, 5]);
         assert_eq!(verdict(&plan, 9), &ReplicaVerdict::NotNeeded);
@@ -429,13 +371,7 @@ mod tests {
         };
         assert_eq!(reason(1), ReplicaRejection::Unhealthy);
         assert_eq!(reason(2), ReplicaRejection::Draining);
-        assert_eq!(
-            reason(3),
-            ReplicaRejection::NoSpace {
-                free_bytes: GB,
-                needed_bytes: GB + GB
-            }
-        );
+        assert_eq!(reason(3), ReplicaRejection::NoSpace { free_bytes: GB, needed_bytes: GB + GB });
         assert_eq!(reason(4), ReplicaRejection::Excluded);
     }
 
@@ -456,12 +392,7 @@ mod tests {
         let plan = place_replicas(&req, &servers).unwrap();
         assert_eq!(plan.chosen, vec![5, 4]);
         assert_eq!(verdict(&plan, 1), &ReplicaVerdict::HoldsReplica);
-        assert_eq!(
-            verdict(&plan, 2),
-            &ReplicaVerdict::Rejected {
-                reason: ReplicaRejection::DomainUsed { by: 1 }
-            }
-        );
+        assert_eq!(verdict(&plan, 2), &ReplicaVerdict::Rejected { reason: ReplicaRejection::DomainUsed { by: 1 } });
         req.existing = vec![1, 3, 5];
         let plan = place_replicas(&req, &servers).unwrap();
         assert!(plan.chosen.is_empty() && plan.shortfall.is_none());
@@ -477,36 +408,18 @@ mod tests {
         assert_eq!(plan.chosen, vec![1]);
         assert_eq!(
             plan.shortfall,
-            Some(Shortfall {
-                wanted: 3,
-                placed: 1,
-                reason: ShortfallReason::NotEnoughHealthyServers
-            })
+            Some(Shortfall { wanted: 3, placed: 1, reason: ShortfallReason::NotEnoughHealthyServers })
         );
 
-        let servers = [
-            server(1, "z", "r1", 0),
-            server(2, "z", "r1", 0),
-            server(3, "z", "r2", 0),
-        ];
+        let servers = [server(1, "z", "r1", 0), server(2, "z", "r1", 0), server(3, "z", "r2", 0)];
         let plan = place_replicas(&request(3, Level::Rack), &servers).unwrap();
         assert_eq!(plan.chosen.len(), 2);
-        assert_eq!(
-            plan.shortfall.map(|s| s.reason),
-            Some(ShortfallReason::NotEnoughDomains { level: Level::Rack })
-        );
+        assert_eq!(plan.shortfall.map(|s| s.reason), Some(ShortfallReason::NotEnoughDomains { level: Level::Rack }));
 
-        let servers = [
-            server(1, "z", "r1", 99),
-            server(2, "z", "r2", 0),
-            server(3, "z", "r3", 99),
-        ];
+        let servers = [server(1, "z", "r1", 99), server(2, "z", "r2", 0), server(3, "z", "r3", 99)];
         let plan = place_replicas(&request(3, Level::Rack), &servers).unwrap();
         assert_eq!(plan.chosen, vec![2]);
-        assert_eq!(
-            plan.shortfall.map(|s| s.reason),
-            Some(ShortfallReason::NotEnoughSpace)
-        );
+        assert_eq!(plan.shortfall.map(|s| s.reason), Some(ShortfallReason::NotEnoughSpace));
     }
 
     #[test]
@@ -521,10 +434,7 @@ mod tests {
         assert!(err.to_string().contains("spread"));
         let mut req = request(2, Level::Host);
         req.existing = vec![7];
-        assert_eq!(
-            place_replicas(&req, &servers).unwrap_err(),
-            PlacementError::UnknownExistingServer { id: 7 }
-        );
+        assert_eq!(place_replicas(&req, &servers).unwrap_err(), PlacementError::UnknownExistingServer { id: 7 });
         let dup = [server(1, "z", "r1", 0), server(1, "z", "r2", 0)];
         assert_eq!(
             place_replicas(&request(1, Level::Host), &dup).unwrap_err(),

@@ -74,9 +74,7 @@ impl FromStr for Level {
         Level::ALL
             .into_iter()
             .find(|l| l.as_str().eq_ignore_ascii_case(text))
-            .ok_or_else(|| PlacementError::UnknownLevel {
-                text: text.to_owned(),
-            })
+            .ok_or_else(|| PlacementError::UnknownLevel { text: text.to_owned() })
     }
 }
 
@@ -95,20 +93,14 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(zone: impl Into<String>, rack: impl Into<String>, host: impl Into<String>) -> Self {
-        Topology {
-            zone: zone.into(),
-            rack: rack.into(),
-            host: host.into(),
-        }
+        Topology { zone: zone.into(), rack: rack.into(), host: host.into() }
     }
 
     /// Whether `self` and `other` are in one failure domain at `level`.
     /// Always true at `Any`.
     pub fn same_domain(&self, other: &Topology, level: Level) -> bool {
         match level {
-            Level::Host => {
-                self.zone == other.zone && self.rack == other.rack && self.host == other.host
-            }
+            Level::Host => self.zone == other.zone && self.rack == other.rack && self.host == other.host,
             Level::Rack => self.zone == other.zone && self.rack == other.rack,
             Level::Zone => self.zone == other.zone,
             Level::Any => true,
@@ -118,10 +110,7 @@ impl Topology {
     /// The narrowest level at which both are in one domain: `Host` for the
     /// same machine, `Any` for different zones.
     pub fn distance(&self, other: &Topology) -> Level {
-        Level::ALL
-            .into_iter()
-            .find(|&l| self.same_domain(other, l))
-            .unwrap_or(Level::Any)
+        Level::ALL.into_iter().find(|&l| self.same_domain(other, l)).unwrap_or(Level::Any)
     }
 
     /// A key naming this server's domain at `level`: labels above the level
@@ -163,10 +152,7 @@ mod tests {
     fn levels_order_parse_and_widen() {
         assert!(Level::Host < Level::Rack && Level::Rack < Level::Zone && Level::Zone < Level::Any);
         assert_eq!("Rack".parse::<Level>().ok(), Some(Level::Rack));
-        assert!(matches!(
-            "shelf".parse::<Level>(),
-            Err(PlacementError::UnknownLevel { .. })
-        ));
+        assert!(matches!("shelf".parse::<Level>(), Err(PlacementError::UnknownLevel { .. })));
         assert_eq!(Level::Zone.wider(), Some(Level::Any));
         assert_eq!(Level::Any.wider(), None);
     }

@@ -77,9 +77,7 @@ pub(crate) struct BitSet {
 
 impl BitSet {
     pub(crate) fn with_len(len: usize) -> Self {
-        BitSet {
-            words: vec![0; len.div_ceil(64)],
-        }
+        BitSet { words: vec![0; len.div_ceil(64)] }
     }
 
     pub(crate) fn insert(&mut self, i: usize) {
@@ -92,9 +90,7 @@ impl BitSet {
 
     #[inline]
     pub(crate) fn contains(&self, i: usize) -> bool {
-        self.words
-            .get(i / 64)
-            .is_some_and(|w| (w >> (i % 64)) & 1 == 1)
+        self.words.get(i / 64).is_some_and(|w| (w >> (i % 64)) & 1 == 1)
     }
 }
 

@@ -12,12 +12,7 @@ use proptest::test_runner::{Config, RngSeed};
 const KB: u64 = 1000;
 
 fn config() -> Config {
-    Config {
-        cases: 256,
-        rng_seed: RngSeed::Fixed(0x5eed),
-        failure_persistence: None,
-        ..Config::default()
-    }
+    Config { cases: 256, rng_seed: RngSeed::Fixed(0x5eed), failure_persistence: None, ..Config::default() }
 }
 
 fn topology() -> impl Strategy<Value = Topology> {
@@ -40,16 +35,14 @@ fn servers() -> impl Strategy<Value = Vec<StorageServer>> {
     .prop_map(|raw| {
         raw.into_iter()
             .enumerate()
-            .map(
-                |(i, (topology, capacity, used_pct, healthy, draining))| StorageServer {
-                    id: (i as u64 * 7 + 2) % 13,
-                    topology,
-                    capacity_bytes: capacity * KB,
-                    used_bytes: capacity * KB * used_pct / 100,
-                    healthy,
-                    draining,
-                },
-            )
+            .map(|(i, (topology, capacity, used_pct, healthy, draining))| StorageServer {
+                id: (i as u64 * 7 + 2) % 13,
+                topology,
+                capacity_bytes: capacity * KB,
+                used_bytes: capacity * KB * used_pct / 100,
+                healthy,
+                draining,
+            })
             .collect()
     })
 }
@@ -67,16 +60,7 @@ fn case() -> impl Strategy<Value = (Vec<StorageServer>, ReplicaRequest)> {
             0..=50 * KB,
         )
             .prop_map(|(servers, copies, spread, existing, exclude, bytes)| {
-                (
-                    servers,
-                    ReplicaRequest {
-                        copies,
-                        spread,
-                        existing,
-                        exclude,
-                        bytes,
-                    },
-                )
+                (servers, ReplicaRequest { copies, spread, existing, exclude, bytes })
             })
     })
 }
@@ -87,8 +71,7 @@ fn eligible(s: &StorageServer, req: &ReplicaRequest) -> bool {
         && !req.exclude.contains(&s.id)
         && !req.existing.contains(&s.id)
         && s.capacity_bytes > 0
-        && s.capacity_bytes - s.used_bytes
-            >= req.bytes + s.capacity_bytes * SPACE_RESERVE_PERCENT / 100
+        && s.capacity_bytes - s.used_bytes >= req.bytes + s.capacity_bytes * SPACE_RESERVE_PERCENT / 100
 }
 
 fn domain(s: &StorageServer, level: Level) -> Vec<&str> {

@@ -22,59 +22,36 @@ const NODES: u64 = 6;
 const GROUPS: [&str; 2] = ["g", "h"];
 
 fn config() -> Config {
-    Config {
-        cases: 256,
-        rng_seed: RngSeed::Fixed(0x10c05),
-        failure_persistence: None,
-        ..Config::default()
-    }
+    Config { cases: 256, rng_seed: RngSeed::Fixed(0x10c05), failure_persistence: None, ..Config::default() }
 }
 
 fn topology() -> impl Strategy<Value = Topology> {
-    (0..2usize, 0..2usize, 0..3usize)
-        .prop_map(|(z, r, m)| Topology::new(ZONES[z], RACKS[r], MACHINES[m]))
+    (0..2usize, 0..2usize, 0..3usize).prop_map(|(z, r, m)| Topology::new(ZONES[z], RACKS[r], MACHINES[m]))
 }
 
 fn host() -> impl Strategy<Value = VmHost> {
-    (
-        topology(),
-        (1..=8u32, 0..=9u32),
-        (1..=8u64, 0..=9u64),
-        prop::bool::weighted(0.85),
-        any::<bool>(),
-        0..4usize,
-    )
-        .prop_map(
-            |(topology, (vcpus, used_vcpus), (mem_gb, used_gb), healthy, cached, group)| {
-                VmHost {
-                    id: 0,
-                    name: String::new(),
-                    topology,
-                    vcpus,
-                    mem_mb: mem_gb * 1024,
-                    // Sometimes above capacity: an overcommitted host must take nothing.
-                    used_vcpus,
-                    used_mem_mb: used_gb * 1024,
-                    healthy,
-                    cached_images: if cached {
-                        BTreeSet::from(["/img".to_string()])
-                    } else {
-                        BTreeSet::new()
-                    },
-                    groups: GROUPS
-                        .get(group)
-                        .map(|g| BTreeMap::from([(g.to_string(), 1)]))
-                        .unwrap_or_default(),
-                }
-            },
-        )
+    (topology(), (1..=8u32, 0..=9u32), (1..=8u64, 0..=9u64), prop::bool::weighted(0.85), any::<bool>(), 0..4usize)
+        .prop_map(|(topology, (vcpus, used_vcpus), (mem_gb, used_gb), healthy, cached, group)| {
+            VmHost {
+                id: 0,
+                name: String::new(),
+                topology,
+                vcpus,
+                mem_mb: mem_gb * 1024,
+                // Sometimes above capacity: an overcommitted host must take nothing.
+                used_vcpus,
+                used_mem_mb: used_gb * 1024,
+                healthy,
+                cached_images: if cached { BTreeSet::from(["/img".to_string()]) } else { BTreeSet::new() },
+                groups: GROUPS.get(group).map(|g| BTreeMap::from([(g.to_string(), 1)])).unwrap_or_default(),
+            }
+        })
 }
 
 /// Up to 4 chunks, each with up to 3 replicas (duplicates allowed).
 fn chunks() -> impl Strategy<Value = Vec<ChunkLoc>> {
     prop::collection::vec(
-        (1..=100u64, prop::collection::vec(0..NODES, 0..=3))
-            .prop_map(|(bytes, replicas)| ChunkLoc { bytes, replicas }),
+        (1..=100u64, prop::collection::vec(0..NODES, 0..=3)).prop_map(|(bytes, replicas)| ChunkLoc { bytes, replicas }),
         0..=4,
     )
 }
@@ -96,54 +73,35 @@ fn cluster() -> impl Strategy<Value = ClusterView> {
             let storage = nodes
                 .into_iter()
                 .enumerate()
-                .map(|(i, (topology, healthy))| StorageNode {
-                    id: i as u64,
-                    topology,
-                    healthy,
-                })
+                .map(|(i, (topology, healthy))| StorageNode { id: i as u64, topology, healthy })
                 .collect();
             let files = [("/img", img), ("/d0", d0), ("/d1", d1)]
                 .into_iter()
-                .map(|(path, chunks)| FileLayout {
-                    path: path.into(),
-                    chunks,
-                })
+                .map(|(path, chunks)| FileLayout { path: path.into(), chunks })
                 .collect();
-            ClusterView {
-                hosts,
-                storage,
-                files,
-            }
+            ClusterView { hosts, storage, files }
         })
 }
 
 fn request() -> impl Strategy<Value = VmRequest> {
-    (
-        0..4usize,
-        1..=4u32,
-        1..=4096u64,
-        select(Level::ALL.to_vec()),
-        0..3usize,
-        -2..=2i32,
+    (0..4usize, 1..=4u32, 1..=4096u64, select(Level::ALL.to_vec()), 0..3usize, -2..=2i32).prop_map(
+        |(sets, vcpus, mem_mb, proximity, group, priority)| VmRequest {
+            name: String::new(),
+            image: "/img".into(),
+            datasets: [(1, "/d0"), (2, "/d1")]
+                .into_iter()
+                .filter(|(bit, _)| sets & bit != 0)
+                .map(|(_, p)| p.to_string())
+                .collect(),
+            vcpus,
+            mem_mb,
+            proximity,
+            anti_affinity: GROUPS.get(group).map(|g| g.to_string()),
+            priority,
+            policy: DelayPolicy::default(),
+            waited_ms: 0,
+        },
     )
-        .prop_map(
-            |(sets, vcpus, mem_mb, proximity, group, priority)| VmRequest {
-                name: String::new(),
-                image: "/img".into(),
-                datasets: [(1, "/d0"), (2, "/d1")]
-                    .into_iter()
-                    .filter(|(bit, _)| sets & bit != 0)
-                    .map(|(_, p)| p.to_string())
-                    .collect(),
-                vcpus,
-                mem_mb,
-                proximity,
-                anti_affinity: GROUPS.get(group).map(|g| g.to_string()),
-                priority,
-                policy: DelayPolicy::default(),
-                waited_ms: 0,
-            },
-        )
 }
 
 fn requests() -> impl Strategy<Value = Vec<VmRequest>> {
@@ -168,18 +126,10 @@ fn brute_qualifies(view: &ClusterView, req: &VmRequest, host: &VmHost, level: Le
     };
     let data_near = level == Level::Any
         || req.datasets.iter().all(|path| {
-            let file = view
-                .files
-                .iter()
-                .find(|f| &f.path == path)
-                .expect("file in view");
+            let file = view.files.iter().find(|f| &f.path == path).expect("file in view");
             file.chunks.iter().all(|chunk| {
                 chunk.replicas.iter().any(|id| {
-                    let node = view
-                        .storage
-                        .iter()
-                        .find(|n| n.id == *id)
-                        .expect("node in view");
+                    let node = view.storage.iter().find(|n| n.id == *id).expect("node in view");
                     node.healthy && node.topology.same_domain(&host.topology, level)
                 })
             })
@@ -189,12 +139,7 @@ fn brute_qualifies(view: &ClusterView, req: &VmRequest, host: &VmHost, level: Le
 
 /// Ids of every host that qualifies, sorted.
 fn brute_set(view: &ClusterView, req: &VmRequest, level: Level) -> Vec<u64> {
-    let mut ids: Vec<u64> = view
-        .hosts
-        .iter()
-        .filter(|h| brute_qualifies(view, req, h, level))
-        .map(|h| h.id)
-        .collect();
+    let mut ids: Vec<u64> = view.hosts.iter().filter(|h| brute_qualifies(view, req, h, level)).map(|h| h.id).collect();
     ids.sort_unstable();
     ids
 }
@@ -409,13 +354,10 @@ proptest! {
 fn wide_cluster() -> impl Strategy<Value = ClusterView> {
     let place = (0..3usize, 0..4usize, 0..4usize)
         .prop_map(|(z, r, m)| Topology::new(format!("z{z}"), format!("r{r}"), format!("m{m}")));
-    let chunk = (1..=100u64, prop::collection::vec(0..12u64, 1..=3))
-        .prop_map(|(bytes, replicas)| ChunkLoc { bytes, replicas });
+    let chunk =
+        (1..=100u64, prop::collection::vec(0..12u64, 1..=3)).prop_map(|(bytes, replicas)| ChunkLoc { bytes, replicas });
     (
-        prop::collection::vec(
-            (place.clone(), 0..=8u32, 0..=8u64, any::<bool>(), 0..6usize),
-            8..=40,
-        ),
+        prop::collection::vec((place.clone(), 0..=8u32, 0..=8u64, any::<bool>(), 0..6usize), 8..=40),
         prop::collection::vec(place, 12),
         prop::collection::vec(chunk.clone(), 1..=3),
         prop::collection::vec(chunk, 1..=8),
@@ -424,50 +366,28 @@ fn wide_cluster() -> impl Strategy<Value = ClusterView> {
             hosts: hosts
                 .into_iter()
                 .enumerate()
-                .map(
-                    |(i, (topology, used_vcpus, used_gb, cached, group))| VmHost {
-                        id: i as u64,
-                        name: format!("host{i}"),
-                        topology,
-                        vcpus: 8,
-                        mem_mb: 8 * 1024,
-                        used_vcpus,
-                        used_mem_mb: used_gb * 1024,
-                        healthy: i % 7 != 3,
-                        cached_images: if cached {
-                            BTreeSet::from(["/img".to_string()])
-                        } else {
-                            BTreeSet::new()
-                        },
-                        groups: GROUPS
-                            .get(group)
-                            .map(|g| BTreeMap::from([(g.to_string(), 1)]))
-                            .unwrap_or_default(),
-                    },
-                )
+                .map(|(i, (topology, used_vcpus, used_gb, cached, group))| VmHost {
+                    id: i as u64,
+                    name: format!("host{i}"),
+                    topology,
+                    vcpus: 8,
+                    mem_mb: 8 * 1024,
+                    used_vcpus,
+                    used_mem_mb: used_gb * 1024,
+                    healthy: i % 7 != 3,
+                    cached_images: if cached { BTreeSet::from(["/img".to_string()]) } else { BTreeSet::new() },
+                    groups: GROUPS.get(group).map(|g| BTreeMap::from([(g.to_string(), 1)])).unwrap_or_default(),
+                })
                 .collect(),
             storage: nodes
                 .into_iter()
                 .enumerate()
-                .map(|(i, topology)| StorageNode {
-                    id: i as u64,
-                    topology,
-                    healthy: true,
-                })
+                .map(|(i, topology)| StorageNode { id: i as u64, topology, healthy: true })
                 .collect(),
             files: vec![
-                FileLayout {
-                    path: "/img".into(),
-                    chunks: img,
-                },
-                FileLayout {
-                    path: "/d0".into(),
-                    chunks: data,
-                },
-                FileLayout {
-                    path: "/d1".into(),
-                    chunks: Vec::new(),
-                },
+                FileLayout { path: "/img".into(), chunks: img },
+                FileLayout { path: "/d0".into(), chunks: data },
+                FileLayout { path: "/d1".into(), chunks: Vec::new() },
             ],
         })
 }

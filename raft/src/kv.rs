@@ -22,23 +22,16 @@ pub trait KvRead {
 
     /// Visits the pairs with `start <= key < end` in key order until `visit`
     /// returns `false`.
-    fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), KvError>;
+    fn scan(&self, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), KvError>;
 }
+
+/// Key-value pairs in key order.
+pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Helpers on top of [`KvRead`].
 pub trait KvReadExt: KvRead {
     /// Up to `limit` pairs with `start <= key < end`.
-    fn scan_collect(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    fn scan_collect(&self, start: &[u8], end: &[u8], limit: usize) -> Result<KvPairs, KvError> {
         let mut out = Vec::new();
         if limit == 0 {
             return Ok(out);
@@ -98,12 +91,7 @@ pub struct Txn<'a> {
 
 impl<'a> Txn<'a> {
     pub fn new(base: &'a dyn KvRead) -> Self {
-        Txn {
-            base,
-            overlay: BTreeMap::new(),
-            ranges: Vec::new(),
-            log: Vec::new(),
-        }
+        Txn { base, overlay: BTreeMap::new(), ranges: Vec::new(), log: Vec::new() }
     }
 
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
@@ -147,9 +135,7 @@ impl<'a> Txn<'a> {
     }
 
     fn range_deleted(&self, key: &[u8]) -> bool {
-        self.ranges
-            .iter()
-            .any(|(s, e)| s.as_slice() <= key && key < e.as_slice())
+        self.ranges.iter().any(|(s, e)| s.as_slice() <= key && key < e.as_slice())
     }
 }
 
@@ -164,19 +150,11 @@ impl KvRead for Txn<'_> {
         self.base.get(key)
     }
 
-    fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), KvError> {
+    fn scan(&self, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), KvError> {
         if start >= end {
             return Ok(());
         }
-        let mut over = self
-            .overlay
-            .range::<[u8], _>((Bound::Included(start), Bound::Excluded(end)))
-            .peekable();
+        let mut over = self.overlay.range::<[u8], _>((Bound::Included(start), Bound::Excluded(end))).peekable();
         let mut stopped = false;
         self.base.scan(start, end, &mut |k, v| {
             // Overlay keys before this base key come first.
@@ -269,19 +247,11 @@ impl KvRead for MemKv {
         Ok(self.map.get(key).cloned())
     }
 
-    fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), KvError> {
+    fn scan(&self, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), KvError> {
         if start >= end {
             return Ok(());
         }
-        for (k, v) in self
-            .map
-            .range::<[u8], _>((Bound::Included(start), Bound::Excluded(end)))
-        {
+        for (k, v) in self.map.range::<[u8], _>((Bound::Included(start), Bound::Excluded(end))) {
             if !visit(k, v) {
                 break;
             }
@@ -295,11 +265,7 @@ mod tests {
     use super::*;
 
     fn keys(r: &dyn KvRead, s: &[u8], e: &[u8]) -> Vec<Vec<u8>> {
-        r.scan_collect(s, e, usize::MAX)
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect()
+        r.scan_collect(s, e, usize::MAX).unwrap().into_iter().map(|(k, _)| k).collect()
     }
 
     #[test]
@@ -315,13 +281,7 @@ mod tests {
         t.put(b"z".to_vec(), b"tail".to_vec());
         assert_eq!(
             keys(&t, b"a", b"zz"),
-            vec![
-                b"a".to_vec(),
-                b"b".to_vec(),
-                b"e".to_vec(),
-                b"g".to_vec(),
-                b"z".to_vec()
-            ]
+            vec![b"a".to_vec(), b"b".to_vec(), b"e".to_vec(), b"g".to_vec(), b"z".to_vec()]
         );
         assert_eq!(t.get(b"e").unwrap(), Some(b"over".to_vec()));
         assert_eq!(t.get(b"c").unwrap(), None);
@@ -343,10 +303,7 @@ mod tests {
         assert_eq!(t.get(b"k2").unwrap(), Some(b"again".to_vec()));
         let muts = t.into_mutations();
         base.commit(muts);
-        assert_eq!(
-            keys(&base, b"k", b"l"),
-            vec![b"k1".to_vec(), b"k2".to_vec(), b"k3".to_vec()]
-        );
+        assert_eq!(keys(&base, b"k", b"l"), vec![b"k1".to_vec(), b"k2".to_vec(), b"k3".to_vec()]);
     }
 
     #[test]

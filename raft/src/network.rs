@@ -14,13 +14,10 @@ use std::time::Duration;
 
 use futures::Future;
 use openraft::error::{
-    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
-    Timeout, Unreachable,
+    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError, Timeout, Unreachable,
 };
 use openraft::network::RPCOption;
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
-};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use openraft::{AnyError, OptionalSend, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -73,35 +70,24 @@ enum FrameError {
     Decode(String),
 }
 
-async fn write_frame<T: Serialize>(
-    send: &mut quinn::SendStream,
-    msg: &T,
-) -> Result<(), FrameError> {
+async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), FrameError> {
     let body = postcard::to_allocvec(msg).map_err(|e| FrameError::Decode(e.to_string()))?;
     if body.len() > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(body.len()));
     }
-    send.write_all(&(body.len() as u32).to_le_bytes())
-        .await
-        .map_err(|e| FrameError::Io(e.to_string()))?;
-    send.write_all(&body)
-        .await
-        .map_err(|e| FrameError::Io(e.to_string()))
+    send.write_all(&(body.len() as u32).to_le_bytes()).await.map_err(|e| FrameError::Io(e.to_string()))?;
+    send.write_all(&body).await.map_err(|e| FrameError::Io(e.to_string()))
 }
 
 async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<T, FrameError> {
     let mut len = [0u8; 4];
-    recv.read_exact(&mut len)
-        .await
-        .map_err(|e| FrameError::Io(e.to_string()))?;
+    recv.read_exact(&mut len).await.map_err(|e| FrameError::Io(e.to_string()))?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(len));
     }
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| FrameError::Io(e.to_string()))?;
+    recv.read_exact(&mut body).await.map_err(|e| FrameError::Io(e.to_string()))?;
     postcard::from_bytes(&body).map_err(|e| FrameError::Decode(e.to_string()))
 }
 
@@ -123,22 +109,16 @@ impl RaftTransport {
         client_config: quinn::ClientConfig,
         server_name: String,
     ) -> Self {
-        RaftTransport {
-            node_id,
-            endpoint,
-            client_config,
-            server_name,
-            conns: Arc::default(),
-        }
+        RaftTransport { node_id, endpoint, client_config, server_name, conns: Arc::default() }
     }
 
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, Unreachable> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(addr) {
+        // Never hold the cache lock while dialing: a dead peer must not
+        // delay RPCs to the live ones.
+        if let Some(c) = self.conns.lock().await.get(addr) {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
-            conns.remove(addr);
         }
         let sock: SocketAddr = match addr.parse() {
             Ok(s) => s,
@@ -154,11 +134,9 @@ impl RaftTransport {
             .map_err(|e| Unreachable::new(&e))?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
-            .map_err(|_| {
-                Unreachable::from(AnyError::error(format!("connect to {addr}: timed out")))
-            })?
+            .map_err(|_| Unreachable::from(AnyError::error(format!("connect to {addr}: timed out"))))?
             .map_err(|e| Unreachable::new(&e))?;
-        conns.insert(addr.to_string(), conn.clone());
+        self.conns.lock().await.insert(addr.to_string(), conn.clone());
         Ok(conn)
     }
 
@@ -171,11 +149,7 @@ impl RaftNetworkFactory<TypeConfig> for RaftTransport {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
-        PeerClient {
-            target,
-            addr: node.addr.clone(),
-            transport: self.clone(),
-        }
+        PeerClient { target, addr: node.addr.clone(), transport: self.clone() }
     }
 }
 
@@ -196,59 +170,35 @@ enum CallError {
 impl PeerClient {
     async fn call(&self, req: &PeerRequest, ttl: Duration) -> Result<PeerResponse, CallError> {
         let fut = async {
-            let conn = self
-                .transport
-                .connection(&self.addr)
-                .await
-                .map_err(CallError::Unreachable)?;
-            let (mut send, mut recv) = conn
-                .open_bi()
-                .await
-                .map_err(|e| CallError::Network(e.to_string()))?;
-            write_frame(&mut send, req)
-                .await
-                .map_err(|e| CallError::Network(e.to_string()))?;
-            send.finish()
-                .map_err(|e| CallError::Network(e.to_string()))?;
-            read_frame::<PeerResponse>(&mut recv)
-                .await
-                .map_err(|e| CallError::Network(e.to_string()))
+            let conn = self.transport.connection(&self.addr).await.map_err(CallError::Unreachable)?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| CallError::Network(e.to_string()))?;
+            write_frame(&mut send, req).await.map_err(|e| CallError::Network(e.to_string()))?;
+            send.finish().map_err(|e| CallError::Network(e.to_string()))?;
+            read_frame::<PeerResponse>(&mut recv).await.map_err(|e| CallError::Network(e.to_string()))
         };
         let res = match tokio::time::timeout(ttl, fut).await {
             Ok(r) => r,
             Err(_) => Err(CallError::Timeout(ttl)),
         };
-        if matches!(
-            res,
-            Err(CallError::Network(_)) | Err(CallError::Unreachable(_))
-        ) {
+        // A timeout may mean the peer died without closing: dial afresh next time.
+        if res.is_err() {
             self.transport.forget(&self.addr).await;
         }
         res
     }
 
-    fn rpc_err<E: std::error::Error>(
-        &self,
-        action: RPCTypes,
-        e: CallError,
-    ) -> RPCError<NodeId, Node, E> {
+    fn rpc_err<E: std::error::Error>(&self, action: RPCTypes, e: CallError) -> RPCError<NodeId, Node, E> {
         match e {
             CallError::Unreachable(u) => RPCError::Unreachable(u),
             CallError::Network(m) => RPCError::Network(NetworkError::from(AnyError::error(m))),
-            CallError::Timeout(timeout) => RPCError::Timeout(Timeout {
-                action,
-                id: self.transport.node_id,
-                target: self.target,
-                timeout,
-            }),
+            CallError::Timeout(timeout) => {
+                RPCError::Timeout(Timeout { action, id: self.transport.node_id, target: self.target, timeout })
+            }
         }
     }
 
     fn unexpected<E: std::error::Error>(&self, what: &str) -> RPCError<NodeId, Node, E> {
-        RPCError::Network(NetworkError::from(AnyError::error(format!(
-            "peer {}: {what}",
-            self.target
-        ))))
+        RPCError::Network(NetworkError::from(AnyError::error(format!("peer {}: {what}", self.target))))
     }
 }
 
@@ -258,14 +208,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        match self
-            .call(&PeerRequest::Append(rpc), option.hard_ttl())
-            .await
-        {
+        match self.call(&PeerRequest::Append(rpc), option.hard_ttl()).await {
             Ok(PeerResponse::Append(Ok(r))) => Ok(r),
-            Ok(PeerResponse::Append(Err(e))) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            Ok(PeerResponse::Append(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             Ok(PeerResponse::Refused(m)) => Err(self.unexpected(&format!("refused: {m}"))),
             Ok(_) => Err(self.unexpected("mismatched response")),
             Err(e) => Err(self.rpc_err(RPCTypes::AppendEntries, e)),
@@ -279,9 +224,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
         match self.call(&PeerRequest::Vote(rpc), option.hard_ttl()).await {
             Ok(PeerResponse::Vote(Ok(r))) => Ok(r),
-            Ok(PeerResponse::Vote(Err(e))) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            Ok(PeerResponse::Vote(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             Ok(PeerResponse::Refused(m)) => Err(self.unexpected(&format!("refused: {m}"))),
             Ok(_) => Err(self.unexpected("mismatched response")),
             Err(e) => Err(self.rpc_err(RPCTypes::Vote, e)),
@@ -297,53 +240,26 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
         let net = |m: String| StreamingError::Network(NetworkError::from(AnyError::error(m)));
         let len = snapshot.snapshot.len().map_err(|e| net(e.to_string()))?;
-        let ttl = option
-            .hard_ttl()
-            .max(Duration::from_secs(10 + len / MIN_SNAPSHOT_BYTES_PER_SEC));
-        let file = snapshot
-            .snapshot
-            .file
-            .try_clone()
-            .map_err(|e| net(e.to_string()))?;
-        let header = PeerRequest::Snapshot {
-            vote,
-            meta: snapshot.meta.clone(),
-            len,
-        };
+        let ttl = option.hard_ttl().max(Duration::from_secs(10 + len / MIN_SNAPSHOT_BYTES_PER_SEC));
+        let file = snapshot.snapshot.file.try_clone().map_err(|e| net(e.to_string()))?;
+        let header = PeerRequest::Snapshot { vote, meta: snapshot.meta.clone(), len };
         let send_all = async {
-            let conn = self
-                .transport
-                .connection(&self.addr)
-                .await
-                .map_err(StreamingError::Unreachable)?;
+            let conn = self.transport.connection(&self.addr).await.map_err(StreamingError::Unreachable)?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| net(e.to_string()))?;
-            write_frame(&mut send, &header)
-                .await
-                .map_err(|e| net(e.to_string()))?;
+            write_frame(&mut send, &header).await.map_err(|e| net(e.to_string()))?;
             let mut f = tokio::fs::File::from_std(file);
             use tokio::io::AsyncSeekExt;
-            f.seek(std::io::SeekFrom::Start(0))
-                .await
-                .map_err(|e| net(e.to_string()))?;
+            f.seek(std::io::SeekFrom::Start(0)).await.map_err(|e| net(e.to_string()))?;
             let mut limited = f.take(len);
-            let copied = tokio::io::copy(&mut limited, &mut send)
-                .await
-                .map_err(|e| net(e.to_string()))?;
+            let copied = tokio::io::copy(&mut limited, &mut send).await.map_err(|e| net(e.to_string()))?;
             if copied != len {
-                return Err(net(format!(
-                    "snapshot file shrank: sent {copied} of {len} bytes"
-                )));
+                return Err(net(format!("snapshot file shrank: sent {copied} of {len} bytes")));
             }
             send.flush().await.map_err(|e| net(e.to_string()))?;
             send.finish().map_err(|e| net(e.to_string()))?;
-            match read_frame::<PeerResponse>(&mut recv)
-                .await
-                .map_err(|e| net(e.to_string()))?
-            {
+            match read_frame::<PeerResponse>(&mut recv).await.map_err(|e| net(e.to_string()))? {
                 PeerResponse::Snapshot(Ok(r)) => Ok(r),
-                PeerResponse::Snapshot(Err(e)) => Err(StreamingError::RemoteError(
-                    RemoteError::new(self.target, e),
-                )),
+                PeerResponse::Snapshot(Err(e)) => Err(StreamingError::RemoteError(RemoteError::new(self.target, e))),
                 PeerResponse::Refused(m) => Err(net(format!("refused: {m}"))),
                 _ => Err(net("mismatched response".into())),
             }
@@ -393,22 +309,15 @@ async fn serve_stream(
     let resp = match req {
         PeerRequest::Append(r) => PeerResponse::Append(raft.append_entries(r).await),
         PeerRequest::Vote(r) => PeerResponse::Vote(raft.vote(r).await),
-        PeerRequest::Snapshot { vote, meta, len } => {
-            match receive_snapshot(&mut recv, len, &incoming_dir).await {
-                Ok(file) => {
-                    let snap = Snapshot {
-                        meta,
-                        snapshot: Box::new(file),
-                    };
-                    PeerResponse::Snapshot(raft.install_full_snapshot(vote, snap).await)
-                }
-                Err(e) => PeerResponse::Refused(e),
+        PeerRequest::Snapshot { vote, meta, len } => match receive_snapshot(&mut recv, len, &incoming_dir).await {
+            Ok(file) => {
+                let snap = Snapshot { meta, snapshot: Box::new(file) };
+                PeerResponse::Snapshot(raft.install_full_snapshot(vote, snap).await)
             }
-        }
+            Err(e) => PeerResponse::Refused(e),
+        },
     };
-    write_frame(&mut send, &resp)
-        .await
-        .map_err(|e| e.to_string())?;
+    write_frame(&mut send, &resp).await.map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())?;
     Ok(())
 }
@@ -421,20 +330,13 @@ async fn receive_snapshot(
     if len > MAX_SNAPSHOT_BYTES {
         return Err(format!("snapshot of {len} bytes exceeds the limit"));
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let path = dir.join(format!("recv-{nanos}.part"));
     let ttl = Duration::from_secs(10 + len / MIN_SNAPSHOT_BYTES_PER_SEC);
     let write = async {
-        let mut f = tokio::fs::File::create(&path)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut f = tokio::fs::File::create(&path).await.map_err(|e| e.to_string())?;
         let mut limited = recv.take(len);
-        let n = tokio::io::copy(&mut limited, &mut f)
-            .await
-            .map_err(|e| e.to_string())?;
+        let n = tokio::io::copy(&mut limited, &mut f).await.map_err(|e| e.to_string())?;
         if n != len {
             return Err(format!("snapshot stream ended after {n} of {len} bytes"));
         }

@@ -34,9 +34,12 @@ impl RaftNodeConfig {
         RaftNodeConfig {
             node_id,
             data_dir,
-            heartbeat_ms: 150,
-            election_timeout_min_ms: 750,
-            election_timeout_max_ms: 1500,
+            // openraft's leader lease is the maximum election timeout: a
+            // follower refuses votes until it passes, so a narrow range
+            // makes failover take one election round, not two.
+            heartbeat_ms: 200,
+            election_timeout_min_ms: 700,
+            election_timeout_max_ms: 1000,
             snapshot_every_entries: 20_000,
             keep_entries_after_snapshot: 2_000,
         }
@@ -48,10 +51,7 @@ impl RaftNodeConfig {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RaftNodeError {
     #[error("not the leader (leader: {leader_id:?} at {leader_addr:?})")]
-    NotLeader {
-        leader_id: Option<NodeId>,
-        leader_addr: Option<String>,
-    },
+    NotLeader { leader_id: Option<NodeId>, leader_addr: Option<String> },
     #[error("no quorum: {0}")]
     NoQuorum(String),
     #[error("membership change refused: {0}")]
@@ -72,13 +72,10 @@ impl From<StoreOpenError> for RaftNodeError {
 
 fn client_write_err(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> RaftNodeError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => RaftNodeError::NotLeader {
-            leader_id: f.leader_id,
-            leader_addr: f.leader_node.map(|n| n.addr),
-        },
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
-            RaftNodeError::Membership(c.to_string())
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            RaftNodeError::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.addr) }
         }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => RaftNodeError::Membership(c.to_string()),
         RaftError::Fatal(f) => RaftNodeError::Stopped(f.to_string()),
     }
 }
@@ -118,15 +115,13 @@ impl RaftNode {
             election_timeout_max: cfg.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_entries),
             max_in_snapshot_log_to_keep: cfg.keep_entries_after_snapshot,
-            max_payload_entries: 512,
+            // openraft 0.9 gives an AppendEntries RPC one heartbeat interval:
+            // keep each append small enough to fit in it during catch-up.
+            max_payload_entries: 32,
             install_snapshot_timeout: 10_000,
             ..Default::default()
         };
-        let config = Arc::new(
-            config
-                .validate()
-                .map_err(|e| RaftNodeError::Config(e.to_string()))?,
-        );
+        let config = Arc::new(config.validate().map_err(|e| RaftNodeError::Config(e.to_string()))?);
         let raft = Raft::new(cfg.node_id, config, transport, log_store, sm)
             .await
             .map_err(|e| RaftNodeError::Stopped(e.to_string()))?;
@@ -156,10 +151,8 @@ impl RaftNode {
     /// Forms a new cluster of `members` (id to address). Does nothing when
     /// this node already belongs to an initialized cluster.
     pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), RaftNodeError> {
-        let nodes: BTreeMap<NodeId, BasicNode> = members
-            .into_iter()
-            .map(|(id, addr)| (id, BasicNode { addr }))
-            .collect();
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            members.into_iter().map(|(id, addr)| (id, BasicNode { addr })).collect();
         match self.inner.raft.initialize(nodes).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
@@ -171,12 +164,7 @@ impl RaftNode {
     /// Proposes `command`; returns the domain's reply once it is committed
     /// and applied here.
     pub async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, RaftNodeError> {
-        let resp = self
-            .inner
-            .raft
-            .client_write(Command(command))
-            .await
-            .map_err(client_write_err)?;
+        let resp = self.inner.raft.client_write(Command(command)).await.map_err(client_write_err)?;
         Ok(resp.data.0)
     }
 
@@ -185,13 +173,8 @@ impl RaftNode {
     /// linearizable. Concurrent callers share one round of heartbeats.
     pub async fn read_barrier(&self) -> Result<(), RaftNodeError> {
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .reads
-            .send(tx)
-            .await
-            .map_err(|_| RaftNodeError::Stopped("read-index loop stopped".into()))?;
-        rx.await
-            .map_err(|_| RaftNodeError::Stopped("read-index loop stopped".into()))?
+        self.inner.reads.send(tx).await.map_err(|_| RaftNodeError::Stopped("read-index loop stopped".into()))?;
+        rx.await.map_err(|_| RaftNodeError::Stopped("read-index loop stopped".into()))?
     }
 
     /// Reads of the applied state.
@@ -212,12 +195,7 @@ impl RaftNode {
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.metrics();
         let id = m.current_leader?;
-        let addr = m
-            .membership_config
-            .membership()
-            .get_node(&id)
-            .map(|n| n.addr.clone())
-            .unwrap_or_default();
+        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()).unwrap_or_default();
         Some((id, addr))
     }
 
@@ -227,11 +205,7 @@ impl RaftNode {
 
     /// Adds a non-voting member and waits until it has caught up.
     pub async fn add_learner(&self, id: NodeId, addr: String) -> Result<(), RaftNodeError> {
-        self.inner
-            .raft
-            .add_learner(id, BasicNode { addr }, true)
-            .await
-            .map_err(client_write_err)?;
+        self.inner.raft.add_learner(id, BasicNode { addr }, true).await.map_err(client_write_err)?;
         Ok(())
     }
 
@@ -247,30 +221,18 @@ impl RaftNode {
 
     /// Builds a snapshot now (the log behind it is purged as usual).
     pub async fn trigger_snapshot(&self) -> Result<(), RaftNodeError> {
-        self.inner
-            .raft
-            .trigger()
-            .snapshot()
-            .await
-            .map_err(|e| RaftNodeError::Stopped(e.to_string()))
+        self.inner.raft.trigger().snapshot().await.map_err(|e| RaftNodeError::Stopped(e.to_string()))
     }
 
     /// Serves a peer connection (ALPN `RAFT_ALPN`) until it closes.
     pub async fn serve_peer(&self, conn: quinn::Connection) {
-        serve_peer(
-            self.inner.raft.clone(),
-            conn,
-            self.inner.incoming_dir.clone(),
-        )
-        .await
+        serve_peer(self.inner.raft.clone(), conn, self.inner.incoming_dir.clone()).await
     }
 
     /// Waits until this node has applied `index`, or `timeout` passes.
     pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
         let mut w = self.inner.applied.clone();
-        tokio::time::timeout(timeout, w.wait_for(|&a| a >= index))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, w.wait_for(|&a| a >= index)).await.is_ok_and(|r| r.is_ok())
     }
 
     pub async fn shutdown(&self) {
@@ -280,10 +242,7 @@ impl RaftNode {
 
 /// Serves read barriers in rounds: every request waiting when a round starts
 /// is answered by that round, so a round always begins after its requests.
-async fn read_index_loop(
-    raft: Raft,
-    mut rx: mpsc::Receiver<oneshot::Sender<Result<(), RaftNodeError>>>,
-) {
+async fn read_index_loop(raft: Raft, mut rx: mpsc::Receiver<oneshot::Sender<Result<(), RaftNodeError>>>) {
     while let Some(first) = rx.recv().await {
         let mut waiting = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -292,10 +251,7 @@ async fn read_index_loop(
         let res = match raft.ensure_linearizable().await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(RaftNodeError::NotLeader {
-                    leader_id: f.leader_id,
-                    leader_addr: f.leader_node.map(|n| n.addr),
-                })
+                Err(RaftNodeError::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.addr) })
             }
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(q))) => {
                 Err(RaftNodeError::NoQuorum(q.to_string()))

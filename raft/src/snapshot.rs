@@ -28,10 +28,7 @@ pub struct SnapshotFile {
 
 impl SnapshotFile {
     pub fn open(path: &Path) -> io::Result<Self> {
-        Ok(SnapshotFile {
-            path: path.to_path_buf(),
-            file: File::open(path)?,
-        })
+        Ok(SnapshotFile { path: path.to_path_buf(), file: File::open(path)? })
     }
 
     pub fn len(&self) -> io::Result<u64> {
@@ -77,30 +74,18 @@ pub struct SnapshotWriter {
 impl SnapshotWriter {
     pub fn create(path: &Path, meta: &SnapshotMeta) -> io::Result<Self> {
         let file = File::create(path)?;
-        let mut out = HashingWriter {
-            inner: BufWriter::with_capacity(1 << 20, file),
-            hasher: blake3::Hasher::new(),
-        };
+        let mut out = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: blake3::Hasher::new() };
         let meta_bytes = postcard::to_allocvec(meta).map_err(io::Error::other)?;
         out.write_all(MAGIC)?;
         out.write_all(&VERSION.to_le_bytes())?;
         out.write_all(&(meta_bytes.len() as u32).to_le_bytes())?;
         out.write_all(&meta_bytes)?;
-        Ok(SnapshotWriter {
-            out,
-            path: path.to_path_buf(),
-            records: 0,
-        })
+        Ok(SnapshotWriter { out, path: path.to_path_buf(), records: 0 })
     }
 
     pub fn record(&mut self, key: &[u8], value: &[u8]) -> io::Result<()> {
-        if key.len() as u64 >= MAX_RECORD_BYTES as u64
-            || value.len() as u64 >= MAX_RECORD_BYTES as u64
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "snapshot record too large",
-            ));
+        if key.len() as u64 >= MAX_RECORD_BYTES as u64 || value.len() as u64 >= MAX_RECORD_BYTES as u64 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "snapshot record too large"));
         }
         self.out.write_all(&(key.len() as u32).to_le_bytes())?;
         self.out.write_all(key)?;
@@ -219,10 +204,7 @@ mod tests {
 
     fn meta() -> SnapshotMeta {
         SnapshotMeta {
-            last_log_id: Some(openraft::LogId::new(
-                openraft::CommittedLeaderId::new(3, 1),
-                42,
-            )),
+            last_log_id: Some(openraft::LogId::new(openraft::CommittedLeaderId::new(3, 1), 42)),
             last_membership: StoredMembership::default(),
             snapshot_id: "s1".into(),
         }
@@ -240,10 +222,7 @@ mod tests {
         let f = SnapshotFile::open(&p).unwrap();
         assert_eq!(verify(&f).unwrap(), meta());
         let (_, mut rr) = open_records(&f).unwrap();
-        assert_eq!(
-            rr.next_record().unwrap().unwrap(),
-            (b"a".to_vec(), b"1".to_vec())
-        );
+        assert_eq!(rr.next_record().unwrap().unwrap(), (b"a".to_vec(), b"1".to_vec()));
         assert_eq!(rr.next_record().unwrap().unwrap().1.len(), 5000);
         assert!(rr.next_record().unwrap().is_none());
 

@@ -12,6 +12,10 @@
 //! callback to one flusher thread, which syncs the WAL once for every callback
 //! queued meanwhile. Under load, many appends share one fsync.
 
+// openraft's trait methods return its `StorageError` (224 bytes); our helpers
+// return the same type rather than box and unbox it at every call.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
@@ -19,20 +23,15 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
-    AnyError, EntryPayload, ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader,
-    RaftSnapshotBuilder, StorageIOError,
+    AnyError, EntryPayload, ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    StorageIOError,
 };
-use rocksdb::{
-    ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
-    WriteOptions, DB,
-};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
 use tokio::sync::watch;
 
 use crate::kv::{KvError, KvRead, Mutation, Txn};
 use crate::snapshot::{self, SnapshotFile, SnapshotWriter};
-use crate::types::{
-    Entry, LogId, Reply, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote,
-};
+use crate::types::{Entry, LogId, Reply, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote};
 use crate::StateMachineLogic;
 
 const CF_LOG: &str = "log";
@@ -55,9 +54,7 @@ const INSTALL_BATCH_RECORDS: usize = 10_000;
 const MAX_LOG_READ_ENTRIES: u64 = 4096;
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
-    StorageError::IO {
-        source: StorageIOError::new(subject, verb, AnyError::error(e.to_string())),
-    }
+    StorageError::IO { source: StorageIOError::new(subject, verb, AnyError::error(e.to_string())) }
 }
 
 fn read_err(e: impl std::fmt::Display) -> StorageError {
@@ -80,32 +77,20 @@ fn snap_err(e: impl std::fmt::Display) -> StorageError {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreOpenError {
     #[error("open rocksdb at {path}: {source}")]
-    Db {
-        path: PathBuf,
-        source: rocksdb::Error,
-    },
+    Db { path: PathBuf, source: rocksdb::Error },
     #[error("prepare directory {path}: {source}")]
-    Dir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Dir { path: PathBuf, source: std::io::Error },
     #[error("resume interrupted snapshot install: {0}")]
     Resume(String),
 }
 
 /// Opens (creating if needed) the store in `dir` and returns the log store
 /// and the state machine store that openraft drives.
-pub fn open(
-    dir: &Path,
-    logic: Arc<dyn StateMachineLogic>,
-) -> Result<(LogStore, StateMachineStore), StoreOpenError> {
+pub fn open(dir: &Path, logic: Arc<dyn StateMachineLogic>) -> Result<(LogStore, StateMachineStore), StoreOpenError> {
     let db_path = dir.join("db");
     let snap_dir = dir.join("snapshots");
     for d in [dir, &snap_dir, &snap_dir.join("incoming")] {
-        std::fs::create_dir_all(d).map_err(|source| StoreOpenError::Dir {
-            path: d.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(d).map_err(|source| StoreOpenError::Dir { path: d.to_path_buf(), source })?;
     }
     let mut opts = Options::default();
     opts.create_if_missing(true);
@@ -114,14 +99,10 @@ pub fn open(
     opts.set_max_background_jobs(2);
     opts.set_max_total_wal_size(256 << 20);
     opts.set_keep_log_file_num(4);
-    let cfs = [CF_LOG, CF_RAFT, CF_SM, CF_SM_META]
-        .into_iter()
-        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
-    let db =
-        DB::open_cf_descriptors(&opts, &db_path, cfs).map_err(|source| StoreOpenError::Db {
-            path: db_path.clone(),
-            source,
-        })?;
+    let cfs =
+        [CF_LOG, CF_RAFT, CF_SM, CF_SM_META].into_iter().map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let db = DB::open_cf_descriptors(&opts, &db_path, cfs)
+        .map_err(|source| StoreOpenError::Db { path: db_path.clone(), source })?;
     let db = Arc::new(db);
 
     // Leftovers of transfers that never finished.
@@ -134,30 +115,14 @@ pub fn open(
     let current = Arc::new(Mutex::new(latest_snapshot_file(&snap_dir)));
     let applied = last_applied(&db).map_err(|e| StoreOpenError::Resume(e.to_string()))?;
     let (applied_tx, _) = watch::channel(applied.map(|l| l.index).unwrap_or(0));
-    let mut sm = StateMachineStore {
-        db: db.clone(),
-        logic,
-        snap_dir,
-        current,
-        applied_tx: Arc::new(applied_tx),
-    };
-    if let Some(path) = sm
-        .installing_marker()
-        .map_err(|e| StoreOpenError::Resume(e.to_string()))?
-    {
+    let mut sm = StateMachineStore { db: db.clone(), logic, snap_dir, current, applied_tx: Arc::new(applied_tx) };
+    if let Some(path) = sm.installing_marker().map_err(|e| StoreOpenError::Resume(e.to_string()))? {
         tracing::warn!(path = %path.display(), "redoing an interrupted snapshot install");
-        sm.load_snapshot_file(&path)
-            .map_err(|e| StoreOpenError::Resume(e.to_string()))?;
+        sm.load_snapshot_file(&path).map_err(|e| StoreOpenError::Resume(e.to_string()))?;
     }
 
     let flusher = Flusher::start(db.clone());
-    Ok((
-        LogStore {
-            db,
-            flusher: Arc::new(flusher),
-        },
-        sm,
-    ))
+    Ok((LogStore { db, flusher: Arc::new(flusher) }, sm))
 }
 
 fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
@@ -174,10 +139,7 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
 }
 
 fn last_applied(db: &DB) -> Result<Option<LogId>, StorageError> {
-    match db
-        .get_cf(cf(db, CF_SM_META), KEY_APPLIED)
-        .map_err(read_err)?
-    {
+    match db.get_cf(cf(db, CF_SM_META), KEY_APPLIED).map_err(read_err)? {
         Some(b) => decode(&b),
         None => Ok(None),
     }
@@ -229,9 +191,7 @@ impl Flusher {
                     }
                     let res = db.flush_wal(true);
                     for cb in batch {
-                        let r = res
-                            .clone()
-                            .map_err(|e| std::io::Error::other(e.to_string()));
+                        let r = res.clone().map_err(|e| std::io::Error::other(e.to_string()));
                         cb.log_io_completed(r);
                     }
                 }
@@ -241,10 +201,7 @@ impl Flusher {
     }
 
     fn submit(&self, cb: LogFlushed<TypeConfig>) -> Result<(), StorageError> {
-        let tx = self
-            .tx
-            .lock()
-            .map_err(|_| write_err("flusher lock poisoned"))?;
+        let tx = self.tx.lock().map_err(|_| write_err("flusher lock poisoned"))?;
         tx.send(cb).map_err(|_| write_err("flusher thread stopped"))
     }
 }
@@ -260,15 +217,8 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    fn get_meta<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-    ) -> Result<Option<T>, StorageError> {
-        match self
-            .db
-            .get_cf(cf(&self.db, CF_RAFT), key)
-            .map_err(read_err)?
-        {
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+        match self.db.get_cf(cf(&self.db, CF_RAFT), key).map_err(read_err)? {
             Some(b) => Ok(Some(decode(&b)?)),
             None => Ok(None),
         }
@@ -291,10 +241,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => None,
         };
         let mut out = Vec::new();
-        let it = self.db.iterator_cf(
-            cf(&self.db, CF_LOG),
-            IteratorMode::From(&start.to_be_bytes(), Direction::Forward),
-        );
+        let it =
+            self.db.iterator_cf(cf(&self.db, CF_LOG), IteratorMode::From(&start.to_be_bytes(), Direction::Forward));
         for item in it {
             let (k, v) = item.map_err(read_err)?;
             let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(read_err)?);
@@ -306,11 +254,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         Ok(out)
     }
 
-    async fn limited_get_log_entries(
-        &mut self,
-        start: u64,
-        end: u64,
-    ) -> Result<Vec<Entry>, StorageError> {
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
         let end = end.min(start.saturating_add(MAX_LOG_READ_ENTRIES));
         self.try_get_log_entries(start..end).await
     }
@@ -329,10 +273,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             None => last_purged,
         };
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id: last,
-        })
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -341,12 +282,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         self.db
-            .put_cf_opt(
-                cf(&self.db, CF_RAFT),
-                KEY_VOTE,
-                encode(vote)?,
-                &sync_write_opts(),
-            )
+            .put_cf_opt(cf(&self.db, CF_RAFT), KEY_VOTE, encode(vote)?, &sync_write_opts())
             .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))
     }
 
@@ -357,20 +293,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // Not synced: it only lets a restarted node re-apply sooner; the
         // next WAL sync makes it durable with everything else.
-        self.db
-            .put_cf(cf(&self.db, CF_RAFT), KEY_COMMITTED, encode(&committed)?)
-            .map_err(write_err)
+        self.db.put_cf(cf(&self.db, CF_RAFT), KEY_COMMITTED, encode(&committed)?).map_err(write_err)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
         Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -380,9 +310,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             batch.put_cf(log_cf, e.log_id.index.to_be_bytes(), encode(&e)?);
         }
-        self.db
-            .write_opt(batch, &WriteOptions::default())
-            .map_err(write_err)?;
+        self.db.write_opt(batch, &WriteOptions::default()).map_err(write_err)?;
         self.flusher.submit(callback)
     }
 
@@ -391,22 +319,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(log_cf, log_id.index.to_be_bytes(), u64::MAX.to_be_bytes());
         batch.delete_cf(log_cf, u64::MAX.to_be_bytes());
-        self.db
-            .write_opt(batch, &WriteOptions::default())
-            .map_err(write_err)
+        self.db.write_opt(batch, &WriteOptions::default()).map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         batch.put_cf(cf(&self.db, CF_RAFT), KEY_PURGED, encode(&log_id)?);
-        batch.delete_range_cf(
-            cf(&self.db, CF_LOG),
-            0u64.to_be_bytes(),
-            (log_id.index + 1).to_be_bytes(),
-        );
-        self.db
-            .write_opt(batch, &WriteOptions::default())
-            .map_err(write_err)
+        batch.delete_range_cf(cf(&self.db, CF_LOG), 0u64.to_be_bytes(), (log_id.index + 1).to_be_bytes());
+        self.db.write_opt(batch, &WriteOptions::default()).map_err(write_err)
     }
 }
 
@@ -431,17 +351,10 @@ impl DbView<'_> {
 
 impl KvRead for DbView<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.db
-            .get_cf_opt(cf(self.db, CF_SM), key, &self.read_opts())
-            .map_err(|e| KvError(e.to_string()))
+        self.db.get_cf_opt(cf(self.db, CF_SM), key, &self.read_opts()).map_err(|e| KvError(e.to_string()))
     }
 
-    fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), KvError> {
+    fn scan(&self, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), KvError> {
         if start >= end {
             return Ok(());
         }
@@ -472,27 +385,19 @@ impl KvReader {
     /// Runs `f` against one consistent point-in-time view.
     pub fn with_snapshot<R>(&self, f: impl FnOnce(&dyn KvRead) -> R) -> R {
         let snap = self.db.snapshot();
-        let view = DbView {
-            db: &self.db,
-            snapshot: Some(&snap),
-        };
+        let view = DbView { db: &self.db, snapshot: Some(&snap) };
         f(&view)
     }
 
     /// Runs `f` against the latest state (each read sees whole batches).
     pub fn with_latest<R>(&self, f: impl FnOnce(&dyn KvRead) -> R) -> R {
-        let view = DbView {
-            db: &self.db,
-            snapshot: None,
-        };
+        let view = DbView { db: &self.db, snapshot: None };
         f(&view)
     }
 
     /// The last applied log index.
     pub fn applied_index(&self) -> Result<u64, KvError> {
-        last_applied(&self.db)
-            .map(|l| l.map(|l| l.index).unwrap_or(0))
-            .map_err(|e| KvError(e.to_string()))
+        last_applied(&self.db).map(|l| l.map(|l| l.index).unwrap_or(0)).map_err(|e| KvError(e.to_string()))
     }
 }
 
@@ -507,9 +412,7 @@ pub struct StateMachineStore {
 
 impl StateMachineStore {
     pub fn reader(&self) -> KvReader {
-        KvReader {
-            db: self.db.clone(),
-        }
+        KvReader { db: self.db.clone() }
     }
 
     /// Follows the last applied index.
@@ -526,11 +429,7 @@ impl StateMachineStore {
     }
 
     fn membership(&self) -> Result<StoredMembership, StorageError> {
-        match self
-            .db
-            .get_cf(cf(&self.db, CF_SM_META), KEY_MEMBERSHIP)
-            .map_err(read_err)?
-        {
+        match self.db.get_cf(cf(&self.db, CF_SM_META), KEY_MEMBERSHIP).map_err(read_err)? {
             Some(b) => decode(&b),
             None => Ok(StoredMembership::default()),
         }
@@ -544,20 +443,11 @@ impl StateMachineStore {
         let db = &self.db;
         let meta_cf = cf(db, CF_SM_META);
         let sm_cf = cf(db, CF_SM);
-        db.put_cf_opt(
-            meta_cf,
-            KEY_INSTALLING,
-            path.to_string_lossy().as_bytes(),
-            &sync_write_opts(),
-        )
-        .map_err(sm_err)?;
+        db.put_cf_opt(meta_cf, KEY_INSTALLING, path.to_string_lossy().as_bytes(), &sync_write_opts())
+            .map_err(sm_err)?;
         // Clear the key space: everything from the empty key to past the
         // greatest key present.
-        let last_key = db
-            .iterator_cf(sm_cf, IteratorMode::End)
-            .next()
-            .transpose()
-            .map_err(sm_err)?;
+        let last_key = db.iterator_cf(sm_cf, IteratorMode::End).next().transpose().map_err(sm_err)?;
         if let Some((k, _)) = last_key {
             let mut end = k.to_vec();
             end.push(0);
@@ -570,17 +460,15 @@ impl StateMachineStore {
         while let Some((k, v)) = records.next_record().map_err(snap_err)? {
             batch.put_cf(sm_cf, k, v);
             n += 1;
-            if n % INSTALL_BATCH_RECORDS == 0 {
-                db.write_opt(std::mem::take(&mut batch), &WriteOptions::default())
-                    .map_err(sm_err)?;
+            if n.is_multiple_of(INSTALL_BATCH_RECORDS) {
+                db.write_opt(std::mem::take(&mut batch), &WriteOptions::default()).map_err(sm_err)?;
             }
         }
         batch.put_cf(meta_cf, KEY_APPLIED, encode(&meta.last_log_id)?);
         batch.put_cf(meta_cf, KEY_MEMBERSHIP, encode(&meta.last_membership)?);
         batch.delete_cf(meta_cf, KEY_INSTALLING);
         db.write_opt(batch, &sync_write_opts()).map_err(sm_err)?;
-        self.applied_tx
-            .send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
+        self.applied_tx.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
         tracing::info!(records = n, last_log_id = ?meta.last_log_id, "installed snapshot");
         Ok(meta)
     }
@@ -599,10 +487,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let db = self.db.clone();
-        let base = DbView {
-            db: &db,
-            snapshot: None,
-        };
+        let base = DbView { db: &db, snapshot: None };
         let mut txn = Txn::new(&base);
         let mut replies = Vec::new();
         let mut last: Option<LogId> = None;
@@ -615,9 +500,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     let r = self
                         .logic
                         .apply(&mut txn, e.log_id.index, &cmd.0)
-                        .map_err(|err| {
-                            io_err(ErrorSubject::Apply(e.log_id), ErrorVerb::Write, err)
-                        })?;
+                        .map_err(|err| io_err(ErrorSubject::Apply(e.log_id), ErrorVerb::Write, err))?;
                     replies.push(Reply(r));
                 }
                 EntryPayload::Membership(m) => {
@@ -643,36 +526,22 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         // Not synced: the log holds every applied entry until a snapshot,
         // and building a snapshot syncs first.
-        db.write_opt(batch, &WriteOptions::default())
-            .map_err(sm_err)?;
+        db.write_opt(batch, &WriteOptions::default()).map_err(sm_err)?;
         self.applied_tx.send_replace(last.index);
         Ok(replies)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder {
-            db: self.db.clone(),
-            snap_dir: self.snap_dir.clone(),
-            current: self.current.clone(),
-        }
+        SnapshotBuilder { db: self.db.clone(), snap_dir: self.snap_dir.clone(), current: self.current.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
         let path = incoming_path(&self.snap_dir);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(snap_err)?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(snap_err)?;
         Ok(Box::new(SnapshotFile { path, file }))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta,
-        snapshot: Box<SnapshotFile>,
-    ) -> Result<(), StorageError> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<SnapshotFile>) -> Result<(), StorageError> {
         let got = snapshot::verify(&snapshot).map_err(snap_err)?;
         if &got != meta {
             return Err(snap_err(format!(
@@ -680,9 +549,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 got.last_log_id, meta.last_log_id
             )));
         }
-        let final_path = self
-            .snap_dir
-            .join(format!("{}.snap", sanitize(&meta.snapshot_id)));
+        let final_path = self.snap_dir.join(format!("{}.snap", sanitize(&meta.snapshot_id)));
         if snapshot.path != final_path {
             std::fs::rename(&snapshot.path, &final_path).map_err(snap_err)?;
             sync_dir(&self.snap_dir).map_err(snap_err)?;
@@ -693,41 +560,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let path = self
-            .current
-            .lock()
-            .map_err(|_| read_err("snapshot lock poisoned"))?
-            .clone();
+        let path = self.current.lock().map_err(|_| read_err("snapshot lock poisoned"))?.clone();
         let Some(path) = path else { return Ok(None) };
         let file = SnapshotFile::open(&path).map_err(snap_err)?;
         let (meta, _) = snapshot::open_records(&file).map_err(snap_err)?;
-        Ok(Some(Snapshot {
-            meta,
-            snapshot: Box::new(file),
-        }))
+        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
     }
 }
 
 fn sanitize(id: &str) -> String {
-    id.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
 }
 
 fn incoming_path(snap_dir: &Path) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    snap_dir
-        .join("incoming")
-        .join(format!("{nanos}-{}.part", rand_suffix()))
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    snap_dir.join("incoming").join(format!("{nanos}-{}.part", rand_suffix()))
 }
 
 fn rand_suffix() -> u64 {
@@ -766,36 +613,23 @@ impl SnapshotBuilder {
         let mut ro = ReadOptions::default();
         ro.set_snapshot(&snap);
         let meta_cf = cf(db, CF_SM_META);
-        let last_log_id: Option<LogId> =
-            match db.get_cf_opt(meta_cf, KEY_APPLIED, &ro).map_err(read_err)? {
-                Some(b) => decode(&b)?,
-                None => None,
-            };
+        let last_log_id: Option<LogId> = match db.get_cf_opt(meta_cf, KEY_APPLIED, &ro).map_err(read_err)? {
+            Some(b) => decode(&b)?,
+            None => None,
+        };
         let mut ro2 = ReadOptions::default();
         ro2.set_snapshot(&snap);
-        let last_membership: StoredMembership = match db
-            .get_cf_opt(meta_cf, KEY_MEMBERSHIP, &ro2)
-            .map_err(read_err)?
-        {
+        let last_membership: StoredMembership = match db.get_cf_opt(meta_cf, KEY_MEMBERSHIP, &ro2).map_err(read_err)? {
             Some(b) => decode(&b)?,
             None => StoredMembership::default(),
         };
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let snapshot_id = match last_log_id {
-            Some(l) => format!(
-                "{}-{}-{}-{nanos}",
-                l.leader_id.term, l.leader_id.node_id, l.index
-            ),
+            Some(l) => format!("{}-{}-{}-{nanos}", l.leader_id.term, l.leader_id.node_id, l.index),
             None => format!("0-0-0-{nanos}"),
         };
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership,
-            snapshot_id: snapshot_id.clone(),
-        };
+        let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id: snapshot_id.clone() };
         let tmp = incoming_path(&self.snap_dir);
         let mut w = SnapshotWriter::create(&tmp, &meta).map_err(snap_err)?;
         let mut ro3 = ReadOptions::default();
@@ -810,28 +644,20 @@ impl SnapshotBuilder {
         }
         it.status().map_err(read_err)?;
         let (_, records) = w.finish().map_err(snap_err)?;
-        let final_path = self
-            .snap_dir
-            .join(format!("{}.snap", sanitize(&snapshot_id)));
+        let final_path = self.snap_dir.join(format!("{}.snap", sanitize(&snapshot_id)));
         std::fs::rename(&tmp, &final_path).map_err(snap_err)?;
         sync_dir(&self.snap_dir).map_err(snap_err)?;
         set_current(&self.current, &self.snap_dir, final_path.clone());
         tracing::info!(records, last_log_id = ?meta.last_log_id, "built snapshot");
         let file = SnapshotFile::open(&final_path).map_err(snap_err)?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(file),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let me = SnapshotBuilder {
-            db: self.db.clone(),
-            snap_dir: self.snap_dir.clone(),
-            current: self.current.clone(),
-        };
+        let me =
+            SnapshotBuilder { db: self.db.clone(), snap_dir: self.snap_dir.clone(), current: self.current.clone() };
         tokio::task::spawn_blocking(move || me.build_blocking())
             .await
             .map_err(|e| snap_err(format!("snapshot task: {e}")))?

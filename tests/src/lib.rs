@@ -38,11 +38,7 @@ pub fn bin_dir() -> PathBuf {
 /// The path of a workspace binary; panics with instructions when missing.
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} not found: run `cargo build --bins` first (or set LOCUS_BIN_DIR)",
-        p.display()
-    );
+    assert!(p.exists(), "{} not found: run `cargo build --bins` first (or set LOCUS_BIN_DIR)", p.display());
     p
 }
 
@@ -66,8 +62,7 @@ pub fn phase(msg: &str) {
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LOCUS_TEST_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("LOCUS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .with_test_writer()
         .try_init();
@@ -91,10 +86,7 @@ impl MetaNode {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let server = bin("locus-server");
         let mut cmd = match &self.netns {
             Some(ns) => {
@@ -109,10 +101,7 @@ impl MetaNode {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        self.child = Some(
-            cmd.spawn()
-                .with_context(|| format!("spawn meta node {}", self.id))?,
-        );
+        self.child = Some(cmd.spawn().with_context(|| format!("spawn meta node {}", self.id))?);
         Ok(())
     }
 
@@ -137,9 +126,20 @@ impl MetaNode {
 
 impl Drop for MetaNode {
     fn drop(&mut self) {
-        // A paused process must be resumed to die cleanly under SIGKILL? No:
-        // SIGKILL works on stopped processes too.
+        // SIGKILL also ends a process stopped with SIGSTOP.
         self.kill();
+    }
+}
+
+impl Drop for MetaCluster {
+    fn drop(&mut self) {
+        for n in self.nodes.values_mut() {
+            n.kill();
+        }
+        if std::env::var_os("LOCUS_KEEP_TEST_DIR").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            eprintln!("keeping test directory {}", dir.keep().display());
+        }
     }
 }
 
@@ -158,14 +158,7 @@ pub struct MetaOptions {
 
 impl Default for MetaOptions {
     fn default() -> Self {
-        MetaOptions {
-            nodes: 3,
-            snapshot_every: None,
-            keep_logs: None,
-            change_history: None,
-            addrs: None,
-            netns: None,
-        }
+        MetaOptions { nodes: 3, snapshot_every: None, keep_logs: None, change_history: None, addrs: None, netns: None }
     }
 }
 
@@ -182,25 +175,15 @@ impl MetaCluster {
         let dir = tempfile::Builder::new().prefix("locus-test-").tempdir()?;
         let certs = dir.path().join("certs");
         let ips: Vec<std::net::IpAddr> = match &opts.addrs {
-            Some(a) => a
-                .iter()
-                .map(|a| a.ip())
-                .chain(["127.0.0.1".parse()?])
-                .collect(),
+            Some(a) => a.iter().map(|a| a.ip()).chain(["127.0.0.1".parse()?]).collect(),
             None => vec!["127.0.0.1".parse()?],
         };
         fs_client::tls::init_cluster_certs(&certs, opts.nodes + 2, &ips)?;
         let addrs: Vec<SocketAddr> = match &opts.addrs {
             Some(a) => a.clone(),
-            None => (0..opts.nodes)
-                .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
-                .collect(),
+            None => (0..opts.nodes).map(|_| SocketAddr::from(([127, 0, 0, 1], free_port()))).collect(),
         };
-        let members: Vec<String> = addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("{}={a}", i + 1))
-            .collect();
+        let members: Vec<String> = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
         let mut nodes = BTreeMap::new();
         for (i, addr) in addrs.iter().enumerate() {
             let id = i as u64 + 1;
@@ -261,21 +244,13 @@ impl MetaCluster {
     }
 
     /// Writes a client.toml for the `locus` CLI and returns its path.
-    pub fn write_cli_config(
-        &self,
-        name: &str,
-        meta: Option<Vec<String>>,
-        timeout_ms: u64,
-    ) -> PathBuf {
+    pub fn write_cli_config(&self, name: &str, meta: Option<Vec<String>>, timeout_ms: u64) -> PathBuf {
         let mut cfg = self.client_config(name);
         if let Some(m) = meta {
             cfg.meta = m;
         }
         cfg.timeout_ms = timeout_ms;
-        let p = self
-            .dir
-            .path()
-            .join(format!("{name}-{}.toml", rand::random::<u32>()));
+        let p = self.dir.path().join(format!("{name}-{}.toml", rand::random::<u32>()));
         cfg.save(&p).expect("save client config");
         p
     }
@@ -288,10 +263,7 @@ impl MetaCluster {
             match client.read(MetaRead::StatFs).await {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
-                    bail!(
-                        "cluster not ready after {timeout:?}: {e}\n{}",
-                        self.logs_tail()
-                    )
+                    bail!("cluster not ready after {timeout:?}: {e}\n{}", self.logs_tail())
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -387,12 +359,7 @@ pub fn locus_cli(config: &Path, args: &[&str], netns: Option<&str>) -> (i32, Str
         }
         None => Command::new(&locus),
     };
-    let out = cmd
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("run locus");
+    let out = cmd.arg("--config").arg(config).args(args).output().expect("run locus");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -412,11 +379,7 @@ pub async fn walk(client: &MetaClient) -> anyhow::Result<BTreeMap<String, Attr>>
         }
         for e in client.readdir_all(ino).await? {
             let name = String::from_utf8_lossy(&e.name).into_owned();
-            let p = if path == "/" {
-                format!("/{name}")
-            } else {
-                format!("{path}/{name}")
-            };
+            let p = if path == "/" { format!("/{name}") } else { format!("{path}/{name}") };
             let attr = client.getattr(e.ino).await?;
             if e.kind == FileKind::Dir {
                 stack.push((p.clone(), e.ino));

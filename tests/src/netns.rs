@@ -12,27 +12,16 @@ use std::process::Command;
 use anyhow::{bail, Context};
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("run ip (iproute2)")?;
+    let out = Command::new("ip").args(args).output().context("run ip (iproute2)")?;
     if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
 
 /// Whether this machine lets the test make namespaces (root, iproute2).
 pub fn available() -> bool {
-    nix::unistd::geteuid().is_root()
-        && Command::new("ip")
-            .arg("-V")
-            .output()
-            .is_ok_and(|o| o.status.success())
+    nix::unistd::geteuid().is_root() && Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success())
 }
 
 /// Removes namespaces and links left by test processes that died.
@@ -73,42 +62,22 @@ impl Net {
         let pid = std::process::id();
         // One subnet per test process.
         let subnet = (pid % 250) as u8 + 1;
-        let net = Net {
-            pid,
-            subnet,
-            hosts: 0,
-        };
+        let net = Net { pid, subnet, hosts: 0 };
         let br = net.bridge();
         ip(&["link", "add", &br, "type", "bridge"])?;
         let mut net = net;
-        ip(&[
-            "addr",
-            "add",
-            &format!("10.213.{subnet}.254/24"),
-            "dev",
-            &br,
-        ])?;
+        ip(&["addr", "add", &format!("10.213.{subnet}.254/24"), "dev", &br])?;
         ip(&["link", "set", &br, "up"])?;
         for i in 0..hosts {
             let ns = net.ns(i);
             ip(&["netns", "add", &ns])?;
             net.hosts = i + 1;
             let (outer, inner) = (net.veth(i), format!("lv{}i{}", pid, i));
-            ip(&[
-                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
-            ])?;
+            ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner])?;
             ip(&["link", "set", &inner, "netns", &ns])?;
             ip(&["link", "set", &outer, "master", &br])?;
             ip(&["link", "set", &outer, "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", net.addr(i)),
-                "dev",
-                &inner,
-            ])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", net.addr(i)), "dev", &inner])?;
             ip(&["-n", &ns, "link", "set", &inner, "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         }

@@ -10,18 +10,11 @@ fn closure() -> BTreeMap<String, BTreeSet<String>> {
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .output()
         .expect("run cargo metadata");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata json");
     let mut name_of = BTreeMap::new();
     for p in v["packages"].as_array().unwrap() {
-        name_of.insert(
-            p["id"].as_str().unwrap().to_string(),
-            p["name"].as_str().unwrap().to_string(),
-        );
+        name_of.insert(p["id"].as_str().unwrap().to_string(), p["name"].as_str().unwrap().to_string());
     }
     let mut direct: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for n in v["resolve"]["nodes"].as_array().unwrap() {
@@ -30,19 +23,13 @@ fn closure() -> BTreeMap<String, BTreeSet<String>> {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|d| {
-                d["dep_kinds"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|k| k["kind"].is_null())
-            })
+            .filter(|d| d["dep_kinds"].as_array().unwrap().iter().any(|k| k["kind"].is_null()))
             .map(|d| d["pkg"].as_str().unwrap().to_string())
             .collect();
         direct.insert(id, deps);
     }
     let mut out = BTreeMap::new();
-    for (id, _) in &direct {
+    for id in direct.keys() {
         let mut seen = BTreeSet::new();
         let mut stack = vec![id.clone()];
         while let Some(x) = stack.pop() {
@@ -52,23 +39,12 @@ fn closure() -> BTreeMap<String, BTreeSet<String>> {
                 }
             }
         }
-        out.insert(
-            name_of[id].clone(),
-            seen.iter().map(|i| name_of[i].clone()).collect(),
-        );
+        out.insert(name_of[id].clone(), seen.iter().map(|i| name_of[i].clone()).collect());
     }
     out
 }
 
-const WORKSPACE: [&str; 7] = [
-    "raft",
-    "fs-server",
-    "fs-client",
-    "placement",
-    "vmhost",
-    "locus-tests",
-    "locus-bench",
-];
+const WORKSPACE: [&str; 7] = ["raft", "fs-server", "fs-client", "placement", "vmhost", "locus-tests", "locus-bench"];
 
 #[test]
 fn fs_client_never_pulls_in_the_server_or_rocksdb() {
@@ -93,9 +69,6 @@ fn raft_and_placement_depend_on_no_workspace_crate() {
 fn placement_does_no_io() {
     let c = closure();
     for banned in ["tokio", "quinn", "rocksdb", "libc", "nix"] {
-        assert!(
-            !c["placement"].contains(banned),
-            "placement depends on {banned}"
-        );
+        assert!(!c["placement"].contains(banned), "placement depends on {banned}");
     }
 }

@@ -10,22 +10,11 @@ use fs_client::{ClientError, MetaClient};
 use locus_tests::{init_logging, locus_cli, phase, walk, MetaCluster, MetaOptions};
 
 fn mkdir(parent: Ino, name: &str) -> MetaOp {
-    MetaOp::Mkdir {
-        parent,
-        name: name.into(),
-        perm: 0o755,
-        caller: Caller::ROOT,
-    }
+    MetaOp::Mkdir { parent, name: name.into(), perm: 0o755, caller: Caller::ROOT }
 }
 
 fn create(parent: Ino, name: &str) -> MetaOp {
-    MetaOp::Create {
-        parent,
-        name: name.into(),
-        perm: 0o644,
-        caller: Caller::ROOT,
-        exclusive: true,
-    }
+    MetaOp::Create { parent, name: name.into(), perm: 0o644, caller: Caller::ROOT, exclusive: true }
 }
 
 fn code(e: &ClientError) -> ErrorCode {
@@ -39,43 +28,31 @@ fn code(e: &ClientError) -> ErrorCode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_under_write_load_loses_nothing() {
     init_logging();
-    let mut cluster = MetaCluster::start(MetaOptions::default())
-        .await
-        .expect("cluster");
+    let mut cluster = MetaCluster::start(MetaOptions::default()).await.expect("cluster");
     let client = cluster.client();
-    let dir = client
-        .op_attr(mkdir(ROOT_INO, "load"))
-        .await
-        .expect("mkdir")
-        .ino;
+    let dir = client.op_attr(mkdir(ROOT_INO, "load")).await.expect("mkdir").ino;
 
     phase("8 writers create files steadily; every acknowledged create is recorded");
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let failures: Arc<Mutex<Vec<String>>> = Arc::default();
-    let last_ok: Arc<Mutex<Instant>> = Arc::new(Mutex::new(Instant::now()));
+    // (issued, acknowledged) of every acknowledged create.
+    let times: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
     let mut writers = Vec::new();
     for w in 0..8 {
-        let (client, stop, acked, failures, last_ok) = (
-            client.clone(),
-            stop.clone(),
-            acked.clone(),
-            failures.clone(),
-            last_ok.clone(),
-        );
+        let (client, stop, acked, failures, times) =
+            (client.clone(), stop.clone(), acked.clone(), failures.clone(), times.clone());
         writers.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let name = format!("w{w}-{i}");
+                let issued = Instant::now();
                 match client.op(create(dir, &name)).await {
                     Ok(_) => {
                         acked.lock().unwrap().push(name);
-                        *last_ok.lock().unwrap() = Instant::now();
+                        times.lock().unwrap().push((issued, Instant::now()));
                     }
-                    Err(e) => failures
-                        .lock()
-                        .unwrap()
-                        .push(format!("{name}: {e} ({})", code(&e))),
+                    Err(e) => failures.lock().unwrap().push(format!("{name}: {e} ({})", code(&e))),
                 }
                 i += 1;
             }
@@ -84,37 +61,24 @@ async fn leader_kill_under_write_load_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     phase("kill -9 the leader; a new leader must serve writes within 3 s");
-    let leader = cluster
-        .wait_leader(None, Duration::from_secs(5))
-        .await
-        .expect("leader");
-    let before = acked.lock().unwrap().len();
-    let killed_at = Instant::now();
+    let leader = cluster.wait_leader(None, Duration::from_secs(5)).await.expect("leader");
     cluster.kill(leader);
-    let new_leader = cluster
-        .wait_leader(Some(leader), Duration::from_secs(10))
-        .await
-        .expect("new leader");
-    // Served: an acknowledged write after the kill.
+    // The process is gone: a create issued from now on can only be
+    // acknowledged by a new leader.
+    let killed_at = Instant::now();
+    let new_leader = cluster.wait_leader(Some(leader), Duration::from_secs(10)).await.expect("new leader");
+    eprintln!("new leader {new_leader} seen {:?} after the kill", killed_at.elapsed());
     let served_at = loop {
-        let t = *last_ok.lock().unwrap();
-        if t > killed_at && acked.lock().unwrap().len() > before {
+        let first = times.lock().unwrap().iter().filter(|(issued, _)| *issued > killed_at).map(|(_, done)| *done).min();
+        if let Some(t) = first {
             break t;
         }
-        assert!(
-            killed_at.elapsed() < Duration::from_secs(10),
-            "no write acknowledged 10 s after the kill"
-        );
+        assert!(killed_at.elapsed() < Duration::from_secs(10), "no write acknowledged 10 s after the kill");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let failover = served_at.duration_since(killed_at);
-    eprintln!(
-        "old leader {leader}, new leader {new_leader}, writes served again after {failover:?}"
-    );
-    assert!(
-        failover < Duration::from_secs(3),
-        "failover took {failover:?}"
-    );
+    eprintln!("old leader {leader}, new leader {new_leader}, writes served again after {failover:?}");
+    assert!(failover < Duration::from_secs(3), "failover took {failover:?}");
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
@@ -124,32 +88,15 @@ async fn leader_kill_under_write_load_loses_nothing() {
 
     phase("every acknowledged create exists, none failed with EEXIST");
     let failures = failures.lock().unwrap().clone();
-    assert!(
-        failures.iter().all(|f| !f.contains("Exists")),
-        "a create was applied twice: {failures:?}"
-    );
-    let names: HashSet<Vec<u8>> = client
-        .readdir_all(dir)
-        .await
-        .expect("readdir")
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
+    assert!(failures.iter().all(|f| !f.contains("Exists")), "a create was applied twice: {failures:?}");
+    let names: HashSet<Vec<u8>> = client.readdir_all(dir).await.expect("readdir").into_iter().map(|e| e.name).collect();
     let acked = acked.lock().unwrap().clone();
     for a in &acked {
         assert!(names.contains(a.as_bytes()), "acknowledged {a} is missing");
     }
-    eprintln!(
-        "{} creates acknowledged, {} present, {} failed",
-        acked.len(),
-        names.len(),
-        failures.len()
-    );
+    eprintln!("{} creates acknowledged, {} present, {} failed", acked.len(), names.len(), failures.len());
     // Anything present beyond the acknowledged ones was in flight at the kill.
-    assert!(
-        names.len() - acked.len() <= 8 * 2,
-        "too many unacknowledged creates present"
-    );
+    assert!(names.len() - acked.len() <= 8 * 2, "too many unacknowledged creates present");
 
     phase("restart the old leader; it rejoins and catches up");
     cluster.restart(leader).unwrap();
@@ -161,11 +108,7 @@ async fn leader_kill_under_write_load_loses_nothing() {
                 break;
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "restarted node did not catch up\n{}",
-            cluster.logs_tail()
-        );
+        assert!(Instant::now() < deadline, "restarted node did not catch up\n{}", cluster.logs_tail());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -174,39 +117,17 @@ async fn leader_kill_under_write_load_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_every_node_keeps_state() {
     init_logging();
-    let mut cluster = MetaCluster::start(MetaOptions::default())
-        .await
-        .expect("cluster");
+    let mut cluster = MetaCluster::start(MetaOptions::default()).await.expect("cluster");
     let client = cluster.client();
     phase("build a small tree with links, symlinks and xattrs");
     let a = client.op_attr(mkdir(ROOT_INO, "a")).await.unwrap().ino;
     let f = client.op_attr(create(a, "f")).await.unwrap().ino;
+    client.op(MetaOp::Link { ino: f, new_parent: ROOT_INO, new_name: "hard".into() }).await.unwrap();
     client
-        .op(MetaOp::Link {
-            ino: f,
-            new_parent: ROOT_INO,
-            new_name: "hard".into(),
-        })
+        .op(MetaOp::Symlink { parent: ROOT_INO, name: "sym".into(), target: "a/f".into(), caller: Caller::ROOT })
         .await
         .unwrap();
-    client
-        .op(MetaOp::Symlink {
-            parent: ROOT_INO,
-            name: "sym".into(),
-            target: "a/f".into(),
-            caller: Caller::ROOT,
-        })
-        .await
-        .unwrap();
-    client
-        .op(MetaOp::SetXattr {
-            ino: f,
-            name: "user.k".into(),
-            value: "v".into(),
-            flags: 0,
-        })
-        .await
-        .unwrap();
+    client.op(MetaOp::SetXattr { ino: f, name: "user.k".into(), value: "v".into(), flags: 0 }).await.unwrap();
     for i in 0..200 {
         client.op(create(a, &format!("n{i}"))).await.unwrap();
     }
@@ -223,13 +144,7 @@ async fn restart_every_node_keeps_state() {
     let client = cluster.client();
     let after = walk(&client).await.unwrap();
     assert_eq!(before, after);
-    let x = client
-        .read(MetaRead::GetXattr {
-            ino: f,
-            name: "user.k".into(),
-        })
-        .await
-        .unwrap();
+    let x = client.read(MetaRead::GetXattr { ino: f, name: "user.k".into() }).await.unwrap();
     assert_eq!(x, ReadReply::Xattr(b"v".to_vec()));
     assert_eq!(client.resolve(b"/sym", true).await.unwrap().ino, f);
 }
@@ -239,21 +154,12 @@ async fn restart_every_node_keeps_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_node_catches_up_by_snapshot() {
     init_logging();
-    let opts = MetaOptions {
-        snapshot_every: Some(200),
-        keep_logs: Some(20),
-        ..Default::default()
-    };
+    let opts = MetaOptions { snapshot_every: Some(200), keep_logs: Some(20), ..Default::default() };
     let mut cluster = MetaCluster::start(opts).await.expect("cluster");
-    let leader = cluster
-        .wait_leader(None, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let leader = cluster.wait_leader(None, Duration::from_secs(5)).await.unwrap();
     let lagger = (1..=3).find(|&i| i != leader).unwrap();
 
-    phase(&format!(
-        "stop node {lagger}; write 1500 entries; the leader snapshots and purges its log"
-    ));
+    phase(&format!("stop node {lagger}; write 1500 entries; the leader snapshots and purges its log"));
     cluster.kill(lagger);
     let client = cluster.client();
     let d = client.op_attr(mkdir(ROOT_INO, "d")).await.unwrap().ino;
@@ -263,9 +169,7 @@ async fn lagging_node_catches_up_by_snapshot() {
     client.admin(AdminOp::Snapshot).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    phase(&format!(
-        "restart node {lagger}: it must install a snapshot and reach the leader's index"
-    ));
+    phase(&format!("restart node {lagger}: it must install a snapshot and reach the leader's index"));
     cluster.restart(lagger).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let target = cluster.status_of(leader).await.unwrap().last_log_index;
@@ -275,22 +179,12 @@ async fn lagging_node_catches_up_by_snapshot() {
                 break s;
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "lagging node did not catch up\n{}",
-            cluster.logs_tail()
-        );
+        assert!(Instant::now() < deadline, "lagging node did not catch up\n{}", cluster.logs_tail());
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(
-        status.snapshot_index.is_some(),
-        "caught up without a snapshot: {status:?}"
-    );
+    assert!(status.snapshot_index.is_some(), "caught up without a snapshot: {status:?}");
     let log = std::fs::read_to_string(&cluster.nodes[&lagger].log).unwrap();
-    assert!(
-        log.contains("installed snapshot"),
-        "node log shows no snapshot install"
-    );
+    assert!(log.contains("installed snapshot"), "node log shows no snapshot install");
 
     phase("the caught-up node serves the same namespace when it leads");
     for id in (1..=3).filter(|&i| i != lagger) {
@@ -314,9 +208,7 @@ async fn partitioned_minority_accepts_no_writes() {
     }
     let net = locus_tests::netns::Net::new(3).expect("namespaces");
     let port = locus_tests::free_port();
-    let addrs: Vec<std::net::SocketAddr> = (0..3)
-        .map(|i| std::net::SocketAddr::new(net.addr(i), port))
-        .collect();
+    let addrs: Vec<std::net::SocketAddr> = (0..3).map(|i| std::net::SocketAddr::new(net.addr(i), port)).collect();
     let opts = MetaOptions {
         addrs: Some(addrs.clone()),
         netns: Some((0..3).map(|i| net.ns(i)).collect()),
@@ -325,15 +217,10 @@ async fn partitioned_minority_accepts_no_writes() {
     let cluster = MetaCluster::start(opts).await.expect("cluster");
     let client = cluster.client();
     client.op(mkdir(ROOT_INO, "before")).await.unwrap();
-    let old = cluster
-        .wait_leader(None, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let old = cluster.wait_leader(None, Duration::from_secs(5)).await.unwrap();
     let idx = (old - 1) as usize;
 
-    phase(&format!(
-        "cut node {old} (the leader) off; the other two elect a leader and take writes"
-    ));
+    phase(&format!("cut node {old} (the leader) off; the other two elect a leader and take writes"));
     net.cut(idx).unwrap();
     let majority_write = async {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -347,9 +234,7 @@ async fn partitioned_minority_accepts_no_writes() {
     };
     majority_write.await;
 
-    phase(&format!(
-        "a client inside node {old}'s namespace writes through it: refused"
-    ));
+    phase(&format!("a client inside node {old}'s namespace writes through it: refused"));
     let cfg = cluster.write_cli_config("admin", Some(vec![addrs[idx].to_string()]), 4000);
     let (code, _out, err) = locus_cli(&cfg, &["fs", "mkdir", "/minority"], Some(&net.ns(idx)));
     assert_ne!(code, 0, "the minority accepted a write: {err}");
@@ -368,10 +253,7 @@ async fn partitioned_minority_accepts_no_writes() {
         if applied.len() == 1 {
             break applied;
         }
-        assert!(
-            Instant::now() < deadline,
-            "nodes did not converge: {applied:?}"
-        );
+        assert!(Instant::now() < deadline, "nodes did not converge: {applied:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     eprintln!("all nodes at applied index {leader_log:?}");
@@ -382,14 +264,8 @@ async fn partitioned_minority_accepts_no_writes() {
         .into_iter()
         .map(|e| String::from_utf8_lossy(&e.name).into_owned())
         .collect();
-    assert!(
-        names.contains(&"before".into()) && names.contains(&"majority".into()),
-        "{names:?}"
-    );
-    assert!(
-        !names.contains(&"minority".into()),
-        "the minority's write survived: {names:?}"
-    );
+    assert!(names.contains(&"before".into()) && names.contains(&"majority".into()), "{names:?}");
+    assert!(!names.contains(&"minority".into()), "the minority's write survived: {names:?}");
     drop(cluster);
     drop(net);
 }
@@ -402,30 +278,16 @@ async fn partitioned_minority_accepts_no_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_renames_keep_a_tree() {
     init_logging();
-    let cluster = MetaCluster::start(MetaOptions::default())
-        .await
-        .expect("cluster");
+    let cluster = MetaCluster::start(MetaOptions::default()).await.expect("cluster");
     let client = cluster.client();
     let mut dirs = Vec::new();
     for i in 0..4 {
-        dirs.push(
-            client
-                .op_attr(mkdir(ROOT_INO, &format!("d{i}")))
-                .await
-                .unwrap()
-                .ino,
-        );
+        dirs.push(client.op_attr(mkdir(ROOT_INO, &format!("d{i}"))).await.unwrap().ino);
     }
     // Subdirectories that get moved between the top directories.
     let mut movable = Vec::new();
-    for i in 0..4 {
-        movable.push(
-            client
-                .op_attr(mkdir(dirs[i], &format!("m{i}")))
-                .await
-                .unwrap()
-                .ino,
-        );
+    for (i, d) in dirs.iter().enumerate() {
+        movable.push(client.op_attr(mkdir(*d, &format!("m{i}"))).await.unwrap().ino);
     }
 
     phase("6 clients: create files, move them between directories, move directories");
@@ -498,32 +360,20 @@ async fn concurrent_renames_keep_a_tree() {
     }
 
     phase("the namespace is a tree and every file is exactly where the model says");
-    let tree = walk(&client)
-        .await
-        .expect("walk: the namespace must be a tree");
+    let tree = walk(&client).await.expect("walk: the namespace must be a tree");
     let model = model.lock().unwrap().clone();
     let mut found: BTreeMap<String, Vec<(String, Ino)>> = BTreeMap::new();
     for (path, attr) in &tree {
         let name = path.rsplit('/').next().unwrap().to_string();
         if name.starts_with('f') {
             let parent_path = &path[..path.len() - name.len() - 1];
-            let parent_ino = if parent_path.is_empty() {
-                ROOT_INO
-            } else {
-                tree[parent_path].ino
-            };
-            found
-                .entry(name)
-                .or_default()
-                .push((path.clone(), parent_ino));
+            let parent_ino = if parent_path.is_empty() { ROOT_INO } else { tree[parent_path].ino };
+            found.entry(name).or_default().push((path.clone(), parent_ino));
         }
         if attr.kind == FileKind::Dir {
             let subdirs = tree
                 .iter()
-                .filter(|(p, a)| {
-                    a.kind == FileKind::Dir
-                        && p.rsplit_once('/').map(|x| x.0) == Some(path.as_str())
-                })
+                .filter(|(p, a)| a.kind == FileKind::Dir && p.rsplit_once('/').map(|x| x.0) == Some(path.as_str()))
                 .count() as u32;
             assert_eq!(attr.nlink, 2 + subdirs, "nlink of {path}");
         }
@@ -535,10 +385,7 @@ async fn concurrent_renames_keep_a_tree() {
         assert_eq!(at[0].1, *dir, "{name} is in the wrong directory");
     }
     // All 4 movable directories are still reachable exactly once.
-    let movable_found = tree
-        .iter()
-        .filter(|(p, _)| p.rsplit('/').next().unwrap().starts_with('m'))
-        .count();
+    let movable_found = tree.iter().filter(|(p, _)| p.rsplit('/').next().unwrap().starts_with('m')).count();
     assert_eq!(movable_found, 4);
 }
 
@@ -548,9 +395,7 @@ async fn concurrent_renames_keep_a_tree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_and_bad_certificates_are_refused() {
     init_logging();
-    let cluster = MetaCluster::start(MetaOptions::default())
-        .await
-        .expect("cluster");
+    let cluster = MetaCluster::start(MetaOptions::default()).await.expect("cluster");
     let client = cluster.client();
     client.op(mkdir(ROOT_INO, "keep")).await.unwrap();
     let before = walk(&client).await.unwrap();
@@ -603,10 +448,7 @@ async fn bad_input_and_bad_certificates_are_refused() {
     phase("a client certificate may read and write but not administer");
     let plain = MetaClient::new(&cluster.client_config("client")).unwrap();
     plain.read(MetaRead::StatFs).await.unwrap();
-    let e = plain
-        .admin(AdminOp::RemoveNode { id: 1 })
-        .await
-        .unwrap_err();
+    let e = plain.admin(AdminOp::RemoveNode { id: 1 }).await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::Unauthorized);
 }
 
@@ -615,39 +457,24 @@ async fn bad_input_and_bad_certificates_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_stream_resumes_and_falls_back_to_snapshot() {
     init_logging();
-    let opts = MetaOptions {
-        change_history: Some(50),
-        ..Default::default()
-    };
+    let opts = MetaOptions { change_history: Some(50), ..Default::default() };
     let cluster = MetaCluster::start(opts).await.expect("cluster");
     let client = cluster.client();
 
     phase("subscribe from 1, make 20 directories, see each EntrySet in order");
     let mut stream = client.subscribe(1).await.unwrap();
     for i in 0..20 {
-        client
-            .op(mkdir(ROOT_INO, &format!("s{i:02}")))
-            .await
-            .unwrap();
+        client.op(mkdir(ROOT_INO, &format!("s{i:02}"))).await.unwrap();
     }
     let mut seen = Vec::new();
     let mut last_index = 0;
     while seen.len() < 20 {
-        match tokio::time::timeout(Duration::from_secs(10), stream.next())
-            .await
-            .expect("stream stalled")
-            .unwrap()
-        {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("stream stalled").unwrap() {
             Some(StreamItem::Changes { index, changes }) => {
                 assert!(index > last_index, "indexes go forward");
                 last_index = index;
                 for c in changes {
-                    if let Change::EntrySet {
-                        parent: ROOT_INO,
-                        name,
-                        ..
-                    } = c
-                    {
+                    if let Change::EntrySet { parent: ROOT_INO, name, .. } = c {
                         seen.push(String::from_utf8(name).unwrap());
                     }
                 }
@@ -662,27 +489,15 @@ async fn change_stream_resumes_and_falls_back_to_snapshot() {
 
     phase("disconnected: 10 more changes; resuming from the next index gets exactly those");
     for i in 20..30 {
-        client
-            .op(mkdir(ROOT_INO, &format!("s{i:02}")))
-            .await
-            .unwrap();
+        client.op(mkdir(ROOT_INO, &format!("s{i:02}"))).await.unwrap();
     }
     let mut stream = client.subscribe(last_index + 1).await.unwrap();
     let mut resumed = Vec::new();
     while resumed.len() < 10 {
-        match tokio::time::timeout(Duration::from_secs(10), stream.next())
-            .await
-            .expect("stream stalled")
-            .unwrap()
-        {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("stream stalled").unwrap() {
             Some(StreamItem::Changes { changes, .. }) => {
                 for c in changes {
-                    if let Change::EntrySet {
-                        parent: ROOT_INO,
-                        name,
-                        ..
-                    } = c
-                    {
+                    if let Change::EntrySet { parent: ROOT_INO, name, .. } = c {
                         resumed.push(String::from_utf8(name).unwrap());
                     }
                 }
@@ -700,24 +515,14 @@ async fn change_stream_resumes_and_falls_back_to_snapshot() {
         client.op(create(ROOT_INO, &format!("x{i}"))).await.unwrap();
     }
     let mut stream = client.subscribe(1).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
-        .await
-        .unwrap()
-        .unwrap();
-    let Some(StreamItem::SnapshotBegin { index }) = first else {
-        panic!("expected a snapshot, got {first:?}")
-    };
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap().unwrap();
+    let Some(StreamItem::SnapshotBegin { index }) = first else { panic!("expected a snapshot, got {first:?}") };
     let mut entries = HashSet::new();
     loop {
         match stream.next().await.unwrap() {
             Some(StreamItem::Changes { changes, .. }) => {
                 for c in changes {
-                    if let Change::EntrySet {
-                        parent: ROOT_INO,
-                        name,
-                        ..
-                    } = c
-                    {
+                    if let Change::EntrySet { parent: ROOT_INO, name, .. } = c {
                         entries.insert(String::from_utf8(name).unwrap());
                     }
                 }
@@ -729,9 +534,5 @@ async fn change_stream_resumes_and_falls_back_to_snapshot() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert_eq!(
-        entries.len(),
-        30 + 120,
-        "the snapshot holds the whole root directory"
-    );
+    assert_eq!(entries.len(), 30 + 120, "the snapshot holds the whole root directory");
 }

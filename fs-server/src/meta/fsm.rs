@@ -27,10 +27,7 @@ const CHANGE_TRIM_EVERY: u64 = 1024;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Command {
     /// Namespace operations, applied in order.
-    Batch {
-        now: Timespec,
-        ops: Vec<(Option<RequestId>, MetaOp)>,
-    },
+    Batch { now: Timespec, ops: Vec<(Option<RequestId>, MetaOp)> },
     /// Creates the root directory if it does not exist yet.
     Init { now: Timespec },
 }
@@ -77,23 +74,13 @@ pub fn load_inode(kv: &dyn KvRead, ino: Ino) -> Result<Option<InodeRec>, KvError
     kv.get(&keys::inode(ino))?.map(|b| dec(&b)).transpose()
 }
 
-pub fn load_dentry(
-    kv: &dyn KvRead,
-    parent: Ino,
-    name: &[u8],
-) -> Result<Option<DentryRec>, KvError> {
-    kv.get(&keys::dentry(parent, name))?
-        .map(|b| dec(&b))
-        .transpose()
+pub fn load_dentry(kv: &dyn KvRead, parent: Ino, name: &[u8]) -> Result<Option<DentryRec>, KvError> {
+    kv.get(&keys::dentry(parent, name))?.map(|b| dec(&b)).transpose()
 }
 
 pub fn get_counter(kv: &dyn KvRead, name: &str) -> Result<u64, KvError> {
     Ok(match kv.get(&keys::system(name))? {
-        Some(b) => u64::from_be_bytes(
-            b.as_slice()
-                .try_into()
-                .map_err(|_| KvError(format!("bad counter {name}")))?,
-        ),
+        Some(b) => u64::from_be_bytes(b.as_slice().try_into().map_err(|_| KvError(format!("bad counter {name}")))?),
         None => 0,
     })
 }
@@ -152,10 +139,7 @@ struct Work<'k> {
 
 impl<'k> Work<'k> {
     fn new(kv: &'k dyn KvRead) -> Self {
-        Work {
-            kv,
-            p: Planned::default(),
-        }
+        Work { kv, p: Planned::default() }
     }
 
     fn inode(&mut self, ino: Ino) -> Plan<Option<InodeRec>> {
@@ -166,21 +150,13 @@ impl<'k> Work<'k> {
     }
 
     fn must_inode(&mut self, ino: Ino) -> Plan<InodeRec> {
-        self.inode(ino)?.ok_or_else(|| {
-            Fail::Op(err(
-                ErrorCode::NotFound,
-                format!("inode {ino} does not exist"),
-            ))
-        })
+        self.inode(ino)?.ok_or_else(|| Fail::Op(err(ErrorCode::NotFound, format!("inode {ino} does not exist"))))
     }
 
     fn must_dir(&mut self, ino: Ino) -> Plan<InodeRec> {
         let rec = self.must_inode(ino)?;
         if rec.attr.kind != FileKind::Dir {
-            return Err(Fail::Op(err(
-                ErrorCode::NotDir,
-                format!("inode {ino} is not a directory"),
-            )));
+            return Err(Fail::Op(err(ErrorCode::NotDir, format!("inode {ino} is not a directory"))));
         }
         Ok(rec)
     }
@@ -284,12 +260,7 @@ impl Planned {
             match d {
                 Some(d) => {
                     txn.put(keys::dentry(parent, &name), enc(&d));
-                    changes.push(Change::EntrySet {
-                        parent,
-                        name,
-                        ino: d.ino,
-                        kind: d.kind,
-                    });
+                    changes.push(Change::EntrySet { parent, name, ino: d.ino, kind: d.kind });
                 }
                 None => {
                     txn.delete(keys::dentry(parent, &name));
@@ -312,15 +283,7 @@ fn check_name(name: &[u8]) -> Plan<()> {
     validate_name(name).map_err(Fail::Op)
 }
 
-fn new_attr(
-    ino: Ino,
-    kind: FileKind,
-    perm: u32,
-    caller: Caller,
-    gid: u32,
-    now: Timespec,
-    index: u64,
-) -> Attr {
+fn new_attr(ino: Ino, kind: FileKind, perm: u32, caller: Caller, gid: u32, now: Timespec, index: u64) -> Attr {
     Attr {
         ino,
         kind,
@@ -352,6 +315,13 @@ fn touch_dir(rec: &mut InodeRec, now: Timespec) {
     rec.attr.ctime = now;
 }
 
+/// When an operation happens: the leader's clock and the log index.
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    now: Timespec,
+    index: u64,
+}
+
 /// The namespace logic plugged into Raft.
 #[derive(Debug, Clone)]
 pub struct Namespace {
@@ -362,9 +332,7 @@ pub struct Namespace {
 
 impl Default for Namespace {
     fn default() -> Self {
-        Namespace {
-            change_retain: CHANGE_RETAIN_ENTRIES,
-        }
+        Namespace { change_retain: CHANGE_RETAIN_ENTRIES }
     }
 }
 
@@ -376,29 +344,22 @@ impl Namespace {
         kind: FileKind,
         perm: u32,
         caller: Caller,
-        now: Timespec,
-        index: u64,
+        at: Stamp,
     ) -> Plan<Attr> {
         check_name(name)?;
         let mut p = w.must_dir(parent)?;
         if w.dentry(parent, name)?.is_some() {
-            return Err(Fail::Op(err(
-                ErrorCode::Exists,
-                format!("{:?} exists", String::from_utf8_lossy(name)),
-            )));
+            return Err(Fail::Op(err(ErrorCode::Exists, format!("{:?} exists", String::from_utf8_lossy(name)))));
         }
         if kind == FileKind::Dir && p.attr.nlink >= MAX_LINKS {
-            return Err(Fail::Op(err(
-                ErrorCode::TooManyLinks,
-                "too many subdirectories",
-            )));
+            return Err(Fail::Op(err(ErrorCode::TooManyLinks, "too many subdirectories")));
         }
         let ino = w.alloc_ino()?;
         let mut perm = perm & 0o7777;
         if kind == FileKind::Dir && p.attr.perm & 0o2000 != 0 {
             perm |= 0o2000;
         }
-        let attr = new_attr(ino, kind, perm, caller, inherit_gid(&p, caller), now, index);
+        let attr = new_attr(ino, kind, perm, caller, inherit_gid(&p, caller), at.now, at.index);
         let rec = InodeRec {
             attr: attr.clone(),
             parent: if kind == FileKind::Dir { parent } else { 0 },
@@ -410,7 +371,7 @@ impl Namespace {
         if kind == FileKind::Dir {
             p.attr.nlink += 1;
         }
-        touch_dir(&mut p, now);
+        touch_dir(&mut p, at.now);
         w.put_inode(p);
         Ok(attr)
     }
@@ -448,9 +409,7 @@ impl Namespace {
             }
             ino = rec.parent;
         }
-        Err(Fail::Store(KvError(
-            "directory parent chain does not end".into(),
-        )))
+        Err(Fail::Store(KvError("directory parent chain does not end".into())))
     }
 
     fn rename(
@@ -465,49 +424,31 @@ impl Namespace {
         check_name(name)?;
         check_name(new_name)?;
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 {
-            return Err(Fail::Op(err(
-                ErrorCode::Invalid,
-                format!("unknown rename flags {flags:#x}"),
-            )));
+            return Err(Fail::Op(err(ErrorCode::Invalid, format!("unknown rename flags {flags:#x}"))));
         }
         if flags & RENAME_NOREPLACE != 0 && flags & RENAME_EXCHANGE != 0 {
-            return Err(Fail::Op(err(
-                ErrorCode::Invalid,
-                "RENAME_NOREPLACE and RENAME_EXCHANGE together",
-            )));
+            return Err(Fail::Op(err(ErrorCode::Invalid, "RENAME_NOREPLACE and RENAME_EXCHANGE together")));
         }
         w.must_dir(parent)?;
         w.must_dir(new_parent)?;
-        let src = w.dentry(parent, name)?.ok_or_else(|| {
-            err(
-                ErrorCode::NotFound,
-                format!("{:?} does not exist", String::from_utf8_lossy(name)),
-            )
-        })?;
+        let src = w
+            .dentry(parent, name)?
+            .ok_or_else(|| err(ErrorCode::NotFound, format!("{:?} does not exist", String::from_utf8_lossy(name))))?;
         let dst = w.dentry(new_parent, new_name)?;
 
         if flags & RENAME_EXCHANGE != 0 {
             let dst = dst.ok_or_else(|| {
-                err(
-                    ErrorCode::NotFound,
-                    format!("{:?} does not exist", String::from_utf8_lossy(new_name)),
-                )
+                err(ErrorCode::NotFound, format!("{:?} does not exist", String::from_utf8_lossy(new_name)))
             })?;
             if src.ino == dst.ino {
                 return Ok(());
             }
             if parent != new_parent {
                 if src.kind == FileKind::Dir && Self::is_ancestor(w, src.ino, new_parent)? {
-                    return Err(Fail::Op(err(
-                        ErrorCode::Invalid,
-                        "cannot move a directory into itself",
-                    )));
+                    return Err(Fail::Op(err(ErrorCode::Invalid, "cannot move a directory into itself")));
                 }
                 if dst.kind == FileKind::Dir && Self::is_ancestor(w, dst.ino, parent)? {
-                    return Err(Fail::Op(err(
-                        ErrorCode::Invalid,
-                        "cannot move a directory into itself",
-                    )));
+                    return Err(Fail::Op(err(ErrorCode::Invalid, "cannot move a directory into itself")));
                 }
             }
             w.put_dentry(parent, name, dst);
@@ -547,31 +488,19 @@ impl Namespace {
             }
         }
         if src.kind == FileKind::Dir && Self::is_ancestor(w, src.ino, new_parent)? {
-            return Err(Fail::Op(err(
-                ErrorCode::Invalid,
-                "cannot move a directory into its own subtree",
-            )));
+            return Err(Fail::Op(err(ErrorCode::Invalid, "cannot move a directory into its own subtree")));
         }
         if let Some(dst) = dst {
             match (src.kind == FileKind::Dir, dst.kind == FileKind::Dir) {
                 (true, false) => {
-                    return Err(Fail::Op(err(
-                        ErrorCode::NotDir,
-                        "cannot replace a non-directory with a directory",
-                    )))
+                    return Err(Fail::Op(err(ErrorCode::NotDir, "cannot replace a non-directory with a directory")))
                 }
                 (false, true) => {
-                    return Err(Fail::Op(err(
-                        ErrorCode::IsDir,
-                        "cannot replace a directory with a non-directory",
-                    )))
+                    return Err(Fail::Op(err(ErrorCode::IsDir, "cannot replace a directory with a non-directory")))
                 }
                 (true, true) => {
                     if !w.is_empty_dir(dst.ino)? {
-                        return Err(Fail::Op(err(
-                            ErrorCode::NotEmpty,
-                            "target directory is not empty",
-                        )));
+                        return Err(Fail::Op(err(ErrorCode::NotEmpty, "target directory is not empty")));
                     }
                     let mut np = w.must_inode(new_parent)?;
                     np.attr.nlink = np.attr.nlink.saturating_sub(1);
@@ -588,10 +517,7 @@ impl Namespace {
         if src.kind == FileKind::Dir && parent != new_parent {
             let np = w.must_inode(new_parent)?;
             if np.attr.nlink >= MAX_LINKS {
-                return Err(Fail::Op(err(
-                    ErrorCode::TooManyLinks,
-                    "too many subdirectories",
-                )));
+                return Err(Fail::Op(err(ErrorCode::TooManyLinks, "too many subdirectories")));
             }
             rec.parent = new_parent;
             let mut p = w.must_inode(parent)?;
@@ -620,16 +546,11 @@ impl Namespace {
         if name.contains(&0) {
             return Err(Fail::Op(err(ErrorCode::Invalid, "xattr name contains NUL")));
         }
-        let ok = [&b"user."[..], b"trusted.", b"security."]
-            .iter()
-            .any(|p| name.starts_with(p) && name.len() > p.len());
+        let ok = [&b"user."[..], b"trusted.", b"security."].iter().any(|p| name.starts_with(p) && name.len() > p.len());
         if !ok {
             return Err(Fail::Op(err(
                 ErrorCode::NotSupported,
-                format!(
-                    "xattr namespace of {:?} is not supported",
-                    String::from_utf8_lossy(name)
-                ),
+                format!("xattr namespace of {:?} is not supported", String::from_utf8_lossy(name)),
             )));
         }
         Ok(())
@@ -637,20 +558,11 @@ impl Namespace {
 
     fn plan(w: &mut Work<'_>, op: &MetaOp, now: Timespec, index: u64) -> Plan<OpReply> {
         match op {
-            MetaOp::Mkdir {
-                parent,
-                name,
-                perm,
-                caller,
-            } => Self::make_node(w, *parent, name, FileKind::Dir, *perm, *caller, now, index)
-                .map(OpReply::Attr),
-            MetaOp::Create {
-                parent,
-                name,
-                perm,
-                caller,
-                exclusive,
-            } => {
+            MetaOp::Mkdir { parent, name, perm, caller } => {
+                Self::make_node(w, *parent, name, FileKind::Dir, *perm, *caller, Stamp { now, index })
+                    .map(OpReply::Attr)
+            }
+            MetaOp::Create { parent, name, perm, caller, exclusive } => {
                 check_name(name)?;
                 if let Some(existing) = {
                     w.must_dir(*parent)?;
@@ -664,79 +576,37 @@ impl Namespace {
                     }
                     return match existing.kind {
                         FileKind::File => Ok(OpReply::Attr(w.must_inode(existing.ino)?.attr)),
-                        FileKind::Dir => {
-                            Err(Fail::Op(err(ErrorCode::IsDir, "a directory has that name")))
-                        }
-                        _ => Err(Fail::Op(err(
-                            ErrorCode::Exists,
-                            "a special file has that name",
-                        ))),
+                        FileKind::Dir => Err(Fail::Op(err(ErrorCode::IsDir, "a directory has that name"))),
+                        _ => Err(Fail::Op(err(ErrorCode::Exists, "a special file has that name"))),
                     };
                 }
-                Self::make_node(w, *parent, name, FileKind::File, *perm, *caller, now, index)
+                Self::make_node(w, *parent, name, FileKind::File, *perm, *caller, Stamp { now, index })
                     .map(OpReply::Attr)
             }
-            MetaOp::Mknod {
-                parent,
-                name,
-                mode,
-                rdev,
-                caller,
-            } => {
-                let kind = FileKind::from_mode(*mode).ok_or_else(|| {
-                    err(
-                        ErrorCode::Invalid,
-                        format!("unknown file type in mode {mode:#o}"),
-                    )
-                })?;
+            MetaOp::Mknod { parent, name, mode, rdev, caller } => {
+                let kind = FileKind::from_mode(*mode)
+                    .ok_or_else(|| err(ErrorCode::Invalid, format!("unknown file type in mode {mode:#o}")))?;
                 if kind == FileKind::Dir || kind == FileKind::Symlink {
-                    return Err(Fail::Op(err(
-                        ErrorCode::Invalid,
-                        "mknod cannot make directories or symlinks",
-                    )));
+                    return Err(Fail::Op(err(ErrorCode::Invalid, "mknod cannot make directories or symlinks")));
                 }
-                let attr = Self::make_node(w, *parent, name, kind, *mode, *caller, now, index)?;
+                let attr = Self::make_node(w, *parent, name, kind, *mode, *caller, Stamp { now, index })?;
                 let mut rec = w.must_inode(attr.ino)?;
-                rec.attr.rdev = if matches!(kind, FileKind::CharDevice | FileKind::BlockDevice) {
-                    *rdev
-                } else {
-                    0
-                };
+                rec.attr.rdev = if matches!(kind, FileKind::CharDevice | FileKind::BlockDevice) { *rdev } else { 0 };
                 let attr = rec.attr.clone();
                 w.put_inode(rec);
                 Ok(OpReply::Attr(attr))
             }
-            MetaOp::Symlink {
-                parent,
-                name,
-                target,
-                caller,
-            } => {
+            MetaOp::Symlink { parent, name, target, caller } => {
                 if target.is_empty() {
                     return Err(Fail::Op(err(ErrorCode::NotFound, "empty symlink target")));
                 }
                 if target.len() > MAX_SYMLINK_BYTES {
-                    return Err(Fail::Op(err(
-                        ErrorCode::NameTooLong,
-                        "symlink target too long",
-                    )));
+                    return Err(Fail::Op(err(ErrorCode::NameTooLong, "symlink target too long")));
                 }
                 if target.contains(&0) {
-                    return Err(Fail::Op(err(
-                        ErrorCode::Invalid,
-                        "symlink target contains NUL",
-                    )));
+                    return Err(Fail::Op(err(ErrorCode::Invalid, "symlink target contains NUL")));
                 }
-                let attr = Self::make_node(
-                    w,
-                    *parent,
-                    name,
-                    FileKind::Symlink,
-                    0o777,
-                    *caller,
-                    now,
-                    index,
-                )?;
+                let attr = Self::make_node(w, *parent, name, FileKind::Symlink, 0o777, *caller, Stamp { now, index })?;
                 let mut rec = w.must_inode(attr.ino)?;
                 rec.target = target.clone();
                 rec.attr.size = target.len() as u64;
@@ -744,18 +614,11 @@ impl Namespace {
                 w.put_inode(rec);
                 Ok(OpReply::Attr(attr))
             }
-            MetaOp::Link {
-                ino,
-                new_parent,
-                new_name,
-            } => {
+            MetaOp::Link { ino, new_parent, new_name } => {
                 check_name(new_name)?;
                 let mut rec = w.must_inode(*ino)?;
                 if rec.attr.kind == FileKind::Dir {
-                    return Err(Fail::Op(err(
-                        ErrorCode::NotPermitted,
-                        "cannot hard-link a directory",
-                    )));
+                    return Err(Fail::Op(err(ErrorCode::NotPermitted, "cannot hard-link a directory")));
                 }
                 if rec.attr.nlink >= MAX_LINKS {
                     return Err(Fail::Op(err(ErrorCode::TooManyLinks, "too many links")));
@@ -769,14 +632,7 @@ impl Namespace {
                 }
                 rec.attr.nlink += 1;
                 rec.attr.ctime = now;
-                w.put_dentry(
-                    *new_parent,
-                    new_name,
-                    DentryRec {
-                        ino: *ino,
-                        kind: rec.attr.kind,
-                    },
-                );
+                w.put_dentry(*new_parent, new_name, DentryRec { ino: *ino, kind: rec.attr.kind });
                 let attr = rec.attr.clone();
                 w.put_inode(rec);
                 touch_dir(&mut p, now);
@@ -787,16 +643,10 @@ impl Namespace {
                 check_name(name)?;
                 let mut p = w.must_dir(*parent)?;
                 let d = w.dentry(*parent, name)?.ok_or_else(|| {
-                    err(
-                        ErrorCode::NotFound,
-                        format!("{:?} does not exist", String::from_utf8_lossy(name)),
-                    )
+                    err(ErrorCode::NotFound, format!("{:?} does not exist", String::from_utf8_lossy(name)))
                 })?;
                 if d.kind == FileKind::Dir {
-                    return Err(Fail::Op(err(
-                        ErrorCode::IsDir,
-                        "is a directory (use rmdir)",
-                    )));
+                    return Err(Fail::Op(err(ErrorCode::IsDir, "is a directory (use rmdir)")));
                 }
                 w.delete_dentry(*parent, name);
                 Self::drop_link(w, d.ino, now)?;
@@ -808,10 +658,7 @@ impl Namespace {
                 check_name(name)?;
                 let mut p = w.must_dir(*parent)?;
                 let d = w.dentry(*parent, name)?.ok_or_else(|| {
-                    err(
-                        ErrorCode::NotFound,
-                        format!("{:?} does not exist", String::from_utf8_lossy(name)),
-                    )
+                    err(ErrorCode::NotFound, format!("{:?} does not exist", String::from_utf8_lossy(name)))
                 })?;
                 if d.kind != FileKind::Dir {
                     return Err(Fail::Op(err(ErrorCode::NotDir, "not a directory")));
@@ -826,13 +673,7 @@ impl Namespace {
                 w.put_inode(p);
                 Ok(OpReply::Done)
             }
-            MetaOp::Rename {
-                parent,
-                name,
-                new_parent,
-                new_name,
-                flags,
-            } => {
+            MetaOp::Rename { parent, name, new_parent, new_name, flags } => {
                 Self::rename(w, *parent, name, *new_parent, new_name, *flags, now)?;
                 Ok(OpReply::Done)
             }
@@ -850,18 +691,8 @@ impl Namespace {
                 if let Some(size) = set.size {
                     match rec.attr.kind {
                         FileKind::File => {}
-                        FileKind::Dir => {
-                            return Err(Fail::Op(err(
-                                ErrorCode::IsDir,
-                                "cannot truncate a directory",
-                            )))
-                        }
-                        _ => {
-                            return Err(Fail::Op(err(
-                                ErrorCode::Invalid,
-                                "cannot truncate a special file",
-                            )))
-                        }
+                        FileKind::Dir => return Err(Fail::Op(err(ErrorCode::IsDir, "cannot truncate a directory"))),
+                        _ => return Err(Fail::Op(err(ErrorCode::Invalid, "cannot truncate a special file"))),
                     }
                     if size > i64::MAX as u64 {
                         return Err(Fail::Op(err(ErrorCode::TooBig, "size too large")));
@@ -886,21 +717,13 @@ impl Namespace {
                 w.put_inode(rec);
                 Ok(OpReply::Attr(attr))
             }
-            MetaOp::SetXattr {
-                ino,
-                name,
-                value,
-                flags,
-            } => {
+            MetaOp::SetXattr { ino, name, value, flags } => {
                 Self::check_xattr_name(name)?;
                 if value.len() > MAX_XATTR_VALUE_BYTES {
                     return Err(Fail::Op(err(ErrorCode::TooBig, "xattr value too large")));
                 }
                 if flags & !(XATTR_CREATE | XATTR_REPLACE) != 0 {
-                    return Err(Fail::Op(err(
-                        ErrorCode::Invalid,
-                        format!("unknown xattr flags {flags:#x}"),
-                    )));
+                    return Err(Fail::Op(err(ErrorCode::Invalid, format!("unknown xattr flags {flags:#x}"))));
                 }
                 let mut rec = w.must_inode(*ino)?;
                 let exists = w.xattr_exists(*ino, name)?;
@@ -912,10 +735,7 @@ impl Namespace {
                 }
                 if !exists {
                     if rec.xattrs as usize >= MAX_XATTRS_PER_INODE {
-                        return Err(Fail::Op(err(
-                            ErrorCode::NoSpace,
-                            "too many xattrs on this inode",
-                        )));
+                        return Err(Fail::Op(err(ErrorCode::NoSpace, "too many xattrs on this inode")));
                     }
                     rec.xattrs += 1;
                 }
@@ -962,22 +782,13 @@ impl Namespace {
         }
     }
 
-    fn ensure_root(
-        txn: &mut Txn<'_>,
-        now: Timespec,
-        changes: &mut Vec<Change>,
-    ) -> Result<(), KvError> {
+    fn ensure_root(txn: &mut Txn<'_>, now: Timespec, changes: &mut Vec<Change>) -> Result<(), KvError> {
         if load_inode(txn, ROOT_INO)?.is_some() {
             return Ok(());
         }
         let mut attr = new_attr(ROOT_INO, FileKind::Dir, 0o755, Caller::ROOT, 0, now, 0);
         attr.nlink = 2;
-        let rec = InodeRec {
-            attr: attr.clone(),
-            parent: ROOT_INO,
-            target: Vec::new(),
-            xattrs: 0,
-        };
+        let rec = InodeRec { attr: attr.clone(), parent: ROOT_INO, target: Vec::new(), xattrs: 0 };
         txn.put(keys::inode(ROOT_INO), enc(&rec));
         set_counter(txn, INODE_COUNT, get_counter(txn, INODE_COUNT)? + 1);
         if get_counter(txn, NEXT_INO)? <= ROOT_INO {
@@ -1008,10 +819,7 @@ impl StateMachineLogic for Namespace {
             Err(e) => {
                 // A command this build cannot decode was proposed by a newer
                 // leader; refusing it deterministically keeps replicas equal.
-                let r: Vec<OpResult> = vec![Err(err(
-                    ErrorCode::BadRequest,
-                    format!("undecodable command: {e}"),
-                ))];
+                let r: Vec<OpResult> = vec![Err(err(ErrorCode::BadRequest, format!("undecodable command: {e}")))];
                 return Ok(enc(&r));
             }
         };
@@ -1034,13 +842,7 @@ impl StateMachineLogic for Namespace {
                 let r = Self::apply_op(txn, op, now, index, &mut changes)?;
                 if let Some(id) = id {
                     let expiry = now.as_nanos() + DEDUP_TTL_NS;
-                    txn.put(
-                        keys::dedup(id),
-                        enc(&DedupRec {
-                            expiry_ns: expiry,
-                            reply: r.clone(),
-                        }),
-                    );
+                    txn.put(keys::dedup(id), enc(&DedupRec { expiry_ns: expiry, reply: r.clone() }));
                     txn.put(keys::dedup_expiry(expiry, id), Vec::new());
                 }
                 results.push(r);
@@ -1050,7 +852,7 @@ impl StateMachineLogic for Namespace {
             txn.put(keys::change(index), enc(&changes));
         }
         let trim_every = CHANGE_TRIM_EVERY.min(self.change_retain.max(1));
-        if index % trim_every == 0 && index > self.change_retain {
+        if index.is_multiple_of(trim_every) && index > self.change_retain {
             let floor = index - self.change_retain;
             txn.delete_range(keys::change(0), keys::change(floor));
             set_counter(txn, CHANGE_FLOOR, floor);

@@ -30,56 +30,28 @@ struct Fs {
 
 impl Fs {
     fn new() -> Self {
-        let mut fs = Fs {
-            kv: MemKv::new(),
-            index: 0,
-            now: 1_000,
-        };
+        let mut fs = Fs { kv: MemKv::new(), index: 0, now: 1_000 };
         fs.index += 1;
-        apply(
-            &mut fs.kv,
-            fs.index,
-            &Command::Init {
-                now: Timespec {
-                    secs: fs.now,
-                    nanos: 0,
-                },
-            },
-        );
+        apply(&mut fs.kv, fs.index, &Command::Init { now: Timespec { secs: fs.now, nanos: 0 } });
         fs
     }
     fn op_with_id(&mut self, id: Option<RequestId>, op: MetaOp) -> OpResult {
         self.index += 1;
         self.now += 1;
-        let cmd = Command::Batch {
-            now: Timespec {
-                secs: self.now,
-                nanos: 0,
-            },
-            ops: vec![(id, op)],
-        };
+        let cmd = Command::Batch { now: Timespec { secs: self.now, nanos: 0 }, ops: vec![(id, op)] };
         apply(&mut self.kv, self.index, &cmd).pop().unwrap()
     }
     fn op(&mut self, op: MetaOp) -> OpResult {
         self.op_with_id(None, op)
     }
     fn resolve(&self, path: &str) -> Result<Attr, WireError> {
-        read::resolve(&self.kv, path.as_bytes(), false)
-            .unwrap()
-            .map(|r| r.attr)
+        read::resolve(&self.kv, path.as_bytes(), false).unwrap().map(|r| r.attr)
     }
     fn read(&self, r: MetaRead) -> Result<ReadReply, WireError> {
         read::query(&self.kv, &r, read::Capacity::default()).unwrap()
     }
     fn list(&self, ino: Ino) -> Vec<DirEntry> {
-        match self
-            .read(MetaRead::ReadDir {
-                ino,
-                after: None,
-                limit: MAX_READDIR_PAGE,
-            })
-            .unwrap()
-        {
+        match self.read(MetaRead::ReadDir { ino, after: None, limit: MAX_READDIR_PAGE }).unwrap() {
             ReadReply::Entries { entries, .. } => entries,
             other => panic!("{other:?}"),
         }
@@ -107,22 +79,11 @@ impl Fs {
 }
 
 fn mkdir(parent: Ino, name: &str) -> MetaOp {
-    MetaOp::Mkdir {
-        parent,
-        name: name.into(),
-        perm: 0o755,
-        caller: Caller::ROOT,
-    }
+    MetaOp::Mkdir { parent, name: name.into(), perm: 0o755, caller: Caller::ROOT }
 }
 
 fn create(parent: Ino, name: &str) -> MetaOp {
-    MetaOp::Create {
-        parent,
-        name: name.into(),
-        perm: 0o644,
-        caller: Caller::ROOT,
-        exclusive: true,
-    }
+    MetaOp::Create { parent, name: name.into(), perm: 0o644, caller: Caller::ROOT, exclusive: true }
 }
 
 fn code(r: &OpResult) -> Option<ErrorCode> {
@@ -149,16 +110,8 @@ fn bad_names_are_refused_and_change_nothing() {
         ("a\0b", ErrorCode::Invalid),
         (long.as_str(), ErrorCode::NameTooLong),
     ] {
-        assert_eq!(
-            code(&fs.op(mkdir(ROOT_INO, name))),
-            Some(want),
-            "mkdir {name:?}"
-        );
-        assert_eq!(
-            code(&fs.op(create(ROOT_INO, name))),
-            Some(want),
-            "create {name:?}"
-        );
+        assert_eq!(code(&fs.op(mkdir(ROOT_INO, name))), Some(want), "mkdir {name:?}");
+        assert_eq!(code(&fs.op(create(ROOT_INO, name))), Some(want), "create {name:?}");
     }
     // Only bookkeeping keys (applied index, dedup GC) may differ.
     let data = |m: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>| {
@@ -176,21 +129,9 @@ fn rename_refuses_moving_a_directory_into_its_subtree() {
     let mut fs = Fs::new();
     let a = ino_of(fs.op(mkdir(ROOT_INO, "a")));
     let b = ino_of(fs.op(mkdir(a, "b")));
-    let r = fs.op(MetaOp::Rename {
-        parent: ROOT_INO,
-        name: "a".into(),
-        new_parent: b,
-        new_name: "a".into(),
-        flags: 0,
-    });
+    let r = fs.op(MetaOp::Rename { parent: ROOT_INO, name: "a".into(), new_parent: b, new_name: "a".into(), flags: 0 });
     assert_eq!(code(&r), Some(ErrorCode::Invalid));
-    let r = fs.op(MetaOp::Rename {
-        parent: ROOT_INO,
-        name: "a".into(),
-        new_parent: a,
-        new_name: "x".into(),
-        flags: 0,
-    });
+    let r = fs.op(MetaOp::Rename { parent: ROOT_INO, name: "a".into(), new_parent: a, new_name: "x".into(), flags: 0 });
     assert_eq!(code(&r), Some(ErrorCode::Invalid));
     assert!(fs.resolve("/a/b").is_ok());
 }
@@ -200,37 +141,11 @@ fn rmdir_non_empty_and_unlink_dir() {
     let mut fs = Fs::new();
     let a = ino_of(fs.op(mkdir(ROOT_INO, "a")));
     fs.op(create(a, "f")).unwrap();
-    assert_eq!(
-        code(&fs.op(MetaOp::Rmdir {
-            parent: ROOT_INO,
-            name: "a".into()
-        })),
-        Some(ErrorCode::NotEmpty)
-    );
-    assert_eq!(
-        code(&fs.op(MetaOp::Unlink {
-            parent: ROOT_INO,
-            name: "a".into()
-        })),
-        Some(ErrorCode::IsDir)
-    );
-    assert_eq!(
-        code(&fs.op(MetaOp::Rmdir {
-            parent: a,
-            name: "f".into()
-        })),
-        Some(ErrorCode::NotDir)
-    );
-    fs.op(MetaOp::Unlink {
-        parent: a,
-        name: "f".into(),
-    })
-    .unwrap();
-    fs.op(MetaOp::Rmdir {
-        parent: ROOT_INO,
-        name: "a".into(),
-    })
-    .unwrap();
+    assert_eq!(code(&fs.op(MetaOp::Rmdir { parent: ROOT_INO, name: "a".into() })), Some(ErrorCode::NotEmpty));
+    assert_eq!(code(&fs.op(MetaOp::Unlink { parent: ROOT_INO, name: "a".into() })), Some(ErrorCode::IsDir));
+    assert_eq!(code(&fs.op(MetaOp::Rmdir { parent: a, name: "f".into() })), Some(ErrorCode::NotDir));
+    fs.op(MetaOp::Unlink { parent: a, name: "f".into() }).unwrap();
+    fs.op(MetaOp::Rmdir { parent: ROOT_INO, name: "a".into() }).unwrap();
     assert_eq!(fs.resolve("/").unwrap().nlink, 2);
 }
 
@@ -238,43 +153,19 @@ fn rmdir_non_empty_and_unlink_dir() {
 fn hard_links_count_and_survive_unlink() {
     let mut fs = Fs::new();
     let f = ino_of(fs.op(create(ROOT_INO, "f")));
-    fs.op(MetaOp::Link {
-        ino: f,
-        new_parent: ROOT_INO,
-        new_name: "g".into(),
-    })
-    .unwrap();
+    fs.op(MetaOp::Link { ino: f, new_parent: ROOT_INO, new_name: "g".into() }).unwrap();
     assert_eq!(fs.resolve("/g").unwrap().nlink, 2);
     assert_eq!(
-        code(&fs.op(MetaOp::Link {
-            ino: ROOT_INO,
-            new_parent: ROOT_INO,
-            new_name: "d".into()
-        })),
+        code(&fs.op(MetaOp::Link { ino: ROOT_INO, new_parent: ROOT_INO, new_name: "d".into() })),
         Some(ErrorCode::NotPermitted)
     );
-    fs.op(MetaOp::Unlink {
-        parent: ROOT_INO,
-        name: "f".into(),
-    })
-    .unwrap();
+    fs.op(MetaOp::Unlink { parent: ROOT_INO, name: "f".into() }).unwrap();
     let g = fs.resolve("/g").unwrap();
     assert_eq!((g.ino, g.nlink), (f, 1));
     // Renaming one link onto another of the same inode does nothing.
-    fs.op(MetaOp::Link {
-        ino: f,
-        new_parent: ROOT_INO,
-        new_name: "h".into(),
-    })
-    .unwrap();
-    fs.op(MetaOp::Rename {
-        parent: ROOT_INO,
-        name: "g".into(),
-        new_parent: ROOT_INO,
-        new_name: "h".into(),
-        flags: 0,
-    })
-    .unwrap();
+    fs.op(MetaOp::Link { ino: f, new_parent: ROOT_INO, new_name: "h".into() }).unwrap();
+    fs.op(MetaOp::Rename { parent: ROOT_INO, name: "g".into(), new_parent: ROOT_INO, new_name: "h".into(), flags: 0 })
+        .unwrap();
     assert!(fs.resolve("/g").is_ok() && fs.resolve("/h").is_ok());
 }
 
@@ -285,14 +176,8 @@ fn retried_requests_apply_once() {
     let first = fs.op_with_id(Some(id), create(ROOT_INO, "once"));
     let again = fs.op_with_id(Some(id), create(ROOT_INO, "once"));
     assert!(first.is_ok());
-    assert_eq!(
-        first, again,
-        "the retry gets the original reply, not EEXIST"
-    );
-    let other = fs.op_with_id(
-        Some(RequestId { client: 7, seq: 2 }),
-        create(ROOT_INO, "once"),
-    );
+    assert_eq!(first, again, "the retry gets the original reply, not EEXIST");
+    let other = fs.op_with_id(Some(RequestId { client: 7, seq: 2 }), create(ROOT_INO, "once"));
     assert_eq!(code(&other), Some(ErrorCode::Exists));
 }
 
@@ -300,57 +185,19 @@ fn retried_requests_apply_once() {
 fn xattr_flags_and_limits() {
     let mut fs = Fs::new();
     let f = ino_of(fs.op(create(ROOT_INO, "f")));
-    let set = |name: &str, v: &[u8], flags| MetaOp::SetXattr {
-        ino: f,
-        name: name.into(),
-        value: v.to_vec(),
-        flags,
-    };
-    assert_eq!(
-        code(&fs.op(set("user.a", b"1", XATTR_REPLACE))),
-        Some(ErrorCode::NoData)
-    );
+    let set = |name: &str, v: &[u8], flags| MetaOp::SetXattr { ino: f, name: name.into(), value: v.to_vec(), flags };
+    assert_eq!(code(&fs.op(set("user.a", b"1", XATTR_REPLACE))), Some(ErrorCode::NoData));
     fs.op(set("user.a", b"1", XATTR_CREATE)).unwrap();
-    assert_eq!(
-        code(&fs.op(set("user.a", b"2", XATTR_CREATE))),
-        Some(ErrorCode::Exists)
-    );
+    assert_eq!(code(&fs.op(set("user.a", b"2", XATTR_CREATE))), Some(ErrorCode::Exists));
     fs.op(set("user.a", b"2", XATTR_REPLACE)).unwrap();
-    assert_eq!(
-        fs.read(MetaRead::GetXattr {
-            ino: f,
-            name: "user.a".into()
-        })
-        .unwrap(),
-        ReadReply::Xattr(b"2".to_vec())
-    );
-    assert_eq!(
-        code(&fs.op(set("bogus.a", b"1", 0))),
-        Some(ErrorCode::NotSupported)
-    );
-    assert_eq!(
-        code(&fs.op(set("user.big", &vec![0; MAX_XATTR_VALUE_BYTES + 1], 0))),
-        Some(ErrorCode::TooBig)
-    );
-    fs.op(MetaOp::RemoveXattr {
-        ino: f,
-        name: "user.a".into(),
-    })
-    .unwrap();
-    assert_eq!(
-        code(&fs.op(MetaOp::RemoveXattr {
-            ino: f,
-            name: "user.a".into()
-        })),
-        Some(ErrorCode::NoData)
-    );
+    assert_eq!(fs.read(MetaRead::GetXattr { ino: f, name: "user.a".into() }).unwrap(), ReadReply::Xattr(b"2".to_vec()));
+    assert_eq!(code(&fs.op(set("bogus.a", b"1", 0))), Some(ErrorCode::NotSupported));
+    assert_eq!(code(&fs.op(set("user.big", &vec![0; MAX_XATTR_VALUE_BYTES + 1], 0))), Some(ErrorCode::TooBig));
+    fs.op(MetaOp::RemoveXattr { ino: f, name: "user.a".into() }).unwrap();
+    assert_eq!(code(&fs.op(MetaOp::RemoveXattr { ino: f, name: "user.a".into() })), Some(ErrorCode::NoData));
     // Deleting the file drops its xattrs.
     fs.op(set("user.b", b"x", 0)).unwrap();
-    fs.op(MetaOp::Unlink {
-        parent: ROOT_INO,
-        name: "f".into(),
-    })
-    .unwrap();
+    fs.op(MetaOp::Unlink { parent: ROOT_INO, name: "f".into() }).unwrap();
     assert!(!fs.kv.map.keys().any(|k| k[0] == b'X'));
 }
 
@@ -368,41 +215,11 @@ fn symlinks_resolve_with_loop_limit() {
     fs.op(sl(ROOT_INO, "abs", "/d")).unwrap();
     fs.op(sl(ROOT_INO, "rel", "d/../d")).unwrap();
     fs.op(sl(ROOT_INO, "loop", "loop")).unwrap();
-    assert_eq!(
-        read::resolve(&fs.kv, b"/abs/f", false)
-            .unwrap()
-            .unwrap()
-            .attr
-            .kind,
-        FileKind::File
-    );
-    assert_eq!(
-        read::resolve(&fs.kv, b"/rel/f", false)
-            .unwrap()
-            .unwrap()
-            .attr
-            .kind,
-        FileKind::File
-    );
-    assert_eq!(
-        read::resolve(&fs.kv, b"/abs", false)
-            .unwrap()
-            .unwrap()
-            .attr
-            .kind,
-        FileKind::Symlink
-    );
-    assert_eq!(
-        read::resolve(&fs.kv, b"/loop", true)
-            .unwrap()
-            .unwrap_err()
-            .code,
-        ErrorCode::Loop
-    );
-    assert_eq!(
-        code(&fs.op(sl(ROOT_INO, "e", ""))),
-        Some(ErrorCode::NotFound)
-    );
+    assert_eq!(read::resolve(&fs.kv, b"/abs/f", false).unwrap().unwrap().attr.kind, FileKind::File);
+    assert_eq!(read::resolve(&fs.kv, b"/rel/f", false).unwrap().unwrap().attr.kind, FileKind::File);
+    assert_eq!(read::resolve(&fs.kv, b"/abs", false).unwrap().unwrap().attr.kind, FileKind::Symlink);
+    assert_eq!(read::resolve(&fs.kv, b"/loop", true).unwrap().unwrap_err().code, ErrorCode::Loop);
+    assert_eq!(code(&fs.op(sl(ROOT_INO, "e", ""))), Some(ErrorCode::NotFound));
 }
 
 #[test]
@@ -414,23 +231,15 @@ fn readdir_pages_resume_after_the_last_name() {
     let mut after = None;
     let mut names = Vec::new();
     loop {
-        let ReadReply::Entries { entries, more } = fs
-            .read(MetaRead::ReadDir {
-                ino: ROOT_INO,
-                after: after.clone(),
-                limit: 10,
-            })
-            .unwrap()
+        let ReadReply::Entries { entries, more } =
+            fs.read(MetaRead::ReadDir { ino: ROOT_INO, after: after.clone(), limit: 10 }).unwrap()
         else {
             panic!()
         };
         after = entries.last().map(|e| e.name.clone());
         names.extend(entries.into_iter().map(|e| e.name));
         // A concurrent change between pages must not disturb the others.
-        let _ = fs.op(MetaOp::Unlink {
-            parent: ROOT_INO,
-            name: b"f24".to_vec(),
-        });
+        let _ = fs.op(MetaOp::Unlink { parent: ROOT_INO, name: b"f24".to_vec() });
         if !more {
             break;
         }
@@ -444,12 +253,8 @@ fn changes_are_recorded_per_entry() {
     fs.op(mkdir(ROOT_INO, "d")).unwrap();
     let key = super::keys::change(fs.index);
     let changes: Vec<Change> = super::fsm::dec(&fs.kv.get(&key).unwrap().unwrap()).unwrap();
-    assert!(changes
-        .iter()
-        .any(|c| matches!(c, Change::EntrySet { parent: ROOT_INO, name, .. } if name == b"d")));
-    assert!(changes
-        .iter()
-        .any(|c| matches!(c, Change::InodeSet(a) if a.ino == ROOT_INO && a.nlink == 3)));
+    assert!(changes.iter().any(|c| matches!(c, Change::EntrySet { parent: ROOT_INO, name, .. } if name == b"d")));
+    assert!(changes.iter().any(|c| matches!(c, Change::InodeSet(a) if a.ino == ROOT_INO && a.nlink == 3)));
 }
 
 // ---------------------------------------------------------------------------
@@ -457,16 +262,9 @@ fn changes_are_recorded_per_entry() {
 
 #[derive(Debug, Clone)]
 enum MNode {
-    Dir {
-        entries: BTreeMap<String, usize>,
-        parent: usize,
-    },
-    File {
-        nlink: u32,
-    },
-    Link {
-        nlink: u32,
-    },
+    Dir { entries: BTreeMap<String, usize>, parent: usize },
+    File { nlink: u32 },
+    Link { nlink: u32 },
 }
 
 #[derive(Debug, Clone)]
@@ -480,13 +278,7 @@ const ROOT: usize = 0;
 impl Model {
     fn new() -> Self {
         let mut nodes = BTreeMap::new();
-        nodes.insert(
-            ROOT,
-            MNode::Dir {
-                entries: BTreeMap::new(),
-                parent: ROOT,
-            },
-        );
+        nodes.insert(ROOT, MNode::Dir { entries: BTreeMap::new(), parent: ROOT });
         Model { nodes, next: 1 }
     }
     fn entries(&self, d: usize) -> Option<&BTreeMap<String, usize>> {
@@ -554,10 +346,7 @@ impl Model {
                     return Err(ErrorCode::Exists);
                 }
                 let node = match op {
-                    ModelOp::Mkdir(..) => MNode::Dir {
-                        entries: BTreeMap::new(),
-                        parent: d,
-                    },
+                    ModelOp::Mkdir(..) => MNode::Dir { entries: BTreeMap::new(), parent: d },
                     ModelOp::Create(..) => MNode::File { nlink: 1 },
                     _ => MNode::Link { nlink: 1 },
                 };
@@ -567,11 +356,7 @@ impl Model {
             }
             ModelOp::Unlink(p, n) => {
                 let d = self.dir(p)?;
-                let t = *self
-                    .entries(d)
-                    .unwrap()
-                    .get(*n)
-                    .ok_or(ErrorCode::NotFound)?;
+                let t = *self.entries(d).unwrap().get(*n).ok_or(ErrorCode::NotFound)?;
                 if self.is_dir(t) {
                     return Err(ErrorCode::IsDir);
                 }
@@ -581,11 +366,7 @@ impl Model {
             }
             ModelOp::Rmdir(p, n) => {
                 let d = self.dir(p)?;
-                let t = *self
-                    .entries(d)
-                    .unwrap()
-                    .get(*n)
-                    .ok_or(ErrorCode::NotFound)?;
+                let t = *self.entries(d).unwrap().get(*n).ok_or(ErrorCode::NotFound)?;
                 if !self.is_dir(t) {
                     return Err(ErrorCode::NotDir);
                 }
@@ -598,11 +379,7 @@ impl Model {
             }
             ModelOp::Link(p, n, p2, n2) => {
                 let d = self.dir(p)?;
-                let t = *self
-                    .entries(d)
-                    .unwrap()
-                    .get(*n)
-                    .ok_or(ErrorCode::NotFound)?;
+                let t = *self.entries(d).unwrap().get(*n).ok_or(ErrorCode::NotFound)?;
                 if self.is_dir(t) {
                     return Err(ErrorCode::NotPermitted);
                 }
@@ -610,9 +387,7 @@ impl Model {
                 if self.entries(d2).unwrap().contains_key(*n2) {
                     return Err(ErrorCode::Exists);
                 }
-                if let Some(MNode::File { nlink }) | Some(MNode::Link { nlink }) =
-                    self.nodes.get_mut(&t)
-                {
+                if let Some(MNode::File { nlink }) | Some(MNode::Link { nlink }) = self.nodes.get_mut(&t) {
                     *nlink += 1;
                 }
                 self.entries_mut(d2).insert(n2.to_string(), t);
@@ -621,11 +396,7 @@ impl Model {
             ModelOp::Rename(p, n, p2, n2, flags) => {
                 let d = self.dir(p)?;
                 let d2 = self.dir(p2)?;
-                let s = *self
-                    .entries(d)
-                    .unwrap()
-                    .get(*n)
-                    .ok_or(ErrorCode::NotFound)?;
+                let s = *self.entries(d).unwrap().get(*n).ok_or(ErrorCode::NotFound)?;
                 let t = self.entries(d2).unwrap().get(*n2).copied();
                 if *flags == RENAME_EXCHANGE {
                     let t = t.ok_or(ErrorCode::NotFound)?;
@@ -664,9 +435,7 @@ impl Model {
                     match (self.is_dir(s), self.is_dir(t)) {
                         (true, false) => return Err(ErrorCode::NotDir),
                         (false, true) => return Err(ErrorCode::IsDir),
-                        (true, true) if !self.entries(t).unwrap().is_empty() => {
-                            return Err(ErrorCode::NotEmpty)
-                        }
+                        (true, true) if !self.entries(t).unwrap().is_empty() => return Err(ErrorCode::NotEmpty),
                         _ => {}
                     }
                     self.drop_link(t);
@@ -709,19 +478,8 @@ enum ModelOp {
     Symlink(Vec<&'static str>, &'static str),
     Unlink(Vec<&'static str>, &'static str),
     Rmdir(Vec<&'static str>, &'static str),
-    Link(
-        Vec<&'static str>,
-        &'static str,
-        Vec<&'static str>,
-        &'static str,
-    ),
-    Rename(
-        Vec<&'static str>,
-        &'static str,
-        Vec<&'static str>,
-        &'static str,
-        u32,
-    ),
+    Link(Vec<&'static str>, &'static str, Vec<&'static str>, &'static str),
+    Rename(Vec<&'static str>, &'static str, Vec<&'static str>, &'static str, u32),
 }
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
@@ -769,29 +527,16 @@ fn run_fs(fs: &mut Fs, op: &ModelOp) -> Result<(), ErrorCode> {
             target: b"t".to_vec(),
             caller: Caller::ROOT,
         }),
-        ModelOp::Unlink(p, n) => fs.op(MetaOp::Unlink {
-            parent: dir(fs, p)?,
-            name: n.as_bytes().to_vec(),
-        }),
-        ModelOp::Rmdir(p, n) => fs.op(MetaOp::Rmdir {
-            parent: dir(fs, p)?,
-            name: n.as_bytes().to_vec(),
-        }),
+        ModelOp::Unlink(p, n) => fs.op(MetaOp::Unlink { parent: dir(fs, p)?, name: n.as_bytes().to_vec() }),
+        ModelOp::Rmdir(p, n) => fs.op(MetaOp::Rmdir { parent: dir(fs, p)?, name: n.as_bytes().to_vec() }),
         ModelOp::Link(p, n, q, m) => {
             let d = dir(fs, p)?;
-            let t = match fs.read(MetaRead::Lookup {
-                parent: d,
-                name: n.as_bytes().to_vec(),
-            }) {
+            let t = match fs.read(MetaRead::Lookup { parent: d, name: n.as_bytes().to_vec() }) {
                 Ok(ReadReply::Attr(a)) => a.ino,
                 Ok(_) => unreachable!(),
                 Err(e) => return Err(e.code),
             };
-            fs.op(MetaOp::Link {
-                ino: t,
-                new_parent: dir(fs, q)?,
-                new_name: m.as_bytes().to_vec(),
-            })
+            fs.op(MetaOp::Link { ino: t, new_parent: dir(fs, q)?, new_name: m.as_bytes().to_vec() })
         }
         ModelOp::Rename(p, n, q, m, f) => {
             let (d, d2) = (dir(fs, p)?, dir(fs, q)?);

@@ -33,8 +33,7 @@ pub fn inode(ino: Ino) -> Vec<u8> {
 }
 
 pub fn inode_from_key(k: &[u8]) -> Option<Ino> {
-    (k.len() == 9 && k[0] == INODE)
-        .then(|| u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")))
+    (k.len() == 9 && k[0] == INODE).then(|| u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")))
 }
 
 pub fn dentry(parent: Ino, name: &[u8]) -> Vec<u8> {
@@ -53,12 +52,7 @@ pub fn dir_prefix(parent: Ino) -> Vec<u8> {
 
 /// (parent, name) of a dentry key.
 pub fn dentry_from_key(k: &[u8]) -> Option<(Ino, &[u8])> {
-    (k.len() > 9 && k[0] == DENTRY).then(|| {
-        (
-            u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")),
-            &k[9..],
-        )
-    })
+    (k.len() > 9 && k[0] == DENTRY).then(|| (u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")), &k[9..]))
 }
 
 pub fn xattr(ino: Ino, name: &[u8]) -> Vec<u8> {
@@ -125,8 +119,7 @@ pub fn change(index: u64) -> Vec<u8> {
 }
 
 pub fn change_index(k: &[u8]) -> Option<u64> {
-    (k.len() == 9 && k[0] == CHANGE)
-        .then(|| u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")))
+    (k.len() == 9 && k[0] == CHANGE).then(|| u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")))
 }
 
 #[cfg(test)]

@@ -58,20 +58,12 @@ pub struct MetaService {
 
 pub fn raft_error(e: RaftNodeError) -> WireError {
     match e {
-        RaftNodeError::NotLeader {
-            leader_id,
-            leader_addr,
-        } => WireError {
+        RaftNodeError::NotLeader { leader_id, leader_addr } => WireError {
             code: ErrorCode::NotLeader,
             message: format!("not the leader; leader is {leader_id:?}"),
-            leader: leader_id.map(|id| LeaderHint {
-                id,
-                addr: leader_addr.unwrap_or_default(),
-            }),
+            leader: leader_id.map(|id| LeaderHint { id, addr: leader_addr.unwrap_or_default() }),
         },
-        RaftNodeError::NoQuorum(m) => {
-            WireError::new(ErrorCode::Unavailable, format!("no quorum: {m}"))
-        }
+        RaftNodeError::NoQuorum(m) => WireError::new(ErrorCode::Unavailable, format!("no quorum: {m}")),
         RaftNodeError::Membership(m) => WireError::new(ErrorCode::Busy, m),
         other => WireError::new(ErrorCode::Unavailable, other.to_string()),
     }
@@ -82,11 +74,7 @@ impl MetaService {
         let (tx, rx) = mpsc::channel(OP_QUEUE);
         tokio::spawn(batch_loop(raft.clone(), rx, metrics.clone()));
         tokio::spawn(init_root(raft.clone()));
-        MetaService {
-            raft,
-            ops: tx,
-            metrics,
-        }
+        MetaService { raft, ops: tx, metrics }
     }
 
     pub fn raft(&self) -> &RaftNode {
@@ -104,37 +92,25 @@ impl MetaService {
             Request::Ping => "ping",
         };
         let resp = self.dispatch(role, request).await;
-        self.metrics.observe(
-            label,
-            started.elapsed(),
-            resp.as_ref().err().map(|e| e.code),
-        );
+        self.metrics.observe(label, started.elapsed(), resp.as_ref().err().map(|e| e.code));
         resp
     }
 
     async fn dispatch(&self, role: Role, request: Request) -> Response {
         match request {
-            Request::Ping => Ok(Reply::Pong {
-                node_id: self.raft.id(),
-            }),
+            Request::Ping => Ok(Reply::Pong { node_id: self.raft.id() }),
             Request::Op { id, op } => self.write(Some(id), op).await.map(Reply::Op),
             Request::Read(r) => self.read(&r).await.map(Reply::Read),
             Request::Admin(op) => {
                 if !matches!(op, AdminOp::Status) && !matches!(role, Role::Admin | Role::Node) {
                     return Err(WireError::new(
                         ErrorCode::Unauthorized,
-                        format!(
-                            "{op:?} needs an admin certificate; this one is {}",
-                            role.as_str()
-                        ),
+                        format!("{op:?} needs an admin certificate; this one is {}", role.as_str()),
                     ));
                 }
                 self.admin(op).await.map(Reply::Admin)
             }
-            Request::Subscribe { .. } => Err(WireError::new(
-                ErrorCode::BadRequest,
-                "subscribe needs its own stream",
-            )),
+            Request::Subscribe { .. } => Err(WireError::new(ErrorCode::BadRequest, "subscribe needs its own stream")),
         }
     }
 
@@ -145,8 +121,7 @@ impl MetaService {
             .send(PendingOp { id, op, reply: tx })
             .await
             .map_err(|_| WireError::new(ErrorCode::Unavailable, "metadata service stopping"))?;
-        rx.await
-            .map_err(|_| WireError::new(ErrorCode::Unavailable, "metadata service stopping"))?
+        rx.await.map_err(|_| WireError::new(ErrorCode::Unavailable, "metadata service stopping"))?
     }
 
     /// A linearizable read.
@@ -154,19 +129,11 @@ impl MetaService {
         match tokio::time::timeout(READ_TIMEOUT, self.raft.read_barrier()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(raft_error(e)),
-            Err(_) => {
-                return Err(WireError::new(
-                    ErrorCode::Unavailable,
-                    "read index timed out",
-                ))
-            }
+            Err(_) => return Err(WireError::new(ErrorCode::Unavailable, "read index timed out")),
         }
         let res = self.raft.reader().with_snapshot(|kv| {
             if fsm::load_inode(kv, ROOT_INO)?.is_none() {
-                return Ok(Err(WireError::new(
-                    ErrorCode::Unavailable,
-                    "namespace not initialized yet",
-                )));
+                return Ok(Err(WireError::new(ErrorCode::Unavailable, "namespace not initialized yet")));
             }
             read::query(kv, r, self.capacity())
         });
@@ -183,17 +150,11 @@ impl MetaService {
             AdminOp::AddNode { id, addr } => {
                 self.require_leader()?;
                 if addr.parse::<std::net::SocketAddr>().is_err() {
-                    return Err(WireError::new(
-                        ErrorCode::Invalid,
-                        format!("{addr:?} is not an ip:port address"),
-                    ));
+                    return Err(WireError::new(ErrorCode::Invalid, format!("{addr:?} is not an ip:port address")));
                 }
                 let voters = self.voters();
                 if voters.contains(&id) {
-                    return Err(WireError::new(
-                        ErrorCode::Exists,
-                        format!("node {id} is already a voter"),
-                    ));
+                    return Err(WireError::new(ErrorCode::Exists, format!("node {id} is already a voter")));
                 }
                 let add = async {
                     self.raft.add_learner(id, addr).await?;
@@ -203,12 +164,7 @@ impl MetaService {
                 };
                 match tokio::time::timeout(ADD_NODE_TIMEOUT, add).await {
                     Ok(r) => r.map_err(raft_error)?,
-                    Err(_) => {
-                        return Err(WireError::new(
-                            ErrorCode::Timeout,
-                            "the new node did not catch up in time",
-                        ))
-                    }
+                    Err(_) => return Err(WireError::new(ErrorCode::Timeout, "the new node did not catch up in time")),
                 }
                 Ok(AdminReply::Done)
             }
@@ -216,16 +172,10 @@ impl MetaService {
                 self.require_leader()?;
                 let mut v = self.voters();
                 if !v.remove(&id) {
-                    return Err(WireError::new(
-                        ErrorCode::NotFound,
-                        format!("node {id} is not a voter"),
-                    ));
+                    return Err(WireError::new(ErrorCode::NotFound, format!("node {id} is not a voter")));
                 }
                 if v.is_empty() {
-                    return Err(WireError::new(
-                        ErrorCode::Invalid,
-                        "cannot remove the last voter",
-                    ));
+                    return Err(WireError::new(ErrorCode::Invalid, "cannot remove the last voter"));
                 }
                 self.raft.change_voters(v).await.map_err(raft_error)?;
                 Ok(AdminReply::Done)
@@ -250,12 +200,7 @@ impl MetaService {
     }
 
     fn voters(&self) -> BTreeSet<u64> {
-        self.raft
-            .metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect()
+        self.raft.metrics().membership_config.membership().voter_ids().collect()
     }
 
     /// The cluster as this node sees it.
@@ -269,10 +214,7 @@ impl MetaService {
             if id == m.id {
                 return Some(last_log);
             }
-            m.replication
-                .as_ref()?
-                .get(&id)
-                .map(|l| l.map(|l| l.index).unwrap_or(0))
+            m.replication.as_ref()?.get(&id).map(|l| l.map(|l| l.index).unwrap_or(0))
         };
         let is_leader = m.state == raft::ServerState::Leader;
         let commit_index = if is_leader {
@@ -317,11 +259,7 @@ impl MetaService {
         let _ = send.finish();
     }
 
-    async fn stream_changes(
-        &self,
-        send: &mut quinn::SendStream,
-        from: u64,
-    ) -> Result<(), frame::FrameError> {
+    async fn stream_changes(&self, send: &mut quinn::SendStream, from: u64) -> Result<(), frame::FrameError> {
         let mut next = from.max(1);
         let mut applied_rx = self.raft.applied_watch();
         let reader = self.raft.reader().clone();
@@ -343,8 +281,7 @@ impl MetaService {
                     let Some(index) = keys::change_index(&k) else {
                         continue;
                     };
-                    let changes: Vec<Change> =
-                        fsm::dec(&v).map_err(|e| frame::FrameError::Decode(e.to_string()))?;
+                    let changes: Vec<Change> = fsm::dec(&v).map_err(|e| frame::FrameError::Decode(e.to_string()))?;
                     frame::write_frame(send, &StreamItem::Changes { index, changes }).await?;
                     next = index + 1;
                 }
@@ -381,14 +318,9 @@ impl MetaService {
                             fsm::dec::<fsm::InodeRec>(v).map(|r| Change::InodeSet(r.attr))
                         } else {
                             fsm::dec::<fsm::DentryRec>(v).and_then(|d| {
-                                let (parent, name) = keys::dentry_from_key(k)
-                                    .ok_or_else(|| raft::KvError("bad dentry key".into()))?;
-                                Ok(Change::EntrySet {
-                                    parent,
-                                    name: name.to_vec(),
-                                    ino: d.ino,
-                                    kind: d.kind,
-                                })
+                                let (parent, name) =
+                                    keys::dentry_from_key(k).ok_or_else(|| raft::KvError("bad dentry key".into()))?;
+                                Ok(Change::EntrySet { parent, name: name.to_vec(), ino: d.ino, kind: d.kind })
                             })
                         };
                         match change {
@@ -460,10 +392,7 @@ async fn batch_loop(raft: RaftNode, mut rx: mpsc::Receiver<PendingOp>, metrics: 
 }
 
 async fn propose(raft: &RaftNode, batch: Vec<PendingOp>) {
-    let cmd = Command::Batch {
-        now: Timespec::now(),
-        ops: batch.iter().map(|p| (p.id, p.op.clone())).collect(),
-    };
+    let cmd = Command::Batch { now: Timespec::now(), ops: batch.iter().map(|p| (p.id, p.op.clone())).collect() };
     let outcome = match tokio::time::timeout(WRITE_TIMEOUT, raft.write(enc(&cmd))).await {
         Ok(Ok(bytes)) => match postcard::from_bytes::<Vec<OpResult>>(&bytes) {
             Ok(results) if results.len() == batch.len() => Ok(results),
@@ -471,10 +400,7 @@ async fn propose(raft: &RaftNode, batch: Vec<PendingOp>) {
                 ErrorCode::Internal,
                 format!("{} results for {} operations", results.len(), batch.len()),
             )),
-            Err(e) => Err(WireError::new(
-                ErrorCode::Internal,
-                format!("undecodable reply: {e}"),
-            )),
+            Err(e) => Err(WireError::new(ErrorCode::Internal, format!("undecodable reply: {e}"))),
         },
         Ok(Err(e)) => Err(raft_error(e)),
         // The entry may still commit; the client retries with the same
@@ -498,19 +424,12 @@ async fn propose(raft: &RaftNode, batch: Vec<PendingOp>) {
 /// Creates the root directory once this node leads a fresh cluster.
 async fn init_root(raft: RaftNode) {
     loop {
-        let have_root = raft
-            .reader()
-            .with_latest(|kv| fsm::load_inode(kv, ROOT_INO))
-            .ok()
-            .flatten()
-            .is_some();
+        let have_root = raft.reader().with_latest(|kv| fsm::load_inode(kv, ROOT_INO)).ok().flatten().is_some();
         if have_root {
             return;
         }
         if raft.is_leader() {
-            let cmd = Command::Init {
-                now: Timespec::now(),
-            };
+            let cmd = Command::Init { now: Timespec::now() };
             if let Err(e) = raft.write(enc(&cmd)).await {
                 tracing::debug!(error = %e, "root init not committed yet");
             }

@@ -45,16 +45,10 @@ pub fn query(kv: &dyn KvRead, read: &MetaRead, cap: Capacity) -> Result<ReadResu
             }
             let p = tri!(inode_or_err(kv, *parent));
             if p.attr.kind != FileKind::Dir {
-                return Ok(Err(WireError::new(
-                    ErrorCode::NotDir,
-                    format!("inode {parent} is not a directory"),
-                )));
+                return Ok(Err(WireError::new(ErrorCode::NotDir, format!("inode {parent} is not a directory"))));
             }
             let Some(d) = load_dentry(kv, *parent, name)? else {
-                return Ok(Err(not_found(format!(
-                    "{:?}",
-                    String::from_utf8_lossy(name)
-                ))));
+                return Ok(Err(not_found(format!("{:?}", String::from_utf8_lossy(name)))));
             };
             ReadReply::Attr(tri!(inode_or_err(kv, d.ino)).attr)
         }
@@ -62,10 +56,7 @@ pub fn query(kv: &dyn KvRead, read: &MetaRead, cap: Capacity) -> Result<ReadResu
         MetaRead::ReadDir { ino, after, limit } => {
             let dir = tri!(inode_or_err(kv, *ino));
             if dir.attr.kind != FileKind::Dir {
-                return Ok(Err(WireError::new(
-                    ErrorCode::NotDir,
-                    format!("inode {ino} is not a directory"),
-                )));
+                return Ok(Err(WireError::new(ErrorCode::NotDir, format!("inode {ino} is not a directory"))));
             }
             let limit = (*limit).clamp(1, MAX_READDIR_PAGE) as usize;
             let prefix = keys::dir_prefix(*ino);
@@ -85,21 +76,14 @@ pub fn query(kv: &dyn KvRead, read: &MetaRead, cap: Capacity) -> Result<ReadResu
             let mut entries = Vec::with_capacity(rows.len().min(limit));
             for (k, v) in rows.into_iter().take(limit) {
                 let d: DentryRec = dec(&v)?;
-                entries.push(DirEntry {
-                    name: k[prefix.len()..].to_vec(),
-                    ino: d.ino,
-                    kind: d.kind,
-                });
+                entries.push(DirEntry { name: k[prefix.len()..].to_vec(), ino: d.ino, kind: d.kind });
             }
             ReadReply::Entries { entries, more }
         }
         MetaRead::Readlink { ino } => {
             let rec = tri!(inode_or_err(kv, *ino));
             if rec.attr.kind != FileKind::Symlink {
-                return Ok(Err(WireError::new(
-                    ErrorCode::Invalid,
-                    format!("inode {ino} is not a symlink"),
-                )));
+                return Ok(Err(WireError::new(ErrorCode::Invalid, format!("inode {ino} is not a symlink"))));
             }
             ReadReply::Link(rec.target)
         }
@@ -133,19 +117,13 @@ pub fn query(kv: &dyn KvRead, read: &MetaRead, cap: Capacity) -> Result<ReadResu
                 max_name: MAX_NAME_BYTES as u32,
             })
         }
-        MetaRead::Resolve { path, follow } => {
-            ReadReply::Attr(tri!(resolve(kv, path, *follow)).attr)
-        }
+        MetaRead::Resolve { path, follow } => ReadReply::Attr(tri!(resolve(kv, path, *follow)).attr),
     }))
 }
 
 /// Resolves an absolute path, following symlinks in the middle (and at the
 /// end with `follow`), with `..` going to the parent.
-pub fn resolve(
-    kv: &dyn KvRead,
-    path: &[u8],
-    follow: bool,
-) -> Result<Result<InodeRec, WireError>, KvError> {
+pub fn resolve(kv: &dyn KvRead, path: &[u8], follow: bool) -> Result<Result<InodeRec, WireError>, KvError> {
     if path.len() > MAX_PATH_BYTES {
         return Ok(Err(WireError::new(ErrorCode::NameTooLong, "path too long")));
     }
@@ -164,36 +142,24 @@ pub fn resolve(
     let mut cur = tri!(inode_or_err(kv, ROOT_INO));
     while let Some(comp) = todo.pop() {
         if cur.attr.kind != FileKind::Dir {
-            return Ok(Err(WireError::new(
-                ErrorCode::NotDir,
-                "a path component is not a directory",
-            )));
+            return Ok(Err(WireError::new(ErrorCode::NotDir, "a path component is not a directory")));
         }
         if comp == b".." {
             cur = tri!(inode_or_err(kv, cur.parent.max(ROOT_INO)));
             continue;
         }
         if comp.len() > MAX_NAME_BYTES {
-            return Ok(Err(WireError::new(
-                ErrorCode::NameTooLong,
-                "path component too long",
-            )));
+            return Ok(Err(WireError::new(ErrorCode::NameTooLong, "path component too long")));
         }
         let Some(d) = load_dentry(kv, cur.attr.ino, &comp)? else {
-            return Ok(Err(not_found(format!(
-                "{:?}",
-                String::from_utf8_lossy(path)
-            ))));
+            return Ok(Err(not_found(format!("{:?}", String::from_utf8_lossy(path)))));
         };
         let next = tri!(inode_or_err(kv, d.ino));
         let last = todo.is_empty();
         if next.attr.kind == FileKind::Symlink && (!last || follow) {
             follows += 1;
             if follows > MAX_SYMLINK_FOLLOWS {
-                return Ok(Err(WireError::new(
-                    ErrorCode::Loop,
-                    "too many levels of symbolic links",
-                )));
+                return Ok(Err(WireError::new(ErrorCode::Loop, "too many levels of symbolic links")));
             }
             // Both are last-first, so the link's first component pops next.
             todo.extend(components(&next.target));
@@ -209,11 +175,8 @@ pub fn resolve(
 
 /// Path components, last first, without empty ones and `.`.
 fn components(path: &[u8]) -> Vec<Vec<u8>> {
-    let mut v: Vec<Vec<u8>> = path
-        .split(|&b| b == b'/')
-        .filter(|c| !c.is_empty() && *c != b".")
-        .map(|c| c.to_vec())
-        .collect();
+    let mut v: Vec<Vec<u8>> =
+        path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".").map(|c| c.to_vec()).collect();
     v.reverse();
     v
 }

@@ -16,11 +16,10 @@
 
 use super::index::{ClusterIndex, GroupIndex, HOST, RACK, ZONE};
 use super::{
-    Attempt, BytesAtDistance, CandidateNote, CapacityFit, Explain, HolderNote, ImageNote, NoFit,
-    Portion, RejectionCounts, Score, VmDecision, VmOutcome, VmRejection, VmRequest, DATA_POINTS,
-    GROUP_RACK_PENALTY_POINTS, HEADROOM_POINTS, HOST_WEIGHT_PERMILLE, IMAGE_CACHED_POINTS,
-    IMAGE_LOCAL_POINTS, MAX_DATASETS_PER_VM, MAX_HOLDERS_PER_NOTE, MAX_RETRY_AFTER_MS,
-    RACK_WEIGHT_PERMILLE, SUMMARY_TOP_N, ZONE_WEIGHT_PERMILLE,
+    Attempt, BytesAtDistance, CandidateNote, CapacityFit, Explain, HolderNote, ImageNote, NoFit, Portion,
+    RejectionCounts, Score, VmDecision, VmOutcome, VmRejection, VmRequest, DATA_POINTS, GROUP_RACK_PENALTY_POINTS,
+    HEADROOM_POINTS, HOST_WEIGHT_PERMILLE, IMAGE_CACHED_POINTS, IMAGE_LOCAL_POINTS, MAX_DATASETS_PER_VM,
+    MAX_HOLDERS_PER_NOTE, MAX_RETRY_AFTER_MS, RACK_WEIGHT_PERMILLE, SUMMARY_TOP_N, ZONE_WEIGHT_PERMILLE,
 };
 use crate::error::FileField;
 use crate::util::{BitSet, FastMap};
@@ -64,9 +63,7 @@ struct Parts {
 
 impl Parts {
     fn build(index: &ClusterIndex, files: &[u32], points: i64) -> Parts {
-        let total = files.iter().fold(0u64, |t, &f| {
-            t.saturating_add(index.files[f as usize].bytes)
-        });
+        let total = files.iter().fold(0u64, |t, &f| t.saturating_add(index.files[f as usize].bytes));
         if total == 0 {
             return Parts::default();
         }
@@ -105,22 +102,14 @@ impl Parts {
                 _ => (u128::from(bytes) * u128::from(scale) / (1000 * u128::from(total))) as i64,
             }
         };
-        let zone: Vec<i64> = zone
-            .into_iter()
-            .map(|b| to_points(b, ZONE_WEIGHT_PERMILLE))
-            .collect();
+        let zone: Vec<i64> = zone.into_iter().map(|b| to_points(b, ZONE_WEIGHT_PERMILLE)).collect();
         let rack = rack
             .into_iter()
             .enumerate()
-            .map(|(r, b)| {
-                to_points(b, RACK_WEIGHT_PERMILLE - ZONE_WEIGHT_PERMILLE)
-                    + zone[index.rack_zone[r] as usize]
-            })
+            .map(|(r, b)| to_points(b, RACK_WEIGHT_PERMILLE - ZONE_WEIGHT_PERMILLE) + zone[index.rack_zone[r] as usize])
             .collect();
-        let host: Vec<(u32, i64)> = host
-            .into_iter()
-            .map(|(d, b)| (d, to_points(b, HOST_WEIGHT_PERMILLE - RACK_WEIGHT_PERMILLE)))
-            .collect();
+        let host: Vec<(u32, i64)> =
+            host.into_iter().map(|(d, b)| (d, to_points(b, HOST_WEIGHT_PERMILLE - RACK_WEIGHT_PERMILLE))).collect();
         let mut host_bits = BitSet::with_len(index.domain_counts[HOST]);
         let mut host_max = vec![0i64; index.domain_counts[RACK]];
         for &(d, points) in &host {
@@ -128,20 +117,13 @@ impl Parts {
             let m = &mut host_max[index.host_domain_rack[d as usize] as usize];
             *m = (*m).max(points);
         }
-        Parts {
-            rack,
-            host_bits,
-            host,
-            host_max,
-        }
+        Parts { rack, host_bits, host, host_max }
     }
 
     #[inline]
     fn host_term(&self, host_domain: u32) -> i64 {
         if self.host_bits.contains(host_domain as usize) {
-            self.host
-                .binary_search_by_key(&host_domain, |&(d, _)| d)
-                .map_or(0, |i| self.host[i].1)
+            self.host.binary_search_by_key(&host_domain, |&(d, _)| d).map_or(0, |i| self.host[i].1)
         } else {
             0
         }
@@ -195,11 +177,7 @@ impl ClusterIndex {
     /// level at a time up to `policy.relax_to` and places at the first level
     /// where a host qualifies, or answers `Unplaceable` with the reason at
     /// the widest level tried.
-    pub fn place(
-        &self,
-        request: &VmRequest,
-        explain: Explain,
-    ) -> Result<VmDecision, PlacementError> {
+    pub fn place(&self, request: &VmRequest, explain: Explain) -> Result<VmDecision, PlacementError> {
         let p = self.prepare(request)?;
         let keep = match explain {
             Explain::Summary => SUMMARY_TOP_N,
@@ -210,10 +188,7 @@ impl ClusterIndex {
         let mut level = request.proximity;
         loop {
             let scan = self.scan(&p, level, keep);
-            attempts.push(Attempt {
-                level,
-                counts: scan.counts.clone(),
-            });
+            attempts.push(Attempt { level, counts: scan.counts.clone() });
             let outcome = if let Some(&(_, best)) = scan.top.first() {
                 VmOutcome::Placed {
                     host: self.view.hosts[best as usize].id,
@@ -221,26 +196,18 @@ impl ClusterIndex {
                 }
             } else if level == request.proximity && request.waited_ms < request.policy.max_wait_ms {
                 VmOutcome::Wait {
-                    retry_after_ms: (request.policy.max_wait_ms - request.waited_ms)
-                        .min(MAX_RETRY_AFTER_MS),
+                    retry_after_ms: (request.policy.max_wait_ms - request.waited_ms).min(MAX_RETRY_AFTER_MS),
                     reason: self.no_fit(&p, level, &scan),
                 }
             } else if let Some(wider) = level.wider().filter(|&w| w <= request.policy.relax_to) {
                 level = wider;
                 continue;
             } else {
-                VmOutcome::Unplaceable {
-                    reason: self.no_fit(&p, level, &scan),
-                }
+                VmOutcome::Unplaceable { reason: self.no_fit(&p, level, &scan) }
             };
             let chosen = scan.top.first().map(|&(_, i)| i);
             let candidates = self.notes(&p, level, &scan, explain, chosen);
-            return Ok(VmDecision {
-                vm: request.name.clone(),
-                outcome,
-                attempts,
-                candidates,
-            });
+            return Ok(VmDecision { vm: request.name.clone(), outcome, attempts, candidates });
         }
     }
 
@@ -248,17 +215,9 @@ impl ClusterIndex {
     /// name), committing each placement so later requests see it. Results
     /// come in that order; a malformed request yields its error and the
     /// batch goes on.
-    pub fn place_many(
-        &mut self,
-        requests: &[VmRequest],
-        explain: Explain,
-    ) -> Vec<Result<VmDecision, PlacementError>> {
+    pub fn place_many(&mut self, requests: &[VmRequest], explain: Explain) -> Vec<Result<VmDecision, PlacementError>> {
         let mut order: Vec<&VmRequest> = requests.iter().collect();
-        order.sort_by(|a, b| {
-            b.priority
-                .cmp(&a.priority)
-                .then_with(|| a.name.cmp(&b.name))
-        });
+        order.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.name.cmp(&b.name)));
         order
             .into_iter()
             .map(|r| {
@@ -273,30 +232,20 @@ impl ClusterIndex {
 
     fn prepare<'a>(&'a self, req: &'a VmRequest) -> Result<Prepared<'a>, PlacementError> {
         if req.vcpus == 0 {
-            return Err(PlacementError::ZeroVcpus {
-                vm: req.name.clone(),
-            });
+            return Err(PlacementError::ZeroVcpus { vm: req.name.clone() });
         }
         if req.mem_mb == 0 {
-            return Err(PlacementError::ZeroMemory {
-                vm: req.name.clone(),
-            });
+            return Err(PlacementError::ZeroMemory { vm: req.name.clone() });
         }
         if req.datasets.len() > MAX_DATASETS_PER_VM {
-            return Err(PlacementError::TooManyDatasets {
-                vm: req.name.clone(),
-                count: req.datasets.len(),
-            });
+            return Err(PlacementError::TooManyDatasets { vm: req.name.clone(), count: req.datasets.len() });
         }
         let file = |path: &String, field| {
-            self.file_by_path
-                .get(path)
-                .copied()
-                .ok_or_else(|| PlacementError::UnknownFile {
-                    vm: req.name.clone(),
-                    field,
-                    path: path.clone(),
-                })
+            self.file_by_path.get(path).copied().ok_or_else(|| PlacementError::UnknownFile {
+                vm: req.name.clone(),
+                field,
+                path: path.clone(),
+            })
         };
         let image = file(&req.image, FileField::Image)?;
         let mut datasets = Vec::with_capacity(req.datasets.len());
@@ -308,10 +257,7 @@ impl ClusterIndex {
         }
         let unavailable = datasets.iter().find_map(|&f| {
             let file = &self.files[f as usize];
-            file.first_lost.map(|chunk_index| Portion {
-                path: file.path.clone(),
-                chunk_index,
-            })
+            file.first_lost.map(|chunk_index| Portion { path: file.path.clone(), chunk_index })
         });
         let group = req.anti_affinity.as_ref().and_then(|g| self.groups.get(g));
         let mut group_penalty = Vec::new();
@@ -339,11 +285,7 @@ impl ClusterIndex {
             return Qualifying::All;
         };
         // An empty file is within any distance.
-        let mut files = p
-            .datasets
-            .iter()
-            .map(|&f| &self.files[f as usize])
-            .filter(|f| f.chunks > 0);
+        let mut files = p.datasets.iter().map(|&f| &self.files[f as usize]).filter(|f| f.chunks > 0);
         let Some(first) = files.next() else {
             return Qualifying::All;
         };
@@ -359,11 +301,7 @@ impl ClusterIndex {
     /// beat its last entry is only counted, not scored: that is what keeps
     /// wide levels cheap when the data has a home.
     fn scan(&self, p: &Prepared<'_>, level: Level, keep: usize) -> Scan {
-        let mut scan = Scan {
-            counts: RejectionCounts::default(),
-            top: Vec::new(),
-            sample: Vec::new(),
-        };
+        let mut scan = Scan { counts: RejectionCounts::default(), top: Vec::new(), sample: Vec::new() };
         let image_bound = |rack: u32| {
             let near = p.image_parts.bound(rack);
             if p.cached.is_some() {
@@ -373,38 +311,21 @@ impl ClusterIndex {
             }
         };
         let bound = |rack: u32, data: i64| {
-            data + image_bound(rack) + HEADROOM_POINTS
-                - p.group_penalty.get(rack as usize).copied().unwrap_or(0)
+            data + image_bound(rack) + HEADROOM_POINTS - p.group_penalty.get(rack as usize).copied().unwrap_or(0)
         };
-        let rack_group = |rack: u32| {
-            (
-                bound(rack, p.data.bound(rack)),
-                &self.hosts_in[RACK][rack as usize][..],
-            )
-        };
+        let rack_group = |rack: u32| (bound(rack, p.data.bound(rack)), &self.hosts_in[RACK][rack as usize][..]);
         let qualifying = self.qualifying(p, level);
         let mut groups: Vec<(i64, &[u32])> = match &qualifying {
-            Qualifying::All => (0..self.domain_counts[RACK] as u32)
-                .map(rack_group)
-                .collect(),
-            Qualifying::Domains {
-                level: ZONE,
-                domains,
-            } => domains
-                .iter()
-                .flat_map(|&z| self.racks_in_zone[z as usize].iter().copied())
-                .map(rack_group)
-                .collect(),
-            Qualifying::Domains {
-                level: RACK,
-                domains,
-            } => domains.iter().copied().map(rack_group).collect(),
+            Qualifying::All => (0..self.domain_counts[RACK] as u32).map(rack_group).collect(),
+            Qualifying::Domains { level: ZONE, domains } => {
+                domains.iter().flat_map(|&z| self.racks_in_zone[z as usize].iter().copied()).map(rack_group).collect()
+            }
+            Qualifying::Domains { level: RACK, domains } => domains.iter().copied().map(rack_group).collect(),
             Qualifying::Domains { domains, .. } => domains
                 .iter()
                 .map(|&d| {
                     let rack = self.host_domain_rack[d as usize];
-                    let data =
-                        p.data.rack.get(rack as usize).copied().unwrap_or(0) + p.data.host_term(d);
+                    let data = p.data.rack.get(rack as usize).copied().unwrap_or(0) + p.data.host_term(d);
                     (bound(rack, data), &self.hosts_in[HOST][d as usize][..])
                 })
                 .collect(),
@@ -422,8 +343,7 @@ impl ClusterIndex {
 
         let mut visited = 0u32;
         for (bound, hosts) in groups {
-            let hopeless =
-                scan.top.len() == keep && scan.top.last().is_some_and(|&(s, _)| bound < s);
+            let hopeless = scan.top.len() == keep && scan.top.last().is_some_and(|&(s, _)| bound < s);
             for &i in hosts {
                 self.visit(p, i, keep, !hopeless, &mut scan);
             }
@@ -460,10 +380,7 @@ impl ClusterIndex {
                 let entry = (self.score(p, iu).total, i);
                 let top = &mut scan.top;
                 if top.len() < keep || top.last().is_some_and(|&last| ranks_before(entry, last)) {
-                    let at = top
-                        .iter()
-                        .position(|&t| ranks_before(entry, t))
-                        .unwrap_or(top.len());
+                    let at = top.iter().position(|&t| ranks_before(entry, t)).unwrap_or(top.len());
                     top.insert(at, entry);
                     top.truncate(keep);
                 }
@@ -487,39 +404,20 @@ impl ClusterIndex {
         let h = &self.hosts;
         let dom = h.dom[i];
         let data = p.data.get(dom);
-        let image = if p.cached.is_some_and(|c| c.contains(i)) {
-            IMAGE_CACHED_POINTS
-        } else {
-            p.image_parts.get(dom)
-        };
+        let image = if p.cached.is_some_and(|c| c.contains(i)) { IMAGE_CACHED_POINTS } else { p.image_parts.get(dom) };
         // Float only for the ratio; the result is truncated to whole points,
         // and IEEE arithmetic without fused operations is deterministic.
         let headroom = (f64::from(h.free_vcpus[i] - p.req.vcpus) * h.headroom_per_vcpu[i]
-            + (h.free_mem_mb[i] - p.req.mem_mb) as f64 * h.headroom_per_mem_mb[i])
-            as i64;
-        let group_penalty = p
-            .group_penalty
-            .get(dom[RACK] as usize)
-            .copied()
-            .unwrap_or(0);
-        Score {
-            data,
-            image,
-            headroom,
-            group_penalty,
-            total: data + image + headroom - group_penalty,
-        }
+            + (h.free_mem_mb[i] - p.req.mem_mb) as f64 * h.headroom_per_mem_mb[i]) as i64;
+        let group_penalty = p.group_penalty.get(dom[RACK] as usize).copied().unwrap_or(0);
+        Score { data, image, headroom, group_penalty, total: data + image + headroom - group_penalty }
     }
 
     fn no_fit(&self, p: &Prepared<'_>, level: Level, scan: &Scan) -> NoFit {
         NoFit {
             level,
             counts: scan.counts.clone(),
-            unavailable: if level < Level::Any {
-                p.unavailable.clone()
-            } else {
-                None
-            },
+            unavailable: if level < Level::Any { p.unavailable.clone() } else { None },
         }
     }
 
@@ -534,16 +432,11 @@ impl ClusterIndex {
             let d = h.dom[i][l];
             for &f in &p.datasets {
                 let file = &self.files[f as usize];
-                let (chunks, bytes) = file.levels[l]
-                    .get(d)
-                    .map_or((0, 0), |e| (e.chunks, e.bytes));
+                let (chunks, bytes) = file.levels[l].get(d).map_or((0, 0), |e| (e.chunks, e.bytes));
                 if chunks < file.chunks {
                     return Some(VmRejection::TooFar {
                         level,
-                        portion: Portion {
-                            path: file.path.clone(),
-                            chunk_index: file.levels[l].first_missing(d),
-                        },
+                        portion: Portion { path: file.path.clone(), chunk_index: file.levels[l].first_missing(d) },
                         missing_chunks: file.chunks - chunks,
                         missing_bytes: file.bytes - bytes,
                     });
@@ -551,24 +444,15 @@ impl ClusterIndex {
             }
         }
         if h.free_vcpus[i] < p.req.vcpus {
-            return Some(VmRejection::NoCpu {
-                free_vcpus: h.free_vcpus[i],
-                needed_vcpus: p.req.vcpus,
-            });
+            return Some(VmRejection::NoCpu { free_vcpus: h.free_vcpus[i], needed_vcpus: p.req.vcpus });
         }
         if h.free_mem_mb[i] < p.req.mem_mb {
-            return Some(VmRejection::NoMemory {
-                free_mem_mb: h.free_mem_mb[i],
-                needed_mem_mb: p.req.mem_mb,
-            });
+            return Some(VmRejection::NoMemory { free_mem_mb: h.free_mem_mb[i], needed_mem_mb: p.req.mem_mb });
         }
         if let Some(group) = &p.req.anti_affinity {
             let count = self.view.hosts[i].groups.get(group).copied().unwrap_or(0);
             if count > 0 {
-                return Some(VmRejection::AntiAffinity {
-                    group: group.clone(),
-                    count,
-                });
+                return Some(VmRejection::AntiAffinity { group: group.clone(), count });
             }
         }
         None
@@ -604,29 +488,15 @@ impl ClusterIndex {
             }
         };
         let holders = self.request_holders(p);
-        let mut notes: Vec<CandidateNote> = hosts
-            .into_iter()
-            .map(|i| self.note(p, level, i as usize, chosen == Some(i), &holders))
-            .collect();
+        let mut notes: Vec<CandidateNote> =
+            hosts.into_iter().map(|i| self.note(p, level, i as usize, chosen == Some(i), &holders)).collect();
         notes.sort_by_key(|note| {
-            (
-                !note.chosen,
-                note.rejection.is_some(),
-                note.score.as_ref().map(|s| -s.total),
-                note.host,
-            )
+            (!note.chosen, note.rejection.is_some(), note.score.as_ref().map(|s| -s.total), note.host)
         });
         notes
     }
 
-    fn note(
-        &self,
-        p: &Prepared<'_>,
-        level: Level,
-        i: usize,
-        chosen: bool,
-        holders: &[(u32, u64)],
-    ) -> CandidateNote {
+    fn note(&self, p: &Prepared<'_>, level: Level, i: usize, chosen: bool, holders: &[(u32, u64)]) -> CandidateNote {
         let host = &self.view.hosts[i];
         let dom = self.hosts.dom[i];
         let rejection = self.rejection(p, level, i);
@@ -634,11 +504,7 @@ impl ClusterIndex {
             .iter()
             .map(|&(n, bytes)| {
                 let node = &self.nodes[n as usize];
-                HolderNote {
-                    server: node.id,
-                    distance: distance(dom, node.dom),
-                    bytes,
-                }
+                HolderNote { server: node.id, distance: distance(dom, node.dom), bytes }
             })
             .collect();
         let nearest_first = |h: &HolderNote| (h.distance, h.server);
@@ -654,10 +520,7 @@ impl ClusterIndex {
             level,
             chosen,
             data: self.bytes_at(&p.datasets, dom),
-            image: ImageNote {
-                cached: p.cached.is_some_and(|c| c.contains(i)),
-                bytes: self.bytes_at(&[p.image], dom),
-            },
+            image: ImageNote { cached: p.cached.is_some_and(|c| c.contains(i)), bytes: self.bytes_at(&[p.image], dom) },
             holders: near,
             fit: CapacityFit {
                 vcpus_after: i64::from(self.hosts.free_vcpus[i]) - i64::from(p.req.vcpus),

@@ -116,19 +116,12 @@ pub(super) struct DomainBytes {
 
 impl LevelTable {
     pub(super) fn get(&self, domain: u32) -> Option<&DomainBytes> {
-        self.entries
-            .binary_search_by_key(&domain, |e| e.domain)
-            .ok()
-            .map(|i| &self.entries[i])
+        self.entries.binary_search_by_key(&domain, |e| e.domain).ok().map(|i| &self.entries[i])
     }
 
     /// First chunk index not held in `domain`, for a domain that lacks one.
     pub(super) fn first_missing(&self, domain: u32) -> u64 {
-        self.head
-            .iter()
-            .find(|(d, _)| *d == domain)
-            .and_then(|(_, missing)| *missing)
-            .unwrap_or(0)
+        self.head.iter().find(|(d, _)| *d == domain).and_then(|(_, missing)| *missing).unwrap_or(0)
     }
 }
 
@@ -178,30 +171,12 @@ impl ClusterIndex {
             hosts.mem_mb.push(h.mem_mb);
             hosts.dom.push(interner.intern(&h.topology));
             let half = HEADROOM_POINTS as f64 / 2.0;
-            hosts.headroom_per_vcpu.push(if h.vcpus > 0 {
-                half / f64::from(h.vcpus)
-            } else {
-                0.0
-            });
-            hosts.headroom_per_mem_mb.push(if h.mem_mb > 0 {
-                half / h.mem_mb as f64
-            } else {
-                0.0
-            });
+            hosts.headroom_per_vcpu.push(if h.vcpus > 0 { half / f64::from(h.vcpus) } else { 0.0 });
+            hosts.headroom_per_mem_mb.push(if h.mem_mb > 0 { half / h.mem_mb as f64 } else { 0.0 });
         }
-        let nodes: Vec<NodeInfo> = view
-            .storage
-            .iter()
-            .map(|n| NodeInfo {
-                id: n.id,
-                dom: interner.intern(&n.topology),
-            })
-            .collect();
-        let domain_counts = [
-            interner.hosts.len(),
-            interner.racks.len(),
-            interner.zones.len(),
-        ];
+        let nodes: Vec<NodeInfo> =
+            view.storage.iter().map(|n| NodeInfo { id: n.id, dom: interner.intern(&n.topology) }).collect();
+        let domain_counts = [interner.hosts.len(), interner.racks.len(), interner.zones.len()];
         let mut rack_zone = vec![0; domain_counts[RACK]];
         let mut host_domain_rack = vec![0; domain_counts[HOST]];
         for dom in hosts.dom.iter().chain(nodes.iter().map(|n| &n.dom)) {
@@ -224,23 +199,13 @@ impl ClusterIndex {
             }
         }
 
-        let node_index: FastMap<u64, u32> = view
-            .storage
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.id, i as u32))
-            .collect();
+        let node_index: FastMap<u64, u32> = view.storage.iter().enumerate().map(|(i, n)| (n.id, i as u32)).collect();
         let node_healthy: Vec<bool> = view.storage.iter().map(|n| n.healthy).collect();
         let mut files = Vec::with_capacity(view.files.len());
         let mut file_by_path = FastMap::default();
         for f in &view.files {
-            if file_by_path
-                .insert(f.path.clone(), files.len() as u32)
-                .is_some()
-            {
-                return Err(PlacementError::DuplicateFile {
-                    path: f.path.clone(),
-                });
+            if file_by_path.insert(f.path.clone(), files.len() as u32).is_some() {
+                return Err(PlacementError::DuplicateFile { path: f.path.clone() });
             }
             files.push(index_file(f, &node_index, &node_healthy, &nodes)?);
         }
@@ -249,10 +214,7 @@ impl ClusterIndex {
         let mut groups: FastMap<String, GroupIndex> = FastMap::default();
         for (i, h) in view.hosts.iter().enumerate() {
             for image in &h.cached_images {
-                images
-                    .entry(image.clone())
-                    .or_insert_with(|| BitSet::with_len(view.hosts.len()))
-                    .insert(i);
+                images.entry(image.clone()).or_insert_with(|| BitSet::with_len(view.hosts.len())).insert(i);
             }
             for (group, &count) in &h.groups {
                 if count > 0 {
@@ -293,10 +255,7 @@ impl ClusterIndex {
     }
 
     pub(super) fn host_index(&self, id: u64) -> Result<usize, PlacementError> {
-        self.view
-            .hosts
-            .binary_search_by_key(&id, |h| h.id)
-            .map_err(|_| PlacementError::UnknownHost { id })
+        self.view.hosts.binary_search_by_key(&id, |h| h.id).map_err(|_| PlacementError::UnknownHost { id })
     }
 
     /// Records that `request` now runs on `host`: its vCPUs, memory and
@@ -310,20 +269,11 @@ impl ClusterIndex {
             return Err(PlacementError::HostUnhealthy { vm: vm(), host });
         }
         if self.hosts.free_vcpus[i] < request.vcpus || self.hosts.free_mem_mb[i] < request.mem_mb {
-            return Err(PlacementError::NoCapacity {
-                vm: vm(),
-                host,
-                vcpus: request.vcpus,
-                mem_mb: request.mem_mb,
-            });
+            return Err(PlacementError::NoCapacity { vm: vm(), host, vcpus: request.vcpus, mem_mb: request.mem_mb });
         }
         if let Some(group) = &request.anti_affinity {
             if self.view.hosts[i].groups.get(group).is_some_and(|&c| c > 0) {
-                return Err(PlacementError::AntiAffinityConflict {
-                    vm: vm(),
-                    host,
-                    group: group.clone(),
-                });
+                return Err(PlacementError::AntiAffinityConflict { vm: vm(), host, group: group.clone() });
             }
         }
 
@@ -378,14 +328,11 @@ fn index_file(
         held.clear();
         doms.iter_mut().for_each(Vec::clear);
         for &server in &chunk.replicas {
-            let &n =
-                node_index
-                    .get(&server)
-                    .ok_or_else(|| PlacementError::UnknownReplicaServer {
-                        path: file.path.clone(),
-                        chunk_index: ci,
-                        server,
-                    })?;
+            let &n = node_index.get(&server).ok_or_else(|| PlacementError::UnknownReplicaServer {
+                path: file.path.clone(),
+                chunk_index: ci,
+                server,
+            })?;
             if !node_healthy[n as usize] || held.contains(&n) {
                 continue;
             }
@@ -427,33 +374,15 @@ fn index_file(
     let chunks = file.chunks.len() as u64;
     let mut levels: [LevelTable; 3] = Default::default();
     for (level, table) in levels.iter_mut().enumerate() {
-        let mut entries: Vec<DomainBytes> = acc[level]
-            .iter()
-            .map(|(&domain, &(c, b))| DomainBytes {
-                domain,
-                chunks: c,
-                bytes: b,
-            })
-            .collect();
+        let mut entries: Vec<DomainBytes> =
+            acc[level].iter().map(|(&domain, &(c, b))| DomainBytes { domain, chunks: c, bytes: b }).collect();
         entries.sort_unstable_by_key(|e| e.domain);
-        table.full = entries
-            .iter()
-            .filter(|e| e.chunks == chunks)
-            .map(|e| e.domain)
-            .collect();
+        table.full = entries.iter().filter(|e| e.chunks == chunks).map(|e| e.domain).collect();
         table.entries = entries;
         table.head = std::mem::take(&mut head[level]);
     }
     let mut holders: Vec<(u32, u64)> = holders.into_iter().collect();
     holders.sort_unstable();
 
-    Ok(FileIndex {
-        path: file.path.clone(),
-        chunks,
-        bytes,
-        lost_bytes,
-        first_lost,
-        levels,
-        holders,
-    })
+    Ok(FileIndex { path: file.path.clone(), chunks, bytes, lost_bytes, first_lost, levels, holders })
 }

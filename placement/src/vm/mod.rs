@@ -58,11 +58,7 @@ pub struct StorageNode {
 
 impl From<&StorageServer> for StorageNode {
     fn from(s: &StorageServer) -> Self {
-        StorageNode {
-            id: s.id,
-            topology: s.topology.clone(),
-            healthy: s.healthy,
-        }
+        StorageNode { id: s.id, topology: s.topology.clone(), healthy: s.healthy }
     }
 }
 
@@ -126,11 +122,8 @@ impl ClusterView {
     /// already prefers hosts near the surviving replicas and hosts with the
     /// master image cached.
     pub fn mark_host_failed(&mut self, host_id: u64) -> Result<(), PlacementError> {
-        let host = self
-            .hosts
-            .iter_mut()
-            .find(|h| h.id == host_id)
-            .ok_or(PlacementError::UnknownHost { id: host_id })?;
+        let host =
+            self.hosts.iter_mut().find(|h| h.id == host_id).ok_or(PlacementError::UnknownHost { id: host_id })?;
         host.healthy = false;
         let machine = host.topology.clone();
         for node in &mut self.storage {
@@ -157,10 +150,7 @@ pub struct DelayPolicy {
 impl Default for DelayPolicy {
     /// No waiting, no relaxation.
     fn default() -> Self {
-        DelayPolicy {
-            max_wait_ms: 0,
-            relax_to: Level::Host,
-        }
+        DelayPolicy { max_wait_ms: 0, relax_to: Level::Host }
     }
 }
 
@@ -223,10 +213,7 @@ pub struct VmDecision {
 #[serde(rename_all = "snake_case")]
 pub enum VmOutcome {
     /// Run it on `host`. `relaxed_to` is set when the requirement was widened.
-    Placed {
-        host: u64,
-        relaxed_to: Option<Level>,
-    },
+    Placed { host: u64, relaxed_to: Option<Level> },
     /// Nothing qualifies at the required level yet; ask again after
     /// `retry_after_ms` with `waited_ms` advanced.
     Wait { retry_after_ms: u64, reason: NoFit },
@@ -263,12 +250,7 @@ pub struct NoFit {
 impl fmt::Display for NoFit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.counts;
-        write!(
-            f,
-            "no host fits at {} level ({} hosts",
-            self.level,
-            c.total()
-        )?;
+        write!(f, "no host fits at {} level ({} hosts", self.level, c.total())?;
         for (n, what) in [
             (c.unhealthy, "unhealthy"),
             (c.too_far, "too far from the data"),
@@ -282,11 +264,7 @@ impl fmt::Display for NoFit {
         }
         f.write_str(")")?;
         if let Some(p) = &self.unavailable {
-            write!(
-                f,
-                "; {} chunk {} has no healthy replica",
-                p.path, p.chunk_index
-            )?;
+            write!(f, "; {} chunk {} has no healthy replica", p.path, p.chunk_index)?;
         }
         Ok(())
     }
@@ -306,12 +284,7 @@ pub struct RejectionCounts {
 
 impl RejectionCounts {
     pub fn total(&self) -> u32 {
-        self.qualified
-            + self.unhealthy
-            + self.too_far
-            + self.no_cpu
-            + self.no_memory
-            + self.anti_affinity
+        self.qualified + self.unhealthy + self.too_far + self.no_cpu + self.no_memory + self.anti_affinity
     }
 }
 
@@ -415,11 +388,7 @@ pub enum VmRejection {
 
 /// Places one VM on a view, indexing the view first. For many decisions on
 /// one view, build a [`ClusterIndex`] once instead.
-pub fn place_vm(
-    request: &VmRequest,
-    view: &ClusterView,
-    explain: Explain,
-) -> Result<VmDecision, PlacementError> {
+pub fn place_vm(request: &VmRequest, view: &ClusterView, explain: Explain) -> Result<VmDecision, PlacementError> {
     ClusterIndex::new(view.clone())?.place(request, explain)
 }
 
