@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
 
 use crate::config::ClientConfig;
 use crate::frame::{self, FrameError};
@@ -56,6 +56,65 @@ impl ClientError {
     }
 }
 
+impl ClientError {
+    /// The same error again, for each caller of a failed batch.
+    fn duplicate(&self) -> ClientError {
+        match self {
+            ClientError::Remote(w) => ClientError::Remote(w.clone()),
+            ClientError::Unavailable { timeout, last } => {
+                ClientError::Unavailable { timeout: *timeout, last: last.clone() }
+            }
+            ClientError::Tls(e) => ClientError::Config(e.to_string()),
+            ClientError::Config(m) => ClientError::Config(m.clone()),
+            ClientError::Protocol(m) => ClientError::Protocol(m.clone()),
+        }
+    }
+}
+
+fn stopped() -> ClientError {
+    ClientError::Protocol("client batcher stopped".into())
+}
+
+/// Drains queued operations into batches, [`CLIENT_INFLIGHT_BATCHES`] in flight.
+async fn op_batch_loop(inner: Weak<Inner>, mut rx: mpsc::Receiver<QueuedOp>) {
+    let slots = Arc::new(Semaphore::new(CLIENT_INFLIGHT_BATCHES));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_ENTRIES {
+            match rx.try_recv() {
+                Ok(q) => batch.push(q),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        tokio::spawn(async move {
+            MetaClient { inner }.send_ops(batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Drains queued reads into batches, [`CLIENT_INFLIGHT_BATCHES`] in flight.
+async fn read_batch_loop(inner: Weak<Inner>, mut rx: mpsc::Receiver<QueuedRead>) {
+    let slots = Arc::new(Semaphore::new(CLIENT_INFLIGHT_BATCHES));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_ENTRIES {
+            match rx.try_recv() {
+                Ok(q) => batch.push(q),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        tokio::spawn(async move {
+            MetaClient { inner }.send_reads(batch).await;
+            drop(permit);
+        });
+    }
+}
+
 impl From<WireError> for ClientError {
     fn from(e: WireError) -> Self {
         ClientError::Remote(e)
@@ -75,7 +134,28 @@ pub struct MetaClient {
     inner: Arc<Inner>,
 }
 
+/// An operation waiting for a batch.
+struct QueuedOp {
+    id: RequestId,
+    op: MetaOp,
+    reply: oneshot::Sender<Result<OpReply, ClientError>>,
+}
+
+/// A read waiting for a batch.
+struct QueuedRead {
+    read: MetaRead,
+    reply: oneshot::Sender<Result<ReadReply, ClientError>>,
+}
+
+/// Batches a client has in flight at most; calls arriving meanwhile join the
+/// next batch, so concurrent callers share requests.
+const CLIENT_INFLIGHT_BATCHES: usize = 4;
+/// Calls queued for batching at most; beyond it callers wait.
+const CLIENT_QUEUE: usize = 16_384;
+
 struct Inner {
+    ops_queue: OnceLock<mpsc::Sender<QueuedOp>>,
+    reads_queue: OnceLock<mpsc::Sender<QueuedRead>>,
     endpoint: quinn::Endpoint,
     quic: quinn::ClientConfig,
     servers: Vec<String>,
@@ -97,6 +177,8 @@ impl MetaClient {
         let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Config(format!("client socket: {e}")))?;
         Ok(MetaClient {
             inner: Arc::new(Inner {
+                ops_queue: OnceLock::new(),
+                reads_queue: OnceLock::new(),
                 endpoint,
                 quic,
                 servers: cfg.meta.clone(),
@@ -115,19 +197,97 @@ impl MetaClient {
     }
 
     /// Applies one namespace change, at most once even across retries.
+    /// Concurrent calls on one client travel together in batches.
     pub async fn op(&self, op: MetaOp) -> Result<OpReply, ClientError> {
         let id = RequestId { client: self.inner.client_id, seq: self.inner.seq.fetch_add(1, Ordering::Relaxed) };
-        match self.call(Request::Op { id, op }).await? {
-            Reply::Op(r) => Ok(r),
-            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        let queue = self.inner.ops_queue.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+            tokio::spawn(op_batch_loop(Arc::downgrade(&self.inner), rx));
+            tx
+        });
+        let (tx, rx) = oneshot::channel();
+        queue.send(QueuedOp { id, op, reply: tx }).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// A linearizable read. Concurrent reads on one client share requests
+    /// and one read-index round.
+    pub async fn read(&self, read: MetaRead) -> Result<ReadReply, ClientError> {
+        let queue = self.inner.reads_queue.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+            tokio::spawn(read_batch_loop(Arc::downgrade(&self.inner), rx));
+            tx
+        });
+        let (tx, rx) = oneshot::channel();
+        queue.send(QueuedRead { read, reply: tx }).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Sends a batch of operations; retries entries that failed for a
+    /// retryable reason (with the same ids) until the deadline.
+    async fn send_ops(&self, mut batch: Vec<QueuedOp>) {
+        let deadline = Instant::now() + self.inner.timeout;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let request = if batch.len() == 1 {
+                Request::Op { id: batch[0].id, op: batch[0].op.clone() }
+            } else {
+                Request::Ops(batch.iter().map(|q| (q.id, q.op.clone())).collect())
+            };
+            let results: Vec<Result<OpReply, WireError>> = match self.call_until(request, deadline).await {
+                Ok(Reply::Op(r)) if batch.len() == 1 => vec![Ok(r)],
+                Ok(Reply::Ops(r)) if r.len() == batch.len() => r,
+                Ok(other) => {
+                    let e = format!("unexpected reply {other:?}");
+                    for q in batch {
+                        let _ = q.reply.send(Err(ClientError::Protocol(e.clone())));
+                    }
+                    return;
+                }
+                Err(e) => {
+                    for q in batch {
+                        let _ = q.reply.send(Err(e.duplicate()));
+                    }
+                    return;
+                }
+            };
+            let mut again = Vec::new();
+            for (q, r) in batch.into_iter().zip(results) {
+                match r {
+                    Err(e) if e.code.is_retryable() && Instant::now() < deadline => again.push(q),
+                    r => {
+                        let _ = q.reply.send(r.map_err(ClientError::Remote));
+                    }
+                }
+            }
+            if again.is_empty() {
+                return;
+            }
+            batch = again;
+            tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
-    /// A linearizable read.
-    pub async fn read(&self, read: MetaRead) -> Result<ReadReply, ClientError> {
-        match self.call(Request::Read(read)).await? {
-            Reply::Read(r) => Ok(r),
-            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+    async fn send_reads(&self, batch: Vec<QueuedRead>) {
+        let deadline = Instant::now() + self.inner.timeout;
+        let request = if batch.len() == 1 {
+            Request::Read(batch[0].read.clone())
+        } else {
+            Request::Reads(batch.iter().map(|q| q.read.clone()).collect())
+        };
+        let results: Vec<Result<ReadReply, ClientError>> = match self.call_until(request, deadline).await {
+            Ok(Reply::Read(r)) if batch.len() == 1 => vec![Ok(r)],
+            Ok(Reply::Reads(r)) if r.len() == batch.len() => {
+                r.into_iter().map(|r| r.map_err(ClientError::Remote)).collect()
+            }
+            Ok(other) => {
+                batch.iter().map(|_| Err(ClientError::Protocol(format!("unexpected reply {other:?}")))).collect()
+            }
+            Err(e) => batch.iter().map(|_| Err(e.duplicate())).collect(),
+        };
+        for (q, r) in batch.into_iter().zip(results) {
+            let _ = q.reply.send(r);
         }
     }
 
@@ -171,8 +331,11 @@ impl MetaClient {
     }
 
     async fn call(&self, request: Request) -> Result<Reply, ClientError> {
+        self.call_until(request, Instant::now() + self.inner.timeout).await
+    }
+
+    async fn call_until(&self, request: Request, deadline: Instant) -> Result<Reply, ClientError> {
         let env = Envelope { version: PROTOCOL_VERSION, request };
-        let deadline = Instant::now() + self.inner.timeout;
         let mut backoff = BACKOFF_MIN;
         let mut last = String::from("no attempt");
         loop {

@@ -407,7 +407,15 @@ pub enum Request {
     },
     /// Liveness probe; answered by any node without Raft.
     Ping,
+    /// Several operations at once (a client coalescing concurrent calls);
+    /// each is applied at most once, results come back in order.
+    Ops(Vec<(RequestId, MetaOp)>),
+    /// Several linearizable reads sharing one read-index round.
+    Reads(Vec<MetaRead>),
 }
+
+/// Most entries in one [`Request::Ops`] or [`Request::Reads`].
+pub const MAX_BATCH_ENTRIES: usize = 1024;
 
 /// Every request frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -422,6 +430,8 @@ pub enum Reply {
     Read(ReadReply),
     Admin(AdminReply),
     Pong { node_id: u64 },
+    Ops(Vec<Result<OpReply, WireError>>),
+    Reads(Vec<Result<ReadReply, WireError>>),
 }
 
 pub type Response = Result<Reply, WireError>;

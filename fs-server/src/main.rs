@@ -5,6 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+// Servers allocate many small, short-lived buffers (frames, records, keys).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use fs_server::config::MetaSettings;
 
 #[derive(Parser)]
@@ -73,7 +77,10 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 None => MetaSettings::default(),
             };
             let cfg = base.merge(settings).resolve()?;
-            let rt = tokio::runtime::Runtime::new()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .on_thread_start(raft::storage::disable_perf_counters_on_this_thread)
+                .build()?;
             rt.block_on(fs_server::run_meta(cfg))
         }
     }

@@ -79,31 +79,30 @@ pub enum Mutation {
 }
 
 /// Writes buffered over a base view; reads see the buffer first.
+///
+/// Only the final value of each key is kept, so a key written by every
+/// operation of a batch (a directory's inode, a counter) costs one write.
 pub struct Txn<'a> {
     base: &'a dyn KvRead,
-    /// `None` marks a point delete.
+    /// Final value of each key written; `None` marks a delete.
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Range deletes issued so far, each paired with the overlay generation it
-    /// was issued at: a put after a range delete wins over it.
+    /// Range deletes in the order issued. They apply to the base before the
+    /// overlay: keys in the overlay at the time of a range delete were
+    /// marked deleted there, and later writes win over it.
     ranges: Vec<(Vec<u8>, Vec<u8>)>,
-    log: Vec<Mutation>,
 }
 
 impl<'a> Txn<'a> {
     pub fn new(base: &'a dyn KvRead) -> Self {
-        Txn { base, overlay: BTreeMap::new(), ranges: Vec::new(), log: Vec::new() }
+        Txn { base, overlay: BTreeMap::new(), ranges: Vec::new() }
     }
 
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        let (key, value) = (key.into(), value.into());
-        self.overlay.insert(key.clone(), Some(value.clone()));
-        self.log.push(Mutation::Put(key, value));
+        self.overlay.insert(key.into(), Some(value.into()));
     }
 
     pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
-        let key = key.into();
-        self.overlay.insert(key.clone(), None);
-        self.log.push(Mutation::Delete(key));
+        self.overlay.insert(key.into(), None);
     }
 
     /// Deletes every key in `[start, end)`, buffered ones included.
@@ -112,26 +111,26 @@ impl<'a> Txn<'a> {
         if start >= end {
             return;
         }
-        let doomed: Vec<Vec<u8>> = self
-            .overlay
-            .range::<[u8], _>((Bound::Included(&start[..]), Bound::Excluded(&end[..])))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in doomed {
-            self.overlay.insert(k, None);
+        for (_, v) in self.overlay.range_mut::<[u8], _>((Bound::Included(&start[..]), Bound::Excluded(&end[..]))) {
+            *v = None;
         }
-        self.ranges.push((start.clone(), end.clone()));
-        self.log.push(Mutation::DeleteRange(start, end));
+        self.ranges.push((start, end));
     }
 
     /// Whether nothing was written.
     pub fn is_empty(&self) -> bool {
-        self.log.is_empty()
+        self.overlay.is_empty() && self.ranges.is_empty()
     }
 
-    /// The mutations in the order they were made.
+    /// The mutations that bring the base to this transaction's state: range
+    /// deletes first, then the final value of every key written.
     pub fn into_mutations(self) -> Vec<Mutation> {
-        self.log
+        let mut out: Vec<Mutation> = self.ranges.into_iter().map(|(s, e)| Mutation::DeleteRange(s, e)).collect();
+        out.extend(self.overlay.into_iter().map(|(k, v)| match v {
+            Some(v) => Mutation::Put(k, v),
+            None => Mutation::Delete(k),
+        }));
+        out
     }
 
     fn range_deleted(&self, key: &[u8]) -> bool {
@@ -302,8 +301,22 @@ mod tests {
         t.put(b"k2".to_vec(), b"again".to_vec());
         assert_eq!(t.get(b"k2").unwrap(), Some(b"again".to_vec()));
         let muts = t.into_mutations();
+        assert_eq!(muts.iter().filter(|m| matches!(m, Mutation::Put(k, _) if k == b"k2")).count(), 1);
         base.commit(muts);
         assert_eq!(keys(&base, b"k", b"l"), vec![b"k1".to_vec(), b"k2".to_vec(), b"k3".to_vec()]);
+    }
+
+    #[test]
+    fn repeated_writes_of_a_key_commit_once() {
+        let base = MemKv::new();
+        let mut t = Txn::new(&base);
+        for i in 0..100u8 {
+            t.put(b"hot".to_vec(), vec![i]);
+        }
+        t.put(b"gone".to_vec(), b"x".to_vec());
+        t.delete(b"gone".to_vec());
+        let muts = t.into_mutations();
+        assert_eq!(muts, vec![Mutation::Delete(b"gone".to_vec()), Mutation::Put(b"hot".to_vec(), vec![99])]);
     }
 
     #[test]

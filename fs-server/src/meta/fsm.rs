@@ -16,8 +16,8 @@ use super::keys;
 
 /// How long a reply stays available for a retried request.
 pub const DEDUP_TTL_NS: i128 = 10 * 60 * 1_000_000_000;
-/// Most expired dedup records dropped per command, to bound apply time.
-const DEDUP_GC_PER_COMMAND: usize = 1024;
+/// Most commands' dedup records expired per command, to bound apply time.
+const DEDUP_GC_PER_COMMAND: usize = 16;
 /// Change records kept for subscribers by default, in log entries.
 pub const CHANGE_RETAIN_ENTRIES: u64 = 100_000;
 /// Trim the change history every this many entries.
@@ -55,8 +55,14 @@ pub struct DentryRec {
 /// A stored reply for at-most-once requests.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DedupRec {
-    pub expiry_ns: i128,
     pub reply: OpResult,
+}
+
+/// The dedup records one command made, and when they expire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DedupLog {
+    pub expiry_ns: i128,
+    pub ids: Vec<RequestId>,
 }
 
 /// Encodes a value for the store.
@@ -800,11 +806,15 @@ impl Namespace {
 
     fn gc_dedup(txn: &mut Txn<'_>, now: Timespec) -> Result<(), KvError> {
         let start = vec![keys::DEDUP_EXPIRY];
-        let end = keys::dedup_expiry_upto(now.as_nanos());
-        let expired = txn.scan_collect(&start, &end, DEDUP_GC_PER_COMMAND)?;
-        for (k, _) in expired {
-            if let Some(id) = keys::dedup_id_from_expiry_key(&k) {
-                txn.delete(keys::dedup(&id));
+        let end = vec![keys::DEDUP_EXPIRY + 1];
+        // Oldest commands first; stop at the first that has not expired.
+        for (k, v) in txn.scan_collect(&start, &end, DEDUP_GC_PER_COMMAND)? {
+            let log: DedupLog = dec(&v)?;
+            if log.expiry_ns > now.as_nanos() {
+                break;
+            }
+            for id in &log.ids {
+                txn.delete(keys::dedup(id));
             }
             txn.delete(k);
         }
@@ -829,6 +839,7 @@ impl StateMachineLogic for Namespace {
         };
         Self::ensure_root(txn, now, &mut changes)?;
         let mut results: Vec<OpResult> = Vec::new();
+        let mut ids = Vec::new();
         if let Command::Batch { ops, .. } = &cmd {
             Self::gc_dedup(txn, now)?;
             for (id, op) in ops {
@@ -841,12 +852,14 @@ impl StateMachineLogic for Namespace {
                 }
                 let r = Self::apply_op(txn, op, now, index, &mut changes)?;
                 if let Some(id) = id {
-                    let expiry = now.as_nanos() + DEDUP_TTL_NS;
-                    txn.put(keys::dedup(id), enc(&DedupRec { expiry_ns: expiry, reply: r.clone() }));
-                    txn.put(keys::dedup_expiry(expiry, id), Vec::new());
+                    txn.put(keys::dedup(id), enc(&DedupRec { reply: r.clone() }));
+                    ids.push(*id);
                 }
                 results.push(r);
             }
+        }
+        if !ids.is_empty() {
+            txn.put(keys::dedup_log(index), enc(&DedupLog { expiry_ns: now.as_nanos() + DEDUP_TTL_NS, ids }));
         }
         if !changes.is_empty() {
             txn.put(keys::change(index), enc(&changes));

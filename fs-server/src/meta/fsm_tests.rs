@@ -182,6 +182,19 @@ fn retried_requests_apply_once() {
 }
 
 #[test]
+fn dedup_records_expire_after_their_ttl() {
+    let mut fs = Fs::new();
+    let id = RequestId { client: 3, seq: 1 };
+    fs.op_with_id(Some(id), create(ROOT_INO, "f")).unwrap();
+    assert!(fs.kv.map.keys().any(|k| k[0] == b'Q'));
+    fs.now += (super::fsm::DEDUP_TTL_NS / 1_000_000_000) as i64 + 1;
+    fs.op(create(ROOT_INO, "g")).unwrap();
+    assert!(!fs.kv.map.keys().any(|k| k[0] == b'Q' || k[0] == b'q'), "expired records are dropped");
+    // Past the TTL a retry is a new request.
+    assert_eq!(code(&fs.op_with_id(Some(id), create(ROOT_INO, "f"))), Some(ErrorCode::Exists));
+}
+
+#[test]
 fn xattr_flags_and_limits() {
     let mut fs = Fs::new();
     let f = ino_of(fs.op(create(ROOT_INO, "f")));

@@ -8,12 +8,13 @@
 //! | `X`    | ino, name                   | xattr value                |
 //! | `S`    | name                        | system counters            |
 //! | `Q`    | client id, seq              | [`DedupRec`]: stored reply |
-//! | `q`    | expiry, client id, seq      | empty: dedup expiry index  |
+//! | `q`    | log index                   | [`DedupLog`]: ids to expire |
 //! | `E`    | log index                   | `Vec<Change>`              |
 //!
 //! [`InodeRec`]: super::fsm::InodeRec
 //! [`DentryRec`]: super::fsm::DentryRec
 //! [`DedupRec`]: super::fsm::DedupRec
+//! [`DedupLog`]: super::fsm::DedupLog
 
 use fs_client::proto::{Ino, RequestId};
 
@@ -82,33 +83,12 @@ pub fn dedup(id: &RequestId) -> Vec<u8> {
     k
 }
 
-/// Expiry times are nanoseconds since the epoch, offset so they sort as unsigned.
-pub fn dedup_expiry(expiry_ns: i128, id: &RequestId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(41);
+/// The dedup records one command created, by its log index.
+pub fn dedup_log(index: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
     k.push(DEDUP_EXPIRY);
-    k.extend_from_slice(&((expiry_ns as u128) ^ (1u128 << 127)).to_be_bytes());
-    k.extend_from_slice(&id.client.to_be_bytes());
-    k.extend_from_slice(&id.seq.to_be_bytes());
+    k.extend_from_slice(&index.to_be_bytes());
     k
-}
-
-/// The exclusive upper bound of expiry keys at or before `now_ns`.
-pub fn dedup_expiry_upto(now_ns: i128) -> Vec<u8> {
-    let mut k = Vec::with_capacity(17);
-    k.push(DEDUP_EXPIRY);
-    k.extend_from_slice(&(((now_ns as u128) ^ (1u128 << 127)).wrapping_add(1)).to_be_bytes());
-    k
-}
-
-/// The request id inside an expiry key.
-pub fn dedup_id_from_expiry_key(k: &[u8]) -> Option<RequestId> {
-    if k.len() != 41 || k[0] != DEDUP_EXPIRY {
-        return None;
-    }
-    Some(RequestId {
-        client: u128::from_be_bytes(k[17..33].try_into().ok()?),
-        seq: u64::from_be_bytes(k[33..41].try_into().ok()?),
-    })
 }
 
 pub fn change(index: u64) -> Vec<u8> {
@@ -132,11 +112,8 @@ mod tests {
         assert_eq!(inode_from_key(&inode(77)), Some(77));
         assert_eq!(dentry_from_key(&dentry(5, b"x")), Some((5, &b"x"[..])));
         assert!(dentry(1, b"zzz") < dentry(2, b""));
-        let id = RequestId { client: 9, seq: 3 };
-        assert!(dedup_expiry(-5, &id) < dedup_expiry(5, &id));
-        assert!(dedup_expiry(5, &id) < dedup_expiry_upto(5));
-        assert!(dedup_expiry(6, &id) > dedup_expiry_upto(5));
-        assert_eq!(dedup_id_from_expiry_key(&dedup_expiry(1, &id)), Some(id));
+        assert!(dedup_log(2) < dedup_log(256));
+        assert!(dedup(&RequestId { client: 1, seq: 9 }) < dedup(&RequestId { client: 2, seq: 0 }));
         assert_eq!(change_index(&change(42)), Some(42));
     }
 }

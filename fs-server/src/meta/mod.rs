@@ -28,7 +28,7 @@ use read::Capacity;
 /// Most operations in one Raft entry.
 pub const MAX_BATCH_OPS: usize = 1024;
 /// Batches proposed and not yet applied, at most.
-pub const MAX_INFLIGHT_BATCHES: usize = 4;
+pub const MAX_INFLIGHT_BATCHES: usize = 1;
 /// Operations waiting for a batch, at most; beyond it callers wait.
 const OP_QUEUE: usize = 65_536;
 /// How long a write may wait for commit before the client is told to retry.
@@ -90,6 +90,8 @@ impl MetaService {
             Request::Admin(_) => "admin",
             Request::Subscribe { .. } => "subscribe",
             Request::Ping => "ping",
+            Request::Ops(_) => "ops",
+            Request::Reads(_) => "reads",
         };
         let resp = self.dispatch(role, request).await;
         self.metrics.observe(label, started.elapsed(), resp.as_ref().err().map(|e| e.code));
@@ -111,6 +113,64 @@ impl MetaService {
                 self.admin(op).await.map(Reply::Admin)
             }
             Request::Subscribe { .. } => Err(WireError::new(ErrorCode::BadRequest, "subscribe needs its own stream")),
+            Request::Ops(ops) => {
+                if ops.len() > MAX_BATCH_ENTRIES {
+                    return Err(WireError::new(ErrorCode::TooBig, format!("{} operations in one request", ops.len())));
+                }
+                // Redirect the whole batch rather than fail each entry.
+                self.require_leader()?;
+                Ok(Reply::Ops(self.write_many(ops).await))
+            }
+            Request::Reads(reads) => {
+                if reads.len() > MAX_BATCH_ENTRIES {
+                    return Err(WireError::new(ErrorCode::TooBig, format!("{} reads in one request", reads.len())));
+                }
+                self.read_barrier().await?;
+                Ok(Reply::Reads(self.query_many(&reads)))
+            }
+        }
+    }
+
+    /// Proposes operations through the batcher together; results in order.
+    pub async fn write_many(&self, ops: Vec<(RequestId, MetaOp)>) -> Vec<OpResult> {
+        let mut waiting = Vec::with_capacity(ops.len());
+        for (id, op) in ops {
+            let (tx, rx) = oneshot::channel();
+            if self.ops.send(PendingOp { id: Some(id), op, reply: tx }).await.is_err() {
+                break;
+            }
+            waiting.push(rx);
+        }
+        let mut out = Vec::with_capacity(waiting.len());
+        for rx in waiting {
+            out.push(
+                rx.await.unwrap_or_else(|_| Err(WireError::new(ErrorCode::Unavailable, "metadata service stopping"))),
+            );
+        }
+        out
+    }
+
+    /// Waits for the read index: reads after it are linearizable.
+    async fn read_barrier(&self) -> Result<(), WireError> {
+        match tokio::time::timeout(READ_TIMEOUT, self.raft.read_barrier()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(raft_error(e)),
+            Err(_) => Err(WireError::new(ErrorCode::Unavailable, "read index timed out")),
+        }
+    }
+
+    /// Answers reads from one point-in-time view (after a read barrier).
+    fn query_many(&self, reads: &[MetaRead]) -> Vec<Result<ReadReply, WireError>> {
+        let res = self.raft.reader().with_snapshot(|kv| -> Result<Vec<_>, raft::KvError> {
+            if fsm::load_inode(kv, ROOT_INO)?.is_none() {
+                let e = WireError::new(ErrorCode::Unavailable, "namespace not initialized yet");
+                return Ok(reads.iter().map(|_| Err(e.clone())).collect());
+            }
+            reads.iter().map(|r| read::query(kv, r, self.capacity())).collect()
+        });
+        match res {
+            Ok(v) => v,
+            Err(e) => reads.iter().map(|_| Err(WireError::new(ErrorCode::Io, e.to_string()))).collect(),
         }
     }
 
@@ -126,18 +186,10 @@ impl MetaService {
 
     /// A linearizable read.
     pub async fn read(&self, r: &MetaRead) -> Result<ReadReply, WireError> {
-        match tokio::time::timeout(READ_TIMEOUT, self.raft.read_barrier()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(raft_error(e)),
-            Err(_) => return Err(WireError::new(ErrorCode::Unavailable, "read index timed out")),
-        }
-        let res = self.raft.reader().with_snapshot(|kv| {
-            if fsm::load_inode(kv, ROOT_INO)?.is_none() {
-                return Ok(Err(WireError::new(ErrorCode::Unavailable, "namespace not initialized yet")));
-            }
-            read::query(kv, r, self.capacity())
-        });
-        res.map_err(|e| WireError::new(ErrorCode::Io, e.to_string()))?
+        self.read_barrier().await?;
+        self.query_many(std::slice::from_ref(r))
+            .pop()
+            .unwrap_or_else(|| Err(WireError::new(ErrorCode::Internal, "no result")))
     }
 
     fn capacity(&self) -> Capacity {
