@@ -37,6 +37,9 @@ enum Cmd {
         /// Skip the etcd side.
         #[arg(long)]
         no_etcd: bool,
+        /// Phases to run (create always runs first: the others use its files).
+        #[arg(long, value_delimiter = ',', default_value = "create,stat,readdir,rename")]
+        ops: Vec<String>,
         /// Write the results as JSON here.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -50,15 +53,22 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.cmd {
-        Cmd::Meta { secs, clients, no_etcd, out } => {
-            rt.block_on(meta(Duration::from_secs(secs), clients, no_etcd, out))
+        Cmd::Meta { secs, clients, no_etcd, ops, out } => {
+            rt.block_on(meta(Duration::from_secs(secs), clients, no_etcd, ops, out))
         }
     }
 }
 
 const VALUE_BYTES: usize = 120;
 
-async fn meta(d: Duration, levels: Vec<usize>, no_etcd: bool, out: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+async fn meta(
+    d: Duration,
+    levels: Vec<usize>,
+    no_etcd: bool,
+    phases: Vec<String>,
+    out: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let want = |p: &str| phases.iter().any(|x| x == p);
     let mut results: Vec<Stats> = Vec::new();
     println!("{}", Stats::header());
 
@@ -99,55 +109,62 @@ async fn meta(d: Duration, levels: Vec<usize>, no_etcd: bool, out: Option<std::p
         println!("{}", s.row());
         results.push(s);
 
-        let (cl, cr) = (client.clone(), created.clone());
-        let s = load::run("locus", "stat", c, d, move |_, _| {
-            let (cl, cr) = (cl.clone(), cr.clone());
-            async move {
-                let (w, i) = pick(&cr);
-                let r = cl.read(MetaRead::Lookup { parent: dir, name: format!("w{w}-{i}").into() }).await;
-                Some(r.map(|_| ()).map_err(|e| e.to_string()))
-            }
-        })
-        .await;
-        println!("{}", s.row());
-        results.push(s);
-
-        let (cl, cr) = (client.clone(), created.clone());
-        let s = load::run("locus", "readdir", c, d, move |_, _| {
-            let (cl, cr) = (cl.clone(), cr.clone());
-            async move {
-                let (w, i) = pick(&cr);
-                let r =
-                    cl.read(MetaRead::ReadDir { ino: dir, after: Some(format!("w{w}-{i}").into()), limit: 100 }).await;
-                Some(r.map(|_| ()).map_err(|e| e.to_string()))
-            }
-        })
-        .await;
-        println!("{}", s.row());
-        results.push(s);
-
-        let (cl, cr) = (client.clone(), created.clone());
-        let s = load::run("locus", "rename", c, d, move |w, i| {
-            let (cl, cr) = (cl.clone(), cr.clone());
-            async move {
-                if i >= cr[w].load(Ordering::Relaxed) {
-                    return None;
+        if want("stat") {
+            let (cl, cr) = (client.clone(), created.clone());
+            let s = load::run("locus", "stat", c, d, move |_, _| {
+                let (cl, cr) = (cl.clone(), cr.clone());
+                async move {
+                    let (w, i) = pick(&cr);
+                    let r = cl.read(MetaRead::Lookup { parent: dir, name: format!("w{w}-{i}").into() }).await;
+                    Some(r.map(|_| ()).map_err(|e| e.to_string()))
                 }
-                let r = cl
-                    .op(MetaOp::Rename {
-                        parent: dir,
-                        name: format!("w{w}-{i}").into(),
-                        new_parent: dir,
-                        new_name: format!("w{w}-{i}.r").into(),
-                        flags: 0,
-                    })
-                    .await;
-                Some(r.map(|_| ()).map_err(|e| e.to_string()))
-            }
-        })
-        .await;
-        println!("{}", s.row());
-        results.push(s);
+            })
+            .await;
+            println!("{}", s.row());
+            results.push(s);
+        }
+
+        if want("readdir") {
+            let (cl, cr) = (client.clone(), created.clone());
+            let s = load::run("locus", "readdir", c, d, move |_, _| {
+                let (cl, cr) = (cl.clone(), cr.clone());
+                async move {
+                    let (w, i) = pick(&cr);
+                    let r = cl
+                        .read(MetaRead::ReadDir { ino: dir, after: Some(format!("w{w}-{i}").into()), limit: 100 })
+                        .await;
+                    Some(r.map(|_| ()).map_err(|e| e.to_string()))
+                }
+            })
+            .await;
+            println!("{}", s.row());
+            results.push(s);
+        }
+
+        if want("rename") {
+            let (cl, cr) = (client.clone(), created.clone());
+            let s = load::run("locus", "rename", c, d, move |w, i| {
+                let (cl, cr) = (cl.clone(), cr.clone());
+                async move {
+                    if i >= cr[w].load(Ordering::Relaxed) {
+                        return None;
+                    }
+                    let r = cl
+                        .op(MetaOp::Rename {
+                            parent: dir,
+                            name: format!("w{w}-{i}").into(),
+                            new_parent: dir,
+                            new_name: format!("w{w}-{i}.r").into(),
+                            flags: 0,
+                        })
+                        .await;
+                    Some(r.map(|_| ()).map_err(|e| e.to_string()))
+                }
+            })
+            .await;
+            println!("{}", s.row());
+            results.push(s);
+        }
     }
     drop(cluster);
 
@@ -181,58 +198,64 @@ async fn meta(d: Duration, levels: Vec<usize>, no_etcd: bool, out: Option<std::p
             println!("{}", s.row());
             results.push(s);
 
-            let (cl, cr) = (ec.clone(), created.clone());
-            let s = load::run("etcd", "stat", c, d, move |_, _| {
-                let (mut cl, cr) = (cl.clone(), cr.clone());
-                async move {
-                    let (w, i) = pick(&cr);
-                    let r = cl.get(format!("/c{c}/w{w}-{i}"), None).await;
-                    Some(r.map(|_| ()).map_err(|e| e.to_string()))
-                }
-            })
-            .await;
-            println!("{}", s.row());
-            results.push(s);
-
-            let (cl, cr) = (ec.clone(), created.clone());
-            let s = load::run("etcd", "readdir", c, d, move |_, _| {
-                let (mut cl, cr) = (cl.clone(), cr.clone());
-                async move {
-                    let (w, i) = pick(&cr);
-                    let opts = etcd_client::GetOptions::new().with_range(format!("/c{c}0")).with_limit(100);
-                    let r = cl.get(format!("/c{c}/w{w}-{i}\0"), Some(opts)).await;
-                    Some(r.map(|_| ()).map_err(|e| e.to_string()))
-                }
-            })
-            .await;
-            println!("{}", s.row());
-            results.push(s);
-
-            let (cl, cr, v) = (ec.clone(), created.clone(), value.clone());
-            let s = load::run("etcd", "rename", c, d, move |w, i| {
-                let (mut cl, cr, v) = (cl.clone(), cr.clone(), v.clone());
-                async move {
-                    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-                    if i >= cr[w].load(Ordering::Relaxed) {
-                        return None;
+            if want("stat") {
+                let (cl, cr) = (ec.clone(), created.clone());
+                let s = load::run("etcd", "stat", c, d, move |_, _| {
+                    let (mut cl, cr) = (cl.clone(), cr.clone());
+                    async move {
+                        let (w, i) = pick(&cr);
+                        let r = cl.get(format!("/c{c}/w{w}-{i}"), None).await;
+                        Some(r.map(|_| ()).map_err(|e| e.to_string()))
                     }
-                    let (src, dst) = (format!("/c{c}/w{w}-{i}"), format!("/c{c}/w{w}-{i}.r"));
-                    let txn = Txn::new()
-                        .when([
-                            Compare::create_revision(src.clone(), CompareOp::Greater, 0),
-                            Compare::create_revision(dst.clone(), CompareOp::Equal, 0),
-                        ])
-                        .and_then([TxnOp::delete(src, None), TxnOp::put(dst, v, None)]);
-                    Some(match cl.txn(txn).await {
-                        Ok(t) if t.succeeded() => Ok(()),
-                        Ok(_) => Err("conflict".into()),
-                        Err(e) => Err(e.to_string()),
-                    })
-                }
-            })
-            .await;
-            println!("{}", s.row());
-            results.push(s);
+                })
+                .await;
+                println!("{}", s.row());
+                results.push(s);
+            }
+
+            if want("readdir") {
+                let (cl, cr) = (ec.clone(), created.clone());
+                let s = load::run("etcd", "readdir", c, d, move |_, _| {
+                    let (mut cl, cr) = (cl.clone(), cr.clone());
+                    async move {
+                        let (w, i) = pick(&cr);
+                        let opts = etcd_client::GetOptions::new().with_range(format!("/c{c}0")).with_limit(100);
+                        let r = cl.get(format!("/c{c}/w{w}-{i}\0"), Some(opts)).await;
+                        Some(r.map(|_| ()).map_err(|e| e.to_string()))
+                    }
+                })
+                .await;
+                println!("{}", s.row());
+                results.push(s);
+            }
+
+            if want("rename") {
+                let (cl, cr, v) = (ec.clone(), created.clone(), value.clone());
+                let s = load::run("etcd", "rename", c, d, move |w, i| {
+                    let (mut cl, cr, v) = (cl.clone(), cr.clone(), v.clone());
+                    async move {
+                        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+                        if i >= cr[w].load(Ordering::Relaxed) {
+                            return None;
+                        }
+                        let (src, dst) = (format!("/c{c}/w{w}-{i}"), format!("/c{c}/w{w}-{i}.r"));
+                        let txn = Txn::new()
+                            .when([
+                                Compare::create_revision(src.clone(), CompareOp::Greater, 0),
+                                Compare::create_revision(dst.clone(), CompareOp::Equal, 0),
+                            ])
+                            .and_then([TxnOp::delete(src, None), TxnOp::put(dst, v, None)]);
+                        Some(match cl.txn(txn).await {
+                            Ok(t) if t.succeeded() => Ok(()),
+                            Ok(_) => Err("conflict".into()),
+                            Err(e) => Err(e.to_string()),
+                        })
+                    }
+                })
+                .await;
+                println!("{}", s.row());
+                results.push(s);
+            }
         }
         drop(etcd);
     }

@@ -42,17 +42,17 @@ const STREAM_CHUNK: usize = 256;
 /// An idle change stream reports the applied index this often.
 const STREAM_IDLE: Duration = Duration::from_secs(5);
 
-struct PendingOp {
-    id: Option<RequestId>,
-    op: MetaOp,
-    reply: oneshot::Sender<OpResult>,
+/// Operations from one request, proposed together and answered together.
+struct PendingOps {
+    ops: Vec<(Option<RequestId>, MetaOp)>,
+    reply: oneshot::Sender<Vec<OpResult>>,
 }
 
 /// The metadata service of one node. Cheap to clone.
 #[derive(Clone)]
 pub struct MetaService {
     raft: RaftNode,
-    ops: mpsc::Sender<PendingOp>,
+    ops: mpsc::Sender<PendingOps>,
     metrics: Arc<Metrics>,
 }
 
@@ -133,21 +133,17 @@ impl MetaService {
 
     /// Proposes operations through the batcher together; results in order.
     pub async fn write_many(&self, ops: Vec<(RequestId, MetaOp)>) -> Vec<OpResult> {
-        let mut waiting = Vec::with_capacity(ops.len());
-        for (id, op) in ops {
-            let (tx, rx) = oneshot::channel();
-            if self.ops.send(PendingOp { id: Some(id), op, reply: tx }).await.is_err() {
-                break;
-            }
-            waiting.push(rx);
-        }
-        let mut out = Vec::with_capacity(waiting.len());
-        for rx in waiting {
-            out.push(
-                rx.await.unwrap_or_else(|_| Err(WireError::new(ErrorCode::Unavailable, "metadata service stopping"))),
-            );
-        }
-        out
+        let n = ops.len();
+        self.propose_group(ops.into_iter().map(|(id, op)| (Some(id), op)).collect())
+            .await
+            .unwrap_or_else(|e| vec![Err(e); n])
+    }
+
+    async fn propose_group(&self, ops: Vec<(Option<RequestId>, MetaOp)>) -> Result<Vec<OpResult>, WireError> {
+        let stopping = || WireError::new(ErrorCode::Unavailable, "metadata service stopping");
+        let (tx, rx) = oneshot::channel();
+        self.ops.send(PendingOps { ops, reply: tx }).await.map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())
     }
 
     /// Waits for the read index: reads after it are linearizable.
@@ -176,12 +172,10 @@ impl MetaService {
 
     /// Proposes one operation through the batcher.
     pub async fn write(&self, id: Option<RequestId>, op: MetaOp) -> OpResult {
-        let (tx, rx) = oneshot::channel();
-        self.ops
-            .send(PendingOp { id, op, reply: tx })
-            .await
-            .map_err(|_| WireError::new(ErrorCode::Unavailable, "metadata service stopping"))?;
-        rx.await.map_err(|_| WireError::new(ErrorCode::Unavailable, "metadata service stopping"))?
+        self.propose_group(vec![(id, op)])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(WireError::new(ErrorCode::Internal, "no result")))
     }
 
     /// A linearizable read.
@@ -420,38 +414,45 @@ fn read_name(r: &MetaRead) -> &'static str {
 }
 
 /// Packs queued operations into Raft entries.
-async fn batch_loop(raft: RaftNode, mut rx: mpsc::Receiver<PendingOp>, metrics: Arc<Metrics>) {
+async fn batch_loop(raft: RaftNode, mut rx: mpsc::Receiver<PendingOps>, metrics: Arc<Metrics>) {
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
     while let Some(first) = rx.recv().await {
         // Wait for a slot first: operations arriving meanwhile join this batch.
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
+        let mut count = first.ops.len();
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_OPS {
+        while count < MAX_BATCH_OPS {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) => {
+                    count += p.ops.len();
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }
-        metrics.batch_size.observe(batch.len() as f64);
+        metrics.batch_size.observe(count as f64);
         let raft = raft.clone();
         tokio::spawn(async move {
-            propose(&raft, batch).await;
+            propose(&raft, batch, count).await;
             drop(permit);
         });
     }
 }
 
-async fn propose(raft: &RaftNode, batch: Vec<PendingOp>) {
-    let cmd = Command::Batch { now: Timespec::now(), ops: batch.iter().map(|p| (p.id, p.op.clone())).collect() };
+async fn propose(raft: &RaftNode, batch: Vec<PendingOps>, count: usize) {
+    let mut ops = Vec::with_capacity(count);
+    for p in &batch {
+        ops.extend(p.ops.iter().cloned());
+    }
+    let cmd = Command::Batch { now: Timespec::now(), ops };
     let outcome = match tokio::time::timeout(WRITE_TIMEOUT, raft.write(enc(&cmd))).await {
         Ok(Ok(bytes)) => match postcard::from_bytes::<Vec<OpResult>>(&bytes) {
-            Ok(results) if results.len() == batch.len() => Ok(results),
-            Ok(results) => Err(WireError::new(
-                ErrorCode::Internal,
-                format!("{} results for {} operations", results.len(), batch.len()),
-            )),
+            Ok(results) if results.len() == count => Ok(results),
+            Ok(results) => {
+                Err(WireError::new(ErrorCode::Internal, format!("{} results for {count} operations", results.len())))
+            }
             Err(e) => Err(WireError::new(ErrorCode::Internal, format!("undecodable reply: {e}"))),
         },
         Ok(Err(e)) => Err(raft_error(e)),
@@ -461,13 +462,15 @@ async fn propose(raft: &RaftNode, batch: Vec<PendingOp>) {
     };
     match outcome {
         Ok(results) => {
-            for (p, r) in batch.into_iter().zip(results) {
-                let _ = p.reply.send(r);
+            let mut results = results.into_iter();
+            for p in batch {
+                let mine: Vec<OpResult> = results.by_ref().take(p.ops.len()).collect();
+                let _ = p.reply.send(mine);
             }
         }
         Err(e) => {
             for p in batch {
-                let _ = p.reply.send(Err(e.clone()));
+                let _ = p.reply.send(vec![Err(e.clone()); p.ops.len()]);
             }
         }
     }
