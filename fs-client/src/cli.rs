@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
+use crate::chunk::ChunkClient;
 use crate::client::{ClientError, MetaClient};
+use crate::file::FileClient;
 use crate::config::ClientConfig;
 use crate::proto::*;
 use crate::up;
@@ -46,6 +48,10 @@ pub enum Cmd {
     Up(up::UpArgs),
     /// Stop the local cluster started by `locus up`.
     Down(up::DownArgs),
+    /// Mount the filesystem on a directory with FUSE.
+    Mount(crate::fuse::MountArgs),
+    /// Unmount a FUSE mount.
+    Umount(crate::fuse::UmountArgs),
 }
 
 #[derive(Subcommand)]
@@ -109,6 +115,31 @@ pub enum FsCmd {
     /// Extended attributes.
     #[command(subcommand)]
     Xattr(XattrCmd),
+    /// Copy a local file into Locus (made durable before it returns).
+    Put {
+        local: PathBuf,
+        remote: PathBuf,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Copy a file out of Locus.
+    Get {
+        remote: PathBuf,
+        local: PathBuf,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Write a file's contents to stdout.
+    Cat { path: PathBuf },
+    /// Show each chunk of a file: id, version, replicas and where they are.
+    Locate { path: PathBuf },
+    /// Replication goal: copies and the failure-domain level they spread over.
+    #[command(subcommand)]
+    Goal(GoalCmd),
+    /// Directory quotas on bytes and inodes.
+    #[command(subcommand)]
+    Quota(QuotaCmd),
 }
 
 #[derive(Subcommand)]
@@ -138,6 +169,36 @@ pub enum XattrCmd {
 }
 
 #[derive(Subcommand)]
+pub enum GoalCmd {
+    Get { path: PathBuf },
+    /// GOAL is COPIES or COPIES:LEVEL (level host, rack or zone), e.g. 3 or 2:rack.
+    Set {
+        path: PathBuf,
+        goal: String,
+        /// Also everything below a directory.
+        #[arg(short, long)]
+        recursive: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum QuotaCmd {
+    Get {
+        path: PathBuf,
+    },
+    /// Set limits (sizes take K, M, G, T suffixes, powers of 1024).
+    Set {
+        path: PathBuf,
+        #[arg(long)]
+        bytes: Option<String>,
+        #[arg(long)]
+        inodes: Option<u64>,
+    },
+    /// Remove the quota.
+    Clear { path: PathBuf },
+}
+
+#[derive(Subcommand)]
 pub enum ClusterCmd {
     /// Members, leader, term, commit and applied index, lag.
     Status,
@@ -150,6 +211,8 @@ pub enum ClusterCmd {
     },
     /// Build a Raft snapshot on the leader now.
     Snapshot,
+    /// Chunk servers, capacity, under-replicated and lost chunks, repairs.
+    Health,
 }
 
 #[derive(Args)]
@@ -187,6 +250,9 @@ impl CliError {
         let message = if context.is_empty() { e.to_string() } else { format!("{context}: {e}") };
         CliError { exit, code: Some(e.code()), message }
     }
+    fn from_mount(e: crate::fuse::MountError) -> Self {
+        CliError { exit: e.exit_code(), code: None, message: e.to_string() }
+    }
     pub fn print(&self, json: bool) {
         if json {
             let v = serde_json::json!({"error": {
@@ -214,9 +280,17 @@ pub async fn run(cli: Cli) -> CliResult {
             up::up(args, json).await.map_err(|e| CliError { exit: 1, code: None, message: format!("{e:#}") })
         }
         Cmd::Down(args) => up::down(args).map_err(|e| CliError { exit: 1, code: None, message: format!("{e:#}") }),
+        Cmd::Mount(args) => crate::fuse::mount(args, cli.config).await.map_err(CliError::from_mount),
+        Cmd::Umount(args) => crate::fuse::umount(&args).map_err(CliError::from_mount),
         Cmd::Fs(cmd) => {
-            let client = connect(cli.config)?;
-            fs(&client, cmd, json).await
+            let (client, cfg) = connect_with_config(cli.config)?;
+            match cmd {
+                FsCmd::Put { .. } | FsCmd::Get { .. } | FsCmd::Cat { .. } => {
+                    let files = file_client(&client, &cfg)?;
+                    data(&files, cmd, json).await
+                }
+                cmd => fs(&client, cmd, json).await,
+            }
         }
         Cmd::Cluster(cmd) => {
             let client = connect(cli.config)?;
@@ -226,6 +300,10 @@ pub async fn run(cli: Cli) -> CliResult {
 }
 
 fn connect(config: Option<PathBuf>) -> CliResult<MetaClient> {
+    connect_with_config(config).map(|(c, _)| c)
+}
+
+fn connect_with_config(config: Option<PathBuf>) -> CliResult<(MetaClient, ClientConfig)> {
     let path = config.unwrap_or_else(ClientConfig::default_path);
     if !path.exists() {
         return Err(CliError::config(format!(
@@ -234,7 +312,125 @@ fn connect(config: Option<PathBuf>) -> CliResult<MetaClient> {
         )));
     }
     let cfg = ClientConfig::load(&path).map_err(|e| CliError::config(e.to_string()))?;
-    MetaClient::new(&cfg).map_err(|e| CliError::from_client("", e))
+    let client = MetaClient::new(&cfg).map_err(|e| CliError::from_client("", e))?;
+    Ok((client, cfg))
+}
+
+fn file_client(meta: &MetaClient, cfg: &ClientConfig) -> CliResult<FileClient> {
+    let chunks = ChunkClient::new(&cfg.identity()).map_err(|e| CliError::config(e.to_string()))?;
+    Ok(FileClient::new(meta.clone(), chunks, cfg.topology.clone()))
+}
+
+/// How much `put`, `get` and `cat` move per request.
+const COPY_PIECE: u64 = 4 << 20;
+
+fn progress(total: u64, quiet: bool, what: &str) -> indicatif::ProgressBar {
+    if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    let style = indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    pb.set_style(style);
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn local_err(path: &std::path::Path, e: std::io::Error) -> CliError {
+    CliError { exit: 1, code: Some(ErrorCode::Io), message: format!("{}: {e}", path.display()) }
+}
+
+async fn data(f: &FileClient, cmd: FsCmd, json: bool) -> CliResult {
+    let c = f.meta();
+    match cmd {
+        FsCmd::Put { local, remote, quiet } => {
+            use std::io::Read;
+            let mut file = std::fs::File::open(&local).map_err(|e| local_err(&local, e))?;
+            let total = file.metadata().map_err(|e| local_err(&local, e))?.len();
+            let path = abs(&remote);
+            let (parent, name) = split(&path)?;
+            let pino = parent_ino(c, &parent).await?;
+            let attr = c
+                .op_attr(MetaOp::Create { parent: pino, name, perm: 0o644, caller: caller(), exclusive: false })
+                .await
+                .map_err(|e| CliError::from_client(&show(&path), e))?;
+            if attr.size > 0 {
+                f.truncate(attr.ino, 0).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+            }
+            let pb = progress(total, quiet || json, "put");
+            let mut off = 0u64;
+            let mut buf = vec![0u8; COPY_PIECE as usize];
+            loop {
+                let n = file.read(&mut buf).map_err(|e| local_err(&local, e))?;
+                if n == 0 {
+                    break;
+                }
+                f.write(attr.ino, off, bytes::Bytes::copy_from_slice(&buf[..n]))
+                    .await
+                    .map_err(|e| CliError::from_client(&show(&path), e))?;
+                off += n as u64;
+                pb.set_position(off);
+            }
+            f.fsync(attr.ino).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+            pb.finish_and_clear();
+            if json {
+                print_json(&serde_json::json!({"path": show(&path), "bytes": off}));
+            }
+            Ok(())
+        }
+        FsCmd::Get { remote, local, quiet } => {
+            use std::io::Write;
+            let path = abs(&remote);
+            let attr = c.resolve(&path, true).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+            if attr.kind != FileKind::File {
+                return Err(CliError { exit: 1, code: Some(ErrorCode::IsDir), message: format!("{}: not a regular file", show(&path)) });
+            }
+            let mut out = std::fs::File::create(&local).map_err(|e| local_err(&local, e))?;
+            let pb = progress(attr.size, quiet || json, "get");
+            let mut off = 0u64;
+            loop {
+                let data = f.read(attr.ino, off, COPY_PIECE).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+                if data.is_empty() {
+                    break;
+                }
+                out.write_all(&data).map_err(|e| local_err(&local, e))?;
+                off += data.len() as u64;
+                pb.set_position(off);
+            }
+            out.sync_all().map_err(|e| local_err(&local, e))?;
+            pb.finish_and_clear();
+            if json {
+                print_json(&serde_json::json!({"path": show(&path), "bytes": off}));
+            }
+            Ok(())
+        }
+        FsCmd::Cat { path } => {
+            use std::io::Write;
+            let path = abs(&path);
+            let attr = c.resolve(&path, true).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+            if attr.kind != FileKind::File {
+                return Err(CliError { exit: 1, code: Some(ErrorCode::IsDir), message: format!("{}: not a regular file", show(&path)) });
+            }
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            let mut off = 0u64;
+            loop {
+                let data = f.read(attr.ino, off, COPY_PIECE).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+                if data.is_empty() {
+                    break;
+                }
+                if out.write_all(&data).is_err() {
+                    // The reader went away (a pipe closed): stop quietly.
+                    return Ok(());
+                }
+                off += data.len() as u64;
+            }
+            let _ = out.flush();
+            Ok(())
+        }
+        _ => Err(CliError::usage("not a data command")),
+    }
 }
 
 fn print_json<T: Serialize>(v: &T) {
@@ -525,6 +721,77 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
             Ok(())
         }
         FsCmd::Xattr(x) => xattr(c, x, json).await,
+        FsCmd::Locate { path } => {
+            let path = abs(&path);
+            let attr = c.resolve(&path, true).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+            let mut chunks = Vec::new();
+            let mut first = 0;
+            let cb = loop {
+                match c.read(MetaRead::Layout { ino: attr.ino, first, count: MAX_LAYOUT_CHUNKS }).await {
+                    Ok(ReadReply::Layout(l)) => {
+                        let cb = l.chunk_bytes;
+                        chunks.extend(l.chunks);
+                        first += MAX_LAYOUT_CHUNKS;
+                        if first * cb >= attr.size.max(1) {
+                            break cb;
+                        }
+                    }
+                    Ok(other) => return Err(CliError { exit: 1, code: Some(ErrorCode::Internal), message: format!("unexpected reply {other:?}") }),
+                    Err(e) => return Err(CliError::from_client(&show(&path), e)),
+                }
+            };
+            if json {
+                print_json(&serde_json::json!({"path": show(&path), "size": attr.size, "chunk_bytes": cb, "chunks": chunks}));
+            } else {
+                println!("{}: {} bytes, {} chunks of {} bytes", show(&path), attr.size, chunks.len(), cb);
+                for ch in &chunks {
+                    let reps: Vec<String> = ch
+                        .replicas
+                        .iter()
+                        .map(|r| format!("{}@{} ({}/{}/{})", r.server, r.addr, r.topology.zone, r.topology.rack, r.topology.host))
+                        .collect();
+                    println!("  chunk {:>6}  id {:>8}  v{:<4} {}", ch.index, ch.chunk, ch.version, reps.join(", "));
+                }
+            }
+            Ok(())
+        }
+        FsCmd::Goal(GoalCmd::Get { path }) => {
+            let path = abs(&path);
+            let attr = c.resolve(&path, true).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+            match c.read(MetaRead::GetGoal { ino: attr.ino }).await {
+                Ok(ReadReply::Goal(g)) => {
+                    if json {
+                        print_json(&g);
+                    } else {
+                        println!("{}: {g}", show(&path));
+                    }
+                    Ok(())
+                }
+                Ok(other) => Err(CliError { exit: 1, code: Some(ErrorCode::Internal), message: format!("unexpected reply {other:?}") }),
+                Err(e) => Err(CliError::from_client(&show(&path), e)),
+            }
+        }
+        FsCmd::Goal(GoalCmd::Set { path, goal, recursive }) => {
+            let goal = parse_goal(&goal)?;
+            let path = abs(&path);
+            let attr = c.resolve(&path, true).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+            let mut todo = vec![(attr.ino, attr.kind)];
+            let mut n = 0u64;
+            while let Some((ino, kind)) = todo.pop() {
+                c.op(MetaOp::SetGoal { ino, goal }).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+                n += 1;
+                if recursive && kind == FileKind::Dir {
+                    let entries = c.readdir_all(ino).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+                    todo.extend(entries.into_iter().filter(|e| matches!(e.kind, FileKind::Dir | FileKind::File)).map(|e| (e.ino, e.kind)));
+                }
+            }
+            if !json {
+                println!("{}: {goal} ({n} inodes)", show(&path));
+            }
+            Ok(())
+        }
+        FsCmd::Quota(q) => quota(c, q, json).await,
+        FsCmd::Put { .. } | FsCmd::Get { .. } | FsCmd::Cat { .. } => Err(CliError::usage("a data command needs a file client")),
     }
 }
 
@@ -595,6 +862,83 @@ async fn xattr(c: &MetaClient, cmd: XattrCmd, json: bool) -> CliResult {
                 }),
                 Err(e) => Err(CliError::from_client("", e)),
             }
+        }
+    }
+}
+
+fn parse_goal(s: &str) -> CliResult<Goal> {
+    let (copies, level) = match s.split_once(':') {
+        Some((c, l)) => (c, l),
+        None => (s, "host"),
+    };
+    let copies: u8 = copies.parse().map_err(|_| CliError::usage(format!("goal copies {copies:?} is not a number")))?;
+    let level: Level = level.parse().map_err(|_| CliError::usage(format!("goal level {level:?} is not host, rack or zone")))?;
+    let g = Goal { copies, level };
+    g.validate().map_err(|e| CliError::usage(e.message))?;
+    Ok(g)
+}
+
+/// `10G`, `512M`, `4096`: bytes, with powers of 1024.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last()?.to_ascii_uppercase() {
+        'K' => (&s[..s.len() - 1], 1u64 << 10),
+        'M' => (&s[..s.len() - 1], 1 << 20),
+        'G' => (&s[..s.len() - 1], 1 << 30),
+        'T' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+async fn quota(c: &MetaClient, cmd: QuotaCmd, json: bool) -> CliResult {
+    let resolve_dir = |p: PathBuf| async move {
+        let path = abs(&p);
+        let a = c.resolve(&path, true).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+        Ok::<_, CliError>((path, a.ino))
+    };
+    match cmd {
+        QuotaCmd::Get { path } => {
+            let (path, ino) = resolve_dir(path).await?;
+            match c.read(MetaRead::GetQuota { ino }).await {
+                Ok(ReadReply::Quota(q)) => {
+                    if json {
+                        print_json(&q);
+                    } else {
+                        match q {
+                            None => println!("{}: no quota", show(&path)),
+                            Some(u) => {
+                                let lim = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "unlimited".into());
+                                println!("{}: bytes {} of {}, inodes {} of {}", show(&path), u.used_bytes, lim(u.limits.max_bytes), u.used_inodes, lim(u.limits.max_inodes));
+                            }
+                        }
+                    }
+                    Ok(())
+                }
+                Ok(other) => Err(CliError { exit: 1, code: Some(ErrorCode::Internal), message: format!("unexpected reply {other:?}") }),
+                Err(e) => Err(CliError::from_client(&show(&path), e)),
+            }
+        }
+        QuotaCmd::Set { path, bytes, inodes } => {
+            let max_bytes = match bytes {
+                Some(b) => Some(parse_size(&b).ok_or_else(|| CliError::usage(format!("size {b:?} is not a number with an optional K/M/G/T suffix")))?),
+                None => None,
+            };
+            if max_bytes.is_none() && inodes.is_none() {
+                return Err(CliError::usage("give --bytes, --inodes or both (or use `quota clear`)"));
+            }
+            let (path, ino) = resolve_dir(path).await?;
+            c.op(MetaOp::SetQuota { ino, limits: QuotaLimits { max_bytes, max_inodes: inodes } })
+                .await
+                .map_err(|e| CliError::from_client(&show(&path), e))?;
+            Ok(())
+        }
+        QuotaCmd::Clear { path } => {
+            let (path, ino) = resolve_dir(path).await?;
+            c.op(MetaOp::SetQuota { ino, limits: QuotaLimits::default() })
+                .await
+                .map_err(|e| CliError::from_client(&show(&path), e))?;
+            Ok(())
         }
     }
 }
@@ -727,6 +1071,36 @@ async fn cluster(c: &MetaClient, cmd: ClusterCmd, json: bool) -> CliResult {
                 .map_err(|e| CliError::from_client(&format!("remove node {id}"), e))?;
             if !json {
                 println!("node {id} removed");
+            }
+            Ok(())
+        }
+        ClusterCmd::Health => {
+            let h = match c.read(MetaRead::Health).await {
+                Ok(ReadReply::Health(h)) => h,
+                Ok(other) => return Err(CliError { exit: 1, code: Some(ErrorCode::Internal), message: format!("unexpected reply {other:?}") }),
+                Err(e) => return Err(CliError::from_client("health", e)),
+            };
+            if json {
+                print_json(&h);
+            } else {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                println!(
+                    "capacity {:.1} GiB, available {:.1} GiB; chunks {}, under-replicated {}, lost {}, corrupt reports {}; repairs in flight {}, done {}",
+                    gib(h.total_bytes), gib(h.available_bytes), h.chunks, h.under_replicated, h.lost, h.corrupt, h.repairs_in_flight, h.repairs_done
+                );
+                println!("{:>4}  {:<22} {:<20} {:<6} {:>10} {:>10} {:>8}", "id", "address", "zone/rack/host", "state", "used GiB", "avail GiB", "chunks");
+                for s in &h.servers {
+                    println!(
+                        "{:>4}  {:<22} {:<20} {:<6} {:>10.2} {:>10.2} {:>8}",
+                        s.id,
+                        s.addr,
+                        format!("{}/{}/{}", s.topology.zone, s.topology.rack, s.topology.host),
+                        if s.alive { "up" } else { "DOWN" },
+                        gib(s.used_bytes),
+                        gib(s.available_bytes),
+                        s.chunks
+                    );
+                }
             }
             Ok(())
         }

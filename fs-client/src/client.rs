@@ -299,6 +299,14 @@ impl MetaClient {
         }
     }
 
+    /// A chunk server's message to the leader.
+    pub async fn server(&self, msg: ServerMsg) -> Result<ServerReply, ClientError> {
+        match self.call(Request::Server(msg)).await? {
+            Reply::Server(r) => Ok(r),
+            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// The status as one particular server sees it (no redirection).
     pub async fn status_of(&self, addr: &str) -> Result<ClusterStatus, ClientError> {
         let req = Envelope { version: PROTOCOL_VERSION, request: Request::Admin(AdminOp::Status) };

@@ -21,6 +21,9 @@ pub struct ClientConfig {
     pub key: PathBuf,
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
+    /// Where this client runs, so reads go to the nearest replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<crate::proto::Topology>,
 }
 
 fn default_timeout() -> u64 {

@@ -6,13 +6,17 @@
 //! - [`client`]: [`client::MetaClient`], requests with leader discovery,
 //!   retries and at-most-once writes.
 //! - [`cli`]: the `locus` command line; [`up`] runs a local cluster.
+//! - [`fuse`]: the FUSE mount (`locus mount`).
 //!
 //! Start reading at [`client::MetaClient`].
 
+pub mod chunk;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod file;
 pub mod frame;
+pub mod fuse;
 pub mod proto;
 pub mod tls;
 pub mod up;

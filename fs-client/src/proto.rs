@@ -185,6 +185,94 @@ impl Caller {
     pub const ROOT: Caller = Caller { uid: 0, gid: 0 };
 }
 
+/// A chunk of file data, as the metadata service names it.
+pub type ChunkId = u64;
+/// A registered chunk server.
+pub type ServerId = u64;
+
+/// The chunk size of a cluster made without `--chunk-size`.
+pub const DEFAULT_CHUNK_BYTES: u64 = 64 << 20;
+/// Checksum block size inside chunks.
+pub const DEFAULT_BLOCK_BYTES: u64 = 64 << 10;
+/// Most chunks one layout request covers.
+pub const MAX_LAYOUT_CHUNKS: u64 = 1024;
+
+pub use placement::{Level, Topology};
+
+/// How many copies a file's chunks keep, and in distinct domains of which level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Goal {
+    pub copies: u8,
+    /// `Host`, `Rack` or `Zone`.
+    pub level: Level,
+}
+
+impl Goal {
+    pub const DEFAULT: Goal = Goal { copies: 3, level: Level::Host };
+    /// Most copies a goal may ask for.
+    pub const MAX_COPIES: u8 = 16;
+
+    pub fn validate(&self) -> Result<(), WireError> {
+        if self.copies == 0 || self.copies > Self::MAX_COPIES {
+            return Err(WireError::new(
+                ErrorCode::Invalid,
+                format!("goal copies must be 1..={}, not {}", Self::MAX_COPIES, self.copies),
+            ));
+        }
+        if self.level == Level::Any {
+            return Err(WireError::new(ErrorCode::Invalid, "goal level must be host, rack or zone"));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Goal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} copies, distinct {}s", self.copies, self.level)
+    }
+}
+
+/// Limits of a directory quota; `None` means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaLimits {
+    pub max_bytes: Option<u64>,
+    pub max_inodes: Option<u64>,
+}
+
+/// A directory quota with what is used under it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaUsage {
+    pub limits: QuotaLimits,
+    pub used_bytes: u64,
+    pub used_inodes: u64,
+}
+
+/// One replica of a chunk: which server, where to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    pub server: ServerId,
+    pub addr: String,
+    pub topology: Topology,
+}
+
+/// Where chunk `index` of a file lives. The first replica is the head of
+/// the write chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkLocation {
+    pub index: u64,
+    pub chunk: ChunkId,
+    pub version: u64,
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// A file's size and the chunks of a range of it (absent indexes are holes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    pub attr: Attr,
+    pub chunk_bytes: u64,
+    pub chunks: Vec<ChunkLocation>,
+}
+
 /// Namespace changes. Each goes through Raft; the leader stamps the time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaOp {
@@ -251,6 +339,39 @@ pub enum MetaOp {
         ino: Ino,
         name: Vec<u8>,
     },
+    /// Makes chunks exist for `[offset, offset + len)` of a regular file and
+    /// returns their locations. Checks the quota for the size the file
+    /// would have; does not change the size (see `ExtendSize`).
+    PrepareWrite {
+        ino: Ino,
+        offset: u64,
+        len: u64,
+    },
+    /// Raises the size to `size` if it is smaller (quota-checked); sets mtime.
+    ExtendSize {
+        ino: Ino,
+        size: u64,
+    },
+    /// A replica failed a write: drop it from the chunk and raise the
+    /// chunk's version so the dropped copy is never served again.
+    ReplicaFailed {
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        server: ServerId,
+    },
+    /// Sets the replication goal of one inode (directories pass it on to
+    /// what is created in them; files apply it to their chunks).
+    SetGoal {
+        ino: Ino,
+        goal: Goal,
+    },
+    /// Sets or clears (`limits` all `None`) a directory's quota.
+    SetQuota {
+        ino: Ino,
+        limits: QuotaLimits,
+    },
 }
 
 impl MetaOp {
@@ -267,6 +388,11 @@ impl MetaOp {
             MetaOp::SetAttr { .. } => "setattr",
             MetaOp::SetXattr { .. } => "setxattr",
             MetaOp::RemoveXattr { .. } => "removexattr",
+            MetaOp::PrepareWrite { .. } => "prepare_write",
+            MetaOp::ExtendSize { .. } => "extend_size",
+            MetaOp::ReplicaFailed { .. } => "replica_failed",
+            MetaOp::SetGoal { .. } => "set_goal",
+            MetaOp::SetQuota { .. } => "set_quota",
         }
     }
 }
@@ -277,6 +403,7 @@ pub enum OpReply {
     /// The attributes of the created or changed inode.
     Attr(Attr),
     Done,
+    Layout(Layout),
 }
 
 /// Namespace reads, linearizable (served by the leader after a read index).
@@ -313,6 +440,20 @@ pub enum MetaRead {
         path: Vec<u8>,
         follow: bool,
     },
+    /// Chunk locations of `count` chunks from index `first`.
+    Layout {
+        ino: Ino,
+        first: u64,
+        count: u64,
+    },
+    GetGoal {
+        ino: Ino,
+    },
+    GetQuota {
+        ino: Ino,
+    },
+    /// Chunk servers, capacity, replication state (leader's view).
+    Health,
 }
 
 /// Filesystem totals.
@@ -335,6 +476,44 @@ pub enum ReadReply {
     Xattr(Vec<u8>),
     XattrNames(Vec<Vec<u8>>),
     StatFs(StatFs),
+    Layout(Layout),
+    Goal(Goal),
+    Quota(Option<QuotaUsage>),
+    Health(ClusterHealth),
+}
+
+/// A chunk server as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub id: ServerId,
+    pub addr: String,
+    pub topology: Topology,
+    pub alive: bool,
+    /// Milliseconds since its last heartbeat (None: none since this leader took over).
+    pub last_seen_ms: Option<u64>,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub available_bytes: u64,
+    pub chunks: u64,
+}
+
+/// Replication health of the whole cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterHealth {
+    pub servers: Vec<ServerStatus>,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub chunks: u64,
+    /// Chunks with fewer live copies than their goal.
+    pub under_replicated: u64,
+    /// Chunks with no live copy at all.
+    pub lost: u64,
+    /// Replicas reported corrupt and not yet replaced.
+    pub corrupt: u64,
+    pub repairs_in_flight: u64,
+    pub repairs_done: u64,
+    /// When the last full check of every chunk finished (ms ago).
+    pub last_scan_ms: Option<u64>,
 }
 
 /// One member of the metadata cluster.
@@ -412,6 +591,39 @@ pub enum Request {
     Ops(Vec<(RequestId, MetaOp)>),
     /// Several linearizable reads sharing one read-index round.
     Reads(Vec<MetaRead>),
+    /// From a chunk server (role `node`), to the leader.
+    Server(ServerMsg),
+}
+
+/// What chunk servers tell the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// Joins (`id` None: first start) or rejoins the cluster.
+    Register { id: Option<ServerId>, addr: String, topology: Topology, capacity_bytes: u64, used_bytes: u64 },
+    /// Every second; the reply carries work for the server.
+    Heartbeat { id: ServerId, capacity_bytes: u64, available_bytes: u64, used_bytes: u64, chunks: u64 },
+    /// The chunks it holds, in pages; `done` on the last page.
+    Report { id: ServerId, chunks: Vec<(ChunkId, u64)>, done: bool },
+    /// A replica failed its checksums (it has been quarantined).
+    Corrupt { id: ServerId, chunk: ChunkId, version: u64 },
+    /// A replication command finished.
+    Replicated { id: ServerId, chunk: ChunkId, version: u64, ok: bool, error: Option<String> },
+}
+
+/// Work the leader gives a chunk server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerCommand {
+    Delete { chunks: Vec<ChunkId> },
+    SetVersion { chunk: ChunkId, from: u64, to: u64 },
+    /// Copy `chunk` at `version` from `source` (a chunk server address).
+    Replicate { chunk: ChunkId, version: u64, source: String },
+}
+
+/// Replies to [`ServerMsg`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerReply {
+    Registered { id: ServerId, chunk_bytes: u64, block_bytes: u64 },
+    Commands(Vec<ServerCommand>),
 }
 
 /// Most entries in one [`Request::Ops`] or [`Request::Reads`].
@@ -432,7 +644,46 @@ pub enum Reply {
     Pong { node_id: u64 },
     Ops(Vec<Result<OpReply, WireError>>),
     Reads(Vec<Result<ReadReply, WireError>>),
+    Server(ServerReply),
 }
+
+/// ALPN of chunk server connections. Bump on an incompatible change.
+pub const CHUNK_ALPN: &[u8] = b"locus-chunk/1";
+/// Largest data payload of one chunk read or write.
+pub const MAX_IO_BYTES: u64 = 8 << 20;
+
+/// Requests to a chunk server. Data follows `Write` raw, and precedes
+/// nothing else; `Read` and `Export` answers are followed by raw data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkRequest {
+    Read { chunk: ChunkId, version: u64, offset: u64, len: u64 },
+    /// `len` bytes follow. The server writes them, forwards them to
+    /// `chain[0]` with the rest of the chain, and answers once every
+    /// server has them. `create` makes the chunk if this server lacks it.
+    Write { chunk: ChunkId, version: u64, offset: u64, len: u64, chain: Vec<String>, create: bool },
+    /// Makes `[offset, offset + len)` read as zeros, along the chain like a write.
+    Zero { chunk: ChunkId, version: u64, offset: u64, len: u64, chain: Vec<String> },
+    /// Makes earlier writes to these chunks durable on this server.
+    Flush { chunks: Vec<ChunkId> },
+    SetVersion { chunk: ChunkId, from: u64, to: u64 },
+    /// Streams a whole replica (for replication); writes wait meanwhile.
+    Export { chunk: ChunkId, version: u64 },
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkReply {
+    Done,
+    /// `len` bytes follow.
+    Data { len: u64 },
+    /// An export stream follows until the stream ends.
+    Export,
+    Status { id: Option<ServerId>, chunks: u64, used_bytes: u64, fenced: bool },
+    /// This server applied the write; the chain broke further down, at `at`.
+    ChainBroken { at: String, error: WireError },
+}
+
+pub type ChunkResponse = Result<ChunkReply, WireError>;
 
 pub type Response = Result<Reply, WireError>;
 

@@ -234,14 +234,16 @@ pub fn client_config(id: &Identity, alpn: &[u8]) -> Result<quinn::ClientConfig, 
 }
 
 /// Creates the cluster CA and the certificates of `nodes` metadata nodes
-/// (`node-1` ..) and of the standard clients (`admin`, `client`, `host`) in
-/// `dir`. Existing files are kept. Returns what it made.
-pub fn init_cluster_certs(dir: &Path, nodes: u64, ips: &[IpAddr]) -> Result<Vec<String>, TlsError> {
+/// (`node-1` ..), `chunk_servers` chunk servers (`chunk-1` ..) and the
+/// standard clients (`admin`, `client`, `host`) in `dir`. Existing files are
+/// kept. Returns what it made.
+pub fn init_cluster_certs(dir: &Path, nodes: u64, chunk_servers: u64, ips: &[IpAddr]) -> Result<Vec<String>, TlsError> {
     let mut made = Vec::new();
     if init_ca(dir)? {
         made.push("ca".to_string());
     }
     let mut want: Vec<(String, Role)> = (1..=nodes).map(|i| (format!("node-{i}"), Role::Node)).collect();
+    want.extend((1..=chunk_servers).map(|i| (format!("chunk-{i}"), Role::Node)));
     want.push(("admin".into(), Role::Admin));
     want.push(("client".into(), Role::Client));
     want.push(("host".into(), Role::Host));

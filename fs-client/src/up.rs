@@ -33,10 +33,14 @@ pub struct UpArgs {
     /// Metadata nodes to run.
     #[arg(long, default_value_t = 3)]
     pub meta: u64,
+    /// Chunk servers to run (each in its own rack, r1, r2, ...).
+    #[arg(long, default_value_t = 3)]
+    pub chunks: u64,
     /// Loopback address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub ip: IpAddr,
-    /// Metadata node i listens on UDP base+i; its metrics on TCP base+100+i.
+    /// Metadata node i listens on UDP base+i, chunk server i on base+10+i;
+    /// their metrics on TCP base+100+i and base+110+i.
     #[arg(long, default_value_t = 7100)]
     pub base_port: u16,
     /// The locus-server binary (default: next to this one, else $PATH).
@@ -92,6 +96,9 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
     if args.meta == 0 || args.meta > 9 {
         bail!("--meta must be between 1 and 9");
     }
+    if args.chunks > 9 {
+        bail!("--chunks must be between 0 and 9");
+    }
     if args.base_port < 1024 || args.base_port > 65000 {
         bail!("--base-port must be between 1024 and 65000");
     }
@@ -100,7 +107,7 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
     }
     let dir = dir.canonicalize().with_context(|| format!("resolve {}", dir.display()))?;
     let certs = dir.join("certs");
-    tls::init_cluster_certs(&certs, args.meta, &[args.ip]).context("create certificates")?;
+    tls::init_cluster_certs(&certs, args.meta, args.chunks, &[args.ip]).context("create certificates")?;
     let server = find_server(args.server_bin.clone())?;
 
     let addr = |i: u64| format!("{}:{}", args.ip, args.base_port as u64 + i);
@@ -123,6 +130,34 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
                 format!("{}:{}", args.ip, args.base_port as u64 + 100 + i),
                 "--bootstrap".into(),
                 members.join(","),
+            ],
+        });
+    }
+
+    let meta_addrs: Vec<String> = (1..=args.meta).map(addr).collect();
+    for i in 1..=args.chunks {
+        services.push(Service {
+            name: format!("chunk-{i}"),
+            args: vec![
+                "chunk".into(),
+                "--listen".into(),
+                format!("{}:{}", args.ip, args.base_port as u64 + 10 + i),
+                "--data-dir".into(),
+                dir.join(format!("chunk-{i}")).display().to_string(),
+                "--certs".into(),
+                certs.display().to_string(),
+                "--cert-name".into(),
+                format!("chunk-{i}"),
+                "--meta".into(),
+                meta_addrs.join(","),
+                "--zone".into(),
+                "z1".into(),
+                "--rack".into(),
+                format!("r{i}"),
+                "--host".into(),
+                format!("h{i}"),
+                "--metrics-listen".into(),
+                format!("{}:{}", args.ip, args.base_port as u64 + 110 + i),
             ],
         });
     }
@@ -159,16 +194,30 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
         cert: certs.join("admin.pem"),
         key: certs.join("admin.key"),
         timeout_ms: crate::config::DEFAULT_TIMEOUT_MS,
+        topology: None,
     };
     let cfg_path = dir.join("client.toml");
     client_cfg.save(&cfg_path).context("write client.toml")?;
 
-    // Ready when a linearizable read succeeds: a leader exists and the root is made.
+    // Ready when a linearizable read succeeds (a leader exists, the root is
+    // made) and every chunk server has checked in.
     let client = MetaClient::new(&client_cfg)?;
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        match client.read(MetaRead::StatFs).await {
-            Ok(_) => break,
+        let ready = match client.read(MetaRead::Health).await {
+            Ok(ReadReply::Health(h)) => {
+                let up = h.servers.iter().filter(|s| s.alive).count() as u64;
+                if up >= args.chunks {
+                    Ok(())
+                } else {
+                    Err(format!("{up} of {} chunk servers up", args.chunks))
+                }
+            }
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(e) => Err(e.to_string()),
+        };
+        match ready {
+            Ok(()) => break,
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "cluster not ready yet")
             }
@@ -188,7 +237,12 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("Locus is up: {} metadata nodes on {}", args.meta, client_cfg.meta.join(", "));
+        println!(
+            "Locus is up: {} metadata nodes on {}, {} chunk servers",
+            args.meta,
+            client_cfg.meta.join(", "),
+            args.chunks
+        );
         println!("  data:    {}", dir.display());
         println!("  logs:    {}", dir.join("logs").display());
         println!("  metrics: http://{}:{}/metrics (node 1)", args.ip, args.base_port + 101);
@@ -197,7 +251,8 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
             println!("  export LOCUS_CONFIG={}", cfg_path.display());
         }
         println!("  locus cluster status");
-        println!("  locus fs mkdir /vm && locus fs ls -l /");
+        println!("  locus fs mkdir /vm && locus fs put ./disk.img /vm/disk.img && locus fs locate /vm/disk.img");
+        println!("  locus cluster health");
         println!(
             "  locus down{}",
             if args.data_dir.is_some() { format!(" --data-dir {}", dir.display()) } else { String::new() }

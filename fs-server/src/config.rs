@@ -57,6 +57,15 @@ pub struct MetaSettings {
     /// older subscribers get a snapshot first.
     #[arg(long)]
     pub change_history: Option<u64>,
+    /// Chunk size of a new cluster, in bytes (a power of two, 1 MiB to 1 GiB).
+    #[arg(long)]
+    pub chunk_bytes: Option<u64>,
+    /// A chunk server silent for this long is declared dead (ms).
+    #[arg(long)]
+    pub dead_after_ms: Option<u64>,
+    /// How often the chunk map is checked for missing copies (ms).
+    #[arg(long)]
+    pub scan_every_ms: Option<u64>,
 }
 
 impl MetaSettings {
@@ -74,6 +83,9 @@ impl MetaSettings {
             snapshot_every: over.snapshot_every.or(self.snapshot_every),
             keep_logs: over.keep_logs.or(self.keep_logs),
             change_history: over.change_history.or(self.change_history),
+            chunk_bytes: over.chunk_bytes.or(self.chunk_bytes),
+            dead_after_ms: over.dead_after_ms.or(self.dead_after_ms),
+            scan_every_ms: over.scan_every_ms.or(self.scan_every_ms),
         }
     }
 
@@ -111,6 +123,17 @@ impl MetaSettings {
             });
         }
         let election_timeout_max_ms = election_timeout_ms + election_timeout_ms * 3 / 7;
+        let chunk_bytes = self.chunk_bytes.unwrap_or(fs_client::proto::DEFAULT_CHUNK_BYTES);
+        if !chunk_bytes.is_power_of_two() || !(1 << 20..=1 << 30).contains(&chunk_bytes) {
+            return Err(ConfigError::Invalid {
+                field: "chunk_bytes",
+                reason: format!("{chunk_bytes} is not a power of two between 1 MiB and 1 GiB"),
+            });
+        }
+        let dead_after_ms = self.dead_after_ms.unwrap_or(5_000);
+        if !(500..=600_000).contains(&dead_after_ms) {
+            return Err(ConfigError::Invalid { field: "dead_after_ms", reason: "must be 500..=600000".into() });
+        }
         Ok(MetaConfig {
             id,
             listen,
@@ -124,6 +147,12 @@ impl MetaSettings {
             snapshot_every: self.snapshot_every.unwrap_or(20_000),
             keep_logs: self.keep_logs.unwrap_or(2_000),
             change_history: self.change_history.unwrap_or(crate::meta::fsm::CHANGE_RETAIN_ENTRIES).max(1),
+            chunk_bytes,
+            data: crate::meta::cluster::DataConfig {
+                dead_after: std::time::Duration::from_millis(dead_after_ms),
+                scan_every: std::time::Duration::from_millis(self.scan_every_ms.unwrap_or(10_000).max(100)),
+                ..Default::default()
+            },
         })
     }
 }
@@ -153,6 +182,143 @@ pub fn parse_members(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
     Ok(out)
 }
 
+/// Settings of `locus-server chunk`. Every field can come from the file or a flag.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkSettings {
+    /// UDP address to serve QUIC on.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Address clients and peers dial, if not `listen`.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Where chunk replicas are stored.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Directory with `ca.pem` and this server's certificate.
+    #[arg(long)]
+    pub certs: Option<PathBuf>,
+    /// Name of this server's certificate in `certs` (default `chunk-1`).
+    #[arg(long)]
+    pub cert_name: Option<String>,
+    /// Metadata servers, `ip:port,ip:port,...`.
+    #[arg(long)]
+    pub meta: Option<String>,
+    /// Topology labels.
+    #[arg(long)]
+    pub zone: Option<String>,
+    #[arg(long)]
+    pub rack: Option<String>,
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Capacity to announce in bytes (default: the filesystem's size).
+    #[arg(long)]
+    pub capacity_bytes: Option<u64>,
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Refuse I/O after this long without an accepted heartbeat.
+    #[arg(long)]
+    pub fence_after_ms: Option<u64>,
+    /// Report held chunks this often.
+    #[arg(long)]
+    pub report_every_ms: Option<u64>,
+    /// Background verification rate (0 turns the scrubber off).
+    #[arg(long)]
+    pub scrub_mib_per_sec: Option<u64>,
+    /// TCP address of the Prometheus endpoint.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl ChunkSettings {
+    pub fn merge(self, over: ChunkSettings) -> ChunkSettings {
+        ChunkSettings {
+            listen: over.listen.or(self.listen),
+            advertise: over.advertise.or(self.advertise),
+            data_dir: over.data_dir.or(self.data_dir),
+            certs: over.certs.or(self.certs),
+            cert_name: over.cert_name.or(self.cert_name),
+            meta: over.meta.or(self.meta),
+            zone: over.zone.or(self.zone),
+            rack: over.rack.or(self.rack),
+            host: over.host.or(self.host),
+            capacity_bytes: over.capacity_bytes.or(self.capacity_bytes),
+            heartbeat_ms: over.heartbeat_ms.or(self.heartbeat_ms),
+            fence_after_ms: over.fence_after_ms.or(self.fence_after_ms),
+            report_every_ms: over.report_every_ms.or(self.report_every_ms),
+            scrub_mib_per_sec: over.scrub_mib_per_sec.or(self.scrub_mib_per_sec),
+            metrics_listen: over.metrics_listen.or(self.metrics_listen),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<ChunkSettings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    }
+
+    pub fn resolve(self) -> Result<crate::chunk::ChunkConfig, ConfigError> {
+        use std::time::Duration;
+        let listen = self.listen.ok_or(ConfigError::Missing("listen", "listen"))?;
+        let data_dir = self.data_dir.ok_or(ConfigError::Missing("data_dir", "data-dir"))?;
+        let certs = self.certs.ok_or(ConfigError::Missing("certs", "certs"))?;
+        let meta: Vec<String> = self
+            .meta
+            .ok_or(ConfigError::Missing("meta", "meta"))?
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        for m in &meta {
+            m.parse::<SocketAddr>()
+                .map_err(|_| ConfigError::Invalid { field: "meta", reason: format!("{m:?} is not ip:port") })?;
+        }
+        if meta.is_empty() {
+            return Err(ConfigError::Invalid { field: "meta", reason: "no addresses".into() });
+        }
+        let advertise = self.advertise.unwrap_or_else(|| listen.to_string());
+        advertise
+            .parse::<SocketAddr>()
+            .map_err(|_| ConfigError::Invalid { field: "advertise", reason: format!("{advertise:?} is not ip:port") })?;
+        let host = self.host.unwrap_or_else(|| {
+            nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+        });
+        let label = |field: &'static str, v: &str| -> Result<(), ConfigError> {
+            if v.is_empty() || v.len() > 64 || !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(ConfigError::Invalid { field, reason: format!("{v:?} must be 1-64 of [A-Za-z0-9-_.]") });
+            }
+            Ok(())
+        };
+        let zone = self.zone.unwrap_or_else(|| "z1".into());
+        let rack = self.rack.unwrap_or_else(|| "r1".into());
+        label("zone", &zone)?;
+        label("rack", &rack)?;
+        label("host", &host)?;
+        let heartbeat_ms = self.heartbeat_ms.unwrap_or(1_000).clamp(50, 60_000);
+        let fence_after_ms = self.fence_after_ms.unwrap_or(3_000);
+        if fence_after_ms < heartbeat_ms * 2 {
+            return Err(ConfigError::Invalid {
+                field: "fence_after_ms",
+                reason: format!("{fence_after_ms} must be at least twice heartbeat_ms ({heartbeat_ms})"),
+            });
+        }
+        let name = self.cert_name.unwrap_or_else(|| "chunk-1".into());
+        Ok(crate::chunk::ChunkConfig {
+            listen,
+            advertise,
+            data_dir,
+            identity: Identity::in_dir(&certs, &name),
+            meta,
+            topology: fs_client::proto::Topology::new(&zone, &rack, &host),
+            capacity_bytes: self.capacity_bytes,
+            heartbeat: Duration::from_millis(heartbeat_ms),
+            fence_after: Duration::from_millis(fence_after_ms),
+            report_every: Duration::from_millis(self.report_every_ms.unwrap_or(60_000).max(100)),
+            scrub_bytes_per_sec: self.scrub_mib_per_sec.unwrap_or(16) << 20,
+            metrics_listen: self.metrics_listen,
+        })
+    }
+}
+
 /// A complete, checked configuration of a metadata node.
 #[derive(Debug, Clone)]
 pub struct MetaConfig {
@@ -168,6 +334,8 @@ pub struct MetaConfig {
     pub snapshot_every: u64,
     pub keep_logs: u64,
     pub change_history: u64,
+    pub chunk_bytes: u64,
+    pub data: crate::meta::cluster::DataConfig,
 }
 
 #[cfg(test)]

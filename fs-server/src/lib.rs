@@ -3,6 +3,8 @@
 //! One binary, `locus-server`, runs one role per process:
 //! - `meta`: the Raft-replicated metadata service ([`meta`]): namespace,
 //!   linearizable reads, cluster membership and the change stream.
+//! - `chunk`: a chunk server ([`chunk`]): replicas on local disk, served
+//!   over QUIC, chained writes, scrubbing, repair copies.
 //! - `init`: makes the cluster CA and the certificates
 //!   ([`fs_client::tls::init_cluster_certs`]).
 //!
@@ -13,6 +15,7 @@
 //! Not here: the wire types and the client (in `fs-client`, which this
 //! crate depends on, never the reverse), consensus (the `raft` crate).
 
+pub mod chunk;
 pub mod config;
 pub mod meta;
 pub mod metrics;
@@ -38,7 +41,8 @@ const METRICS_REFRESH: Duration = Duration::from_secs(1);
 pub async fn run_meta(cfg: MetaConfig) -> anyhow::Result<()> {
     let span = tracing::info_span!("meta", node = cfg.id);
     let _enter = span.enter();
-    let endpoint = server::endpoint(&cfg.identity, cfg.listen, true).context("start QUIC endpoint")?;
+    let endpoint = server::endpoint(&cfg.identity, cfg.listen, &[fs_client::proto::CLIENT_ALPN, raft::RAFT_ALPN])
+        .context("start QUIC endpoint")?;
     let raft_client = tls::client_config(&cfg.identity, raft::RAFT_ALPN).context("raft client TLS")?;
     let transport = RaftTransport::new(cfg.id, endpoint.clone(), raft_client, tls::SERVER_NAME.to_string());
     let mut rcfg = RaftNodeConfig::new(cfg.id, cfg.data_dir.clone());
@@ -51,7 +55,7 @@ pub async fn run_meta(cfg: MetaConfig) -> anyhow::Result<()> {
         .await
         .context("start raft")?;
     let metrics = Metrics::new("meta");
-    let svc = MetaService::start(node.clone(), metrics.clone());
+    let svc = MetaService::start(node.clone(), metrics.clone(), cfg.data.clone(), cfg.chunk_bytes);
     tokio::spawn(server::accept_loop(endpoint.clone(), svc.clone()));
     if let Some(members) = &cfg.bootstrap {
         node.initialize(members.clone()).await.context("initialize cluster")?;
@@ -93,7 +97,8 @@ async fn refresh_raft_metrics(svc: MetaService, m: Arc<Metrics>) {
     }
 }
 
-async fn wait_for_stop() {
+/// Resolves on SIGTERM or SIGINT.
+pub async fn wait_for_stop() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         // Without signal handlers the process runs until killed.

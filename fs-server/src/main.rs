@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 // Servers allocate many small, short-lived buffers (frames, records, keys).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use fs_server::config::MetaSettings;
+use fs_server::config::{ChunkSettings, MetaSettings};
 
 #[derive(Parser)]
 #[command(name = "locus-server", version, about = "Locus servers: metadata, chunk storage, controllers")]
@@ -31,6 +31,9 @@ enum Cmd {
         /// Metadata nodes to make certificates for (node-1 .. node-N).
         #[arg(long, default_value_t = 3)]
         nodes: u64,
+        /// Chunk servers to make certificates for (chunk-1 .. chunk-N).
+        #[arg(long, default_value_t = 3)]
+        chunks: u64,
         /// IP addresses the node certificates are valid for.
         #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
         ips: Vec<IpAddr>,
@@ -42,6 +45,14 @@ enum Cmd {
         config: Option<PathBuf>,
         #[command(flatten)]
         settings: MetaSettings,
+    },
+    /// Run a chunk server.
+    Chunk {
+        /// TOML file with the settings below; flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: ChunkSettings,
     },
 }
 
@@ -62,8 +73,8 @@ fn main() -> ExitCode {
 
 fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Init { dir, nodes, ips } => {
-            let made = fs_client::tls::init_cluster_certs(&dir, nodes, &ips)?;
+        Cmd::Init { dir, nodes, chunks, ips } => {
+            let made = fs_client::tls::init_cluster_certs(&dir, nodes, chunks, &ips)?;
             if made.is_empty() {
                 println!("certificates in {} are complete; nothing to do", dir.display());
             } else {
@@ -82,6 +93,15 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 .on_thread_start(raft::storage::disable_perf_counters_on_this_thread)
                 .build()?;
             rt.block_on(fs_server::run_meta(cfg))
+        }
+        Cmd::Chunk { config, settings } => {
+            let base = match config {
+                Some(p) => ChunkSettings::load(&p)?,
+                None => ChunkSettings::default(),
+            };
+            let cfg = base.merge(settings).resolve()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(fs_server::chunk::run(cfg))
         }
     }
 }

@@ -26,10 +26,9 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
 }
 
-/// Binds a QUIC endpoint that serves clients and, with `raft`, Raft peers.
-pub fn endpoint(id: &Identity, listen: SocketAddr, raft: bool) -> Result<quinn::Endpoint, ServerError> {
-    let alpns: Vec<&[u8]> = if raft { vec![CLIENT_ALPN, raft::RAFT_ALPN] } else { vec![CLIENT_ALPN] };
-    let cfg = tls::server_config(id, &alpns)?;
+/// Binds a QUIC endpoint offering the protocols `alpns`.
+pub fn endpoint(id: &Identity, listen: SocketAddr, alpns: &[&[u8]]) -> Result<quinn::Endpoint, ServerError> {
+    let cfg = tls::server_config(id, alpns)?;
     quinn::Endpoint::server(cfg, listen).map_err(|source| ServerError::Bind { addr: listen, source })
 }
 

@@ -154,11 +154,21 @@ pub struct MetaOptions {
     pub addrs: Option<Vec<SocketAddr>>,
     /// Network namespaces to run the nodes in (one per node).
     pub netns: Option<Vec<String>>,
+    /// More `locus-server meta` flags.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for MetaOptions {
     fn default() -> Self {
-        MetaOptions { nodes: 3, snapshot_every: None, keep_logs: None, change_history: None, addrs: None, netns: None }
+        MetaOptions {
+            nodes: 3,
+            snapshot_every: None,
+            keep_logs: None,
+            change_history: None,
+            addrs: None,
+            netns: None,
+            extra_args: Vec::new(),
+        }
     }
 }
 
@@ -178,7 +188,7 @@ impl MetaCluster {
             Some(a) => a.iter().map(|a| a.ip()).chain(["127.0.0.1".parse()?]).collect(),
             None => vec!["127.0.0.1".parse()?],
         };
-        fs_client::tls::init_cluster_certs(&certs, opts.nodes + 2, &ips)?;
+        fs_client::tls::init_cluster_certs(&certs, opts.nodes + 2, 6, &ips)?;
         let addrs: Vec<SocketAddr> = match &opts.addrs {
             Some(a) => a.clone(),
             None => (0..opts.nodes).map(|_| SocketAddr::from(([127, 0, 0, 1], free_port()))).collect(),
@@ -210,6 +220,7 @@ impl MetaCluster {
             if let Some(n) = opts.change_history {
                 args.extend(["--change-history".into(), n.to_string()]);
             }
+            args.extend(opts.extra_args.iter().cloned());
             let mut node = MetaNode {
                 id,
                 addr: *addr,
@@ -235,6 +246,7 @@ impl MetaCluster {
             cert: self.certs.join(format!("{name}.pem")),
             key: self.certs.join(format!("{name}.key")),
             timeout_ms: 20_000,
+            topology: None,
         }
     }
 
@@ -388,4 +400,317 @@ pub async fn walk(client: &MetaClient) -> anyhow::Result<BTreeMap<String, Attr>>
         }
     }
     Ok(out)
+}
+
+/// One `locus-server chunk` process.
+pub struct ChunkNode {
+    pub index: u64,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl ChunkNode {
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut cmd = Command::new(bin("locus-server"));
+        cmd.args(&self.args)
+            .env("LOCUS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.child = Some(cmd.spawn().with_context(|| format!("spawn chunk server {}", self.index))?);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
+
+    /// The chunk replica files this server holds.
+    pub fn chunk_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.data_dir.join("chunks")];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl Drop for ChunkNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Options for a whole test cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub meta: MetaOptions,
+    pub chunks: u64,
+    /// Chunk size (tests use small chunks so files span several).
+    pub chunk_bytes: u64,
+    pub dead_after_ms: u64,
+    pub scan_every_ms: u64,
+    pub report_every_ms: u64,
+    /// Capacity each chunk server announces.
+    pub capacity_bytes: Option<u64>,
+    /// Data directories to use instead of ones in the temp dir (per server).
+    pub chunk_dirs: Option<Vec<PathBuf>>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            meta: MetaOptions::default(),
+            chunks: 3,
+            chunk_bytes: 1 << 20,
+            dead_after_ms: 3_000,
+            scan_every_ms: 1_000,
+            report_every_ms: 3_000,
+            capacity_bytes: None,
+            chunk_dirs: None,
+        }
+    }
+}
+
+/// Metadata nodes plus chunk servers, each chunk server in its own rack.
+pub struct Cluster {
+    pub meta: MetaCluster,
+    pub chunks: BTreeMap<u64, ChunkNode>,
+}
+
+impl Cluster {
+    pub async fn start(mut opts: ClusterOptions) -> anyhow::Result<Cluster> {
+        opts.meta.extra_args.extend([
+            "--chunk-bytes".into(),
+            opts.chunk_bytes.to_string(),
+            "--dead-after-ms".into(),
+            opts.dead_after_ms.to_string(),
+            "--scan-every-ms".into(),
+            opts.scan_every_ms.to_string(),
+        ]);
+        let meta = MetaCluster::start(opts.meta.clone()).await?;
+        let meta_addrs: Vec<String> = meta.nodes.values().map(|n| n.addr.to_string()).collect();
+        let mut chunks = BTreeMap::new();
+        for i in 1..=opts.chunks {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let data_dir = match &opts.chunk_dirs {
+                Some(d) => d[(i - 1) as usize].clone(),
+                None => meta.path().join(format!("chunk-{i}")),
+            };
+            let mut args = vec![
+                "chunk".to_string(),
+                "--listen".into(),
+                addr.to_string(),
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+                "--certs".into(),
+                meta.certs.display().to_string(),
+                "--cert-name".into(),
+                format!("chunk-{i}"),
+                "--meta".into(),
+                meta_addrs.join(","),
+                "--zone".into(),
+                "z1".into(),
+                "--rack".into(),
+                format!("r{i}"),
+                "--host".into(),
+                format!("h{i}"),
+                "--heartbeat-ms".into(),
+                "500".into(),
+                "--fence-after-ms".into(),
+                (opts.dead_after_ms * 2 / 3).max(1000).to_string(),
+                "--report-every-ms".into(),
+                opts.report_every_ms.to_string(),
+            ];
+            if let Some(c) = opts.capacity_bytes {
+                args.extend(["--capacity-bytes".into(), c.to_string()]);
+            }
+            let mut node =
+                ChunkNode { index: i, addr, data_dir, log: meta.path().join(format!("chunk-{i}.log")), args, child: None };
+            node.spawn()?;
+            chunks.insert(i, node);
+        }
+        let cluster = Cluster { meta, chunks };
+        cluster.wait_chunks_alive(opts.chunks as usize, Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    pub fn client(&self) -> MetaClient {
+        self.meta.client()
+    }
+
+    /// A file client with the admin certificate.
+    pub fn files(&self) -> fs_client::file::FileClient {
+        let cfg = self.meta.client_config("admin");
+        let chunks = fs_client::chunk::ChunkClient::new(&cfg.identity()).expect("chunk client");
+        fs_client::file::FileClient::new(self.client(), chunks, None)
+    }
+
+    pub fn client_config(&self, name: &str) -> ClientConfig {
+        self.meta.client_config(name)
+    }
+
+    pub fn write_cli_config(&self, name: &str, meta: Option<Vec<String>>, timeout_ms: u64) -> PathBuf {
+        self.meta.write_cli_config(name, meta, timeout_ms)
+    }
+
+    pub async fn health(&self) -> anyhow::Result<ClusterHealth> {
+        match self.client().read(MetaRead::Health).await? {
+            ReadReply::Health(h) => Ok(h),
+            other => bail!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// Waits until `n` chunk servers are alive at the leader.
+    pub async fn wait_chunks_alive(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(h) = self.health().await {
+                if h.servers.iter().filter(|s| s.alive).count() >= n {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{n} chunk servers not alive after {timeout:?}\n{}", self.logs_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until no chunk is under-replicated or lost (after a full scan).
+    pub async fn wait_fully_replicated(&self, timeout: Duration) -> anyhow::Result<ClusterHealth> {
+        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
+        loop {
+            if let Ok(h) = self.health().await {
+                let scanned_since = h.last_scan_ms.is_some_and(|ms| Duration::from_millis(ms) < start.elapsed());
+                if scanned_since && h.under_replicated == 0 && h.lost == 0 && h.repairs_in_flight == 0 {
+                    return Ok(h);
+                }
+                if Instant::now() > deadline {
+                    bail!("not fully replicated after {timeout:?}: {h:?}\n{}", self.logs_tail());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn chunk(&mut self, i: u64) -> &mut ChunkNode {
+        self.chunks.get_mut(&i).expect("chunk server index")
+    }
+
+    pub fn kill_chunk(&mut self, i: u64) {
+        self.chunk(i).kill();
+    }
+
+    pub fn restart_chunk(&mut self, i: u64) -> anyhow::Result<()> {
+        let n = self.chunk(i);
+        n.kill();
+        n.spawn()
+    }
+
+    pub fn pause_chunk(&mut self, i: u64) {
+        self.chunk(i).signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    pub fn resume_chunk(&mut self, i: u64) {
+        self.chunk(i).signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    pub fn logs_tail(&self) -> String {
+        let mut out = self.meta.logs_tail();
+        for n in self.chunks.values() {
+            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- chunk server {} log (last 30 lines)\n", n.index));
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    pub fn path(&self) -> &Path {
+        self.meta.path()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in self.chunks.values_mut() {
+            n.kill();
+        }
+    }
+}
+
+/// Small tmpfs mounts standing in for disks that fill up. Unmounted on drop.
+pub struct TmpfsDisks {
+    dir: tempfile::TempDir,
+    mounts: Vec<PathBuf>,
+}
+
+impl TmpfsDisks {
+    /// `n` tmpfs filesystems of `bytes` each (needs root).
+    pub fn new(n: usize, bytes: u64) -> anyhow::Result<TmpfsDisks> {
+        let dir = tempfile::Builder::new().prefix("locus-disks-").tempdir()?;
+        let mut disks = TmpfsDisks { dir, mounts: Vec::new() };
+        for i in 0..n {
+            let m = disks.dir.path().join(format!("disk{i}"));
+            std::fs::create_dir_all(&m)?;
+            let out = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+                .arg(&m)
+                .output()
+                .context("run mount")?;
+            if !out.status.success() {
+                bail!("mount tmpfs at {}: {}", m.display(), String::from_utf8_lossy(&out.stderr));
+            }
+            disks.mounts.push(m);
+        }
+        Ok(disks)
+    }
+
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        self.mounts.iter().map(|m| m.join("data")).collect()
+    }
+}
+
+impl Drop for TmpfsDisks {
+    fn drop(&mut self) {
+        for m in &self.mounts {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
 }

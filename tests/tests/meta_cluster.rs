@@ -436,7 +436,7 @@ async fn bad_input_and_bad_certificates_are_refused() {
 
     phase("a certificate from another CA: refused at the handshake");
     let other = tempfile::tempdir().unwrap();
-    fs_client::tls::init_cluster_certs(other.path(), 1, &["127.0.0.1".parse().unwrap()]).unwrap();
+    fs_client::tls::init_cluster_certs(other.path(), 1, 0, &["127.0.0.1".parse().unwrap()]).unwrap();
     let mut cfg = cluster.client_config("admin");
     cfg.cert = other.path().join("admin.pem");
     cfg.key = other.path().join("admin.key");

@@ -12,6 +12,7 @@ use fs_client::proto::*;
 use raft::{KvError, KvRead, KvReadExt, StateMachineLogic, Txn};
 use serde::{Deserialize, Serialize};
 
+use super::data;
 use super::keys;
 
 /// How long a reply stays available for a retried request.
@@ -27,9 +28,68 @@ const CHANGE_TRIM_EVERY: u64 = 1024;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Command {
     /// Namespace operations, applied in order.
-    Batch { now: Timespec, ops: Vec<(Option<RequestId>, MetaOp)> },
-    /// Creates the root directory if it does not exist yet.
-    Init { now: Timespec },
+    Batch { now: Timespec, ops: Vec<Proposal> },
+    /// Creates the root directory if it does not exist yet, and fixes the
+    /// cluster's chunk size the first time.
+    Init { now: Timespec, chunk_bytes: u64 },
+    /// Leader housekeeping: the server registry and replica changes.
+    System { now: Timespec, ops: Vec<SystemOp> },
+}
+
+/// One client operation as proposed by the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Proposal {
+    pub id: Option<RequestId>,
+    pub op: MetaOp,
+    /// Replicas the leader chose for chunks this operation may allocate
+    /// (by chunk index). Placement needs live server state, which only the
+    /// leader has; applying stays deterministic because the choice is in
+    /// the log.
+    pub placement: Vec<(u64, Vec<ServerId>)>,
+}
+
+impl Proposal {
+    pub fn new(id: Option<RequestId>, op: MetaOp) -> Self {
+        Proposal { id, op, placement: Vec::new() }
+    }
+}
+
+/// Operations only the leader proposes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SystemOp {
+    /// Adds or updates a chunk server; replies with its id.
+    RegisterServer { id: Option<ServerId>, addr: String, topology: Topology },
+    /// A new replica holds `chunk` at `version`; `drop` are replaced ones.
+    AddReplica { chunk: ChunkId, version: u64, server: ServerId, drop: Vec<ServerId> },
+    /// Forget one replica (dead server replaced, corrupt, stale).
+    RemoveReplica { chunk: ChunkId, server: ServerId },
+}
+
+/// What a [`SystemOp`] returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SystemReply {
+    Server(ServerId),
+    Done,
+    /// Nothing changed (the chunk moved on meanwhile).
+    Skipped,
+}
+
+/// A chunk: its version, replicas (first is the write-chain head), files
+/// referring to it and the goal its copies follow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRec {
+    pub version: u64,
+    pub replicas: Vec<ServerId>,
+    pub refs: u32,
+    pub goal: Goal,
+}
+
+/// A registered chunk server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRec {
+    pub id: ServerId,
+    pub addr: String,
+    pub topology: Topology,
 }
 
 pub type OpResult = Result<OpReply, WireError>;
@@ -43,6 +103,14 @@ pub struct InodeRec {
     /// The target, for symlinks.
     pub target: Vec<u8>,
     pub xattrs: u32,
+    /// Replication goal: of this file's chunks, or inherited by what is
+    /// created in this directory.
+    pub goal: Goal,
+    /// The nearest directory above with a quota (0: none): where this
+    /// inode's bytes and inode count are charged.
+    pub qdir: Ino,
+    /// This directory's quota, if it has one.
+    pub quota: Option<QuotaUsage>,
 }
 
 /// A stored directory entry.
@@ -91,21 +159,24 @@ pub fn get_counter(kv: &dyn KvRead, name: &str) -> Result<u64, KvError> {
     })
 }
 
-fn set_counter(txn: &mut Txn<'_>, name: &str, v: u64) {
+pub(super) fn set_counter(txn: &mut Txn<'_>, name: &str, v: u64) {
     txn.put(keys::system(name), v.to_be_bytes().to_vec());
 }
 
 pub const NEXT_INO: &str = "next_ino";
+pub const NEXT_CHUNK: &str = "next_chunk";
+pub const NEXT_SERVER: &str = "next_server";
+pub const CHUNK_BYTES: &str = "chunk_bytes";
 pub const INODE_COUNT: &str = "inodes";
 pub const APPLIED: &str = "applied";
 pub const CHANGE_FLOOR: &str = "change_floor";
 
-fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
+pub(super) fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
     WireError::new(code, msg)
 }
 
 /// Outcome of planning one operation: a domain error, or a broken store.
-enum Fail {
+pub(super) enum Fail {
     Op(WireError),
     Store(KvError),
 }
@@ -122,44 +193,50 @@ impl From<WireError> for Fail {
     }
 }
 
-type Plan<T> = Result<T, Fail>;
+pub(super) type Plan<T> = Result<T, Fail>;
 
-/// The inodes, entries and xattrs one operation changes, written only when
-/// the whole operation succeeds.
+/// What one operation changes, written only when the whole operation
+/// succeeds.
 #[derive(Default)]
-struct Planned {
-    inodes: BTreeMap<Ino, Option<InodeRec>>,
-    dentries: BTreeMap<(Ino, Vec<u8>), Option<DentryRec>>,
-    xattrs: BTreeMap<(Ino, Vec<u8>), Option<Vec<u8>>>,
+pub(super) struct Planned {
+    pub(super) inodes: BTreeMap<Ino, Option<InodeRec>>,
+    pub(super) dentries: BTreeMap<(Ino, Vec<u8>), Option<DentryRec>>,
+    pub(super) xattrs: BTreeMap<(Ino, Vec<u8>), Option<Vec<u8>>>,
     /// Inodes whose xattrs all go (the inode is deleted).
-    drop_xattrs: Vec<Ino>,
-    next_ino: Option<u64>,
-    inode_delta: i64,
+    pub(super) drop_xattrs: Vec<Ino>,
+    pub(super) next_ino: Option<u64>,
+    pub(super) inode_delta: i64,
+    /// (file, chunk index) -> chunk id, `None` removes the entry.
+    pub(super) file_chunks: BTreeMap<(Ino, u64), Option<ChunkId>>,
+    pub(super) chunks: BTreeMap<ChunkId, Option<ChunkRec>>,
+    pub(super) next_chunk: Option<u64>,
+    pub(super) servers: BTreeMap<ServerId, ServerRec>,
+    pub(super) next_server: Option<u64>,
 }
 
 /// Plans one operation over a read view.
-struct Work<'k> {
-    kv: &'k dyn KvRead,
-    p: Planned,
+pub(super) struct Work<'k> {
+    pub(super) kv: &'k dyn KvRead,
+    pub(super) p: Planned,
 }
 
 impl<'k> Work<'k> {
-    fn new(kv: &'k dyn KvRead) -> Self {
+    pub(super) fn new(kv: &'k dyn KvRead) -> Self {
         Work { kv, p: Planned::default() }
     }
 
-    fn inode(&mut self, ino: Ino) -> Plan<Option<InodeRec>> {
+    pub(super) fn inode(&mut self, ino: Ino) -> Plan<Option<InodeRec>> {
         if let Some(v) = self.p.inodes.get(&ino) {
             return Ok(v.clone());
         }
         Ok(load_inode(self.kv, ino)?)
     }
 
-    fn must_inode(&mut self, ino: Ino) -> Plan<InodeRec> {
+    pub(super) fn must_inode(&mut self, ino: Ino) -> Plan<InodeRec> {
         self.inode(ino)?.ok_or_else(|| Fail::Op(err(ErrorCode::NotFound, format!("inode {ino} does not exist"))))
     }
 
-    fn must_dir(&mut self, ino: Ino) -> Plan<InodeRec> {
+    pub(super) fn must_dir(&mut self, ino: Ino) -> Plan<InodeRec> {
         let rec = self.must_inode(ino)?;
         if rec.attr.kind != FileKind::Dir {
             return Err(Fail::Op(err(ErrorCode::NotDir, format!("inode {ino} is not a directory"))));
@@ -181,7 +258,7 @@ impl<'k> Work<'k> {
         Ok(self.kv.get(&keys::xattr(ino, name))?.is_some())
     }
 
-    fn put_inode(&mut self, rec: InodeRec) {
+    pub(super) fn put_inode(&mut self, rec: InodeRec) {
         self.p.inodes.insert(rec.attr.ino, Some(rec));
     }
 
@@ -199,7 +276,63 @@ impl<'k> Work<'k> {
         self.p.dentries.insert((parent, name.to_vec()), None);
     }
 
-    fn alloc_ino(&mut self) -> Plan<Ino> {
+    pub(super) fn file_chunk(&mut self, ino: Ino, index: u64) -> Plan<Option<ChunkId>> {
+        if let Some(v) = self.p.file_chunks.get(&(ino, index)) {
+            return Ok(*v);
+        }
+        Ok(match self.kv.get(&keys::file_chunk(ino, index))? {
+            Some(b) => Some(u64::from_be_bytes(
+                b.as_slice().try_into().map_err(|_| KvError(format!("bad chunk entry of inode {ino}")))?,
+            )),
+            None => None,
+        })
+    }
+
+    pub(super) fn chunk(&mut self, id: ChunkId) -> Plan<Option<ChunkRec>> {
+        if let Some(v) = self.p.chunks.get(&id) {
+            return Ok(v.clone());
+        }
+        Ok(self.kv.get(&keys::chunk(id))?.map(|b| dec(&b)).transpose()?)
+    }
+
+    /// Every (index, chunk) of a file, stored and planned.
+    pub(super) fn all_file_chunks(&mut self, ino: Ino) -> Plan<BTreeMap<u64, ChunkId>> {
+        let prefix = keys::file_chunks(ino);
+        let end = raft::kv::prefix_end(&prefix).expect("prefix has a non-0xFF byte");
+        let mut out = BTreeMap::new();
+        let mut bad = false;
+        self.kv.scan(&prefix, &end, &mut |k, v| {
+            match (keys::file_chunk_index(k), <[u8; 8]>::try_from(v)) {
+                (Some(i), Ok(b)) => {
+                    out.insert(i, u64::from_be_bytes(b));
+                }
+                _ => bad = true,
+            }
+            true
+        })?;
+        if bad {
+            return Err(Fail::Store(KvError(format!("bad chunk entry of inode {ino}"))));
+        }
+        for ((i, idx), c) in self.p.file_chunks.range((ino, 0)..=(ino, u64::MAX)) {
+            debug_assert_eq!(*i, ino);
+            match c {
+                Some(c) => out.insert(*idx, *c),
+                None => out.remove(idx),
+            };
+        }
+        Ok(out)
+    }
+
+    pub(super) fn alloc_chunk(&mut self) -> Plan<ChunkId> {
+        let next = match self.p.next_chunk {
+            Some(n) => n,
+            None => get_counter(self.kv, NEXT_CHUNK)?.max(1),
+        };
+        self.p.next_chunk = Some(next + 1);
+        Ok(next)
+    }
+
+    pub(super) fn alloc_ino(&mut self) -> Plan<Ino> {
         let next = match self.p.next_ino {
             Some(n) => n,
             None => get_counter(self.kv, NEXT_INO)?.max(ROOT_INO + 1),
@@ -277,6 +410,27 @@ impl Planned {
         if let Some(n) = self.next_ino {
             set_counter(txn, NEXT_INO, n);
         }
+        for ((ino, index), c) in self.file_chunks {
+            match c {
+                Some(c) => txn.put(keys::file_chunk(ino, index), c.to_be_bytes().to_vec()),
+                None => txn.delete(keys::file_chunk(ino, index)),
+            }
+        }
+        for (id, rec) in self.chunks {
+            match rec {
+                Some(rec) => txn.put(keys::chunk(id), enc(&rec)),
+                None => txn.delete(keys::chunk(id)),
+            }
+        }
+        if let Some(n) = self.next_chunk {
+            set_counter(txn, NEXT_CHUNK, n);
+        }
+        for (id, rec) in self.servers {
+            txn.put(keys::server(id), enc(&rec));
+        }
+        if let Some(n) = self.next_server {
+            set_counter(txn, NEXT_SERVER, n);
+        }
         if self.inode_delta != 0 {
             let count = get_counter(txn, INODE_COUNT)? as i64 + self.inode_delta;
             set_counter(txn, INODE_COUNT, count.max(0) as u64);
@@ -285,7 +439,7 @@ impl Planned {
     }
 }
 
-fn check_name(name: &[u8]) -> Plan<()> {
+pub(super) fn check_name(name: &[u8]) -> Plan<()> {
     validate_name(name).map_err(Fail::Op)
 }
 
@@ -366,11 +520,15 @@ impl Namespace {
             perm |= 0o2000;
         }
         let attr = new_attr(ino, kind, perm, caller, inherit_gid(&p, caller), at.now, at.index);
+        let realm = data::realm_of(&p);
         let rec = InodeRec {
             attr: attr.clone(),
             parent: if kind == FileKind::Dir { parent } else { 0 },
             target: Vec::new(),
             xattrs: 0,
+            goal: p.goal,
+            qdir: realm,
+            quota: None,
         };
         w.put_inode(rec);
         w.put_dentry(parent, name, DentryRec { ino, kind });
@@ -379,19 +537,32 @@ impl Namespace {
         }
         touch_dir(&mut p, at.now);
         w.put_inode(p);
+        data::charge(w, realm, 0, 1, true)?;
         Ok(attr)
+    }
+
+    /// Deletes an inode whose last link went: its chunks and xattrs go,
+    /// its quotas are credited.
+    fn remove_inode(w: &mut Work<'_>, rec: &InodeRec) -> Plan<()> {
+        let bytes = if rec.attr.kind == FileKind::File { rec.attr.size } else { 0 };
+        if rec.attr.kind == FileKind::File {
+            data::drop_chunks(w, rec.attr.ino, 0)?;
+        }
+        // A directory with its own quota counted itself in the realm above.
+        data::charge(w, rec.qdir, -(bytes as i64), -1, false)?;
+        w.delete_inode(rec.attr.ino);
+        Ok(())
     }
 
     /// Drops one link to `ino`; deletes the inode at zero.
     fn drop_link(w: &mut Work<'_>, ino: Ino, now: Timespec) -> Plan<()> {
         let mut rec = w.must_inode(ino)?;
         if rec.attr.kind == FileKind::Dir {
-            w.delete_inode(ino);
-            return Ok(());
+            return Self::remove_inode(w, &rec);
         }
         rec.attr.nlink = rec.attr.nlink.saturating_sub(1);
         if rec.attr.nlink == 0 {
-            w.delete_inode(ino);
+            Self::remove_inode(w, &rec)?;
         } else {
             rec.attr.ctime = now;
             w.put_inode(rec);
@@ -448,6 +619,10 @@ impl Namespace {
             })?;
             if src.ino == dst.ino {
                 return Ok(());
+            }
+            let (a, b) = (w.must_dir(parent)?, w.must_dir(new_parent)?);
+            if data::realm_of(&a) != data::realm_of(&b) {
+                return Err(Fail::Op(err(ErrorCode::CrossDevice, "exchanging entries across quota boundaries")));
             }
             if parent != new_parent {
                 if src.kind == FileKind::Dir && Self::is_ancestor(w, src.ino, new_parent)? {
@@ -516,6 +691,27 @@ impl Namespace {
                 (false, false) => Self::drop_link(w, dst.ino, now)?,
             }
         }
+        // Quotas: the moved inode's charges follow it into the new realm.
+        let (from_realm, to_realm) = (data::realm_of(&w.must_dir(parent)?), data::realm_of(&w.must_dir(new_parent)?));
+        if from_realm != to_realm {
+            let moved = w.must_inode(src.ino)?;
+            let (bytes, inodes) = match (moved.attr.kind, moved.quota) {
+                (_, Some(u)) => (u.used_bytes, u.used_inodes + 1),
+                (FileKind::Dir, None) => {
+                    return Err(Fail::Op(err(
+                        ErrorCode::CrossDevice,
+                        "renaming a directory across quota boundaries (copy it instead)",
+                    )))
+                }
+                (FileKind::File, None) => (moved.attr.size, 1),
+                (_, None) => (0, 1),
+            };
+            data::charge(w, moved.qdir, -(bytes as i64), -(inodes as i64), false)?;
+            data::charge(w, to_realm, bytes as i64, inodes as i64, true)?;
+            let mut moved = w.must_inode(src.ino)?;
+            moved.qdir = to_realm;
+            w.put_inode(moved);
+        }
         w.delete_dentry(parent, name);
         w.put_dentry(new_parent, new_name, src);
         let mut rec = w.must_inode(src.ino)?;
@@ -562,7 +758,8 @@ impl Namespace {
         Ok(())
     }
 
-    fn plan(w: &mut Work<'_>, op: &MetaOp, now: Timespec, index: u64) -> Plan<OpReply> {
+    fn plan(w: &mut Work<'_>, prop: &Proposal, now: Timespec, index: u64) -> Plan<OpReply> {
+        let op = &prop.op;
         match op {
             MetaOp::Mkdir { parent, name, perm, caller } => {
                 Self::make_node(w, *parent, name, FileKind::Dir, *perm, *caller, Stamp { now, index })
@@ -647,7 +844,7 @@ impl Namespace {
             }
             MetaOp::Unlink { parent, name } => {
                 check_name(name)?;
-                let mut p = w.must_dir(*parent)?;
+                w.must_dir(*parent)?;
                 let d = w.dentry(*parent, name)?.ok_or_else(|| {
                     err(ErrorCode::NotFound, format!("{:?} does not exist", String::from_utf8_lossy(name)))
                 })?;
@@ -656,6 +853,8 @@ impl Namespace {
                 }
                 w.delete_dentry(*parent, name);
                 Self::drop_link(w, d.ino, now)?;
+                // Reloaded: dropping the link may have credited this directory's quota.
+                let mut p = w.must_dir(*parent)?;
                 touch_dir(&mut p, now);
                 w.put_inode(p);
                 Ok(OpReply::Done)
@@ -673,10 +872,11 @@ impl Namespace {
                     return Err(Fail::Op(err(ErrorCode::NotEmpty, "directory is not empty")));
                 }
                 w.delete_dentry(*parent, name);
-                w.delete_inode(d.ino);
                 p.attr.nlink = p.attr.nlink.saturating_sub(1);
                 touch_dir(&mut p, now);
                 w.put_inode(p);
+                let gone = w.must_inode(d.ino)?;
+                Self::remove_inode(w, &gone)?;
                 Ok(OpReply::Done)
             }
             MetaOp::Rename { parent, name, new_parent, new_name, flags } => {
@@ -700,10 +900,8 @@ impl Namespace {
                         FileKind::Dir => return Err(Fail::Op(err(ErrorCode::IsDir, "cannot truncate a directory"))),
                         _ => return Err(Fail::Op(err(ErrorCode::Invalid, "cannot truncate a special file"))),
                     }
-                    if size > i64::MAX as u64 {
-                        return Err(Fail::Op(err(ErrorCode::TooBig, "size too large")));
-                    }
                     if size != rec.attr.size {
+                        data::resize(w, &rec, size)?;
                         rec.attr.size = size;
                         rec.attr.mtime = now;
                     }
@@ -762,13 +960,57 @@ impl Namespace {
                 w.put_inode(rec);
                 Ok(OpReply::Done)
             }
+            MetaOp::PrepareWrite { ino, offset, len } => data::prepare_write(w, *ino, *offset, *len, &prop.placement),
+            MetaOp::ExtendSize { ino, size } => data::extend_size(w, *ino, *size, now),
+            MetaOp::ReplicaFailed { ino, index, chunk, version, server } => {
+                data::replica_failed(w, *ino, *index, *chunk, *version, *server)
+            }
+            MetaOp::SetGoal { ino, goal } => data::set_goal(w, *ino, *goal, now),
+            MetaOp::SetQuota { ino, limits } => data::set_quota(w, *ino, *limits, now),
+        }
+    }
+
+    fn plan_system(w: &mut Work<'_>, op: &SystemOp) -> Plan<SystemReply> {
+        match op {
+            SystemOp::RegisterServer { id, addr, topology } => {
+                if addr.is_empty() {
+                    return Err(Fail::Op(err(ErrorCode::Invalid, "a chunk server needs an address")));
+                }
+                let next = get_counter(w.kv, NEXT_SERVER)?.max(1);
+                let id = id.unwrap_or(next);
+                w.p.servers.insert(id, ServerRec { id, addr: addr.clone(), topology: topology.clone() });
+                w.p.next_server = Some(next.max(id + 1));
+                Ok(SystemReply::Server(id))
+            }
+            SystemOp::AddReplica { chunk, version, server, drop } => {
+                let Some(mut c) = w.chunk(*chunk)? else { return Ok(SystemReply::Skipped) };
+                if c.version != *version {
+                    return Ok(SystemReply::Skipped);
+                }
+                if !c.replicas.contains(server) {
+                    c.replicas.push(*server);
+                }
+                c.replicas.retain(|s| !drop.contains(s) || s == server);
+                w.p.chunks.insert(*chunk, Some(c));
+                Ok(SystemReply::Done)
+            }
+            SystemOp::RemoveReplica { chunk, server } => {
+                let Some(mut c) = w.chunk(*chunk)? else { return Ok(SystemReply::Skipped) };
+                // The last copy stays listed even when suspect: it is all there is.
+                if !c.replicas.contains(server) || c.replicas.len() == 1 {
+                    return Ok(SystemReply::Skipped);
+                }
+                c.replicas.retain(|s| s != server);
+                w.p.chunks.insert(*chunk, Some(c));
+                Ok(SystemReply::Done)
+            }
         }
     }
 
     /// Applies one operation; returns its result. Store failures propagate.
     fn apply_op(
         txn: &mut Txn<'_>,
-        op: &MetaOp,
+        op: &Proposal,
         now: Timespec,
         index: u64,
         changes: &mut Vec<Change>,
@@ -794,7 +1036,15 @@ impl Namespace {
         }
         let mut attr = new_attr(ROOT_INO, FileKind::Dir, 0o755, Caller::ROOT, 0, now, 0);
         attr.nlink = 2;
-        let rec = InodeRec { attr: attr.clone(), parent: ROOT_INO, target: Vec::new(), xattrs: 0 };
+        let rec = InodeRec {
+            attr: attr.clone(),
+            parent: ROOT_INO,
+            target: Vec::new(),
+            xattrs: 0,
+            goal: Goal::DEFAULT,
+            qdir: 0,
+            quota: None,
+        };
         txn.put(keys::inode(ROOT_INO), enc(&rec));
         set_counter(txn, INODE_COUNT, get_counter(txn, INODE_COUNT)? + 1);
         if get_counter(txn, NEXT_INO)? <= ROOT_INO {
@@ -835,14 +1085,40 @@ impl StateMachineLogic for Namespace {
         };
         let mut changes = Vec::new();
         let now = match &cmd {
-            Command::Batch { now, .. } | Command::Init { now } => *now,
+            Command::Batch { now, .. } | Command::Init { now, .. } | Command::System { now, .. } => *now,
         };
         Self::ensure_root(txn, now, &mut changes)?;
+        if let Command::Init { chunk_bytes, .. } = &cmd {
+            if get_counter(txn, CHUNK_BYTES)? == 0 && *chunk_bytes > 0 {
+                set_counter(txn, CHUNK_BYTES, *chunk_bytes);
+            }
+        }
+        if let Command::System { ops, .. } = &cmd {
+            let mut replies: Vec<Result<SystemReply, WireError>> = Vec::with_capacity(ops.len());
+            for op in ops {
+                let (outcome, planned) = {
+                    let mut w = Work::new(&*txn);
+                    let outcome = Self::plan_system(&mut w, op);
+                    (outcome, w.p)
+                };
+                replies.push(match outcome {
+                    Ok(r) => {
+                        planned.commit(txn, &mut changes)?;
+                        Ok(r)
+                    }
+                    Err(Fail::Op(e)) => Err(e),
+                    Err(Fail::Store(e)) => return Err(e),
+                });
+            }
+            set_counter(txn, APPLIED, index);
+            return Ok(enc(&replies));
+        }
         let mut results: Vec<OpResult> = Vec::new();
         let mut ids = Vec::new();
         if let Command::Batch { ops, .. } = &cmd {
             Self::gc_dedup(txn, now)?;
-            for (id, op) in ops {
+            for op in ops {
+                let id = &op.id;
                 if let Some(id) = id {
                     if let Some(b) = txn.get(&keys::dedup(id))? {
                         let rec: DedupRec = dec(&b)?;

@@ -6,7 +6,7 @@ use fs_client::proto::*;
 use proptest::prelude::*;
 use raft::{KvRead, MemKv, StateMachineLogic, Txn};
 
-use super::fsm::{Command, Namespace, OpResult};
+use super::fsm::{Command, Namespace, OpResult, Proposal, SystemOp, SystemReply};
 use super::read;
 
 /// Applies one command to the store and returns its results.
@@ -32,14 +32,45 @@ impl Fs {
     fn new() -> Self {
         let mut fs = Fs { kv: MemKv::new(), index: 0, now: 1_000 };
         fs.index += 1;
-        apply(&mut fs.kv, fs.index, &Command::Init { now: Timespec { secs: fs.now, nanos: 0 } });
+        apply(&mut fs.kv, fs.index, &Command::Init { now: Timespec { secs: fs.now, nanos: 0 }, chunk_bytes: 1 << 20 });
         fs
     }
     fn op_with_id(&mut self, id: Option<RequestId>, op: MetaOp) -> OpResult {
+        self.proposal(Proposal::new(id, op))
+    }
+    fn proposal(&mut self, p: Proposal) -> OpResult {
         self.index += 1;
         self.now += 1;
-        let cmd = Command::Batch { now: Timespec { secs: self.now, nanos: 0 }, ops: vec![(id, op)] };
+        let cmd = Command::Batch { now: Timespec { secs: self.now, nanos: 0 }, ops: vec![p] };
         apply(&mut self.kv, self.index, &cmd).pop().unwrap()
+    }
+    fn system(&mut self, ops: Vec<SystemOp>) -> Vec<Result<SystemReply, WireError>> {
+        self.index += 1;
+        self.now += 1;
+        let cmd = Command::System { now: Timespec { secs: self.now, nanos: 0 }, ops };
+        let ns = Namespace::default();
+        let bytes = postcard::to_allocvec(&cmd).unwrap();
+        let (reply, muts) = {
+            let mut txn = Txn::new(&self.kv);
+            let reply = ns.apply(&mut txn, self.index, &bytes).unwrap();
+            (reply, txn.into_mutations())
+        };
+        self.kv.commit(muts);
+        postcard::from_bytes(&reply).unwrap()
+    }
+    /// Registers servers 1..=n in racks r1..rn.
+    fn servers(&mut self, n: u64) {
+        for i in 1..=n {
+            let topology = Topology::new("z1", &format!("r{i}"), &format!("h{i}"));
+            let r = self.system(vec![SystemOp::RegisterServer { id: None, addr: format!("127.0.0.1:{}", 9000 + i), topology }]);
+            assert_eq!(r, vec![Ok(SystemReply::Server(i))]);
+        }
+    }
+    /// PrepareWrite with replicas [1,2,3] for every chunk index in range.
+    fn prepare(&mut self, ino: Ino, offset: u64, len: u64) -> OpResult {
+        let cb = 1u64 << 20;
+        let placement = if len == 0 { vec![] } else { (offset / cb..=(offset + len - 1) / cb).map(|i| (i, vec![1, 2, 3])).collect() };
+        self.proposal(Proposal { id: None, op: MetaOp::PrepareWrite { ino, offset, len }, placement })
     }
     fn op(&mut self, op: MetaOp) -> OpResult {
         self.op_with_id(None, op)
@@ -268,6 +299,130 @@ fn changes_are_recorded_per_entry() {
     let changes: Vec<Change> = super::fsm::dec(&fs.kv.get(&key).unwrap().unwrap()).unwrap();
     assert!(changes.iter().any(|c| matches!(c, Change::EntrySet { parent: ROOT_INO, name, .. } if name == b"d")));
     assert!(changes.iter().any(|c| matches!(c, Change::InodeSet(a) if a.ino == ROOT_INO && a.nlink == 3)));
+}
+
+fn layout(r: OpResult) -> Layout {
+    match r.unwrap() {
+        OpReply::Layout(l) => l,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn chunks_are_allocated_with_the_leaders_placement_and_reused() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let f = ino_of(fs.op(create(ROOT_INO, "f")));
+    let l = layout(fs.prepare(f, 0, 3 << 20));
+    assert_eq!(l.chunks.len(), 3);
+    assert!(l.chunks.iter().all(|c| c.version == 1 && c.replicas.len() == 3));
+    assert_eq!(l.attr.size, 0, "prepare does not change the size");
+    // Existing chunks come back as they are, without new placement.
+    let again = layout(fs.proposal(Proposal::new(None, MetaOp::PrepareWrite { ino: f, offset: 1 << 20, len: 10 })));
+    assert_eq!(again.chunks[0].chunk, l.chunks[1].chunk);
+    // A missing chunk without placement: retry.
+    let r = fs.proposal(Proposal::new(None, MetaOp::PrepareWrite { ino: f, offset: 10 << 20, len: 10 }));
+    assert_eq!(code(&r), Some(ErrorCode::Unavailable));
+    // Directories have no data.
+    assert_eq!(code(&fs.prepare(ROOT_INO, 0, 1)), Some(ErrorCode::IsDir));
+}
+
+#[test]
+fn size_extends_and_truncation_frees_chunks() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let f = ino_of(fs.op(create(ROOT_INO, "f")));
+    layout(fs.prepare(f, 0, 5 << 20));
+    let a = match fs.op(MetaOp::ExtendSize { ino: f, size: 5 << 20 }).unwrap() {
+        OpReply::Attr(a) => a,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(a.size, 5 << 20);
+    // Extending never shrinks.
+    fs.op(MetaOp::ExtendSize { ino: f, size: 1 }).unwrap();
+    assert_eq!(fs.resolve("/f").unwrap().size, 5 << 20);
+    // Truncate to 1.5 chunks keeps chunks 0 and 1, drops 2..4.
+    fs.op(MetaOp::SetAttr { ino: f, set: SetAttr { size: Some(3 << 19), ..Default::default() } }).unwrap();
+    let kept = super::data::file_chunk_map(&fs.kv, f).unwrap();
+    assert_eq!(kept.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+    let chunk_keys = fs.kv.map.keys().filter(|k| k[0] == b'K').count();
+    assert_eq!(chunk_keys, 2, "dropped chunks leave the chunk map");
+    // Unlinking frees the rest.
+    fs.op(MetaOp::Unlink { parent: ROOT_INO, name: b"f".to_vec() }).unwrap();
+    assert!(!fs.kv.map.keys().any(|k| k[0] == b'K' || k[0] == b'F'));
+}
+
+#[test]
+fn a_failed_replica_is_dropped_and_the_version_raised() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let f = ino_of(fs.op(create(ROOT_INO, "f")));
+    let c = layout(fs.prepare(f, 0, 10)).chunks.remove(0);
+    let l = layout(fs.op(MetaOp::ReplicaFailed { ino: f, index: 0, chunk: c.chunk, version: 1, server: 2 }));
+    assert_eq!(l.chunks[0].version, 2);
+    assert_eq!(l.chunks[0].replicas.iter().map(|r| r.server).collect::<Vec<_>>(), vec![1, 3]);
+    // A second report about the old version changes nothing.
+    let l = layout(fs.op(MetaOp::ReplicaFailed { ino: f, index: 0, chunk: c.chunk, version: 1, server: 3 }));
+    assert_eq!(l.chunks[0].version, 2);
+    assert_eq!(l.chunks[0].replicas.len(), 2);
+    // Repair adds a copy at the current version; a stale add is skipped.
+    assert_eq!(fs.system(vec![SystemOp::AddReplica { chunk: c.chunk, version: 2, server: 2, drop: vec![] }]), vec![Ok(SystemReply::Done)]);
+    assert_eq!(fs.system(vec![SystemOp::AddReplica { chunk: c.chunk, version: 1, server: 4, drop: vec![] }]), vec![Ok(SystemReply::Skipped)]);
+    // The last copy is never dropped by a failure report.
+    fs.system(vec![SystemOp::RemoveReplica { chunk: c.chunk, server: 1 }, SystemOp::RemoveReplica { chunk: c.chunk, server: 2 }]);
+    assert_eq!(code(&fs.op(MetaOp::ReplicaFailed { ino: f, index: 0, chunk: c.chunk, version: 2, server: 3 })), Some(ErrorCode::Io));
+}
+
+#[test]
+fn quotas_count_inodes_and_bytes_and_refuse_growth() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let d = ino_of(fs.op(mkdir(ROOT_INO, "d")));
+    let pre = ino_of(fs.op(create(d, "existing")));
+    fs.op(MetaOp::ExtendSize { ino: pre, size: 100 }).unwrap();
+    fs.op(MetaOp::SetQuota { ino: d, limits: QuotaLimits { max_bytes: Some(1000), max_inodes: Some(3) } }).unwrap();
+    let q = |fs: &Fs| match fs.read(MetaRead::GetQuota { ino: d }).unwrap() {
+        ReadReply::Quota(Some(u)) => (u.used_bytes, u.used_inodes),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(q(&fs), (100, 1), "a new quota counts what is already there");
+    let f = ino_of(fs.op(create(d, "f")));
+    assert_eq!(code(&fs.op(MetaOp::ExtendSize { ino: f, size: 901 })), Some(ErrorCode::QuotaExceeded));
+    fs.op(MetaOp::ExtendSize { ino: f, size: 900 }).unwrap();
+    assert_eq!(q(&fs), (1000, 2));
+    assert_eq!(code(&fs.prepare(f, 900, 1)), Some(ErrorCode::QuotaExceeded), "prepare checks the would-be size");
+    fs.op(create(d, "g")).unwrap();
+    assert_eq!(code(&fs.op(create(d, "h"))), Some(ErrorCode::QuotaExceeded));
+    // Moving a file out credits the quota; a directory without its own
+    // quota cannot cross the boundary.
+    fs.op(MetaOp::Rename { parent: d, name: b"f".to_vec(), new_parent: ROOT_INO, new_name: b"f".to_vec(), flags: 0 }).unwrap();
+    assert_eq!(q(&fs), (100, 2));
+    let sub = ino_of(fs.op(mkdir(ROOT_INO, "sub")));
+    let r = fs.op(MetaOp::Rename { parent: ROOT_INO, name: b"sub".to_vec(), new_parent: d, new_name: b"sub".to_vec(), flags: 0 });
+    assert_eq!(code(&r), Some(ErrorCode::CrossDevice));
+    let _ = sub;
+    // Truncate and unlink give bytes back.
+    fs.op(MetaOp::SetAttr { ino: pre, set: SetAttr { size: Some(40), ..Default::default() } }).unwrap();
+    assert_eq!(q(&fs), (40, 2));
+    fs.op(MetaOp::Unlink { parent: d, name: b"existing".to_vec() }).unwrap();
+    assert_eq!(q(&fs), (0, 1));
+}
+
+#[test]
+fn goals_are_inherited_and_reach_chunks() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let d = ino_of(fs.op(mkdir(ROOT_INO, "d")));
+    let two = Goal { copies: 2, level: Level::Rack };
+    fs.op(MetaOp::SetGoal { ino: d, goal: two }).unwrap();
+    let f = ino_of(fs.op(create(d, "f")));
+    assert_eq!(fs.read(MetaRead::GetGoal { ino: f }).unwrap(), ReadReply::Goal(two));
+    layout(fs.prepare(f, 0, 10));
+    let one = Goal { copies: 1, level: Level::Host };
+    fs.op(MetaOp::SetGoal { ino: f, goal: one }).unwrap();
+    let c = super::data::file_chunk_map(&fs.kv, f).unwrap()[&0];
+    assert_eq!(super::data::load_chunk(&fs.kv, c).unwrap().unwrap().goal, one);
+    assert_eq!(code(&fs.op(MetaOp::SetGoal { ino: f, goal: Goal { copies: 0, level: Level::Host } })), Some(ErrorCode::Invalid));
 }
 
 // ---------------------------------------------------------------------------

@@ -10,11 +10,16 @@
 //! | `Q`    | client id, seq              | [`DedupRec`]: stored reply |
 //! | `q`    | log index                   | [`DedupLog`]: ids to expire |
 //! | `E`    | log index                   | `Vec<Change>`              |
+//! | `F`    | ino, chunk index            | chunk id (8 bytes)         |
+//! | `K`    | chunk id                    | [`ChunkRec`]               |
+//! | `V`    | server id                   | [`ServerRec`]              |
 //!
 //! [`InodeRec`]: super::fsm::InodeRec
 //! [`DentryRec`]: super::fsm::DentryRec
 //! [`DedupRec`]: super::fsm::DedupRec
 //! [`DedupLog`]: super::fsm::DedupLog
+//! [`ChunkRec`]: super::fsm::ChunkRec
+//! [`ServerRec`]: super::fsm::ServerRec
 
 use fs_client::proto::{Ino, RequestId};
 
@@ -25,6 +30,45 @@ pub const SYSTEM: u8 = b'S';
 pub const DEDUP: u8 = b'Q';
 pub const DEDUP_EXPIRY: u8 = b'q';
 pub const CHANGE: u8 = b'E';
+pub const FILE_CHUNK: u8 = b'F';
+pub const CHUNK: u8 = b'K';
+pub const SERVER: u8 = b'V';
+
+fn tag_u64(tag: u8, v: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(tag);
+    k.extend_from_slice(&v.to_be_bytes());
+    k
+}
+
+/// Chunk `index` of file `ino`.
+pub fn file_chunk(ino: Ino, index: u64) -> Vec<u8> {
+    let mut k = tag_u64(FILE_CHUNK, ino);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// The prefix of every chunk entry of file `ino`.
+pub fn file_chunks(ino: Ino) -> Vec<u8> {
+    tag_u64(FILE_CHUNK, ino)
+}
+
+/// The chunk index inside a file-chunk key.
+pub fn file_chunk_index(k: &[u8]) -> Option<u64> {
+    (k.len() == 17 && k[0] == FILE_CHUNK).then(|| u64::from_be_bytes(k[9..17].try_into().expect("8 bytes")))
+}
+
+pub fn chunk(id: u64) -> Vec<u8> {
+    tag_u64(CHUNK, id)
+}
+
+pub fn chunk_id(k: &[u8]) -> Option<u64> {
+    (k.len() == 9 && k[0] == CHUNK).then(|| u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")))
+}
+
+pub fn server(id: u64) -> Vec<u8> {
+    tag_u64(SERVER, id)
+}
 
 pub fn inode(ino: Ino) -> Vec<u8> {
     let mut k = Vec::with_capacity(9);
@@ -115,5 +159,8 @@ mod tests {
         assert!(dedup_log(2) < dedup_log(256));
         assert!(dedup(&RequestId { client: 1, seq: 9 }) < dedup(&RequestId { client: 2, seq: 0 }));
         assert_eq!(change_index(&change(42)), Some(42));
+        assert_eq!(file_chunk_index(&file_chunk(7, 300)), Some(300));
+        assert!(file_chunk(7, u64::MAX) < file_chunk(8, 0));
+        assert_eq!(chunk_id(&chunk(99)), Some(99));
     }
 }

@@ -5,6 +5,8 @@
 //! most, [`MAX_INFLIGHT_BATCHES`] in flight): one Raft entry, one replicated
 //! append and one fsync per batch, so throughput grows with concurrency.
 
+pub mod cluster;
+pub mod data;
 pub mod fsm;
 #[cfg(test)]
 mod fsm_tests;
@@ -53,6 +55,7 @@ struct PendingOps {
 pub struct MetaService {
     raft: RaftNode,
     ops: mpsc::Sender<PendingOps>,
+    data: cluster::DataManager,
     metrics: Arc<Metrics>,
 }
 
@@ -70,11 +73,14 @@ pub fn raft_error(e: RaftNodeError) -> WireError {
 }
 
 impl MetaService {
-    pub fn start(raft: RaftNode, metrics: Arc<Metrics>) -> Self {
+    /// Starts the service on a running Raft node. `chunk_bytes` is the
+    /// chunk size a new cluster gets (an existing one keeps its own).
+    pub fn start(raft: RaftNode, metrics: Arc<Metrics>, data_cfg: cluster::DataConfig, chunk_bytes: u64) -> Self {
         let (tx, rx) = mpsc::channel(OP_QUEUE);
-        tokio::spawn(batch_loop(raft.clone(), rx, metrics.clone()));
-        tokio::spawn(init_root(raft.clone()));
-        MetaService { raft, ops: tx, metrics }
+        let data = cluster::DataManager::start(raft.clone(), data_cfg);
+        tokio::spawn(batch_loop(raft.clone(), rx, metrics.clone(), data.clone()));
+        tokio::spawn(init_root(raft.clone(), chunk_bytes));
+        MetaService { raft, ops: tx, data, metrics }
     }
 
     pub fn raft(&self) -> &RaftNode {
@@ -92,6 +98,7 @@ impl MetaService {
             Request::Ping => "ping",
             Request::Ops(_) => "ops",
             Request::Reads(_) => "reads",
+            Request::Server(_) => "server",
         };
         let resp = self.dispatch(role, request).await;
         self.metrics.observe(label, started.elapsed(), resp.as_ref().err().map(|e| e.code));
@@ -120,6 +127,15 @@ impl MetaService {
                 // Redirect the whole batch rather than fail each entry.
                 self.require_leader()?;
                 Ok(Reply::Ops(self.write_many(ops).await))
+            }
+            Request::Server(msg) => {
+                if role != Role::Node {
+                    return Err(WireError::new(
+                        ErrorCode::Unauthorized,
+                        format!("chunk server messages need a node certificate; this one is {}", role.as_str()),
+                    ));
+                }
+                self.data.handle(msg).await.map(Reply::Server)
             }
             Request::Reads(reads) => {
                 if reads.len() > MAX_BATCH_ENTRIES {
@@ -157,6 +173,17 @@ impl MetaService {
 
     /// Answers reads from one point-in-time view (after a read barrier).
     fn query_many(&self, reads: &[MetaRead]) -> Vec<Result<ReadReply, WireError>> {
+        if reads.iter().any(|r| matches!(r, MetaRead::Health)) {
+            return reads
+                .iter()
+                .map(|r| match r {
+                    MetaRead::Health => Ok(ReadReply::Health(self.data.health())),
+                    other => self.query_many(std::slice::from_ref(other)).pop().unwrap_or_else(|| {
+                        Err(WireError::new(ErrorCode::Internal, "no result"))
+                    }),
+                })
+                .collect();
+        }
         let res = self.raft.reader().with_snapshot(|kv| -> Result<Vec<_>, raft::KvError> {
             if fsm::load_inode(kv, ROOT_INO)?.is_none() {
                 let e = WireError::new(ErrorCode::Unavailable, "namespace not initialized yet");
@@ -187,7 +214,8 @@ impl MetaService {
     }
 
     fn capacity(&self) -> Capacity {
-        Capacity::default()
+        let (total_bytes, free_bytes) = self.data.capacity();
+        Capacity { total_bytes, free_bytes }
     }
 
     async fn admin(&self, op: AdminOp) -> Result<AdminReply, WireError> {
@@ -410,11 +438,20 @@ fn read_name(r: &MetaRead) -> &'static str {
         MetaRead::ListXattr { .. } => "listxattr",
         MetaRead::StatFs => "statfs",
         MetaRead::Resolve { .. } => "resolve",
+        MetaRead::Layout { .. } => "layout",
+        MetaRead::GetGoal { .. } => "get_goal",
+        MetaRead::GetQuota { .. } => "get_quota",
+        MetaRead::Health => "health",
     }
 }
 
 /// Packs queued operations into Raft entries.
-async fn batch_loop(raft: RaftNode, mut rx: mpsc::Receiver<PendingOps>, metrics: Arc<Metrics>) {
+async fn batch_loop(
+    raft: RaftNode,
+    mut rx: mpsc::Receiver<PendingOps>,
+    metrics: Arc<Metrics>,
+    data: cluster::DataManager,
+) {
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
     while let Some(first) = rx.recv().await {
         // Wait for a slot first: operations arriving meanwhile join this batch.
@@ -433,19 +470,20 @@ async fn batch_loop(raft: RaftNode, mut rx: mpsc::Receiver<PendingOps>, metrics:
             }
         }
         metrics.batch_size.observe(count as f64);
-        let raft = raft.clone();
+        let (raft, data) = (raft.clone(), data.clone());
         tokio::spawn(async move {
-            propose(&raft, batch, count).await;
+            propose(&raft, &data, batch, count).await;
             drop(permit);
         });
     }
 }
 
-async fn propose(raft: &RaftNode, batch: Vec<PendingOps>, count: usize) {
+async fn propose(raft: &RaftNode, data: &cluster::DataManager, batch: Vec<PendingOps>, count: usize) {
     let mut ops = Vec::with_capacity(count);
     for p in &batch {
-        ops.extend(p.ops.iter().cloned());
+        ops.extend(p.ops.iter().map(|(id, op)| fsm::Proposal::new(*id, op.clone())));
     }
+    data.place(&mut ops);
     let cmd = Command::Batch { now: Timespec::now(), ops };
     let outcome = match tokio::time::timeout(WRITE_TIMEOUT, raft.write(enc(&cmd))).await {
         Ok(Ok(bytes)) => match postcard::from_bytes::<Vec<OpResult>>(&bytes) {
@@ -477,14 +515,14 @@ async fn propose(raft: &RaftNode, batch: Vec<PendingOps>, count: usize) {
 }
 
 /// Creates the root directory once this node leads a fresh cluster.
-async fn init_root(raft: RaftNode) {
+async fn init_root(raft: RaftNode, chunk_bytes: u64) {
     loop {
         let have_root = raft.reader().with_latest(|kv| fsm::load_inode(kv, ROOT_INO)).ok().flatten().is_some();
         if have_root {
             return;
         }
         if raft.is_leader() {
-            let cmd = Command::Init { now: Timespec::now() };
+            let cmd = Command::Init { now: Timespec::now(), chunk_bytes };
             if let Err(e) = raft.write(enc(&cmd)).await {
                 tracing::debug!(error = %e, "root init not committed yet");
             }

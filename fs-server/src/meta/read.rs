@@ -118,6 +118,23 @@ pub fn query(kv: &dyn KvRead, read: &MetaRead, cap: Capacity) -> Result<ReadResu
             })
         }
         MetaRead::Resolve { path, follow } => ReadReply::Attr(tri!(resolve(kv, path, *follow)).attr),
+        MetaRead::Layout { ino, first, count } => {
+            let rec = tri!(inode_or_err(kv, *ino));
+            if rec.attr.kind != FileKind::File {
+                return Ok(Err(WireError::new(ErrorCode::Invalid, format!("inode {ino} is not a regular file"))));
+            }
+            ReadReply::Layout(super::data::layout(kv, &rec, *first, *count)?)
+        }
+        MetaRead::GetGoal { ino } => ReadReply::Goal(tri!(inode_or_err(kv, *ino)).goal),
+        MetaRead::GetQuota { ino } => {
+            let rec = tri!(inode_or_err(kv, *ino));
+            if rec.attr.kind != FileKind::Dir {
+                return Ok(Err(WireError::new(ErrorCode::NotDir, format!("inode {ino} is not a directory"))));
+            }
+            ReadReply::Quota(rec.quota)
+        }
+        // Answered from the leader's live state, not the namespace.
+        MetaRead::Health => return Ok(Err(WireError::new(ErrorCode::BadRequest, "health is answered by the service"))),
     }))
 }
 

@@ -1,0 +1,242 @@
+//! The client side of the chunk-server protocol ([`CHUNK_ALPN`]): reads,
+//! chained writes, flushes and replica exports. Used by the file client and
+//! by chunk servers forwarding writes along a chain.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Mutex;
+
+use crate::frame;
+use crate::proto::*;
+use crate::tls::{self, Identity, TlsError};
+
+/// How long one chunk request may take.
+pub const CHUNK_IO_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    /// The server answered with an error.
+    #[error("{addr}: {error}")]
+    Remote { addr: String, error: WireError },
+    /// The server was not reachable or the stream broke.
+    #[error("{addr}: {message}")]
+    Transport { addr: String, message: String },
+    /// The first server of a chain wrote, a later one (`addr`) failed.
+    #[error("chain broke at {addr}: {error}")]
+    ChainFailed { addr: String, error: WireError },
+}
+
+impl ChunkError {
+    /// The server to blame for the failure, when it is a server's fault
+    /// rather than the request's.
+    pub fn failed_server(&self) -> Option<&str> {
+        match self {
+            ChunkError::Transport { addr, .. } => Some(addr),
+            ChunkError::ChainFailed { addr, .. } => Some(addr),
+            ChunkError::Remote { addr, error } if matches!(error.code, ErrorCode::Io | ErrorCode::Unavailable) => {
+                Some(addr)
+            }
+            ChunkError::Remote { .. } => None,
+        }
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ChunkError::Remote { error, .. } | ChunkError::ChainFailed { error, .. } => error.code,
+            ChunkError::Transport { .. } => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// Connections to chunk servers. Cheap to clone.
+#[derive(Clone)]
+pub struct ChunkClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    quic: quinn::ClientConfig,
+    conns: Mutex<HashMap<String, quinn::Connection>>,
+}
+
+impl ChunkClient {
+    pub fn new(identity: &Identity) -> Result<Self, TlsError> {
+        let quic = tls::client_config(identity, CHUNK_ALPN)?;
+        let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
+        let endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| TlsError::Config(format!("client socket: {e}")))?;
+        Ok(Self::with_endpoint(endpoint, quic))
+    }
+
+    /// Uses an existing endpoint (a server's own) with a chunk-ALPN config.
+    pub fn with_endpoint(endpoint: quinn::Endpoint, quic: quinn::ClientConfig) -> Self {
+        ChunkClient { inner: Arc::new(Inner { endpoint, quic, conns: Mutex::new(HashMap::new()) }) }
+    }
+
+    async fn connection(&self, addr: &str) -> Result<quinn::Connection, ChunkError> {
+        let transport = |m: String| ChunkError::Transport { addr: addr.to_string(), message: m };
+        if let Some(c) = self.inner.conns.lock().await.get(addr) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let sock: SocketAddr = addr.parse().map_err(|_| transport("not an ip:port address".into()))?;
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(self.inner.quic.clone(), sock, tls::SERVER_NAME)
+            .map_err(|e| transport(e.to_string()))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| transport("connect timed out".into()))?
+            .map_err(|e| transport(format!("connect: {e}")))?;
+        self.inner.conns.lock().await.insert(addr.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    async fn forget(&self, addr: &str) {
+        self.inner.conns.lock().await.remove(addr);
+    }
+
+    /// Sends a request (and `data` after it), returns the reply header and
+    /// the stream to read any data that follows.
+    async fn exchange(
+        &self,
+        addr: &str,
+        req: &ChunkRequest,
+        data: Option<&[u8]>,
+    ) -> Result<(ChunkReply, quinn::RecvStream), ChunkError> {
+        let transport = |m: String| ChunkError::Transport { addr: addr.to_string(), message: m };
+        let conn = self.connection(addr).await?;
+        let res = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
+            frame::write_frame(&mut send, req).await.map_err(|e| transport(e.to_string()))?;
+            if let Some(d) = data {
+                send.write_all(d).await.map_err(|e| transport(e.to_string()))?;
+            }
+            let _ = send.finish();
+            let resp: ChunkResponse = frame::read_frame(&mut recv).await.map_err(|e| transport(e.to_string()))?;
+            match resp {
+                Ok(r) => Ok((r, recv)),
+                Err(error) => Err(ChunkError::Remote { addr: addr.to_string(), error }),
+            }
+        }
+        .await;
+        if matches!(res, Err(ChunkError::Transport { .. })) {
+            self.forget(addr).await;
+        }
+        res
+    }
+
+    async fn timed<T>(
+        &self,
+        addr: &str,
+        fut: impl std::future::Future<Output = Result<T, ChunkError>>,
+    ) -> Result<T, ChunkError> {
+        match tokio::time::timeout(CHUNK_IO_TIMEOUT, fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.forget(addr).await;
+                Err(ChunkError::Transport { addr: addr.to_string(), message: "timed out".into() })
+            }
+        }
+    }
+
+    /// Reads `len` bytes at `offset` of a chunk replica.
+    pub async fn read(&self, addr: &str, chunk: ChunkId, version: u64, offset: u64, len: u64) -> Result<Bytes, ChunkError> {
+        if len > MAX_IO_BYTES {
+            return Err(ChunkError::Remote {
+                addr: addr.into(),
+                error: WireError::new(ErrorCode::TooBig, format!("read of {len} bytes exceeds {MAX_IO_BYTES}")),
+            });
+        }
+        self.timed(addr, async {
+            let req = ChunkRequest::Read { chunk, version, offset, len };
+            let (reply, mut recv) = self.exchange(addr, &req, None).await?;
+            let n = match reply {
+                ChunkReply::Data { len: n } if n == len => n,
+                other => {
+                    return Err(ChunkError::Transport { addr: addr.into(), message: format!("unexpected reply {other:?}") })
+                }
+            };
+            let mut buf = vec![0u8; n as usize];
+            recv.read_exact(&mut buf)
+                .await
+                .map_err(|e| ChunkError::Transport { addr: addr.into(), message: e.to_string() })?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    /// Writes `data` at `offset` on every server of `chain` (the first one
+    /// forwards to the rest); returns once all have it.
+    pub async fn write(
+        &self,
+        chain: &[String],
+        chunk: ChunkId,
+        version: u64,
+        offset: u64,
+        data: &[u8],
+        create: bool,
+    ) -> Result<(), ChunkError> {
+        let Some((head, rest)) = chain.split_first() else { return Ok(()) };
+        let req = ChunkRequest::Write { chunk, version, offset, len: data.len() as u64, chain: rest.to_vec(), create };
+        self.chained(head, req, Some(data)).await
+    }
+
+    /// Makes a range read as zeros on every server of `chain`.
+    pub async fn zero(&self, chain: &[String], chunk: ChunkId, version: u64, offset: u64, len: u64) -> Result<(), ChunkError> {
+        let Some((head, rest)) = chain.split_first() else { return Ok(()) };
+        let req = ChunkRequest::Zero { chunk, version, offset, len, chain: rest.to_vec() };
+        self.chained(head, req, None).await
+    }
+
+    async fn chained(&self, head: &str, req: ChunkRequest, data: Option<&[u8]>) -> Result<(), ChunkError> {
+        self.timed(head, async {
+            match self.exchange(head, &req, data).await?.0 {
+                ChunkReply::Done => Ok(()),
+                ChunkReply::ChainBroken { at, error } => Err(ChunkError::ChainFailed { addr: at, error }),
+                other => Err(ChunkError::Transport { addr: head.into(), message: format!("unexpected reply {other:?}") }),
+            }
+        })
+        .await
+    }
+
+    /// Makes earlier writes to `chunks` durable on one server.
+    pub async fn flush(&self, addr: &str, chunks: Vec<ChunkId>) -> Result<(), ChunkError> {
+        self.simple(addr, ChunkRequest::Flush { chunks }).await
+    }
+
+    pub async fn set_version(&self, addr: &str, chunk: ChunkId, from: u64, to: u64) -> Result<(), ChunkError> {
+        self.simple(addr, ChunkRequest::SetVersion { chunk, from, to }).await
+    }
+
+    async fn simple(&self, addr: &str, req: ChunkRequest) -> Result<(), ChunkError> {
+        self.timed(addr, async {
+            match self.exchange(addr, &req, None).await?.0 {
+                ChunkReply::Done => Ok(()),
+                other => Err(ChunkError::Transport { addr: addr.into(), message: format!("unexpected reply {other:?}") }),
+            }
+        })
+        .await
+    }
+
+    /// Opens an export stream of a whole replica (no timeout: the caller
+    /// bounds the transfer).
+    pub async fn export(&self, addr: &str, chunk: ChunkId, version: u64) -> Result<quinn::RecvStream, ChunkError> {
+        match self.exchange(addr, &ChunkRequest::Export { chunk, version }, None).await? {
+            (ChunkReply::Export, recv) => Ok(recv),
+            (other, _) => Err(ChunkError::Transport { addr: addr.into(), message: format!("unexpected reply {other:?}") }),
+        }
+    }
+
+    pub async fn status(&self, addr: &str) -> Result<ChunkReply, ChunkError> {
+        self.timed(addr, async { Ok(self.exchange(addr, &ChunkRequest::Status, None).await?.0) }).await
+    }
+}

@@ -1,0 +1,663 @@
+//! [`FileClient`]: reading and writing file data.
+//!
+//! Data moves directly between the client and chunk servers; the metadata
+//! service only says where chunks live. Reads go to the nearest healthy
+//! replica (by topology) and fall back to the others. Writes go to the
+//! first replica of a chunk, which forwards them along the chain; a write
+//! counts once every replica has it. When a replica fails a write, the
+//! client reports it: the metadata service drops it and raises the chunk's
+//! version, so the dropped copy is never served again, and the write goes on
+//! with the survivors (repair restores the copy count later).
+//!
+//! Writes are buffered per file (bounded per file and in total) and sent in
+//! large pieces, chunks in parallel; `flush` sends them and updates the
+//! size, `fsync` also makes them durable on every replica.
+//!
+//! Sizes: the size is raised after data is written (`ExtendSize`). Bytes
+//! past the end of a file may hold stale data after a truncation, so any
+//! extension first zeroes the range between the old end and the new data.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::join_all;
+use tokio::sync::Mutex;
+
+use crate::chunk::{ChunkClient, ChunkError};
+use crate::client::{ClientError, MetaClient};
+use crate::proto::*;
+
+/// Buffered bytes per file before they are sent.
+pub const MAX_BUFFER_PER_FILE: usize = 16 << 20;
+/// Buffered bytes of all files at most.
+pub const MAX_BUFFER_TOTAL: usize = 256 << 20;
+/// How long a cached layout is trusted for reads.
+const LAYOUT_TTL: Duration = Duration::from_secs(10);
+/// Chunks fetched ahead of a read.
+const LAYOUT_PREFETCH: u64 = 16;
+/// Files whose state is kept at most (clean ones are dropped first).
+const MAX_CACHED_FILES: usize = 4096;
+/// Retries of one piece after replica failures or stale layouts.
+const MAX_PIECE_ATTEMPTS: usize = 6;
+
+fn io_err(msg: impl Into<String>) -> ClientError {
+    ClientError::Remote(WireError::new(ErrorCode::Io, msg))
+}
+
+fn from_chunk(e: ChunkError) -> ClientError {
+    match e {
+        ChunkError::Remote { error, addr } => {
+            ClientError::Remote(WireError { code: error.code, message: format!("{addr}: {}", error.message), leader: None })
+        }
+        ChunkError::ChainFailed { addr, error } => io_err(format!("chain broke at {addr}: {}", error.message)),
+        ChunkError::Transport { addr, message } => io_err(format!("{addr}: {message}")),
+    }
+}
+
+#[derive(Default)]
+struct FileState {
+    /// Last known size (after our own changes).
+    size: Option<u64>,
+    chunk_bytes: u64,
+    locs: BTreeMap<u64, ChunkLocation>,
+    fetched: Option<Instant>,
+    /// Buffered writes: offset -> data, non-overlapping.
+    buffer: BTreeMap<u64, Bytes>,
+    buffered: usize,
+    /// Highest end of data written but not yet recorded as the size.
+    pending_size: u64,
+    /// Chunks written since the last fsync, with their replica addresses.
+    unsynced: HashMap<ChunkId, Vec<String>>,
+    /// A write-back failure not yet reported to the application.
+    error: Option<WireError>,
+}
+
+impl FileState {
+    fn is_clean(&self) -> bool {
+        self.buffer.is_empty() && self.unsynced.is_empty() && self.error.is_none() && self.pending_size == 0
+    }
+}
+
+/// Reads and writes file data. Cheap to clone; share one per mount.
+#[derive(Clone)]
+pub struct FileClient {
+    meta: MetaClient,
+    chunks: ChunkClient,
+    /// Where this client runs, for nearest-replica reads.
+    topology: Option<Topology>,
+    files: Arc<std::sync::Mutex<HashMap<Ino, Arc<Mutex<FileState>>>>>,
+    buffered_total: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One piece of an I/O: a range inside one chunk.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    index: u64,
+    /// Offset inside the chunk.
+    offset: u64,
+    len: u64,
+    /// Offset in the caller's buffer.
+    at: u64,
+}
+
+fn pieces(offset: u64, len: u64, cb: u64) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let index = pos / cb;
+        let in_chunk = pos % cb;
+        let n = (cb - in_chunk).min(end - pos).min(MAX_IO_BYTES);
+        out.push(Piece { index, offset: in_chunk, len: n, at: pos - offset });
+        pos += n;
+    }
+    out
+}
+
+impl FileClient {
+    pub fn new(meta: MetaClient, chunks: ChunkClient, topology: Option<Topology>) -> Self {
+        FileClient {
+            meta,
+            chunks,
+            topology,
+            files: Arc::default(),
+            buffered_total: Arc::default(),
+        }
+    }
+
+    pub fn meta(&self) -> &MetaClient {
+        &self.meta
+    }
+
+    fn file(&self, ino: Ino) -> Arc<Mutex<FileState>> {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if files.len() >= MAX_CACHED_FILES && !files.contains_key(&ino) {
+            // Drop state of files nobody is using; dirty ones stay.
+            files.retain(|_, f| Arc::strong_count(f) > 1 || f.try_lock().map(|s| !s.is_clean()).unwrap_or(true));
+        }
+        files.entry(ino).or_default().clone()
+    }
+
+    /// Forgets cached sizes and layouts of a file (another client changed it).
+    pub fn invalidate(&self, ino: Ino) {
+        let f = self.files.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).cloned();
+        if let Some(f) = f {
+            if let Ok(mut s) = f.try_lock() {
+                s.fetched = None;
+                s.locs.clear();
+                if s.buffer.is_empty() && s.pending_size == 0 {
+                    s.size = None;
+                }
+            }
+        }
+    }
+
+    async fn fetch_layout(&self, st: &mut FileState, ino: Ino, first: u64, count: u64) -> Result<(), ClientError> {
+        match self.meta.read(MetaRead::Layout { ino, first, count }).await? {
+            ReadReply::Layout(l) => {
+                absorb(st, l, Some((first, count)));
+                Ok(())
+            }
+            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// The file's size as this client knows it (its own buffered writes included).
+    pub async fn size(&self, ino: Ino) -> Result<u64, ClientError> {
+        let f = self.file(ino);
+        let mut st = f.lock().await;
+        if st.size.is_none() || st.fetched.is_none_or(|t| t.elapsed() > LAYOUT_TTL) {
+            self.fetch_layout(&mut st, ino, 0, 1).await?;
+        }
+        Ok(st.size.unwrap_or(0).max(st.pending_size).max(buffer_end(&st)))
+    }
+
+    /// Reads up to `len` bytes at `offset`; shorter at the end of the file.
+    pub async fn read(&self, ino: Ino, offset: u64, len: u64) -> Result<Bytes, ClientError> {
+        let f = self.file(ino);
+        let mut st = f.lock().await;
+        if let Some(e) = st.error.clone() {
+            return Err(ClientError::Remote(e));
+        }
+        // Read our own buffered writes: send them first if they overlap.
+        if st.buffer.range(..offset.saturating_add(len)).next_back().is_some_and(|(o, d)| o + d.len() as u64 > offset) {
+            self.send_buffer(&mut st, ino).await?;
+            self.record_size(&mut st, ino).await?;
+        }
+        let mut fetched_now = false;
+        if st.chunk_bytes == 0 || st.size.is_none() || st.fetched.is_none_or(|t| t.elapsed() > LAYOUT_TTL) {
+            st.locs.clear();
+            let cb = if st.chunk_bytes == 0 { DEFAULT_CHUNK_BYTES } else { st.chunk_bytes };
+            self.fetch_layout(&mut st, ino, offset / cb, LAYOUT_PREFETCH).await?;
+            fetched_now = true;
+        }
+        // A read reaching past the end we know asks again: another client
+        // may have written more.
+        if !fetched_now && offset.saturating_add(len) > st.size.unwrap_or(0).max(st.pending_size) {
+            let cb = st.chunk_bytes.max(1);
+            self.fetch_layout(&mut st, ino, offset / cb, LAYOUT_PREFETCH).await?;
+        }
+        let size = st.size.unwrap_or(0).max(st.pending_size);
+        if offset >= size || len == 0 {
+            return Ok(Bytes::new());
+        }
+        let len = len.min(size - offset);
+        let cb = st.chunk_bytes;
+        let ps = pieces(offset, len, cb);
+        let missing: Vec<u64> = ps.iter().map(|p| p.index).filter(|i| !st.locs.contains_key(i)).collect();
+        if let (Some(first), Some(last)) = (missing.first(), missing.last()) {
+            // Unknown indexes may be holes; one fetch tells.
+            self.fetch_layout(&mut st, ino, *first, (last - first + 1).max(LAYOUT_PREFETCH)).await?;
+        }
+        let locs: Vec<Option<ChunkLocation>> = ps.iter().map(|p| st.locs.get(&p.index).cloned()).collect();
+        drop(st);
+        let reads = ps.iter().zip(locs).map(|(p, loc)| self.read_piece(ino, *p, loc));
+        let results = join_all(reads).await;
+        let mut out = BytesMut::with_capacity(len as usize);
+        for r in results {
+            out.extend_from_slice(&r?);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn read_piece(&self, ino: Ino, p: Piece, loc: Option<ChunkLocation>) -> Result<Bytes, ClientError> {
+        let Some(mut loc) = loc else { return Ok(Bytes::from(vec![0u8; p.len as usize])) };
+        let mut last = String::from("no replicas");
+        for attempt in 0..MAX_PIECE_ATTEMPTS {
+            let order = self.nearest_first(&loc);
+            let mut stale = false;
+            for addr in order {
+                match self.chunks.read(&addr, loc.chunk, loc.version, p.offset, p.len).await {
+                    Ok(b) => return Ok(b),
+                    Err(e) => {
+                        if e.code() == ErrorCode::Stale || e.code() == ErrorCode::NotFound {
+                            stale = true;
+                        }
+                        tracing::debug!(chunk = loc.chunk, %addr, error = %e, "replica read failed; trying the next");
+                        last = e.to_string();
+                    }
+                }
+            }
+            // Every replica failed or disagreed on the version: ask again
+            // where the chunk lives.
+            let fresh = match self.meta.read(MetaRead::Layout { ino, first: p.index, count: 1 }).await? {
+                ReadReply::Layout(l) => l,
+                other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+            };
+            let f = self.file(ino);
+            absorb(&mut *f.lock().await, fresh.clone(), Some((p.index, 1)));
+            match fresh.chunks.into_iter().find(|c| c.index == p.index) {
+                Some(c) if c.chunk != loc.chunk || c.version != loc.version || stale => loc = c,
+                Some(c) => {
+                    loc = c;
+                    if attempt > 0 {
+                        tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
+                    }
+                }
+                None => return Ok(Bytes::from(vec![0u8; p.len as usize])),
+            }
+        }
+        Err(io_err(format!("chunk {} unreadable on every replica: {last}", loc.chunk)))
+    }
+
+    fn nearest_first(&self, loc: &ChunkLocation) -> Vec<String> {
+        let Some(me) = &self.topology else { return loc.replicas.iter().map(|r| r.addr.clone()).collect() };
+        let pairs: Vec<(u64, Topology)> = loc.replicas.iter().map(|r| (r.server, r.topology.clone())).collect();
+        placement::pick_read_replica(me, &pairs)
+            .into_iter()
+            .filter_map(|id| loc.replicas.iter().find(|r| r.server == id).map(|r| r.addr.clone()))
+            .collect()
+    }
+
+    /// Buffers a write; it is sent when the buffer fills, on `flush` or
+    /// `fsync`. An earlier write-back failure is reported here.
+    pub async fn write(&self, ino: Ino, offset: u64, data: Bytes) -> Result<(), ClientError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= 1 << 60)
+            .ok_or_else(|| ClientError::Remote(WireError::new(ErrorCode::TooBig, "write past the largest file size")))?;
+        let f = self.file(ino);
+        let mut st = f.lock().await;
+        if let Some(e) = st.error.take() {
+            return Err(ClientError::Remote(e));
+        }
+        insert_buffer(&mut st, offset, data, &self.buffered_total);
+        let over_total = self.buffered_total.load(std::sync::atomic::Ordering::Relaxed) > MAX_BUFFER_TOTAL;
+        if st.buffered >= MAX_BUFFER_PER_FILE || over_total {
+            self.send_buffer(&mut st, ino).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` now, without buffering.
+    pub async fn write_through(&self, ino: Ino, offset: u64, data: Bytes) -> Result<(), ClientError> {
+        self.write(ino, offset, data).await?;
+        self.flush(ino).await
+    }
+
+    /// Sends buffered writes and records the new size.
+    pub async fn flush(&self, ino: Ino) -> Result<(), ClientError> {
+        let f = self.file(ino);
+        let mut st = f.lock().await;
+        if let Some(e) = st.error.take() {
+            return Err(ClientError::Remote(e));
+        }
+        self.send_buffer(&mut st, ino).await?;
+        self.record_size(&mut st, ino).await
+    }
+
+    /// `flush`, then makes everything written durable on every replica.
+    pub async fn fsync(&self, ino: Ino) -> Result<(), ClientError> {
+        self.flush(ino).await?;
+        let f = self.file(ino);
+        let mut st = f.lock().await;
+        let unsynced: Vec<(ChunkId, Vec<String>)> = st.unsynced.drain().collect();
+        drop(st);
+        let mut by_server: HashMap<String, Vec<ChunkId>> = HashMap::new();
+        for (chunk, addrs) in unsynced {
+            for a in addrs {
+                by_server.entry(a).or_default().push(chunk);
+            }
+        }
+        let flushes = by_server.into_iter().map(|(addr, chunks)| async move {
+            self.chunks.flush(&addr, chunks).await.map_err(from_chunk)
+        });
+        for r in join_all(flushes).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Sets the size (truncate or extend), zeroing what an extension uncovers.
+    pub async fn truncate(&self, ino: Ino, size: u64) -> Result<Attr, ClientError> {
+        self.flush(ino).await?;
+        let f = self.file(ino);
+        let mut st = f.lock().await;
+        self.fetch_layout(&mut st, ino, 0, 0).await?;
+        let old = st.size.unwrap_or(0);
+        if size > old {
+            self.zero_gap(&mut st, ino, old, size).await?;
+        }
+        let attr = self
+            .meta
+            .op_attr(MetaOp::SetAttr { ino, set: SetAttr { size: Some(size), ..Default::default() } })
+            .await?;
+        st.size = Some(attr.size);
+        st.pending_size = 0;
+        // Chunks past the end went away; forget their locations.
+        let cb = st.chunk_bytes.max(1);
+        st.locs.retain(|i, _| *i < size.div_ceil(cb));
+        Ok(attr)
+    }
+
+    /// Writes buffered data to the chunk servers.
+    async fn send_buffer(&self, st: &mut FileState, ino: Ino) -> Result<(), ClientError> {
+        if st.buffer.is_empty() {
+            return Ok(());
+        }
+        let segments: Vec<(u64, Bytes)> = std::mem::take(&mut st.buffer).into_iter().collect();
+        self.buffered_total.fetch_sub(st.buffered, std::sync::atomic::Ordering::Relaxed);
+        st.buffered = 0;
+        let res = self.write_segments(st, ino, &segments).await;
+        if let Err(e) = &res {
+            tracing::warn!(ino, error = %e, "write-back failed");
+        }
+        res
+    }
+
+    async fn write_segments(&self, st: &mut FileState, ino: Ino, segments: &[(u64, Bytes)]) -> Result<(), ClientError> {
+        let lo = segments.first().map(|(o, _)| *o).unwrap_or(0);
+        let hi = segments.last().map(|(o, d)| o + d.len() as u64).unwrap_or(0);
+        if st.size.is_none() || st.chunk_bytes == 0 {
+            self.fetch_layout(st, ino, 0, 0).await?;
+        }
+        // Allocate (and learn) every chunk the writes touch, in one request
+        // per span of chunks.
+        let cb = st.chunk_bytes;
+        let needed: Vec<u64> = segments
+            .iter()
+            .flat_map(|(o, d)| pieces(*o, d.len() as u64, cb).into_iter().map(|p| p.index))
+            .filter(|i| !st.locs.contains_key(i))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !needed.is_empty() {
+            let (first, last) = (needed[0], needed[needed.len() - 1]);
+            for span_start in (first..=last).step_by(MAX_LAYOUT_CHUNKS as usize) {
+                let span_end = (span_start + MAX_LAYOUT_CHUNKS - 1).min(last);
+                // The written bytes inside this span: the quota check sees
+                // the real end, not the end of the last chunk.
+                let o = lo.max(span_start * cb);
+                let e = hi.min((span_end + 1) * cb);
+                match self.meta.op(MetaOp::PrepareWrite { ino, offset: o, len: e.saturating_sub(o) }).await? {
+                    OpReply::Layout(layout) => absorb(st, layout, None),
+                    other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+                }
+            }
+        }
+        // Data past the current end: zero what lies between first.
+        let size = st.size.unwrap_or(0).max(st.pending_size);
+        if lo > size {
+            self.zero_gap(st, ino, size, lo).await?;
+        }
+        let mut jobs = Vec::new();
+        for (off, data) in segments {
+            for p in pieces(*off, data.len() as u64, cb) {
+                let loc = st.locs.get(&p.index).cloned().ok_or_else(|| io_err("chunk not allocated"))?;
+                let bytes = data.slice(p.at as usize..(p.at + p.len) as usize);
+                jobs.push(self.write_piece(ino, p, loc, bytes));
+            }
+        }
+        let results = join_all(jobs).await;
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(loc) => {
+                    st.unsynced.insert(loc.chunk, loc.replicas.iter().map(|r| r.addr.clone()).collect());
+                    st.locs.insert(loc.index, loc);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        st.pending_size = st.pending_size.max(hi);
+        Ok(())
+    }
+
+    /// Writes one piece along its chain; on a replica failure, reports it,
+    /// brings the survivors to the new version and goes on with them.
+    async fn write_piece(&self, ino: Ino, p: Piece, mut loc: ChunkLocation, data: Bytes) -> Result<ChunkLocation, ClientError> {
+        let mut last = String::new();
+        for _ in 0..MAX_PIECE_ATTEMPTS {
+            let chain: Vec<String> = loc.replicas.iter().map(|r| r.addr.clone()).collect();
+            if chain.is_empty() {
+                return Err(io_err(format!("chunk {} has no replicas", loc.chunk)));
+            }
+            match self.chunks.write(&chain, loc.chunk, loc.version, p.offset, &data, true).await {
+                Ok(()) => return Ok(loc),
+                Err(e) => {
+                    last = e.to_string();
+                    loc = self.recover(ino, p.index, loc, &e).await?;
+                }
+            }
+        }
+        Err(io_err(format!("write to chunk {} failed: {last}", loc.chunk)))
+    }
+
+    /// After a failed chain operation: a broken replica is dropped (and the
+    /// survivors moved to the new version); a stale layout is refreshed.
+    async fn recover(&self, ino: Ino, index: u64, loc: ChunkLocation, e: &ChunkError) -> Result<ChunkLocation, ClientError> {
+        if let ChunkError::Remote { error, .. } = e {
+            match error.code {
+                ErrorCode::Stale | ErrorCode::NotFound | ErrorCode::Unavailable => {}
+                // The request itself is wrong (out of space, quota, bad range).
+                _ => return Err(from_chunk(clone_chunk_err(e))),
+            }
+        }
+        let failed = e.failed_server().and_then(|a| loc.replicas.iter().find(|r| r.addr == a)).map(|r| r.server);
+        let layout = match failed {
+            Some(server) => {
+                tracing::warn!(chunk = loc.chunk, server, error = %e, "replica failed a write; dropping it");
+                let op = MetaOp::ReplicaFailed { ino, index, chunk: loc.chunk, version: loc.version, server };
+                match self.meta.op(op).await? {
+                    OpReply::Layout(l) => l,
+                    other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+                }
+            }
+            None => match self.meta.read(MetaRead::Layout { ino, first: index, count: 1 }).await? {
+                ReadReply::Layout(l) => l,
+                other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+            },
+        };
+        let new = layout
+            .chunks
+            .into_iter()
+            .find(|c| c.index == index)
+            .ok_or_else(|| io_err(format!("chunk {index} of inode {ino} vanished")))?;
+        if new.chunk == loc.chunk && new.version > loc.version {
+            // The metadata service raised the version; tell the survivors
+            // now rather than wait for their next heartbeat.
+            let bumps = new.replicas.iter().map(|r| self.chunks.set_version(&r.addr, new.chunk, loc.version, new.version));
+            for r in join_all(bumps).await {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "version raise not delivered; the leader will retry");
+                }
+            }
+        }
+        Ok(new)
+    }
+
+    /// Zeroes `[from, to)` where old data may linger: the tail of the chunk
+    /// that held the end of the file.
+    async fn zero_gap(&self, st: &mut FileState, ino: Ino, from: u64, to: u64) -> Result<(), ClientError> {
+        let cb = st.chunk_bytes;
+        if cb == 0 || from >= to || from % cb == 0 {
+            return Ok(());
+        }
+        let index = from / cb;
+        if !st.locs.contains_key(&index) {
+            self.fetch_layout(st, ino, index, 1).await?;
+        }
+        let Some(mut loc) = st.locs.get(&index).cloned() else { return Ok(()) };
+        let end = to.min((index + 1) * cb);
+        let (off, len) = (from % cb, end - from);
+        for _ in 0..MAX_PIECE_ATTEMPTS {
+            let chain: Vec<String> = loc.replicas.iter().map(|r| r.addr.clone()).collect();
+            match self.chunks.zero(&chain, loc.chunk, loc.version, off, len).await {
+                Ok(()) => {
+                    st.locs.insert(index, loc);
+                    return Ok(());
+                }
+                Err(ChunkError::Remote { error, .. }) if error.code == ErrorCode::NotFound => {
+                    // Never written on this server: nothing to zero.
+                    return Ok(());
+                }
+                Err(e) => loc = self.recover(ino, index, loc, &e).await?,
+            }
+        }
+        Err(io_err(format!("could not zero the tail of chunk {}", loc.chunk)))
+    }
+
+    /// Records written data in the file's size.
+    async fn record_size(&self, st: &mut FileState, ino: Ino) -> Result<(), ClientError> {
+        if st.pending_size == 0 {
+            return Ok(());
+        }
+        let attr = self.meta.op_attr(MetaOp::ExtendSize { ino, size: st.pending_size }).await?;
+        st.size = Some(attr.size);
+        st.pending_size = 0;
+        Ok(())
+    }
+
+    /// Drops the cached state of a file (after unlink, or when asked).
+    pub fn forget(&self, ino: Ino) {
+        let f = self.files.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
+        if let Some(f) = f {
+            if let Ok(s) = f.try_lock() {
+                self.buffered_total.fetch_sub(s.buffered, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Inodes with buffered or unsynced data.
+    pub fn dirty_files(&self) -> HashSet<Ino> {
+        let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        files.iter().filter(|(_, f)| f.try_lock().map(|s| !s.is_clean()).unwrap_or(true)).map(|(i, _)| *i).collect()
+    }
+}
+
+fn clone_chunk_err(e: &ChunkError) -> ChunkError {
+    match e {
+        ChunkError::Remote { addr, error } => ChunkError::Remote { addr: addr.clone(), error: error.clone() },
+        ChunkError::Transport { addr, message } => ChunkError::Transport { addr: addr.clone(), message: message.clone() },
+        ChunkError::ChainFailed { addr, error } => ChunkError::ChainFailed { addr: addr.clone(), error: error.clone() },
+    }
+}
+
+/// Takes a layout into the file state. `range` marks the indexes the
+/// layout fully describes (absent ones there are holes).
+fn absorb(st: &mut FileState, l: Layout, range: Option<(u64, u64)>) {
+    st.chunk_bytes = l.chunk_bytes;
+    st.size = Some(l.attr.size);
+    st.fetched = Some(Instant::now());
+    if let Some((first, count)) = range {
+        let end = first.saturating_add(count);
+        st.locs.retain(|i, _| *i < first || *i >= end);
+    }
+    for c in l.chunks {
+        st.locs.insert(c.index, c);
+    }
+}
+
+fn buffer_end(st: &FileState) -> u64 {
+    st.buffer.iter().next_back().map(|(o, d)| o + d.len() as u64).unwrap_or(0)
+}
+
+/// Adds a write to the buffer, replacing overlapped bytes and merging with
+/// an adjacent segment.
+fn insert_buffer(st: &mut FileState, offset: u64, data: Bytes, total: &std::sync::atomic::AtomicUsize) {
+    let end = offset + data.len() as u64;
+    // Cut overlapped parts out of existing segments.
+    let overlapping: Vec<u64> = st
+        .buffer
+        .range(..end)
+        .filter(|(o, d)| **o + d.len() as u64 > offset)
+        .map(|(o, _)| *o)
+        .collect();
+    let mut removed = 0usize;
+    for o in overlapping {
+        let d = st.buffer.remove(&o).expect("key just listed");
+        removed += d.len();
+        let d_end = o + d.len() as u64;
+        if o < offset {
+            let keep = d.slice(..(offset - o) as usize);
+            removed -= keep.len();
+            st.buffer.insert(o, keep);
+        }
+        if d_end > end {
+            let keep = d.slice((end - o) as usize..);
+            removed -= keep.len();
+            st.buffer.insert(end, keep);
+        }
+    }
+    let mut start = offset;
+    let mut merged = data;
+    // Merge with the segment that ends right where this one begins.
+    if let Some((&po, pd)) = st.buffer.range(..offset).next_back() {
+        if po + pd.len() as u64 == offset && pd.len() + merged.len() <= MAX_IO_BYTES as usize {
+            let mut b = BytesMut::with_capacity(pd.len() + merged.len());
+            b.extend_from_slice(pd);
+            b.extend_from_slice(&merged);
+            removed += pd.len();
+            st.buffer.remove(&po);
+            start = po;
+            merged = b.freeze();
+        }
+    }
+    let added = merged.len();
+    st.buffer.insert(start, merged);
+    st.buffered = st.buffered + added - removed;
+    total.fetch_add(added, std::sync::atomic::Ordering::Relaxed);
+    total.fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_at_chunk_and_io_limits() {
+        let p = pieces(100, 300, 256);
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].index, p[0].offset, p[0].len, p[0].at), (0, 100, 156, 0));
+        assert_eq!((p[1].index, p[1].offset, p[1].len, p[1].at), (1, 0, 144, 156));
+        let big = pieces(0, 3 * MAX_IO_BYTES, 64 << 20);
+        assert_eq!(big.len(), 3);
+    }
+
+    #[test]
+    fn buffer_overlaps_replace_and_adjacent_writes_merge() {
+        let total = std::sync::atomic::AtomicUsize::new(0);
+        let mut st = FileState::default();
+        insert_buffer(&mut st, 0, Bytes::from_static(b"aaaa"), &total);
+        insert_buffer(&mut st, 4, Bytes::from_static(b"bbbb"), &total);
+        assert_eq!(st.buffer.len(), 1, "adjacent writes merge");
+        insert_buffer(&mut st, 2, Bytes::from_static(b"XX"), &total);
+        let flat: Vec<u8> = st.buffer.values().flat_map(|d| d.to_vec()).collect();
+        assert_eq!(flat, b"aaXXbbbb");
+        assert_eq!(st.buffered, 8);
+        assert_eq!(total.load(std::sync::atomic::Ordering::Relaxed), 8);
+        insert_buffer(&mut st, 20, Bytes::from_static(b"z"), &total);
+        assert_eq!(st.buffered, 9);
+        assert_eq!(buffer_end(&st), 21);
+    }
+}

@@ -1,0 +1,684 @@
+//! The chunk server (`locus-server chunk`): stores chunk replicas on local
+//! disk ([`store`]) and serves them over QUIC ([`CHUNK_ALPN`]).
+//!
+//! - Registers with the metadata service (capacity, topology labels), keeps
+//!   its server id in the data directory, heartbeats every second and
+//!   carries out the work the leader returns (copy a chunk from another
+//!   server, drop chunks, raise a version).
+//! - Reports the chunks it holds after registering and periodically; the
+//!   leader answers with what is stale or gone.
+//! - Fences itself: without a successful heartbeat for `fence_after`, it
+//!   refuses all I/O, so a server the leader has declared dead (after a
+//!   longer time) never serves data that may have moved on.
+//! - Scrubs: re-reads everything at a bounded rate and reports corrupt
+//!   replicas, which the leader replaces.
+
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use fs_client::chunk::{ChunkClient, ChunkError};
+use fs_client::client::ClientError;
+use fs_client::frame;
+use fs_client::proto::*;
+use fs_client::tls::{self, Identity};
+use fs_client::{ClientConfig, MetaClient};
+
+use crate::metrics::Metrics;
+use store::{ChunkStore, ChunkStoreError, StoreOptions};
+
+/// How long a request header may take to arrive.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The slowest replica transfer rate tolerated.
+const MIN_COPY_BYTES_PER_SEC: u64 = 4 << 20;
+/// Buffers in flight between the network and a blocking export/import.
+const COPY_QUEUE: usize = 16;
+/// Size of those buffers.
+const COPY_BUF: usize = 1 << 20;
+
+/// Settings of a chunk server.
+#[derive(Debug, Clone)]
+pub struct ChunkConfig {
+    pub listen: SocketAddr,
+    /// The address clients and peers dial (default: `listen`).
+    pub advertise: String,
+    pub data_dir: PathBuf,
+    pub identity: Identity,
+    pub meta: Vec<String>,
+    pub topology: Topology,
+    /// Capacity to announce (default: the filesystem's size).
+    pub capacity_bytes: Option<u64>,
+    pub heartbeat: Duration,
+    /// Stop serving I/O after this long without a successful heartbeat.
+    pub fence_after: Duration,
+    pub report_every: Duration,
+    pub scrub_bytes_per_sec: u64,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// A running chunk server. Cheap to clone.
+#[derive(Clone)]
+struct Server {
+    cfg: Arc<ChunkConfig>,
+    store: Arc<ChunkStore>,
+    meta: MetaClient,
+    peers: ChunkClient,
+    id: Arc<AtomicU64>,
+    fenced: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+}
+
+fn wire(e: &ChunkStoreError) -> WireError {
+    let code = match e {
+        ChunkStoreError::NotFound(_) => ErrorCode::NotFound,
+        ChunkStoreError::VersionMismatch { .. } => ErrorCode::Stale,
+        ChunkStoreError::OutOfRange { .. } | ChunkStoreError::BadInput(_) => ErrorCode::Invalid,
+        ChunkStoreError::Corrupt { .. } => ErrorCode::Io,
+        ChunkStoreError::NoSpace => ErrorCode::NoSpace,
+        ChunkStoreError::Exists => ErrorCode::Exists,
+        ChunkStoreError::Io { .. } => ErrorCode::Io,
+    };
+    WireError::new(code, e.to_string())
+}
+
+fn id_file(dir: &std::path::Path) -> PathBuf {
+    dir.join("server_id")
+}
+
+/// Runs a chunk server until SIGTERM or SIGINT.
+pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("create {}", cfg.data_dir.display()))?;
+    let client_cfg = ClientConfig {
+        meta: cfg.meta.clone(),
+        ca: cfg.identity.ca.clone(),
+        cert: cfg.identity.cert.clone(),
+        key: cfg.identity.key.clone(),
+        // Heartbeats must not hang: a short deadline, retried by the loops.
+        timeout_ms: 2_000,
+        topology: None,
+    };
+    let meta = MetaClient::new(&client_cfg).context("metadata client")?;
+    let stored_id: Option<ServerId> = std::fs::read_to_string(id_file(&cfg.data_dir)).ok().and_then(|s| s.trim().parse().ok());
+
+    // Register first: the cluster decides the chunk size the store uses.
+    let (total, avail) = fs_stats(&cfg.data_dir);
+    let capacity = cfg.capacity_bytes.unwrap_or(total);
+    let (id, chunk_bytes, block_bytes) = loop {
+        let msg = ServerMsg::Register {
+            id: stored_id,
+            addr: cfg.advertise.clone(),
+            topology: cfg.topology.clone(),
+            capacity_bytes: capacity,
+            used_bytes: total.saturating_sub(avail),
+        };
+        match meta.server(msg).await {
+            Ok(ServerReply::Registered { id, chunk_bytes, block_bytes }) => break (id, chunk_bytes, block_bytes),
+            Ok(other) => tracing::warn!(?other, "unexpected registration reply"),
+            Err(e) => tracing::info!(error = %e, "registration not accepted yet; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    std::fs::write(id_file(&cfg.data_dir), id.to_string()).context("save server id")?;
+    let span = tracing::info_span!("chunk", server = id);
+    let _enter = span.enter();
+
+    let dir = cfg.data_dir.clone();
+    let opts = StoreOptions { chunk_size: chunk_bytes, block_size: block_bytes, ..Default::default() };
+    let store = tokio::task::spawn_blocking(move || ChunkStore::open(&dir, opts))
+        .await
+        .context("open store")?
+        .context("open chunk store")?;
+    tracing::info!(chunks = store.len(), chunk_bytes, "chunk store open");
+
+    let endpoint = crate::server::endpoint(&cfg.identity, cfg.listen, &[CHUNK_ALPN]).context("start QUIC endpoint")?;
+    let peer_cfg = tls::client_config(&cfg.identity, CHUNK_ALPN).context("peer TLS")?;
+    let peers = ChunkClient::with_endpoint(endpoint.clone(), peer_cfg);
+    let metrics = Metrics::new("chunk");
+    let srv = Server {
+        cfg: Arc::new(cfg.clone()),
+        store: Arc::new(store),
+        meta,
+        peers,
+        id: Arc::new(AtomicU64::new(id)),
+        fenced: Arc::new(AtomicBool::new(false)),
+        metrics: metrics.clone(),
+    };
+    tokio::spawn(srv.clone().accept_loop(endpoint.clone()));
+    tokio::spawn(srv.clone().heartbeat_loop());
+    tokio::spawn(srv.clone().report_loop());
+    tokio::spawn(srv.clone().scrub_loop());
+    if let Some(addr) = cfg.metrics_listen {
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, metrics).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    tracing::info!(listen = %cfg.listen, advertise = %cfg.advertise, "chunk server running");
+    crate::wait_for_stop().await;
+    tracing::info!("stopping");
+    endpoint.close(0u32.into(), b"shutting down");
+    let store = srv.store.clone();
+    let ids: Vec<ChunkId> = store.list().into_iter().map(|(c, _)| c).collect();
+    // Best effort: what was written reaches the disk before we go.
+    let _ = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(move || store.flush(&ids))).await;
+    Ok(())
+}
+
+fn fs_stats(dir: &std::path::Path) -> (u64, u64) {
+    nix::sys::statvfs::statvfs(dir)
+        .map(|s| {
+            let f = s.fragment_size().max(1);
+            (s.blocks() * f, s.blocks_available() * f)
+        })
+        .unwrap_or((0, 0))
+}
+
+impl Server {
+    async fn accept_loop(self, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let srv = self.clone();
+            tokio::spawn(async move {
+                let conn = match tokio::time::timeout(REQUEST_TIMEOUT, incoming).await {
+                    Ok(Ok(c)) => c,
+                    _ => return,
+                };
+                if let Err(e) = tls::peer_identity(&conn) {
+                    tracing::warn!(error = %e, "refusing peer");
+                    conn.close(1u32.into(), b"certificate carries no role");
+                    return;
+                }
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    tokio::spawn(srv.clone().serve_stream(send, recv));
+                }
+            });
+        }
+    }
+
+    async fn serve_stream(self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let req: ChunkRequest = match tokio::time::timeout(REQUEST_TIMEOUT, frame::read_frame(&mut recv)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let resp: ChunkResponse = Err(WireError::new(ErrorCode::BadRequest, format!("bad request frame: {e}")));
+                let _ = frame::write_frame(&mut send, &resp).await;
+                let _ = send.finish();
+                return;
+            }
+            Err(_) => return,
+        };
+        let started = Instant::now();
+        let op = match &req {
+            ChunkRequest::Read { .. } => "read",
+            ChunkRequest::Write { .. } => "write",
+            ChunkRequest::Zero { .. } => "zero",
+            ChunkRequest::Flush { .. } => "flush",
+            ChunkRequest::SetVersion { .. } => "set_version",
+            ChunkRequest::Export { .. } => "export",
+            ChunkRequest::Status => "status",
+        };
+        let fenced = self.fenced.load(Ordering::Relaxed) && !matches!(req, ChunkRequest::Status);
+        let result = if fenced {
+            Err(WireError::new(ErrorCode::Unavailable, "fenced: lost contact with the metadata service"))
+        } else {
+            match req {
+                ChunkRequest::Read { chunk, version, offset, len } => {
+                    match self.read(chunk, version, offset, len).await {
+                        Ok(data) => {
+                            let hdr: ChunkResponse = Ok(ChunkReply::Data { len: data.len() as u64 });
+                            if frame::write_frame(&mut send, &hdr).await.is_ok() {
+                                let _ = send.write_all(&data).await;
+                            }
+                            let _ = send.finish();
+                            self.metrics.observe(op, started.elapsed(), None);
+                            return;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                ChunkRequest::Write { chunk, version, offset, len, chain, create } => {
+                    self.write(&mut recv, chunk, version, offset, len, chain, create).await
+                }
+                ChunkRequest::Zero { chunk, version, offset, len, chain } => {
+                    self.zero(chunk, version, offset, len, chain).await
+                }
+                ChunkRequest::Flush { chunks } => {
+                    let store = self.store.clone();
+                    blocking(move || store.flush(&chunks)).await.map(|()| ChunkReply::Done)
+                }
+                ChunkRequest::SetVersion { chunk, from, to } => {
+                    let store = self.store.clone();
+                    blocking(move || store.set_version(chunk, from, to)).await.map(|()| ChunkReply::Done)
+                }
+                ChunkRequest::Export { chunk, version } => {
+                    self.export(&mut send, chunk, version).await;
+                    self.metrics.observe(op, started.elapsed(), None);
+                    return;
+                }
+                ChunkRequest::Status => Ok(ChunkReply::Status {
+                    id: Some(self.id.load(Ordering::Relaxed)),
+                    chunks: self.store.len() as u64,
+                    used_bytes: self.store.used_bytes(),
+                    fenced: self.fenced.load(Ordering::Relaxed),
+                }),
+            }
+        };
+        self.metrics.observe(op, started.elapsed(), result.as_ref().err().map(|e| e.code));
+        let _ = frame::write_frame(&mut send, &result).await;
+        let _ = send.finish();
+    }
+
+    async fn read(&self, chunk: ChunkId, version: u64, offset: u64, len: u64) -> Result<Vec<u8>, WireError> {
+        if len > MAX_IO_BYTES {
+            return Err(WireError::new(ErrorCode::TooBig, format!("read of {len} bytes exceeds {MAX_IO_BYTES}")));
+        }
+        let store = self.store.clone();
+        let res = tokio::task::spawn_blocking(move || store.read(chunk, version, offset, len))
+            .await
+            .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+        match res {
+            Ok(d) => Ok(d),
+            Err(e @ ChunkStoreError::Corrupt { .. }) => {
+                self.corrupt(chunk, version).await;
+                Err(wire(&e))
+            }
+            Err(e) => Err(wire(&e)),
+        }
+    }
+
+    /// A replica failed its checksums: set it aside and tell the leader.
+    async fn corrupt(&self, chunk: ChunkId, version: u64) {
+        tracing::warn!(chunk, version, "corrupt replica; quarantined");
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.quarantine(chunk)).await;
+        let id = self.id.load(Ordering::Relaxed);
+        if let Err(e) = self.meta.server(ServerMsg::Corrupt { id, chunk, version }).await {
+            tracing::warn!(error = %e, "could not report a corrupt replica");
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write(
+        &self,
+        recv: &mut quinn::RecvStream,
+        chunk: ChunkId,
+        version: u64,
+        offset: u64,
+        len: u64,
+        chain: Vec<String>,
+        create: bool,
+    ) -> Result<ChunkReply, WireError> {
+        if len > MAX_IO_BYTES {
+            return Err(WireError::new(ErrorCode::TooBig, format!("write of {len} bytes exceeds {MAX_IO_BYTES}")));
+        }
+        let mut data = vec![0u8; len as usize];
+        tokio::time::timeout(REQUEST_TIMEOUT, recv.read_exact(&mut data))
+            .await
+            .map_err(|_| WireError::new(ErrorCode::Timeout, "write data did not arrive in time"))?
+            .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("write data: {e}")))?;
+        let data = Bytes::from(data);
+        let store = self.store.clone();
+        let local_data = data.clone();
+        let local =
+            tokio::task::spawn_blocking(move || store.write(chunk, version, offset, &local_data, create));
+        let downstream = async {
+            if chain.is_empty() {
+                Ok(())
+            } else {
+                self.peers.write(&chain, chunk, version, offset, &data, create).await
+            }
+        };
+        let (local, downstream) = tokio::join!(local, downstream);
+        let local = local.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+        local.map_err(|e| wire(&e))?;
+        chain_outcome(downstream, &chain)
+    }
+
+    async fn zero(&self, chunk: ChunkId, version: u64, offset: u64, len: u64, chain: Vec<String>) -> Result<ChunkReply, WireError> {
+        let store = self.store.clone();
+        let local = tokio::task::spawn_blocking(move || store.zero(chunk, version, offset, len));
+        let downstream = async {
+            if chain.is_empty() {
+                Ok(())
+            } else {
+                self.peers.zero(&chain, chunk, version, offset, len).await
+            }
+        };
+        let (local, downstream) = tokio::join!(local, downstream);
+        let local = local.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+        match local {
+            Ok(()) => {}
+            // Never written here: reads as zeros already.
+            Err(ChunkStoreError::NotFound(_)) => {}
+            Err(e) => return Err(wire(&e)),
+        }
+        chain_outcome(downstream, &chain)
+    }
+
+    /// Streams a replica; writes to it wait until the copy is complete, so
+    /// the copy misses nothing acknowledged before it ends.
+    async fn export(&self, send: &mut quinn::SendStream, chunk: ChunkId, version: u64) {
+        match self.store.version(chunk) {
+            Some(v) if v == version => {}
+            Some(v) => {
+                let resp: ChunkResponse =
+                    Err(WireError::new(ErrorCode::Stale, format!("chunk {chunk} is at version {v}, not {version}")));
+                let _ = frame::write_frame(send, &resp).await;
+                let _ = send.finish();
+                return;
+            }
+            None => {
+                let resp: ChunkResponse = Err(WireError::new(ErrorCode::NotFound, format!("no chunk {chunk}")));
+                let _ = frame::write_frame(send, &resp).await;
+                let _ = send.finish();
+                return;
+            }
+        }
+        let hdr: ChunkResponse = Ok(ChunkReply::Export);
+        if frame::write_frame(send, &hdr).await.is_err() {
+            return;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(COPY_QUEUE);
+        let store = self.store.clone();
+        let producer = tokio::task::spawn_blocking(move || {
+            let _guard = store.lock_exclusive(chunk);
+            let mut w = ChannelWriter { tx, buf: Vec::with_capacity(COPY_BUF) };
+            let r = store.export(chunk, version, &mut w);
+            use std::io::Write;
+            let _ = w.flush();
+            r
+        });
+        while let Some(buf) = rx.recv().await {
+            if send.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+        match producer.await {
+            Ok(Ok(_)) => {
+                let _ = send.finish();
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(chunk, error = %e, "export failed");
+                let _ = send.reset(1u32.into());
+                if matches!(e, ChunkStoreError::Corrupt { .. }) {
+                    self.corrupt(chunk, version).await;
+                }
+            }
+            Err(_) => {
+                let _ = send.reset(1u32.into());
+            }
+        }
+    }
+
+    /// Copies a replica from `source` (a command from the leader).
+    async fn replicate(&self, chunk: ChunkId, version: u64, source: String) {
+        let res = self.pull(chunk, version, &source).await;
+        let (ok, error) = match &res {
+            Ok(()) => (true, None),
+            Err(e) => (false, Some(e.clone())),
+        };
+        if let Some(e) = &error {
+            tracing::warn!(chunk, %source, error = %e, "replication failed");
+        } else {
+            tracing::info!(chunk, version, %source, "replicated");
+        }
+        let id = self.id.load(Ordering::Relaxed);
+        match self.meta.server(ServerMsg::Replicated { id, chunk, version, ok, error }).await {
+            Ok(ServerReply::Commands(cmds)) => self.execute(cmds).await,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not report a replication"),
+        }
+    }
+
+    async fn pull(&self, chunk: ChunkId, version: u64, source: &str) -> Result<(), String> {
+        let limit = Duration::from_secs(30 + self.store.chunk_size() / MIN_COPY_BYTES_PER_SEC);
+        let work = async {
+            let mut recv = self.peers.export(source, chunk, version).await.map_err(|e| e.to_string())?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(COPY_QUEUE);
+            let store = self.store.clone();
+            let consumer = tokio::task::spawn_blocking(move || {
+                let mut r = ChannelReader { rx, cur: Vec::new(), pos: 0 };
+                store.import(chunk, version, &mut r)
+            });
+            loop {
+                let mut buf = vec![0u8; COPY_BUF];
+                match recv.read(&mut buf).await {
+                    Ok(Some(n)) => {
+                        buf.truncate(n);
+                        if tx.send(buf).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        drop(tx);
+                        let _ = consumer.await;
+                        return Err(format!("copy stream: {e}"));
+                    }
+                }
+            }
+            drop(tx);
+            consumer.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(limit, work).await.map_err(|_| "copy timed out".to_string())?
+    }
+
+    /// Carries out the leader's commands. Boxed: a replication it starts
+    /// reports back and may receive more commands.
+    fn execute(&self, cmds: Vec<ServerCommand>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.execute_inner(cmds))
+    }
+
+    async fn execute_inner(&self, cmds: Vec<ServerCommand>) {
+        for cmd in cmds {
+            match cmd {
+                ServerCommand::Delete { chunks } => {
+                    let store = self.store.clone();
+                    let n = chunks.len();
+                    let r = blocking(move || {
+                        for c in chunks {
+                            store.delete(c)?;
+                        }
+                        Ok(())
+                    })
+                    .await;
+                    match r {
+                        Ok(()) => tracing::info!(chunks = n, "deleted chunks the leader no longer lists"),
+                        Err(e) => tracing::warn!(error = %e, "delete failed"),
+                    }
+                }
+                ServerCommand::SetVersion { chunk, from, to } => {
+                    let store = self.store.clone();
+                    if let Err(e) = blocking(move || store.set_version(chunk, from, to)).await {
+                        tracing::warn!(chunk, error = %e, "version raise failed");
+                    }
+                }
+                ServerCommand::Replicate { chunk, version, source } => {
+                    let srv = self.clone();
+                    tokio::spawn(async move { srv.replicate(chunk, version, source).await });
+                }
+            }
+        }
+    }
+
+    fn stats(&self) -> (u64, u64, u64) {
+        let (total, avail) = self.store.fs_stats().unwrap_or((0, 0));
+        let used = self.store.used_bytes();
+        let capacity = self.cfg.capacity_bytes.unwrap_or(total);
+        // An announced capacity below the disk's caps what is available.
+        let available = avail.min(capacity.saturating_sub(used));
+        (capacity, available, used)
+    }
+
+    async fn heartbeat_loop(self) {
+        let mut last_ok = Instant::now();
+        loop {
+            tokio::time::sleep(self.cfg.heartbeat).await;
+            let (capacity_bytes, available_bytes, used_bytes) = self.stats();
+            let msg = ServerMsg::Heartbeat {
+                id: self.id.load(Ordering::Relaxed),
+                capacity_bytes,
+                available_bytes,
+                used_bytes,
+                chunks: self.store.len() as u64,
+            };
+            match self.meta.server(msg).await {
+                Ok(ServerReply::Commands(cmds)) => {
+                    last_ok = Instant::now();
+                    if self.fenced.swap(false, Ordering::Relaxed) {
+                        tracing::info!("metadata service reachable again; serving I/O");
+                    }
+                    self.execute(cmds).await;
+                }
+                Ok(other) => tracing::warn!(?other, "unexpected heartbeat reply"),
+                Err(ClientError::Remote(e)) if e.code == ErrorCode::NotFound => {
+                    tracing::warn!("the leader does not know this server; registering again");
+                    self.reregister().await;
+                }
+                Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
+            }
+            if last_ok.elapsed() > self.cfg.fence_after && !self.fenced.swap(true, Ordering::Relaxed) {
+                tracing::warn!(after = ?self.cfg.fence_after, "no heartbeat accepted: fencing (refusing I/O)");
+            }
+        }
+    }
+
+    async fn reregister(&self) {
+        let (capacity_bytes, available_bytes, used_bytes) = self.stats();
+        let _ = available_bytes;
+        let msg = ServerMsg::Register {
+            id: Some(self.id.load(Ordering::Relaxed)),
+            addr: self.cfg.advertise.clone(),
+            topology: self.cfg.topology.clone(),
+            capacity_bytes,
+            used_bytes,
+        };
+        if let Ok(ServerReply::Registered { id, .. }) = self.meta.server(msg).await {
+            self.id.store(id, Ordering::Relaxed);
+            self.report().await;
+        }
+    }
+
+    async fn report(&self) {
+        let all = self.store.list();
+        let id = self.id.load(Ordering::Relaxed);
+        let pages: Vec<Vec<(ChunkId, u64)>> = if all.is_empty() {
+            vec![Vec::new()]
+        } else {
+            all.chunks(crate::meta::cluster::MAX_REPORT_PAGE).map(|c| c.to_vec()).collect()
+        };
+        let n = pages.len();
+        for (i, page) in pages.into_iter().enumerate() {
+            match self.meta.server(ServerMsg::Report { id, chunks: page, done: i + 1 == n }).await {
+                Ok(ServerReply::Commands(cmds)) => self.execute(cmds).await,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "report failed; next round retries");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn report_loop(self) {
+        loop {
+            self.report().await;
+            tokio::time::sleep(self.cfg.report_every).await;
+        }
+    }
+
+    async fn scrub_loop(self) {
+        if self.cfg.scrub_bytes_per_sec == 0 {
+            return;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let store = self.store.clone();
+            let budget = self.cfg.scrub_bytes_per_sec;
+            let Ok(report) = tokio::task::spawn_blocking(move || store.scrub(budget)).await else { continue };
+            for chunk in report.corrupt {
+                let version = self.store.version(chunk).unwrap_or(0);
+                let id = self.id.load(Ordering::Relaxed);
+                tracing::warn!(chunk, "scrub found a corrupt replica");
+                if let Err(e) = self.meta.server(ServerMsg::Corrupt { id, chunk, version }).await {
+                    tracing::warn!(error = %e, "could not report a corrupt replica");
+                }
+            }
+        }
+    }
+}
+
+/// The reply to a chained write or zero, from the downstream outcome.
+fn chain_outcome(downstream: Result<(), ChunkError>, chain: &[String]) -> Result<ChunkReply, WireError> {
+    match downstream {
+        Ok(()) => Ok(ChunkReply::Done),
+        Err(ChunkError::ChainFailed { addr, error }) => Ok(ChunkReply::ChainBroken { at: addr, error }),
+        Err(ChunkError::Remote { addr, error }) => Ok(ChunkReply::ChainBroken { at: addr, error }),
+        Err(ChunkError::Transport { message, .. }) => Ok(ChunkReply::ChainBroken {
+            at: chain.first().cloned().unwrap_or_default(),
+            error: WireError::new(ErrorCode::Unavailable, message),
+        }),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ChunkStoreError> + Send + 'static,
+) -> Result<T, WireError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| wire(&e))
+}
+
+/// A `Write` that hands buffers to an async task.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= COPY_BUF {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::replace(&mut self.buf, Vec::with_capacity(COPY_BUF));
+        self.tx.blocking_send(out).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "receiver gone"))
+    }
+}
+
+/// A `Read` fed by an async task.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.cur.len() {
+            match self.rx.blocking_recv() {
+                Some(b) => {
+                    self.cur = b;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}

@@ -1,0 +1,322 @@
+//! The replicated data path with real chunk servers: chunk spanning,
+//! failures, corruption, full disks and whole-cluster restarts.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fs_client::file::FileClient;
+use fs_client::proto::*;
+use fs_client::MetaClient;
+use locus_tests::{init_logging, phase, Cluster, ClusterOptions};
+use rand::{Rng, RngCore, SeedableRng};
+
+const MIB: u64 = 1 << 20;
+
+async fn create(c: &MetaClient, parent: Ino, name: &str) -> Ino {
+    c.op_attr(MetaOp::Create { parent, name: name.into(), perm: 0o644, caller: Caller::ROOT, exclusive: false })
+        .await
+        .expect("create")
+        .ino
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill_bytes(&mut v);
+    v
+}
+
+async fn read_all(f: &FileClient, ino: Ino) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let d = f.read(ino, out.len() as u64, 4 * MIB).await.expect("read");
+        if d.is_empty() {
+            return out;
+        }
+        out.extend_from_slice(&d);
+    }
+}
+
+async fn layout(c: &MetaClient, ino: Ino) -> Layout {
+    match c.read(MetaRead::Layout { ino, first: 0, count: MAX_LAYOUT_CHUNKS }).await.expect("layout") {
+        ReadReply::Layout(l) => l,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Goal: files span chunks; every read returns what was written, holes and
+/// regions uncovered by extension read as zeros, truncation frees chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_span_chunks_and_read_back_exactly() {
+    init_logging();
+    let cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let ino = create(&c, ROOT_INO, "big").await;
+
+    phase("write 5.5 MiB in uneven pieces across 1 MiB chunks; read it back whole and in random slices");
+    let data = pattern(1, (5 * MIB + MIB / 2) as usize);
+    let mut off = 0usize;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    while off < data.len() {
+        let n = rng.gen_range(1..700_000).min(data.len() - off);
+        f.write(ino, off as u64, Bytes::copy_from_slice(&data[off..off + n])).await.unwrap();
+        off += n;
+    }
+    f.fsync(ino).await.unwrap();
+    assert_eq!(c.getattr(ino).await.unwrap().size, data.len() as u64);
+    assert!(read_all(&f, ino).await == data, "whole read differs");
+    let fresh = cluster.files();
+    for _ in 0..40 {
+        let o = rng.gen_range(0..data.len());
+        let n = rng.gen_range(1..3 * MIB as usize).min(data.len() - o);
+        let got = fresh.read(ino, o as u64, n as u64).await.unwrap();
+        assert!(got[..] == data[o..o + n], "slice at {o}+{n} differs");
+    }
+    let l = layout(&c, ino).await;
+    assert_eq!(l.chunks.len(), 6);
+    for ch in &l.chunks {
+        let racks: BTreeSet<&str> = ch.replicas.iter().map(|r| r.topology.rack.as_str()).collect();
+        assert_eq!(racks.len(), 3, "chunk {} replicas not in 3 racks", ch.chunk);
+    }
+
+    phase("overwrite across a chunk boundary; write past the end leaves a zero gap");
+    let patch = pattern(2, 300_000);
+    let at = (2 * MIB - 100_000) as usize;
+    f.write(ino, at as u64, Bytes::from(patch.clone())).await.unwrap();
+    let mut want = data.clone();
+    want[at..at + patch.len()].copy_from_slice(&patch);
+    let far = 9 * MIB + 1234;
+    f.write(ino, far, Bytes::from_static(b"tail")).await.unwrap();
+    f.flush(ino).await.unwrap();
+    want.resize(far as usize, 0);
+    want.extend_from_slice(b"tail");
+    assert!(read_all(&fresh, ino).await == want, "after overwrite and extension");
+
+    phase("truncate into the middle of a chunk, extend again: the cut bytes come back as zeros");
+    let cut = 3 * MIB + 5;
+    f.truncate(ino, cut).await.unwrap();
+    assert_eq!(layout(&c, ino).await.chunks.len(), 4, "chunks past the end are gone");
+    f.truncate(ino, 4 * MIB).await.unwrap();
+    let mut want2 = want[..cut as usize].to_vec();
+    want2.resize((4 * MIB) as usize, 0);
+    assert!(read_all(&cluster.files(), ino).await == want2, "stale bytes reappeared after truncate + extend");
+    f.truncate(ino, cut).await.unwrap();
+    f.write(ino, 5 * MIB, Bytes::from_static(b"x")).await.unwrap();
+    f.flush(ino).await.unwrap();
+    let mut want3 = want[..cut as usize].to_vec();
+    want3.resize((5 * MIB) as usize, 0);
+    want3.push(b'x');
+    assert!(read_all(&cluster.files(), ino).await == want3, "stale bytes reappeared after truncate + write past end");
+
+    phase("unlink: the chunks leave the map and the servers delete their replicas");
+    c.op(MetaOp::Unlink { parent: ROOT_INO, name: "big".into() }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let files: usize = cluster.chunks.values().map(|n| n.chunk_files().len()).sum();
+        if files == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{files} replica files left after unlink");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Goal: kill -9 a chunk server during a write load: writes go on, every
+/// flushed byte reads back, and repair restores three copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_a_chunk_server_during_writes() {
+    init_logging();
+    let opts = ClusterOptions { chunks: 4, ..Default::default() };
+    let mut cluster = Cluster::start(opts).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let ino = create(&c, ROOT_INO, "log").await;
+
+    phase("append 256 KiB records with fsync; kill -9 server 2 after a few");
+    let mut written = Vec::new();
+    for i in 0..40u64 {
+        if i == 8 {
+            cluster.kill_chunk(2);
+        }
+        let rec = pattern(100 + i, 256 * 1024);
+        f.write(ino, written.len() as u64, Bytes::from(rec.clone())).await.expect("write keeps working");
+        f.fsync(ino).await.expect("fsync keeps working");
+        written.extend_from_slice(&rec);
+    }
+
+    phase("every flushed byte reads back byte for byte");
+    assert!(read_all(&cluster.files(), ino).await == written);
+
+    phase("repair: every chunk gets back to three copies on live servers");
+    cluster.wait_fully_replicated(Duration::from_secs(60)).await.expect("repair");
+    let l = layout(&c, ino).await;
+    for ch in &l.chunks {
+        let servers: BTreeSet<u64> = ch.replicas.iter().map(|r| r.server).collect();
+        assert_eq!(servers.len(), 3, "chunk {} has {:?}", ch.chunk, servers);
+    }
+    let h = cluster.health().await.unwrap();
+    assert!(h.servers.iter().any(|s| !s.alive), "the killed server shows as down");
+    assert!(read_all(&cluster.files(), ino).await == written);
+}
+
+/// Goal: bytes flipped in a replica file are caught on read; the reader
+/// gets correct data from another replica; the bad copy is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_replica_is_bypassed_and_replaced() {
+    init_logging();
+    let cluster = Cluster::start(ClusterOptions { chunks: 4, ..Default::default() }).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let ino = create(&c, ROOT_INO, "precious").await;
+    let data = pattern(3, (2 * MIB) as usize);
+    f.write_through(ino, 0, Bytes::from(data.clone())).await.unwrap();
+    f.fsync(ino).await.unwrap();
+
+    phase("flip bytes in the data of chunk 0 on the replica a reader tries first");
+    let l = layout(&c, ino).await;
+    let ch = l.chunks.iter().find(|c| c.index == 0).unwrap().clone();
+    let first = ch.replicas[0].server;
+    let node = cluster.chunks.values().find(|n| n.addr.to_string() == ch.replicas[0].addr).expect("server");
+    let file = node
+        .chunk_files()
+        .into_iter()
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{:016x}", ch.chunk)))
+        .expect("replica file");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    for b in &mut bytes[n - 1000..n - 900] {
+        *b ^= 0xA5;
+    }
+    std::fs::write(&file, &bytes).unwrap();
+
+    phase("a fresh reader gets the right bytes anyway");
+    assert!(read_all(&cluster.files(), ino).await == data, "corruption reached the reader");
+
+    phase("the corrupt copy is dropped and replaced: three good copies, all reads right");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let l = layout(&c, ino).await;
+        let ch0 = l.chunks.iter().find(|c| c.index == 0).unwrap();
+        if ch0.replicas.len() == 3 && !ch0.replicas.iter().any(|r| r.server == first) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bad replica not replaced: {ch0:?}\n{}", cluster.logs_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.wait_fully_replicated(Duration::from_secs(60)).await.unwrap();
+    assert!(cluster.health().await.unwrap().corrupt >= 1);
+    assert!(read_all(&cluster.files(), ino).await == data);
+}
+
+/// Goal: a replica that missed writes while its server was down is never
+/// served, and is dropped when the server comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_replica_is_never_served() {
+    init_logging();
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let ino = create(&c, ROOT_INO, "f").await;
+    f.write_through(ino, 0, Bytes::from(vec![1u8; MIB as usize])).await.unwrap();
+    let v1 = layout(&c, ino).await.chunks[0].version;
+
+    phase("stop server 3, overwrite the chunk (the write drops server 3 and raises the version)");
+    cluster.kill_chunk(3);
+    f.write_through(ino, 0, Bytes::from(vec![2u8; MIB as usize])).await.unwrap();
+    let l = layout(&c, ino).await;
+    assert!(l.chunks[0].version > v1, "version raised");
+    let s3 = cluster.chunks[&3].addr.to_string();
+    assert!(!l.chunks[0].replicas.iter().any(|r| r.addr == s3));
+
+    phase("server 3 returns with the old copy: it must not be served, and it gets deleted or replaced");
+    cluster.restart_chunk(3).unwrap();
+    cluster.wait_chunks_alive(3, Duration::from_secs(20)).await.unwrap();
+    let chunks = fs_client::chunk::ChunkClient::new(&cluster.client_config("admin").identity()).unwrap();
+    let stale = chunks.read(&s3, l.chunks[0].chunk, v1, 0, 10).await;
+    assert!(stale.is_err(), "the stale copy was served");
+    let cur = l.chunks[0].clone();
+    let r = chunks.read(&s3, cur.chunk, cur.version, 0, 10).await;
+    assert!(r.is_err() || r.unwrap()[..] == [2u8; 10], "server 3 served wrong data at the current version");
+    assert!(read_all(&cluster.files(), ino).await == vec![2u8; MIB as usize]);
+    cluster.wait_fully_replicated(Duration::from_secs(60)).await.unwrap();
+}
+
+/// Goal: stop and restart the whole cluster: every flushed byte is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_restart_keeps_flushed_bytes() {
+    init_logging();
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let mut files = Vec::new();
+    for i in 0..5u64 {
+        let ino = create(&c, ROOT_INO, &format!("f{i}")).await;
+        let data = pattern(10 + i, (MIB + i * 77_777) as usize);
+        f.write(ino, 0, Bytes::from(data.clone())).await.unwrap();
+        f.fsync(ino).await.unwrap();
+        files.push((ino, data));
+    }
+
+    phase("kill -9 every meta node and chunk server, start them all again");
+    for i in 1..=3 {
+        cluster.kill_chunk(i);
+        cluster.meta.kill(i);
+    }
+    for i in 1..=3 {
+        cluster.meta.restart(i).unwrap();
+        cluster.restart_chunk(i).unwrap();
+    }
+    cluster.meta.wait_ready(Duration::from_secs(30)).await.unwrap();
+    cluster.wait_chunks_alive(3, Duration::from_secs(30)).await.unwrap();
+
+    phase("all files read back exactly");
+    let f = cluster.files();
+    for (ino, data) in &files {
+        assert!(read_all(&f, *ino).await == *data, "inode {ino} differs after restart");
+    }
+}
+
+/// Goal: a chunk server whose disk fills gives ENOSPC or hands the write to
+/// other servers, never corruption: what was acknowledged reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disks_give_enospc_not_corruption() {
+    init_logging();
+    if !nix::unistd::geteuid().is_root() {
+        panic!("this test mounts small tmpfs disks and needs root");
+    }
+    let disks = locus_tests::TmpfsDisks::new(3, 24 << 20).expect("tmpfs disks");
+    let opts = ClusterOptions { chunk_dirs: Some(disks.dirs()), ..Default::default() };
+    let cluster = Cluster::start(opts).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+
+    phase("fill the disks through many files until the cluster says no space");
+    let mut kept: Vec<(Ino, Vec<u8>)> = Vec::new();
+    let mut enospc = false;
+    for i in 0..200u64 {
+        let ino = create(&c, ROOT_INO, &format!("fill{i}")).await;
+        let data = pattern(1000 + i, (MIB / 2) as usize);
+        let r = async {
+            f.write(ino, 0, Bytes::from(data.clone())).await?;
+            f.fsync(ino).await
+        }
+        .await;
+        match r {
+            Ok(()) => kept.push((ino, data)),
+            Err(e) => {
+                assert!(
+                    matches!(e.code(), ErrorCode::NoSpace | ErrorCode::Io | ErrorCode::QuotaExceeded),
+                    "unexpected error on a full disk: {e}"
+                );
+                enospc = true;
+                break;
+            }
+        }
+    }
+    assert!(enospc, "24 MiB disks never filled");
+    assert!(!kept.is_empty());
+
+    phase("everything acknowledged before the disks filled reads back exactly");
+    let fresh = cluster.files();
+    for (ino, data) in &kept {
+        assert!(read_all(&fresh, *ino).await == *data, "inode {ino} corrupted by the full disk");
+    }
+    drop(cluster);
+    drop(disks);
+}

@@ -1,0 +1,658 @@
+//! The FUSE mount with real processes: `locus mount` over a test cluster
+//! (3 metadata nodes, 3 chunk servers, 1 MiB chunks), used through the
+//! kernel with std::fs, libc calls and ordinary tools.
+//!
+//! Every mount has a guard that unmounts it (fusermount3 -u, then a lazy
+//! unmount) when the test ends, also when it fails. The tests need
+//! /dev/fuse and the right to mount; without /dev/fuse they say so and pass.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use locus_tests::{bin, init_logging, locus_cli, phase, Cluster, ClusterOptions};
+
+const MIB: usize = 1 << 20;
+/// How soon a change in one mount must show in another.
+const COHERENCE: Duration = Duration::from_secs(2);
+
+fn fuse_available() -> bool {
+    if Path::new("/dev/fuse").exists() {
+        return true;
+    }
+    eprintln!("skipping: /dev/fuse is missing");
+    false
+}
+
+/// Whether `dir` (already resolved) is a mount point.
+fn is_mounted(dir: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let target = dir.to_string_lossy().replace(' ', "\\040");
+    info.lines().any(|l| l.split(' ').nth(4) == Some(target.as_str()))
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Unmounts `dir` if mounted: fusermount3 -u, else lazily.
+fn unmount(dir: &Path) {
+    if !is_mounted(dir) {
+        return;
+    }
+    let ok = Command::new("fusermount3").arg("-u").arg(dir).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("{}: busy at teardown; unmounting lazily", dir.display());
+        let lazy = Command::new("umount").arg("-l").arg(dir).status().is_ok_and(|s| s.success());
+        if !lazy {
+            let _ = Command::new("fusermount3").args(["-u", "-z"]).arg(dir).status();
+        }
+    }
+    if !wait_until(Duration::from_secs(10), || !is_mounted(dir)) {
+        eprintln!("{}: still mounted after unmounting", dir.display());
+    }
+}
+
+/// A `locus mount` (daemonized) on a fresh directory; unmounted on drop.
+struct Mount {
+    dir: PathBuf,
+    log_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Mount {
+    fn start(config: &Path, log_dir: &Path) -> Mount {
+        let tmp = tempfile::Builder::new().prefix("locus-mnt-").tempdir().expect("mount dir");
+        let dir = tmp.path().canonicalize().expect("canonical mount dir");
+        let out = locus_mount(config, &dir, log_dir, &[]);
+        // The guard exists before anything is asserted.
+        let m = Mount { dir, log_dir: log_dir.to_path_buf(), _tmp: tmp };
+        assert!(out.status.success(), "locus mount: {}\n{}\n{}", out.status, stderr(&out), m.log());
+        assert!(is_mounted(&m.dir), "locus mount returned but {} is not mounted\n{}", m.dir.display(), m.log());
+        m
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// The mount daemon's log.
+    fn log(&self) -> String {
+        let mut out = String::new();
+        for e in fs::read_dir(&self.log_dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().contains(&*self.dir.file_name().unwrap_or_default().to_string_lossy()) {
+                out.push_str(&format!("--- {}\n", e.path().display()));
+                out.push_str(&fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        unmount(&self.dir);
+    }
+}
+
+fn locus_mount(config: &Path, dir: &Path, log_dir: &Path, extra: &[&str]) -> Output {
+    Command::new(bin("locus"))
+        .arg("--config")
+        .arg(config)
+        .arg("mount")
+        .arg(dir)
+        .args(extra)
+        .env("LOCUS_LOG_DIR", log_dir)
+        .output()
+        .expect("run locus mount")
+}
+
+fn locus_umount(dir: &Path) -> Output {
+    Command::new(bin("locus")).arg("umount").arg(dir).output().expect("run locus umount")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a shell command; panics with its output when it fails.
+fn sh(cmd: &str) -> String {
+    let out = Command::new("bash").arg("-c").arg(cmd).output().expect("run bash");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn require_tool(name: &str) {
+    let found = Command::new("bash").arg("-c").arg(format!("command -v {name}")).output().is_ok_and(|o| o.status.success());
+    assert!(found, "{name} is not installed: run scripts/install-deps.sh");
+}
+
+fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
+}
+
+fn cname(s: &str) -> CString {
+    CString::new(s).expect("name without NUL")
+}
+
+fn check(r: libc::ssize_t) -> std::io::Result<usize> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<usize> {
+    let (p, n) = (cpath(p), cname(name));
+    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) };
+    check(r as libc::ssize_t)
+}
+
+/// getxattr(2) into a buffer of `size` bytes (0: ask for the size).
+fn getxattr(p: &Path, name: &str, size: usize) -> std::io::Result<Vec<u8>> {
+    let (p, n) = (cpath(p), cname(name));
+    let mut buf = vec![0u8; size];
+    // SAFETY: valid strings; the buffer holds `size` bytes.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), size) };
+    let n = check(r)?;
+    if size == 0 {
+        return Ok(vec![0u8; n]);
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
+fn listxattr(p: &Path, size: usize) -> std::io::Result<Vec<u8>> {
+    let p = cpath(p);
+    let mut buf = vec![0u8; size];
+    // SAFETY: a valid string; the buffer holds `size` bytes.
+    let r = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), size) };
+    let n = check(r)?;
+    if size == 0 {
+        return Ok(vec![0u8; n]);
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
+fn removexattr(p: &Path, name: &str) -> std::io::Result<usize> {
+    let (p, n) = (cpath(p), cname(name));
+    // SAFETY: valid NUL-terminated strings.
+    let r = unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) };
+    check(r as libc::ssize_t)
+}
+
+fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<usize> {
+    let (f, t) = (cpath(from), cpath(to));
+    // SAFETY: valid NUL-terminated paths.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), flags) };
+    check(r as libc::ssize_t)
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn start_cluster() -> (Cluster, PathBuf, PathBuf) {
+    init_logging();
+    let cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let config = cluster.write_cli_config("client", None, 20_000);
+    let logs = cluster.path().join("mount-logs");
+    (cluster, config, logs)
+}
+
+/// Goal: the POSIX calls programs make work through the mount, with the
+/// errors a local filesystem gives.
+/// Method: one mount; std::fs and libc calls, each checked against what it
+/// must have done; data spanning several 1 MiB chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posix_calls_behave_like_a_local_filesystem() {
+    if !fuse_available() {
+        return;
+    }
+    let (_cluster, config, logs) = start_cluster().await;
+    let m = Mount::start(&config, &logs);
+
+    phase("create, write, read back; append; truncate shorter and longer (zeros)");
+    let f = m.path("a.txt");
+    fs::write(&f, b"hello").expect("write");
+    assert_eq!(fs::read(&f).expect("read"), b"hello");
+    fs::OpenOptions::new().append(true).open(&f).and_then(|mut h| h.write_all(b" world")).expect("append");
+    assert_eq!(fs::read(&f).expect("read"), b"hello world");
+    let h = fs::OpenOptions::new().write(true).open(&f).expect("open");
+    h.set_len(5).expect("truncate");
+    assert_eq!(fs::read(&f).expect("read"), b"hello");
+    h.set_len(8).expect("extend");
+    assert_eq!(fs::read(&f).expect("read"), b"hello\0\0\0");
+    drop(h);
+
+    phase("3.5 MiB across chunks: whole, at offsets crossing chunk boundaries, overwrite in the middle");
+    let big = m.path("big.bin");
+    let mut data = pattern(1, 3 * MIB + MIB / 2);
+    fs::write(&big, &data).expect("write big");
+    assert_eq!(fs::metadata(&big).expect("stat").len(), data.len() as u64);
+    assert!(fs::read(&big).expect("read big") == data, "big file reads back");
+    let mut h = fs::OpenOptions::new().read(true).write(true).open(&big).expect("open big");
+    let mut buf = vec![0u8; 4096];
+    h.seek(SeekFrom::Start(MIB as u64 - 100)).and_then(|_| h.read_exact(&mut buf)).expect("read across boundary");
+    assert!(buf[..] == data[MIB - 100..MIB - 100 + 4096]);
+    let patch = pattern(2, 300_000);
+    h.seek(SeekFrom::Start(2 * MIB as u64 - 1000)).and_then(|_| h.write_all(&patch)).expect("overwrite");
+    data[2 * MIB - 1000..2 * MIB - 1000 + patch.len()].copy_from_slice(&patch);
+    h.seek(SeekFrom::Start(2 * MIB as u64 - 1000)).and_then(|_| h.read_exact(&mut buf)).expect("read own write");
+    assert!(buf[..] == patch[..4096], "a handle reads its own unflushed write");
+    drop(h);
+    assert!(fs::read(&big).expect("read big") == data, "overwrite landed");
+
+    phase("mkdir, readdir of 300 entries (each once), EEXIST, ENOTEMPTY, ENOENT");
+    let d = m.path("dir");
+    fs::create_dir(&d).expect("mkdir");
+    assert_eq!(errno_of(fs::create_dir(&d)), Some(libc::EEXIST));
+    for i in 0..300 {
+        fs::write(d.join(format!("f{i:03}")), i.to_string()).expect("create in dir");
+    }
+    let mut names: Vec<String> =
+        fs::read_dir(&d).expect("readdir").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    let want: Vec<String> = (0..300).map(|i| format!("f{i:03}")).collect();
+    assert_eq!(names, want);
+    assert_eq!(errno_of(fs::remove_dir(&d)), Some(libc::ENOTEMPTY));
+    assert_eq!(errno_of(fs::read(m.path("missing"))), Some(libc::ENOENT));
+    assert_eq!(errno_of(fs::metadata(m.path("missing/x"))), Some(libc::ENOENT));
+    assert_eq!(errno_of(fs::OpenOptions::new().write(true).create_new(true).open(&f)), Some(libc::EEXIST));
+    assert_eq!(errno_of(fs::remove_file(&d)), Some(libc::EISDIR));
+    assert_eq!(errno_of(fs::remove_dir(&f)), Some(libc::ENOTDIR));
+    for i in 0..300 {
+        fs::remove_file(d.join(format!("f{i:03}"))).expect("unlink");
+    }
+    fs::remove_dir(&d).expect("rmdir empty");
+    assert!(!d.exists());
+
+    phase("rename (plain, over a file, NOREPLACE, EXCHANGE), hard link, symlink, readlink");
+    let b = m.path("b.txt");
+    fs::rename(&f, &b).expect("rename");
+    assert!(!f.exists() && fs::read(&b).expect("read renamed") == b"hello\0\0\0");
+    fs::write(&f, b"other").expect("write");
+    assert_eq!(errno_of(renameat2(&f, &b, libc::RENAME_NOREPLACE)), Some(libc::EEXIST));
+    renameat2(&f, &b, libc::RENAME_EXCHANGE).expect("exchange");
+    assert_eq!(fs::read(&b).expect("read"), b"other");
+    assert_eq!(fs::read(&f).expect("read"), b"hello\0\0\0");
+    fs::rename(&f, &b).expect("rename over");
+    assert_eq!(fs::read(&b).expect("read"), b"hello\0\0\0");
+    let l = m.path("hard");
+    fs::hard_link(&b, &l).expect("link");
+    assert_eq!(fs::metadata(&b).expect("stat").nlink(), 2);
+    assert_eq!(fs::metadata(&l).expect("stat").ino(), fs::metadata(&b).expect("stat").ino());
+    let s = m.path("sym");
+    std::os::unix::fs::symlink("b.txt", &s).expect("symlink");
+    assert_eq!(fs::read_link(&s).expect("readlink"), Path::new("b.txt"));
+    assert!(fs::symlink_metadata(&s).expect("lstat").file_type().is_symlink());
+    assert_eq!(fs::read(&s).expect("read through symlink"), b"hello\0\0\0");
+    fs::remove_file(&l).expect("unlink link");
+    assert_eq!(fs::metadata(&b).expect("stat").nlink(), 1);
+
+    phase("chmod, chown, utimens (nanoseconds), mkfifo");
+    fs::set_permissions(&b, fs::Permissions::from_mode(0o640)).expect("chmod");
+    assert_eq!(fs::metadata(&b).expect("stat").mode() & 0o7777, 0o640);
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(&b, Some(1234), Some(5678)).expect("chown");
+        let md = fs::metadata(&b).expect("stat");
+        assert_eq!((md.uid(), md.gid()), (1234, 5678));
+    }
+    let t = SystemTime::UNIX_EPOCH + Duration::new(1_600_000_000, 123_456_789);
+    fs::File::options()
+        .write(true)
+        .open(&b)
+        .and_then(|h| h.set_times(fs::FileTimes::new().set_accessed(t).set_modified(t)))
+        .expect("utimens");
+    let md = fs::metadata(&b).expect("stat");
+    assert_eq!((md.mtime(), md.mtime_nsec()), (1_600_000_000, 123_456_789));
+    assert_eq!((md.atime(), md.atime_nsec()), (1_600_000_000, 123_456_789));
+    let fifo = m.path("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo");
+    assert!(fs::symlink_metadata(&fifo).expect("stat fifo").file_type().is_fifo());
+
+    phase("xattrs: set, size probe, ERANGE, list, XATTR_CREATE/REPLACE, remove, ENODATA");
+    setxattr(&b, "user.color", b"blue", 0).expect("setxattr");
+    assert_eq!(getxattr(&b, "user.color", 0).expect("size probe").len(), 4);
+    assert_eq!(getxattr(&b, "user.color", 64).expect("getxattr"), b"blue");
+    assert_eq!(errno_of(getxattr(&b, "user.color", 2)), Some(libc::ERANGE));
+    assert_eq!(errno_of(setxattr(&b, "user.color", b"red", libc::XATTR_CREATE)), Some(libc::EEXIST));
+    assert_eq!(errno_of(setxattr(&b, "user.none", b"x", libc::XATTR_REPLACE)), Some(libc::ENODATA));
+    setxattr(&b, "user.size", b"L", 0).expect("setxattr");
+    let need = listxattr(&b, 0).expect("list size probe").len();
+    let list = listxattr(&b, need).expect("listxattr");
+    let mut names: Vec<&[u8]> = list.split(|c| *c == 0).filter(|n| !n.is_empty()).collect();
+    names.sort();
+    assert_eq!(names, vec![&b"user.color"[..], b"user.size"]);
+    if need > 1 {
+        assert_eq!(errno_of(listxattr(&b, need - 1)), Some(libc::ERANGE));
+    }
+    removexattr(&b, "user.color").expect("removexattr");
+    assert_eq!(errno_of(getxattr(&b, "user.color", 64)), Some(libc::ENODATA));
+    assert_eq!(errno_of(removexattr(&b, "user.color")), Some(libc::ENODATA));
+
+    phase("statfs reports capacity; fsync succeeds");
+    let st = nix::sys::statvfs::statvfs(&m.dir).expect("statvfs");
+    assert!(st.blocks() > 0 && st.block_size() > 0, "no capacity reported: {st:?}");
+    assert!(st.files() > 0);
+    let h = fs::OpenOptions::new().write(true).open(&b).expect("open");
+    h.sync_all().expect("fsync");
+    drop(h);
+    drop(m);
+}
+
+/// Goal: two mounts of one cluster see each other's changes within 2 s.
+/// Method: make, change, rename and remove in one mount; poll the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_mounts_see_each_others_changes() {
+    if !fuse_available() {
+        return;
+    }
+    let (_cluster, config, logs) = start_cluster().await;
+    let a = Mount::start(&config, &logs);
+    let b = Mount::start(&config, &logs);
+
+    let within = |what: &str, mut f: Box<dyn FnMut() -> bool + '_>| {
+        let started = Instant::now();
+        assert!(wait_until(COHERENCE, &mut f), "{what}: not seen within {COHERENCE:?}\n{}\n{}", a.log(), b.log());
+        eprintln!("{what}: seen after {:?}", started.elapsed());
+    };
+
+    phase("B looks first (caches a miss); A creates the file; B sees it");
+    assert!(!b.path("shared.txt").exists());
+    fs::write(a.path("shared.txt"), b"one").expect("write in A");
+    within("create in A, stat in B", Box::new(|| b.path("shared.txt").exists()));
+    assert_eq!(fs::read(b.path("shared.txt")).expect("read in B"), b"one");
+
+    phase("A rewrites it longer and closes; B reads the new contents (B had the old ones cached)");
+    fs::write(a.path("shared.txt"), b"two, and longer").expect("rewrite in A");
+    within("write in A, read in B", Box::new(|| fs::read(b.path("shared.txt")).is_ok_and(|d| d == b"two, and longer")));
+
+    phase("A appends across a chunk boundary while B watches the size");
+    let big = pattern(3, MIB + 4096);
+    fs::OpenOptions::new().append(true).open(a.path("shared.txt")).and_then(|mut h| h.write_all(&big)).expect("append");
+    let want = 15 + big.len() as u64;
+    within("append in A, size in B", Box::new(|| fs::metadata(b.path("shared.txt")).is_ok_and(|m| m.len() == want)));
+    let got = fs::read(b.path("shared.txt")).expect("read in B");
+    assert!(got.len() as u64 == want && got[15..] == big[..], "B reads A's appended data");
+
+    phase("B renames and makes a directory; A sees both");
+    fs::rename(b.path("shared.txt"), b.path("moved.txt")).expect("rename in B");
+    fs::create_dir(b.path("dir-from-b")).expect("mkdir in B");
+    within(
+        "rename in B, lookup in A",
+        Box::new(|| a.path("moved.txt").exists() && !a.path("shared.txt").exists()),
+    );
+    within("mkdir in B, readdir in A", Box::new(|| {
+        fs::read_dir(&a.dir).is_ok_and(|rd| rd.flatten().any(|e| e.file_name() == "dir-from-b"))
+    }));
+
+    phase("A removes both; B sees them gone");
+    fs::remove_file(a.path("moved.txt")).expect("unlink in A");
+    fs::remove_dir(a.path("dir-from-b")).expect("rmdir in A");
+    within(
+        "removal in A, lookup in B",
+        Box::new(|| !b.path("moved.txt").exists() && !b.path("dir-from-b").exists()),
+    );
+
+    phase("chmod in A shows in B");
+    fs::write(a.path("mode"), b"x").expect("write");
+    within("create", Box::new(|| b.path("mode").exists()));
+    fs::set_permissions(a.path("mode"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    within(
+        "chmod in A, stat in B",
+        Box::new(|| fs::metadata(b.path("mode")).is_ok_and(|m| m.mode() & 0o777 == 0o600)),
+    );
+}
+
+/// Goal: ordinary tools work on the mount and lose nothing.
+/// Method: cp -a, tar and rsync a tree in and out and compare with diff -r;
+/// git clone a local repository into the mount, commit there, git fsck;
+/// sqlite3 builds a 10,000-row database and checks its integrity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordinary_tools_work_on_the_mount() {
+    if !fuse_available() {
+        return;
+    }
+    for tool in ["cp", "diff", "tar", "rsync", "git", "sqlite3"] {
+        require_tool(tool);
+    }
+    let (cluster, config, logs) = start_cluster().await;
+    let m = Mount::start(&config, &logs);
+    let local = tempfile::Builder::new().prefix("locus-tools-").tempdir().expect("tempdir");
+    let src = local.path().join("src");
+    let mnt = m.dir.display().to_string();
+
+    phase("a source tree: small and multi-chunk files, a subdirectory, a symlink, odd modes and old times");
+    fs::create_dir_all(src.join("sub/deeper")).expect("mkdir");
+    for (i, len) in [0usize, 1, 4095, 70_000, 2 * MIB + 17].iter().enumerate() {
+        fs::write(src.join(format!("f{i}")), pattern(i as u64, *len)).expect("write");
+    }
+    fs::write(src.join("sub/deeper/note.txt"), b"deep\n").expect("write");
+    fs::set_permissions(src.join("f1"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::os::unix::fs::symlink("f2", src.join("link")).expect("symlink");
+    sh(&format!("touch -d '2021-03-04 05:06:07.123456789' {0}/f3 {0}/sub", src.display()));
+
+    phase("cp -a in and back out: identical contents, modes and mtimes");
+    sh(&format!("cp -a {} {mnt}/cp", src.display()));
+    sh(&format!("diff -r {} {mnt}/cp", src.display()));
+    let stat = |p: &str| sh(&format!("cd {p} && find . -exec stat -c '%n %a %Y %s %F' {{}} + | grep -v '^\\. ' | sort"));
+    let want = sh(&format!("cd {} && find . -type f -exec stat -c '%n %a %y %s' {{}} + | sort", src.display()));
+    let got = sh(&format!("cd {mnt}/cp && find . -type f -exec stat -c '%n %a %y %s' {{}} + | sort"));
+    assert_eq!(got, want, "cp -a keeps modes, sizes and nanosecond mtimes");
+    sh(&format!("cp -a {mnt}/cp {}/back", local.path().display()));
+    sh(&format!("diff -r {} {}/back", src.display(), local.path().display()));
+    assert_eq!(
+        stat(&format!("{}/back", local.path().display())).lines().filter(|l| !l.contains("directory")).collect::<Vec<_>>(),
+        stat(&src.display().to_string()).lines().filter(|l| !l.contains("directory")).collect::<Vec<_>>()
+    );
+
+    phase("tar c into the mount, tar x inside it");
+    sh(&format!("tar -C {} -cf {mnt}/tree.tar .", src.display()));
+    sh(&format!("mkdir {mnt}/untar && tar -C {mnt}/untar -xf {mnt}/tree.tar"));
+    sh(&format!("diff -r {} {mnt}/untar", src.display()));
+
+    phase("rsync -a; a second run finds nothing to do (sizes and mtimes kept)");
+    sh(&format!("rsync -a {}/ {mnt}/rs/", src.display()));
+    sh(&format!("diff -r {} {mnt}/rs", src.display()));
+    let again = sh(&format!("rsync -ai {}/ {mnt}/rs/", src.display()));
+    assert_eq!(again.trim(), "", "second rsync changed things:\n{again}");
+
+    phase("git: clone a local repository into the mount, commit there, fsck");
+    let repo = local.path().join("repo");
+    let git = "git -c user.name=test -c user.email=test@example.com -c init.defaultBranch=main";
+    sh(&format!("mkdir {0} && cd {0} && {git} init -q", repo.display()));
+    for i in 0..3 {
+        fs::write(repo.join(format!("file{i}.txt")), format!("version {i}\n")).expect("write");
+        fs::write(repo.join(format!("blob{i}")), pattern(10 + i, 200_000)).expect("write");
+        sh(&format!("cd {} && git add -A && {git} commit -qm 'commit {i}'", repo.display()));
+    }
+    sh(&format!("{git} clone -q {} {mnt}/clone", repo.display()));
+    sh(&format!("cd {mnt}/clone && git fsck --full --strict"));
+    assert_eq!(sh(&format!("cd {mnt}/clone && git log --oneline | wc -l")).trim(), "3");
+    sh(&format!("cd {mnt}/clone && echo more > new.txt && git add new.txt && {git} commit -qm 'in the mount'"));
+    sh(&format!("cd {mnt}/clone && {git} gc -q && git fsck --full --strict && git status --porcelain"));
+    assert_eq!(sh(&format!("cd {mnt}/clone && git log --oneline | wc -l")).trim(), "4");
+
+    phase("sqlite3: 10,000 rows, then PRAGMA integrity_check says ok");
+    let sql = "create table t(id integer primary key, v text); \
+               with recursive c(x) as (select 1 union all select x + 1 from c where x < 10000) \
+               insert into t(v) select 'row ' || x from c; \
+               create index tv on t(v);";
+    sh(&format!("sqlite3 {mnt}/db.sqlite \"{sql}\""));
+    for i in 0..20 {
+        sh(&format!("sqlite3 {mnt}/db.sqlite \"update t set v = 'changed {i}' where id = {};\"", i * 400 + 1));
+    }
+    assert_eq!(sh(&format!("sqlite3 {mnt}/db.sqlite 'pragma integrity_check;'")).trim(), "ok");
+    assert_eq!(sh(&format!("sqlite3 {mnt}/db.sqlite 'select count(*) from t;'")).trim(), "10000");
+
+    phase("after unmounting, the data is still there for a new mount");
+    drop(m);
+    let m2 = Mount::start(&config, &logs);
+    sh(&format!("diff -r {} {}/cp", src.display(), m2.dir.display()));
+    assert_eq!(sh(&format!("sqlite3 {}/db.sqlite 'pragma integrity_check;'", m2.dir.display())).trim(), "ok");
+    drop(m2);
+    drop(cluster);
+}
+
+/// Goal: mount and umount fail clearly (exit code 4 for a mount that
+/// cannot start, the problem named), and a signalled mount flushes and
+/// goes away.
+/// Method: mount on a missing directory, a file, a mounted directory and
+/// with an unreachable cluster; umount a directory a process sits in;
+/// SIGTERM a foreground mount while a file is open with unflushed data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_errors_are_clear_and_sigterm_unmounts() {
+    if !fuse_available() {
+        return;
+    }
+    let (cluster, config, logs) = start_cluster().await;
+    let scratch = tempfile::Builder::new().prefix("locus-mnterr-").tempdir().expect("tempdir");
+    let base = scratch.path().canonicalize().expect("canonical");
+
+    phase("a missing directory, a file: exit 4, the problem named");
+    let out = locus_mount(&config, &base.join("missing"), &logs, &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    fs::write(base.join("file"), b"x").expect("write");
+    let out = locus_mount(&config, &base.join("file"), &logs, &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not a directory"), "{}", stderr(&out));
+
+    phase("an unreachable cluster: exit 4, names the cluster");
+    let dead = cluster.write_cli_config("client", Some(vec!["127.0.0.1:9".into()]), 1_000);
+    fs::create_dir(base.join("m0")).expect("mkdir");
+    let out = locus_mount(&dead, &base.join("m0"), &logs, &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot reach the cluster"), "{}", stderr(&out));
+    assert!(!is_mounted(&base.join("m0")));
+
+    phase("an already mounted directory: exit 4, 'already mounted'");
+    let m = Mount::start(&config, &logs);
+    let out = locus_mount(&config, &m.dir, &logs, &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("already mounted"), "{}", stderr(&out));
+
+    phase("umount while a process has its cwd inside: fails naming EBUSY; succeeds once it is gone");
+    let mut sleeper = Command::new("sleep").arg("60").current_dir(&m.dir).spawn().expect("spawn sleep");
+    let out = locus_umount(&m.dir);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("EBUSY"), "{}", stderr(&out));
+    assert!(is_mounted(&m.dir));
+    let out = locus_umount(&m.dir);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!is_mounted(&m.dir));
+    let out = locus_umount(&m.dir);
+    assert!(stderr(&out).contains("not mounted"), "{}", stderr(&out));
+    drop(m);
+
+    phase("SIGTERM to a foreground mount with a file open and unflushed: data flushed, mount gone, exit 0");
+    let dir = base.join("fg");
+    fs::create_dir(&dir).expect("mkdir");
+    let mut child = ForegroundMount::spawn(&config, &dir);
+    assert!(wait_until(Duration::from_secs(20), || is_mounted(&dir)), "foreground mount did not come up");
+    let data = pattern(9, MIB / 2 + 3);
+    let mut open = fs::File::create(dir.join("held.bin")).expect("create");
+    open.write_all(&data).expect("write");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.pid()), nix::sys::signal::Signal::SIGTERM).expect("kill");
+    // Busy (the file is open): detached lazily, served until it is closed.
+    assert!(wait_until(Duration::from_secs(10), || !is_mounted(&dir)), "mount still attached after SIGTERM");
+    drop(open);
+    let status = child.wait(Duration::from_secs(30));
+    assert_eq!(status, Some(0), "mount process did not exit cleanly after SIGTERM");
+    let (code, out, err) = locus_cli(&config, &["fs", "stat", "/held.bin", "--json"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("\"size\": {}", data.len())), "size after SIGTERM: {out}");
+    let fetched = base.join("fetched");
+    let (code, _, err) = locus_cli(&config, &["fs", "get", "/held.bin", &fetched.display().to_string(), "--quiet"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(fs::read(&fetched).expect("read fetched") == data, "data written before SIGTERM survived");
+}
+
+/// A `locus mount --foreground` child; killed and unmounted on drop.
+struct ForegroundMount {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl ForegroundMount {
+    fn spawn(config: &Path, dir: &Path) -> ForegroundMount {
+        let child = Command::new(bin("locus"))
+            .arg("--config")
+            .arg(config)
+            .args(["mount", "--foreground"])
+            .arg(dir)
+            .env("LOCUS_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn locus mount --foreground");
+        ForegroundMount { child: Some(child), dir: dir.to_path_buf() }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// The exit code, once it exits within `timeout`.
+    fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                self.child = None;
+                return s.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ForegroundMount {
+    fn drop(&mut self) {
+        unmount(&self.dir);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
