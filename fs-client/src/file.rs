@@ -41,6 +41,9 @@ const LAYOUT_PREFETCH: u64 = 16;
 const MAX_CACHED_FILES: usize = 4096;
 /// Retries of one piece after replica failures or stale layouts.
 const MAX_PIECE_ATTEMPTS: usize = 6;
+/// Write attempts per piece; with the backoff, about 10 s in all, longer
+/// than a repair copy holds a chunk sealed.
+const MAX_WRITE_ATTEMPTS: usize = 14;
 
 fn io_err(msg: impl Into<String>) -> ClientError {
     ClientError::Remote(WireError::new(ErrorCode::Io, msg))
@@ -228,17 +231,26 @@ impl FileClient {
         for attempt in 0..MAX_PIECE_ATTEMPTS {
             let order = self.nearest_first(&loc);
             let mut stale = false;
-            for addr in order {
-                match self.chunks.read(&addr, loc.chunk, loc.version, p.offset, p.len).await {
+            let mut not_found = 0;
+            for addr in &order {
+                match self.chunks.read(addr, loc.chunk, loc.version, p.offset, p.len).await {
                     Ok(b) => return Ok(b),
                     Err(e) => {
                         if e.code() == ErrorCode::Stale || e.code() == ErrorCode::NotFound {
                             stale = true;
                         }
+                        if e.code() == ErrorCode::NotFound {
+                            not_found += 1;
+                        }
                         tracing::debug!(chunk = loc.chunk, %addr, error = %e, "replica read failed; trying the next");
                         last = e.to_string();
                     }
                 }
+            }
+            if not_found == order.len() && attempt > 0 {
+                // Allocated but never written (the writer failed first):
+                // it reads as zeros, like a hole.
+                return Ok(Bytes::from(vec![0u8; p.len as usize]));
             }
             // Every replica failed or disagreed on the version: ask again
             // where the chunk lives.
@@ -437,7 +449,7 @@ impl FileClient {
     /// brings the survivors to the new version and goes on with them.
     async fn write_piece(&self, ino: Ino, p: Piece, mut loc: ChunkLocation, data: Bytes) -> Result<ChunkLocation, ClientError> {
         let mut last = String::new();
-        for _ in 0..MAX_PIECE_ATTEMPTS {
+        for attempt in 0..MAX_WRITE_ATTEMPTS {
             let chain: Vec<String> = loc.replicas.iter().map(|r| r.addr.clone()).collect();
             if chain.is_empty() {
                 return Err(io_err(format!("chunk {} has no replicas", loc.chunk)));
@@ -446,7 +458,13 @@ impl FileClient {
                 Ok(()) => return Ok(loc),
                 Err(e) => {
                     last = e.to_string();
+                    let before = loc.version;
                     loc = self.recover(ino, p.index, loc, &e).await?;
+                    if loc.version == before {
+                        // A replica is sealed for a repair copy, or a version
+                        // raise is on its way: wait for it.
+                        tokio::time::sleep(Duration::from_millis(20 << attempt.min(5))).await;
+                    }
                 }
             }
         }

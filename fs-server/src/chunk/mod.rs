@@ -129,7 +129,10 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
     let _enter = span.enter();
 
     let dir = cfg.data_dir.clone();
-    let opts = StoreOptions { chunk_size: chunk_bytes, block_size: block_bytes, ..Default::default() };
+    // Keep some of the disk free for the filesystem itself: 5%, at most
+    // 256 MiB (small test disks would otherwise be all reserve).
+    let reserved_bytes = (fs_stats(&dir).0 / 20).min(StoreOptions::default().reserved_bytes);
+    let opts = StoreOptions { chunk_size: chunk_bytes, block_size: block_bytes, reserved_bytes, ..Default::default() };
     let store = tokio::task::spawn_blocking(move || ChunkStore::open(&dir, opts))
         .await
         .context("open store")?
@@ -360,8 +363,11 @@ impl Server {
         chain_outcome(downstream, &chain)
     }
 
-    /// Streams a replica; writes to it wait until the copy is complete, so
-    /// the copy misses nothing acknowledged before it ends.
+    /// Streams a replica for a repair. Writes wait until the copy is
+    /// complete, and then the replica is sealed: moved to the next version,
+    /// so a write the copy would miss is refused as stale. The metadata
+    /// service moves every replica to that version when it lists the copy
+    /// (or moves this one back if the copy fails).
     async fn export(&self, send: &mut quinn::SendStream, chunk: ChunkId, version: u64) {
         match self.store.version(chunk) {
             Some(v) if v == version => {}
@@ -390,8 +396,9 @@ impl Server {
             let mut w = ChannelWriter { tx, buf: Vec::with_capacity(COPY_BUF) };
             let r = store.export(chunk, version, &mut w);
             use std::io::Write;
-            let _ = w.flush();
-            r
+            let flushed = w.flush();
+            let r = r.and_then(|n| flushed.map(|()| n).map_err(|e| ChunkStoreError::Io { context: "copy stream".into(), source: e }));
+            r.and_then(|n| store.set_version(chunk, version, version + 1).map(|()| n))
         });
         while let Some(buf) = rx.recv().await {
             if send.write_all(&buf).await.is_err() {
@@ -443,6 +450,11 @@ impl Server {
             let store = self.store.clone();
             let consumer = tokio::task::spawn_blocking(move || {
                 let mut r = ChannelReader { rx, cur: Vec::new(), pos: 0 };
+                // The leader does not list this server for the chunk: a
+                // local copy at the same version is a leftover, not data.
+                if store.version(chunk) == Some(version) {
+                    store.delete(chunk)?;
+                }
                 store.import(chunk, version, &mut r)
             });
             loop {

@@ -58,6 +58,9 @@ const SYSTEM_OPS_PER_COMMAND: usize = 512;
 /// Commands queued for one server at most (older ones are dropped; the
 /// next scan or report recreates what still matters).
 const MAX_PENDING_COMMANDS: usize = 10_000;
+/// A chunk younger than this is not judged lost when a server's report
+/// lacks it: its first write may not have landed yet.
+const LOST_GRACE_SECS: i64 = 120;
 /// Chunks a report page may list.
 pub const MAX_REPORT_PAGE: usize = 65_536;
 
@@ -73,6 +76,9 @@ struct Live {
 #[derive(Debug, Clone)]
 struct Repair {
     target: ServerId,
+    /// Seals its replica at the next version when the copy ends; it is
+    /// rolled back if the copy fails.
+    source: ServerId,
     started: Instant,
 }
 
@@ -283,28 +289,55 @@ impl DataManager {
                 Ok(ServerReply::Commands(Vec::new()))
             }
             ServerMsg::Replicated { id, chunk, version, ok, error } => {
-                let repair = self.state().repairs.remove(&chunk);
+                // The repair stays listed until its outcome is committed, so
+                // a report meanwhile does not undo the source's seal.
+                let repair = self.state().repairs.get(&chunk).filter(|r| r.target == id).cloned();
                 if !ok {
                     tracing::warn!(server = id, chunk, error = ?error, "replication failed");
+                    if let Some(r) = repair {
+                        let mut st = self.state();
+                        st.repairs.remove(&chunk);
+                        self.unseal(&mut st, chunk, version, r.source);
+                    }
                     return Ok(ServerReply::Commands(Vec::new()));
                 }
-                if repair.is_none_or(|r| r.target != id) {
+                if repair.is_none() {
                     // Not ours (any more): the copy is stale for us.
                     return Ok(ServerReply::Commands(vec![ServerCommand::Delete { chunks: vec![chunk] }]));
                 }
                 let drop = self.dead_replicas(chunk);
-                let r = self.system(vec![SystemOp::AddReplica { chunk, version, server: id, drop }]).await?;
+                let r = self.system(vec![SystemOp::AddReplica { chunk, version, server: id, drop }]).await;
+                self.state().repairs.remove(&chunk);
+                let r = r?;
                 if matches!(r.first(), Some(Ok(SystemReply::Done))) {
+                    // Every replica moves to the version the source sealed at.
+                    let raise = ServerCommand::SetVersion { chunk, from: version, to: version + 1 };
+                    let replicas = self
+                        .raft
+                        .reader()
+                        .with_latest(|kv| load_chunk(kv, chunk))
+                        .ok()
+                        .flatten()
+                        .map(|c| c.replicas)
+                        .unwrap_or_default();
                     let mut st = self.state();
+                    for s in replicas.into_iter().filter(|s| *s != id) {
+                        self.queue(&mut st, s, raise.clone());
+                    }
                     st.repairs_done += 1;
                     st.priority.remove(&chunk);
-                    Ok(ServerReply::Commands(Vec::new()))
+                    Ok(ServerReply::Commands(vec![raise]))
                 } else {
                     // The chunk changed or went meanwhile: drop the copy.
                     Ok(ServerReply::Commands(vec![ServerCommand::Delete { chunks: vec![chunk] }]))
                 }
             }
         }
+    }
+
+    /// Takes back a source's seal after a failed copy.
+    fn unseal(&self, st: &mut State, chunk: ChunkId, version: u64, source: ServerId) {
+        self.queue(st, source, ServerCommand::SetVersion { chunk, from: version + 1, to: version });
     }
 
     fn dead_replicas(&self, chunk: ChunkId) -> Vec<ServerId> {
@@ -318,8 +351,14 @@ impl DataManager {
     /// must do, and drops from the map the copies it lost.
     async fn reconcile(&self, server: ServerId, held: Vec<(ChunkId, u64)>) -> Vec<ServerCommand> {
         let reader = self.raft.reader().clone();
-        let in_repair: HashSet<ChunkId> =
-            self.state().repairs.iter().filter(|(_, r)| r.target == server).map(|(c, _)| *c).collect();
+        let (in_repair, repairing): (HashSet<ChunkId>, HashSet<ChunkId>) = {
+            let st = self.state();
+            (
+                st.repairs.iter().filter(|(_, r)| r.target == server).map(|(c, _)| *c).collect(),
+                st.repairs.keys().copied().collect(),
+            )
+        };
+        let now_secs = Timespec::now().secs;
         let mut delete = Vec::new();
         let mut cmds = Vec::new();
         let held_set: HashSet<ChunkId> = held.iter().map(|(c, _)| *c).collect();
@@ -336,6 +375,11 @@ impl DataManager {
                         // Listed but behind: it missed a version raise.
                         cmds.push(ServerCommand::SetVersion { chunk: *chunk, from: *version, to: rec.version });
                     }
+                    Some(rec) if *version > rec.version && !repairing.contains(chunk) => {
+                        // Ahead: the seal of a copy that was abandoned. No
+                        // write was ever made at a version the map lacks.
+                        cmds.push(ServerCommand::SetVersion { chunk: *chunk, from: *version, to: rec.version });
+                    }
                     Some(_) => {}
                 }
             }
@@ -343,7 +387,10 @@ impl DataManager {
             let mut lost = Vec::new();
             kv.scan(&[keys::CHUNK], &[keys::CHUNK + 1], &mut |k, v| {
                 if let (Some(id), Ok(rec)) = (keys::chunk_id(k), dec::<ChunkRec>(v)) {
-                    if rec.replicas.contains(&server) && !held_set.contains(&id) {
+                    if rec.replicas.contains(&server)
+                        && !held_set.contains(&id)
+                        && now_secs.saturating_sub(rec.born_secs) > LOST_GRACE_SECS
+                    {
                         lost.push(id);
                     }
                 }
@@ -449,7 +496,19 @@ impl DataManager {
         let regs = self.registered();
         let dead: BTreeSet<ServerId> = {
             let mut st = self.state();
-            st.repairs.retain(|_, r| now.duration_since(r.started) < self.cfg.repair_timeout);
+            let expired: Vec<(ChunkId, ServerId)> = st
+                .repairs
+                .iter()
+                .filter(|(_, r)| now.duration_since(r.started) >= self.cfg.repair_timeout)
+                .map(|(c, r)| (*c, r.source))
+                .collect();
+            for (chunk, source) in expired {
+                st.repairs.remove(&chunk);
+                let version = self.raft.reader().with_latest(|kv| load_chunk(kv, chunk)).ok().flatten().map(|c| c.version);
+                if let Some(v) = version {
+                    self.unseal(&mut st, chunk, v, source);
+                }
+            }
             regs.iter().map(|r| r.id).filter(|id| !self.is_alive(&st, *id, now)).collect()
         };
         let due = {
@@ -516,7 +575,8 @@ impl DataManager {
                     continue;
                 }
                 let live: Vec<ServerId> = rec.replicas.iter().copied().filter(|s| !dead.contains(s)).collect();
-                let Some(source) = live.first().and_then(|s| addrs.get(s)).cloned() else { continue };
+                let Some(&source_id) = live.first() else { continue };
+                let Some(source) = addrs.get(&source_id).cloned() else { continue };
                 let busy: Vec<ServerId> = per_target
                     .iter()
                     .filter(|(_, n)| **n >= self.cfg.max_repairs_per_server)
@@ -531,7 +591,7 @@ impl DataManager {
                 };
                 let Ok(plan) = place_replicas(&req, &servers) else { continue };
                 let Some(&target) = plan.chosen.first() else { continue };
-                st.repairs.insert(id, Repair { target, started: now });
+                st.repairs.insert(id, Repair { target, source: source_id, started: now });
                 *per_target.entry(target).or_default() += 1;
                 self.queue(&mut st, target, ServerCommand::Replicate { chunk: id, version: rec.version, source });
             }

@@ -184,6 +184,7 @@ pub(super) fn prepare_write(
     offset: u64,
     len: u64,
     placement: &[(u64, Vec<ServerId>)],
+    now: Timespec,
 ) -> Plan<OpReply> {
     let rec = must_file(w, ino)?;
     let cb = chunk_bytes(w.kv)?;
@@ -223,7 +224,7 @@ pub(super) fn prepare_write(
                     }
                 }
                 let id = w.alloc_chunk()?;
-                w.p.chunks.insert(id, Some(ChunkRec { version: 1, replicas: servers.clone(), refs: 1, goal: rec.goal }));
+                w.p.chunks.insert(id, Some(ChunkRec { version: 1, replicas: servers.clone(), refs: 1, goal: rec.goal, born_secs: now.secs }));
                 w.p.file_chunks.insert((ino, index), Some(id));
                 id
             }

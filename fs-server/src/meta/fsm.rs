@@ -82,6 +82,10 @@ pub struct ChunkRec {
     pub replicas: Vec<ServerId>,
     pub refs: u32,
     pub goal: Goal,
+    /// When the chunk was allocated (seconds, leader's clock): a replica
+    /// missing from a server's report is judged lost only once the chunk is
+    /// old enough for its first write to have landed.
+    pub born_secs: i64,
 }
 
 /// A registered chunk server.
@@ -960,7 +964,9 @@ impl Namespace {
                 w.put_inode(rec);
                 Ok(OpReply::Done)
             }
-            MetaOp::PrepareWrite { ino, offset, len } => data::prepare_write(w, *ino, *offset, *len, &prop.placement),
+            MetaOp::PrepareWrite { ino, offset, len } => {
+                data::prepare_write(w, *ino, *offset, *len, &prop.placement, now)
+            }
             MetaOp::ExtendSize { ino, size } => data::extend_size(w, *ino, *size, now),
             MetaOp::ReplicaFailed { ino, index, chunk, version, server } => {
                 data::replica_failed(w, *ino, *index, *chunk, *version, *server)
@@ -991,6 +997,10 @@ impl Namespace {
                     c.replicas.push(*server);
                 }
                 c.replicas.retain(|s| !drop.contains(s) || s == server);
+                // The copy's source sealed its replica at the next version
+                // when the copy ended: writes that missed the new replica
+                // were refused, and from now on every replica is there.
+                c.version += 1;
                 w.p.chunks.insert(*chunk, Some(c));
                 Ok(SystemReply::Done)
             }

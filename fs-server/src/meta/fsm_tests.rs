@@ -366,11 +366,18 @@ fn a_failed_replica_is_dropped_and_the_version_raised() {
     assert_eq!(l.chunks[0].version, 2);
     assert_eq!(l.chunks[0].replicas.len(), 2);
     // Repair adds a copy at the current version; a stale add is skipped.
+    // The add raises the version: the source sealed its copy at the next one.
     assert_eq!(fs.system(vec![SystemOp::AddReplica { chunk: c.chunk, version: 2, server: 2, drop: vec![] }]), vec![Ok(SystemReply::Done)]);
-    assert_eq!(fs.system(vec![SystemOp::AddReplica { chunk: c.chunk, version: 1, server: 4, drop: vec![] }]), vec![Ok(SystemReply::Skipped)]);
+    let l = match fs.read(MetaRead::Layout { ino: f, first: 0, count: 1 }).unwrap() {
+        ReadReply::Layout(l) => l,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(l.chunks[0].version, 3);
+    assert_eq!(l.chunks[0].replicas.len(), 3);
+    assert_eq!(fs.system(vec![SystemOp::AddReplica { chunk: c.chunk, version: 2, server: 4, drop: vec![] }]), vec![Ok(SystemReply::Skipped)]);
     // The last copy is never dropped by a failure report.
     fs.system(vec![SystemOp::RemoveReplica { chunk: c.chunk, server: 1 }, SystemOp::RemoveReplica { chunk: c.chunk, server: 2 }]);
-    assert_eq!(code(&fs.op(MetaOp::ReplicaFailed { ino: f, index: 0, chunk: c.chunk, version: 2, server: 3 })), Some(ErrorCode::Io));
+    assert_eq!(code(&fs.op(MetaOp::ReplicaFailed { ino: f, index: 0, chunk: c.chunk, version: 3, server: 3 })), Some(ErrorCode::Io));
 }
 
 #[test]
