@@ -69,8 +69,7 @@ impl ChunkClient {
     pub fn new(identity: &Identity) -> Result<Self, TlsError> {
         let quic = tls::client_config(identity, CHUNK_ALPN)?;
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
-        let endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| TlsError::Config(format!("client socket: {e}")))?;
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| TlsError::Config(format!("client socket: {e}")))?;
         Ok(Self::with_endpoint(endpoint, quic))
     }
 
@@ -149,7 +148,14 @@ impl ChunkClient {
     }
 
     /// Reads `len` bytes at `offset` of a chunk replica.
-    pub async fn read(&self, addr: &str, chunk: ChunkId, version: u64, offset: u64, len: u64) -> Result<Bytes, ChunkError> {
+    pub async fn read(
+        &self,
+        addr: &str,
+        chunk: ChunkId,
+        version: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, ChunkError> {
         if len > MAX_IO_BYTES {
             return Err(ChunkError::Remote {
                 addr: addr.into(),
@@ -162,7 +168,10 @@ impl ChunkClient {
             let n = match reply {
                 ChunkReply::Data { len: n } if n == len => n,
                 other => {
-                    return Err(ChunkError::Transport { addr: addr.into(), message: format!("unexpected reply {other:?}") })
+                    return Err(ChunkError::Transport {
+                        addr: addr.into(),
+                        message: format!("unexpected reply {other:?}"),
+                    })
                 }
             };
             let mut buf = vec![0u8; n as usize];
@@ -191,7 +200,14 @@ impl ChunkClient {
     }
 
     /// Makes a range read as zeros on every server of `chain`.
-    pub async fn zero(&self, chain: &[String], chunk: ChunkId, version: u64, offset: u64, len: u64) -> Result<(), ChunkError> {
+    pub async fn zero(
+        &self,
+        chain: &[String],
+        chunk: ChunkId,
+        version: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), ChunkError> {
         let Some((head, rest)) = chain.split_first() else { return Ok(()) };
         let req = ChunkRequest::Zero { chunk, version, offset, len, chain: rest.to_vec() };
         self.chained(head, req, None).await
@@ -202,7 +218,9 @@ impl ChunkClient {
             match self.exchange(head, &req, data).await?.0 {
                 ChunkReply::Done => Ok(()),
                 ChunkReply::ChainBroken { at, error } => Err(ChunkError::ChainFailed { addr: at, error }),
-                other => Err(ChunkError::Transport { addr: head.into(), message: format!("unexpected reply {other:?}") }),
+                other => {
+                    Err(ChunkError::Transport { addr: head.into(), message: format!("unexpected reply {other:?}") })
+                }
             }
         })
         .await
@@ -221,7 +239,9 @@ impl ChunkClient {
         self.timed(addr, async {
             match self.exchange(addr, &req, None).await?.0 {
                 ChunkReply::Done => Ok(()),
-                other => Err(ChunkError::Transport { addr: addr.into(), message: format!("unexpected reply {other:?}") }),
+                other => {
+                    Err(ChunkError::Transport { addr: addr.into(), message: format!("unexpected reply {other:?}") })
+                }
             }
         })
         .await
@@ -232,7 +252,9 @@ impl ChunkClient {
     pub async fn export(&self, addr: &str, chunk: ChunkId, version: u64) -> Result<quinn::RecvStream, ChunkError> {
         match self.exchange(addr, &ChunkRequest::Export { chunk, version }, None).await? {
             (ChunkReply::Export, recv) => Ok(recv),
-            (other, _) => Err(ChunkError::Transport { addr: addr.into(), message: format!("unexpected reply {other:?}") }),
+            (other, _) => {
+                Err(ChunkError::Transport { addr: addr.into(), message: format!("unexpected reply {other:?}") })
+            }
         }
     }
 

@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use crate::chunk::ChunkClient;
 use crate::client::{ClientError, MetaClient};
-use crate::file::FileClient;
 use crate::config::ClientConfig;
+use crate::file::FileClient;
 use crate::proto::*;
 use crate::up;
 
@@ -170,7 +170,9 @@ pub enum XattrCmd {
 
 #[derive(Subcommand)]
 pub enum GoalCmd {
-    Get { path: PathBuf },
+    Get {
+        path: PathBuf,
+    },
     /// GOAL is COPIES or COPIES:LEVEL (level host, rack or zone), e.g. 3 or 2:rack.
     Set {
         path: PathBuf,
@@ -195,7 +197,9 @@ pub enum QuotaCmd {
         inodes: Option<u64>,
     },
     /// Remove the quota.
-    Clear { path: PathBuf },
+    Clear {
+        path: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -329,9 +333,10 @@ fn progress(total: u64, quiet: bool, what: &str) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let pb = indicatif::ProgressBar::new(total);
-    let style = indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> ");
+    let style =
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
     pb.set_style(style);
     pb.set_message(what.to_string());
     pb
@@ -384,13 +389,18 @@ async fn data(f: &FileClient, cmd: FsCmd, json: bool) -> CliResult {
             let path = abs(&remote);
             let attr = c.resolve(&path, true).await.map_err(|e| CliError::from_client(&show(&path), e))?;
             if attr.kind != FileKind::File {
-                return Err(CliError { exit: 1, code: Some(ErrorCode::IsDir), message: format!("{}: not a regular file", show(&path)) });
+                return Err(CliError {
+                    exit: 1,
+                    code: Some(ErrorCode::IsDir),
+                    message: format!("{}: not a regular file", show(&path)),
+                });
             }
             let mut out = std::fs::File::create(&local).map_err(|e| local_err(&local, e))?;
             let pb = progress(attr.size, quiet || json, "get");
             let mut off = 0u64;
             loop {
-                let data = f.read(attr.ino, off, COPY_PIECE).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+                let data =
+                    f.read(attr.ino, off, COPY_PIECE).await.map_err(|e| CliError::from_client(&show(&path), e))?;
                 if data.is_empty() {
                     break;
                 }
@@ -410,13 +420,18 @@ async fn data(f: &FileClient, cmd: FsCmd, json: bool) -> CliResult {
             let path = abs(&path);
             let attr = c.resolve(&path, true).await.map_err(|e| CliError::from_client(&show(&path), e))?;
             if attr.kind != FileKind::File {
-                return Err(CliError { exit: 1, code: Some(ErrorCode::IsDir), message: format!("{}: not a regular file", show(&path)) });
+                return Err(CliError {
+                    exit: 1,
+                    code: Some(ErrorCode::IsDir),
+                    message: format!("{}: not a regular file", show(&path)),
+                });
             }
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             let mut off = 0u64;
             loop {
-                let data = f.read(attr.ino, off, COPY_PIECE).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+                let data =
+                    f.read(attr.ino, off, COPY_PIECE).await.map_err(|e| CliError::from_client(&show(&path), e))?;
                 if data.is_empty() {
                     break;
                 }
@@ -736,19 +751,32 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
                             break cb;
                         }
                     }
-                    Ok(other) => return Err(CliError { exit: 1, code: Some(ErrorCode::Internal), message: format!("unexpected reply {other:?}") }),
+                    Ok(other) => {
+                        return Err(CliError {
+                            exit: 1,
+                            code: Some(ErrorCode::Internal),
+                            message: format!("unexpected reply {other:?}"),
+                        })
+                    }
                     Err(e) => return Err(CliError::from_client(&show(&path), e)),
                 }
             };
             if json {
-                print_json(&serde_json::json!({"path": show(&path), "size": attr.size, "chunk_bytes": cb, "chunks": chunks}));
+                print_json(
+                    &serde_json::json!({"path": show(&path), "size": attr.size, "chunk_bytes": cb, "chunks": chunks}),
+                );
             } else {
                 println!("{}: {} bytes, {} chunks of {} bytes", show(&path), attr.size, chunks.len(), cb);
                 for ch in &chunks {
                     let reps: Vec<String> = ch
                         .replicas
                         .iter()
-                        .map(|r| format!("{}@{} ({}/{}/{})", r.server, r.addr, r.topology.zone, r.topology.rack, r.topology.host))
+                        .map(|r| {
+                            format!(
+                                "{}@{} ({}/{}/{})",
+                                r.server, r.addr, r.topology.zone, r.topology.rack, r.topology.host
+                            )
+                        })
                         .collect();
                     println!("  chunk {:>6}  id {:>8}  v{:<4} {}", ch.index, ch.chunk, ch.version, reps.join(", "));
                 }
@@ -767,7 +795,11 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
                     }
                     Ok(())
                 }
-                Ok(other) => Err(CliError { exit: 1, code: Some(ErrorCode::Internal), message: format!("unexpected reply {other:?}") }),
+                Ok(other) => Err(CliError {
+                    exit: 1,
+                    code: Some(ErrorCode::Internal),
+                    message: format!("unexpected reply {other:?}"),
+                }),
                 Err(e) => Err(CliError::from_client(&show(&path), e)),
             }
         }
@@ -782,7 +814,12 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
                 n += 1;
                 if recursive && kind == FileKind::Dir {
                     let entries = c.readdir_all(ino).await.map_err(|e| CliError::from_client(&show(&path), e))?;
-                    todo.extend(entries.into_iter().filter(|e| matches!(e.kind, FileKind::Dir | FileKind::File)).map(|e| (e.ino, e.kind)));
+                    todo.extend(
+                        entries
+                            .into_iter()
+                            .filter(|e| matches!(e.kind, FileKind::Dir | FileKind::File))
+                            .map(|e| (e.ino, e.kind)),
+                    );
                 }
             }
             if !json {
@@ -791,7 +828,9 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
             Ok(())
         }
         FsCmd::Quota(q) => quota(c, q, json).await,
-        FsCmd::Put { .. } | FsCmd::Get { .. } | FsCmd::Cat { .. } => Err(CliError::usage("a data command needs a file client")),
+        FsCmd::Put { .. } | FsCmd::Get { .. } | FsCmd::Cat { .. } => {
+            Err(CliError::usage("a data command needs a file client"))
+        }
     }
 }
 
@@ -872,7 +911,8 @@ fn parse_goal(s: &str) -> CliResult<Goal> {
         None => (s, "host"),
     };
     let copies: u8 = copies.parse().map_err(|_| CliError::usage(format!("goal copies {copies:?} is not a number")))?;
-    let level: Level = level.parse().map_err(|_| CliError::usage(format!("goal level {level:?} is not host, rack or zone")))?;
+    let level: Level =
+        level.parse().map_err(|_| CliError::usage(format!("goal level {level:?} is not host, rack or zone")))?;
     let g = Goal { copies, level };
     g.validate().map_err(|e| CliError::usage(e.message))?;
     Ok(g)
@@ -908,20 +948,34 @@ async fn quota(c: &MetaClient, cmd: QuotaCmd, json: bool) -> CliResult {
                         match q {
                             None => println!("{}: no quota", show(&path)),
                             Some(u) => {
-                                let lim = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "unlimited".into());
-                                println!("{}: bytes {} of {}, inodes {} of {}", show(&path), u.used_bytes, lim(u.limits.max_bytes), u.used_inodes, lim(u.limits.max_inodes));
+                                let lim =
+                                    |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "unlimited".into());
+                                println!(
+                                    "{}: bytes {} of {}, inodes {} of {}",
+                                    show(&path),
+                                    u.used_bytes,
+                                    lim(u.limits.max_bytes),
+                                    u.used_inodes,
+                                    lim(u.limits.max_inodes)
+                                );
                             }
                         }
                     }
                     Ok(())
                 }
-                Ok(other) => Err(CliError { exit: 1, code: Some(ErrorCode::Internal), message: format!("unexpected reply {other:?}") }),
+                Ok(other) => Err(CliError {
+                    exit: 1,
+                    code: Some(ErrorCode::Internal),
+                    message: format!("unexpected reply {other:?}"),
+                }),
                 Err(e) => Err(CliError::from_client(&show(&path), e)),
             }
         }
         QuotaCmd::Set { path, bytes, inodes } => {
             let max_bytes = match bytes {
-                Some(b) => Some(parse_size(&b).ok_or_else(|| CliError::usage(format!("size {b:?} is not a number with an optional K/M/G/T suffix")))?),
+                Some(b) => Some(parse_size(&b).ok_or_else(|| {
+                    CliError::usage(format!("size {b:?} is not a number with an optional K/M/G/T suffix"))
+                })?),
                 None => None,
             };
             if max_bytes.is_none() && inodes.is_none() {
@@ -1077,7 +1131,13 @@ async fn cluster(c: &MetaClient, cmd: ClusterCmd, json: bool) -> CliResult {
         ClusterCmd::Health => {
             let h = match c.read(MetaRead::Health).await {
                 Ok(ReadReply::Health(h)) => h,
-                Ok(other) => return Err(CliError { exit: 1, code: Some(ErrorCode::Internal), message: format!("unexpected reply {other:?}") }),
+                Ok(other) => {
+                    return Err(CliError {
+                        exit: 1,
+                        code: Some(ErrorCode::Internal),
+                        message: format!("unexpected reply {other:?}"),
+                    })
+                }
                 Err(e) => return Err(CliError::from_client("health", e)),
             };
             if json {
@@ -1088,7 +1148,10 @@ async fn cluster(c: &MetaClient, cmd: ClusterCmd, json: bool) -> CliResult {
                     "capacity {:.1} GiB, available {:.1} GiB; chunks {}, under-replicated {}, lost {}, corrupt reports {}; repairs in flight {}, done {}",
                     gib(h.total_bytes), gib(h.available_bytes), h.chunks, h.under_replicated, h.lost, h.corrupt, h.repairs_in_flight, h.repairs_done
                 );
-                println!("{:>4}  {:<22} {:<20} {:<6} {:>10} {:>10} {:>8}", "id", "address", "zone/rack/host", "state", "used GiB", "avail GiB", "chunks");
+                println!(
+                    "{:>4}  {:<22} {:<20} {:<6} {:>10} {:>10} {:>8}",
+                    "id", "address", "zone/rack/host", "state", "used GiB", "avail GiB", "chunks"
+                );
                 for s in &h.servers {
                     println!(
                         "{:>4}  {:<22} {:<20} {:<6} {:>10.2} {:>10.2} {:>8}",

@@ -51,9 +51,11 @@ fn io_err(msg: impl Into<String>) -> ClientError {
 
 fn from_chunk(e: ChunkError) -> ClientError {
     match e {
-        ChunkError::Remote { error, addr } => {
-            ClientError::Remote(WireError { code: error.code, message: format!("{addr}: {}", error.message), leader: None })
-        }
+        ChunkError::Remote { error, addr } => ClientError::Remote(WireError {
+            code: error.code,
+            message: format!("{addr}: {}", error.message),
+            leader: None,
+        }),
         ChunkError::ChainFailed { addr, error } => io_err(format!("chain broke at {addr}: {}", error.message)),
         ChunkError::Transport { addr, message } => io_err(format!("{addr}: {message}")),
     }
@@ -121,13 +123,7 @@ fn pieces(offset: u64, len: u64, cb: u64) -> Vec<Piece> {
 
 impl FileClient {
     pub fn new(meta: MetaClient, chunks: ChunkClient, topology: Option<Topology>) -> Self {
-        FileClient {
-            meta,
-            chunks,
-            topology,
-            files: Arc::default(),
-            buffered_total: Arc::default(),
-        }
+        FileClient { meta, chunks, topology, files: Arc::default(), buffered_total: Arc::default() }
     }
 
     pub fn meta(&self) -> &MetaClient {
@@ -289,10 +285,9 @@ impl FileClient {
         if data.is_empty() {
             return Ok(());
         }
-        offset
-            .checked_add(data.len() as u64)
-            .filter(|e| *e <= 1 << 60)
-            .ok_or_else(|| ClientError::Remote(WireError::new(ErrorCode::TooBig, "write past the largest file size")))?;
+        offset.checked_add(data.len() as u64).filter(|e| *e <= 1 << 60).ok_or_else(|| {
+            ClientError::Remote(WireError::new(ErrorCode::TooBig, "write past the largest file size"))
+        })?;
         let f = self.file(ino);
         let mut st = f.lock().await;
         if let Some(e) = st.error.take() {
@@ -336,9 +331,9 @@ impl FileClient {
                 by_server.entry(a).or_default().push(chunk);
             }
         }
-        let flushes = by_server.into_iter().map(|(addr, chunks)| async move {
-            self.chunks.flush(&addr, chunks).await.map_err(from_chunk)
-        });
+        let flushes = by_server
+            .into_iter()
+            .map(|(addr, chunks)| async move { self.chunks.flush(&addr, chunks).await.map_err(from_chunk) });
         for r in join_all(flushes).await {
             r?;
         }
@@ -355,10 +350,8 @@ impl FileClient {
         if size > old {
             self.zero_gap(&mut st, ino, old, size).await?;
         }
-        let attr = self
-            .meta
-            .op_attr(MetaOp::SetAttr { ino, set: SetAttr { size: Some(size), ..Default::default() } })
-            .await?;
+        let attr =
+            self.meta.op_attr(MetaOp::SetAttr { ino, set: SetAttr { size: Some(size), ..Default::default() } }).await?;
         st.size = Some(attr.size);
         st.pending_size = 0;
         // Chunks past the end went away; forget their locations.
@@ -447,7 +440,13 @@ impl FileClient {
 
     /// Writes one piece along its chain; on a replica failure, reports it,
     /// brings the survivors to the new version and goes on with them.
-    async fn write_piece(&self, ino: Ino, p: Piece, mut loc: ChunkLocation, data: Bytes) -> Result<ChunkLocation, ClientError> {
+    async fn write_piece(
+        &self,
+        ino: Ino,
+        p: Piece,
+        mut loc: ChunkLocation,
+        data: Bytes,
+    ) -> Result<ChunkLocation, ClientError> {
         let mut last = String::new();
         for attempt in 0..MAX_WRITE_ATTEMPTS {
             let chain: Vec<String> = loc.replicas.iter().map(|r| r.addr.clone()).collect();
@@ -473,7 +472,13 @@ impl FileClient {
 
     /// After a failed chain operation: a broken replica is dropped (and the
     /// survivors moved to the new version); a stale layout is refreshed.
-    async fn recover(&self, ino: Ino, index: u64, loc: ChunkLocation, e: &ChunkError) -> Result<ChunkLocation, ClientError> {
+    async fn recover(
+        &self,
+        ino: Ino,
+        index: u64,
+        loc: ChunkLocation,
+        e: &ChunkError,
+    ) -> Result<ChunkLocation, ClientError> {
         if let ChunkError::Remote { error, .. } = e {
             match error.code {
                 ErrorCode::Stale | ErrorCode::NotFound | ErrorCode::Unavailable => {}
@@ -504,7 +509,8 @@ impl FileClient {
         if new.chunk == loc.chunk && new.version > loc.version {
             // The metadata service raised the version; tell the survivors
             // now rather than wait for their next heartbeat.
-            let bumps = new.replicas.iter().map(|r| self.chunks.set_version(&r.addr, new.chunk, loc.version, new.version));
+            let bumps =
+                new.replicas.iter().map(|r| self.chunks.set_version(&r.addr, new.chunk, loc.version, new.version));
             for r in join_all(bumps).await {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "version raise not delivered; the leader will retry");
@@ -518,7 +524,7 @@ impl FileClient {
     /// that held the end of the file.
     async fn zero_gap(&self, st: &mut FileState, ino: Ino, from: u64, to: u64) -> Result<(), ClientError> {
         let cb = st.chunk_bytes;
-        if cb == 0 || from >= to || from % cb == 0 {
+        if cb == 0 || from >= to || from.is_multiple_of(cb) {
             return Ok(());
         }
         let index = from / cb;
@@ -576,7 +582,9 @@ impl FileClient {
 fn clone_chunk_err(e: &ChunkError) -> ChunkError {
     match e {
         ChunkError::Remote { addr, error } => ChunkError::Remote { addr: addr.clone(), error: error.clone() },
-        ChunkError::Transport { addr, message } => ChunkError::Transport { addr: addr.clone(), message: message.clone() },
+        ChunkError::Transport { addr, message } => {
+            ChunkError::Transport { addr: addr.clone(), message: message.clone() }
+        }
         ChunkError::ChainFailed { addr, error } => ChunkError::ChainFailed { addr: addr.clone(), error: error.clone() },
     }
 }
@@ -605,12 +613,8 @@ fn buffer_end(st: &FileState) -> u64 {
 fn insert_buffer(st: &mut FileState, offset: u64, data: Bytes, total: &std::sync::atomic::AtomicUsize) {
     let end = offset + data.len() as u64;
     // Cut overlapped parts out of existing segments.
-    let overlapping: Vec<u64> = st
-        .buffer
-        .range(..end)
-        .filter(|(o, d)| **o + d.len() as u64 > offset)
-        .map(|(o, _)| *o)
-        .collect();
+    let overlapping: Vec<u64> =
+        st.buffer.range(..end).filter(|(o, d)| **o + d.len() as u64 > offset).map(|(o, _)| *o).collect();
     let mut removed = 0usize;
     for o in overlapping {
         let d = st.buffer.remove(&o).expect("key just listed");

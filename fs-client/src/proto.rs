@@ -613,10 +613,20 @@ pub enum ServerMsg {
 /// Work the leader gives a chunk server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerCommand {
-    Delete { chunks: Vec<ChunkId> },
-    SetVersion { chunk: ChunkId, from: u64, to: u64 },
+    Delete {
+        chunks: Vec<ChunkId>,
+    },
+    SetVersion {
+        chunk: ChunkId,
+        from: u64,
+        to: u64,
+    },
     /// Copy `chunk` at `version` from `source` (a chunk server address).
-    Replicate { chunk: ChunkId, version: u64, source: String },
+    Replicate {
+        chunk: ChunkId,
+        version: u64,
+        source: String,
+    },
 }
 
 /// Replies to [`ServerMsg`].
@@ -656,18 +666,45 @@ pub const MAX_IO_BYTES: u64 = 8 << 20;
 /// nothing else; `Read` and `Export` answers are followed by raw data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChunkRequest {
-    Read { chunk: ChunkId, version: u64, offset: u64, len: u64 },
+    Read {
+        chunk: ChunkId,
+        version: u64,
+        offset: u64,
+        len: u64,
+    },
     /// `len` bytes follow. The server writes them, forwards them to
     /// `chain[0]` with the rest of the chain, and answers once every
     /// server has them. `create` makes the chunk if this server lacks it.
-    Write { chunk: ChunkId, version: u64, offset: u64, len: u64, chain: Vec<String>, create: bool },
+    Write {
+        chunk: ChunkId,
+        version: u64,
+        offset: u64,
+        len: u64,
+        chain: Vec<String>,
+        create: bool,
+    },
     /// Makes `[offset, offset + len)` read as zeros, along the chain like a write.
-    Zero { chunk: ChunkId, version: u64, offset: u64, len: u64, chain: Vec<String> },
+    Zero {
+        chunk: ChunkId,
+        version: u64,
+        offset: u64,
+        len: u64,
+        chain: Vec<String>,
+    },
     /// Makes earlier writes to these chunks durable on this server.
-    Flush { chunks: Vec<ChunkId> },
-    SetVersion { chunk: ChunkId, from: u64, to: u64 },
+    Flush {
+        chunks: Vec<ChunkId>,
+    },
+    SetVersion {
+        chunk: ChunkId,
+        from: u64,
+        to: u64,
+    },
     /// Streams a whole replica (for replication); writes wait meanwhile.
-    Export { chunk: ChunkId, version: u64 },
+    Export {
+        chunk: ChunkId,
+        version: u64,
+    },
     Status,
 }
 
@@ -675,12 +712,22 @@ pub enum ChunkRequest {
 pub enum ChunkReply {
     Done,
     /// `len` bytes follow.
-    Data { len: u64 },
+    Data {
+        len: u64,
+    },
     /// An export stream follows until the stream ends.
     Export,
-    Status { id: Option<ServerId>, chunks: u64, used_bytes: u64, fenced: bool },
+    Status {
+        id: Option<ServerId>,
+        chunks: u64,
+        used_bytes: u64,
+        fenced: bool,
+    },
     /// This server applied the write; the chain broke further down, at `at`.
-    ChainBroken { at: String, error: WireError },
+    ChainBroken {
+        at: String,
+        error: WireError,
+    },
 }
 
 pub type ChunkResponse = Result<ChunkReply, WireError>;

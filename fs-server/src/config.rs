@@ -276,9 +276,10 @@ impl ChunkSettings {
             return Err(ConfigError::Invalid { field: "meta", reason: "no addresses".into() });
         }
         let advertise = self.advertise.unwrap_or_else(|| listen.to_string());
-        advertise
-            .parse::<SocketAddr>()
-            .map_err(|_| ConfigError::Invalid { field: "advertise", reason: format!("{advertise:?} is not ip:port") })?;
+        advertise.parse::<SocketAddr>().map_err(|_| ConfigError::Invalid {
+            field: "advertise",
+            reason: format!("{advertise:?} is not ip:port"),
+        })?;
         let host = self.host.unwrap_or_else(|| {
             nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
         });

@@ -416,11 +416,7 @@ impl ChunkNode {
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let mut cmd = Command::new(bin("locus-server"));
-        cmd.args(&self.args)
-            .env("LOCUS_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        cmd.args(&self.args).env("LOCUS_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         self.child = Some(cmd.spawn().with_context(|| format!("spawn chunk server {}", self.index))?);
         Ok(())
     }
@@ -556,8 +552,14 @@ impl Cluster {
             if let Some(c) = opts.capacity_bytes {
                 args.extend(["--capacity-bytes".into(), c.to_string()]);
             }
-            let mut node =
-                ChunkNode { index: i, addr, data_dir, log: meta.path().join(format!("chunk-{i}.log")), args, child: None };
+            let mut node = ChunkNode {
+                index: i,
+                addr,
+                data_dir,
+                log: meta.path().join(format!("chunk-{i}.log")),
+                args,
+                child: None,
+            };
             node.spawn()?;
             chunks.insert(i, node);
         }

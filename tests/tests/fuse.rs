@@ -143,7 +143,8 @@ fn sh(cmd: &str) -> String {
 }
 
 fn require_tool(name: &str) {
-    let found = Command::new("bash").arg("-c").arg(format!("command -v {name}")).output().is_ok_and(|o| o.status.success());
+    let found =
+        Command::new("bash").arg("-c").arg(format!("command -v {name}")).output().is_ok_and(|o| o.status.success());
     assert!(found, "{name} is not installed: run scripts/install-deps.sh");
 }
 
@@ -285,8 +286,10 @@ async fn posix_calls_behave_like_a_local_filesystem() {
     for i in 0..300 {
         fs::write(d.join(format!("f{i:03}")), i.to_string()).expect("create in dir");
     }
-    let mut names: Vec<String> =
-        fs::read_dir(&d).expect("readdir").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = fs::read_dir(&d)
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     let want: Vec<String> = (0..300).map(|i| format!("f{i:03}")).collect();
     assert_eq!(names, want);
@@ -414,30 +417,22 @@ async fn two_mounts_see_each_others_changes() {
     phase("B renames and makes a directory; A sees both");
     fs::rename(b.path("shared.txt"), b.path("moved.txt")).expect("rename in B");
     fs::create_dir(b.path("dir-from-b")).expect("mkdir in B");
+    within("rename in B, lookup in A", Box::new(|| a.path("moved.txt").exists() && !a.path("shared.txt").exists()));
     within(
-        "rename in B, lookup in A",
-        Box::new(|| a.path("moved.txt").exists() && !a.path("shared.txt").exists()),
+        "mkdir in B, readdir in A",
+        Box::new(|| fs::read_dir(&a.dir).is_ok_and(|rd| rd.flatten().any(|e| e.file_name() == "dir-from-b"))),
     );
-    within("mkdir in B, readdir in A", Box::new(|| {
-        fs::read_dir(&a.dir).is_ok_and(|rd| rd.flatten().any(|e| e.file_name() == "dir-from-b"))
-    }));
 
     phase("A removes both; B sees them gone");
     fs::remove_file(a.path("moved.txt")).expect("unlink in A");
     fs::remove_dir(a.path("dir-from-b")).expect("rmdir in A");
-    within(
-        "removal in A, lookup in B",
-        Box::new(|| !b.path("moved.txt").exists() && !b.path("dir-from-b").exists()),
-    );
+    within("removal in A, lookup in B", Box::new(|| !b.path("moved.txt").exists() && !b.path("dir-from-b").exists()));
 
     phase("chmod in A shows in B");
     fs::write(a.path("mode"), b"x").expect("write");
     within("create", Box::new(|| b.path("mode").exists()));
     fs::set_permissions(a.path("mode"), fs::Permissions::from_mode(0o600)).expect("chmod");
-    within(
-        "chmod in A, stat in B",
-        Box::new(|| fs::metadata(b.path("mode")).is_ok_and(|m| m.mode() & 0o777 == 0o600)),
-    );
+    within("chmod in A, stat in B", Box::new(|| fs::metadata(b.path("mode")).is_ok_and(|m| m.mode() & 0o777 == 0o600)));
 }
 
 /// Goal: ordinary tools work on the mount and lose nothing.
@@ -471,14 +466,18 @@ async fn ordinary_tools_work_on_the_mount() {
     phase("cp -a in and back out: identical contents, modes and mtimes");
     sh(&format!("cp -a {} {mnt}/cp", src.display()));
     sh(&format!("diff -r {} {mnt}/cp", src.display()));
-    let stat = |p: &str| sh(&format!("cd {p} && find . -exec stat -c '%n %a %Y %s %F' {{}} + | grep -v '^\\. ' | sort"));
+    let stat =
+        |p: &str| sh(&format!("cd {p} && find . -exec stat -c '%n %a %Y %s %F' {{}} + | grep -v '^\\. ' | sort"));
     let want = sh(&format!("cd {} && find . -type f -exec stat -c '%n %a %y %s' {{}} + | sort", src.display()));
     let got = sh(&format!("cd {mnt}/cp && find . -type f -exec stat -c '%n %a %y %s' {{}} + | sort"));
     assert_eq!(got, want, "cp -a keeps modes, sizes and nanosecond mtimes");
     sh(&format!("cp -a {mnt}/cp {}/back", local.path().display()));
     sh(&format!("diff -r {} {}/back", src.display(), local.path().display()));
     assert_eq!(
-        stat(&format!("{}/back", local.path().display())).lines().filter(|l| !l.contains("directory")).collect::<Vec<_>>(),
+        stat(&format!("{}/back", local.path().display()))
+            .lines()
+            .filter(|l| !l.contains("directory"))
+            .collect::<Vec<_>>(),
         stat(&src.display().to_string()).lines().filter(|l| !l.contains("directory")).collect::<Vec<_>>()
     );
 
@@ -601,7 +600,8 @@ async fn mount_errors_are_clear_and_sigterm_unmounts() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&format!("\"size\": {}", data.len())), "size after SIGTERM: {out}");
     let fetched = base.join("fetched");
-    let (code, _, err) = locus_cli(&config, &["fs", "get", "/held.bin", &fetched.display().to_string(), "--quiet"], None);
+    let (code, _, err) =
+        locus_cli(&config, &["fs", "get", "/held.bin", &fetched.display().to_string(), "--quiet"], None);
     assert_eq!(code, 0, "{err}");
     assert!(fs::read(&fetched).expect("read fetched") == data, "data written before SIGTERM survived");
 }

@@ -390,16 +390,7 @@ impl Filesystem for LocusFs {
         });
     }
 
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        rdev: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         let (name, caller, perm) = (name_of(name), caller(req), masked(mode, umask));
         let op = match FileKind::from_mode(mode) {
             Some(FileKind::File) => MetaOp::Create { parent: parent.0, name, perm, caller, exclusive: true },
@@ -410,7 +401,8 @@ impl Filesystem for LocusFs {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let op = MetaOp::Mkdir { parent: parent.0, name: name_of(name), perm: masked(mode, umask), caller: caller(req) };
+        let op =
+            MetaOp::Mkdir { parent: parent.0, name: name_of(name), perm: masked(mode, umask), caller: caller(req) };
         self.entry_op("mkdir", parent.0, op, reply);
     }
 
@@ -820,7 +812,13 @@ impl Filesystem for LocusFs {
         reply: ReplyCreate,
     ) {
         let exclusive = flags & libc::O_EXCL != 0;
-        let op = MetaOp::Create { parent: parent.0, name: name_of(name), perm: masked(mode, umask), caller: caller(req), exclusive };
+        let op = MetaOp::Create {
+            parent: parent.0,
+            name: name_of(name),
+            perm: masked(mode, umask),
+            caller: caller(req),
+            exclusive,
+        };
         self.spawn(move |s| async move {
             let mut a = match s.meta.op_attr(op).await {
                 Ok(a) => a,

@@ -167,14 +167,17 @@ async fn serve(args: &MountArgs, dir: &Path, config: &Path, report: &Report) -> 
 }
 
 /// Connects to the cluster and mounts; the session is ready to run.
-async fn start(args: &MountArgs, dir: &Path, config: &Path) -> Result<(std::sync::Arc<Shared>, Session<LocusFs>), MountError> {
+async fn start(
+    args: &MountArgs,
+    dir: &Path,
+    config: &Path,
+) -> Result<(std::sync::Arc<Shared>, Session<LocusFs>), MountError> {
     let cfg = ClientConfig::load(config).map_err(|e| MountError::Config(e.to_string()))?;
     let meta = MetaClient::new(&cfg).map_err(|e| MountError::Config(e.to_string()))?;
     let chunks = ChunkClient::new(&cfg.identity()).map_err(|e| MountError::Config(e.to_string()))?;
     let files = FileClient::new(meta.clone(), chunks, cfg.topology.clone());
-    let unreachable = |why: String| {
-        MountError::Cluster(format!("cannot reach the cluster at {}: {why}", cfg.meta.join(", ")))
-    };
+    let unreachable =
+        |why: String| MountError::Cluster(format!("cannot reach the cluster at {}: {why}", cfg.meta.join(", ")));
     match tokio::time::timeout(PROBE_TIMEOUT, meta.getattr(ROOT_INO)).await {
         Ok(Ok(a)) if a.kind == FileKind::Dir => {}
         Ok(Ok(a)) => return Err(unreachable(format!("its root is a {:?}, not a directory", a.kind))),
@@ -406,14 +409,17 @@ fn unmount_dir(dir: &Path, lazy: bool) -> Result<(), MountError> {
         };
     }
     let Some(fusermount) = find_in_path(FUSERMOUNT) else {
-        return Err(MountError::Fuse(format!("{FUSERMOUNT} is not installed (package fuse3); unmounting as a user needs it")));
+        return Err(MountError::Fuse(format!(
+            "{FUSERMOUNT} is not installed (package fuse3); unmounting as a user needs it"
+        )));
     };
     let mut cmd = Command::new(fusermount);
     cmd.arg("-u");
     if lazy {
         cmd.arg("-z");
     }
-    let out = cmd.arg("--").arg(dir).output().map_err(|e| MountError::Failed(format!("cannot run {FUSERMOUNT}: {e}")))?;
+    let out =
+        cmd.arg("--").arg(dir).output().map_err(|e| MountError::Failed(format!("cannot run {FUSERMOUNT}: {e}")))?;
     if out.status.success() {
         return Ok(());
     }

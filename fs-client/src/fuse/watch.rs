@@ -37,8 +37,14 @@ const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inval {
     /// Attributes, and the cached pages too when `data`.
-    Inode { ino: Ino, data: bool },
-    Entry { parent: Ino, name: Vec<u8> },
+    Inode {
+        ino: Ino,
+        data: bool,
+    },
+    Entry {
+        parent: Ino,
+        name: Vec<u8>,
+    },
 }
 
 /// What one change invalidates in the kernel. Pure, for tests.
@@ -180,7 +186,10 @@ mod tests {
 
     #[test]
     fn changes_map_to_invalidations() {
-        assert_eq!(invalidations(&Change::InodeSet(attr(5, FileKind::File))), vec![Inval::Inode { ino: 5, data: true }]);
+        assert_eq!(
+            invalidations(&Change::InodeSet(attr(5, FileKind::File))),
+            vec![Inval::Inode { ino: 5, data: true }]
+        );
         assert_eq!(
             invalidations(&Change::InodeSet(attr(6, FileKind::Dir))),
             vec![Inval::Inode { ino: 6, data: false }],

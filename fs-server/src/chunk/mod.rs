@@ -104,7 +104,8 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
         topology: None,
     };
     let meta = MetaClient::new(&client_cfg).context("metadata client")?;
-    let stored_id: Option<ServerId> = std::fs::read_to_string(id_file(&cfg.data_dir)).ok().and_then(|s| s.trim().parse().ok());
+    let stored_id: Option<ServerId> =
+        std::fs::read_to_string(id_file(&cfg.data_dir)).ok().and_then(|s| s.trim().parse().ok());
 
     // Register first: the cluster decides the chunk size the store uses.
     let (total, avail) = fs_stats(&cfg.data_dir);
@@ -327,8 +328,7 @@ impl Server {
         let data = Bytes::from(data);
         let store = self.store.clone();
         let local_data = data.clone();
-        let local =
-            tokio::task::spawn_blocking(move || store.write(chunk, version, offset, &local_data, create));
+        let local = tokio::task::spawn_blocking(move || store.write(chunk, version, offset, &local_data, create));
         let downstream = async {
             if chain.is_empty() {
                 Ok(())
@@ -342,7 +342,14 @@ impl Server {
         chain_outcome(downstream, &chain)
     }
 
-    async fn zero(&self, chunk: ChunkId, version: u64, offset: u64, len: u64, chain: Vec<String>) -> Result<ChunkReply, WireError> {
+    async fn zero(
+        &self,
+        chunk: ChunkId,
+        version: u64,
+        offset: u64,
+        len: u64,
+        chain: Vec<String>,
+    ) -> Result<ChunkReply, WireError> {
         let store = self.store.clone();
         let local = tokio::task::spawn_blocking(move || store.zero(chunk, version, offset, len));
         let downstream = async {
@@ -397,7 +404,9 @@ impl Server {
             let r = store.export(chunk, version, &mut w);
             use std::io::Write;
             let flushed = w.flush();
-            let r = r.and_then(|n| flushed.map(|()| n).map_err(|e| ChunkStoreError::Io { context: "copy stream".into(), source: e }));
+            let r = r.and_then(|n| {
+                flushed.map(|()| n).map_err(|e| ChunkStoreError::Io { context: "copy stream".into(), source: e })
+            });
             r.and_then(|n| store.set_version(chunk, version, version + 1).map(|()| n))
         });
         while let Some(buf) = rx.recv().await {
@@ -482,7 +491,10 @@ impl Server {
 
     /// Carries out the leader's commands. Boxed: a replication it starts
     /// reports back and may receive more commands.
-    fn execute(&self, cmds: Vec<ServerCommand>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    fn execute(
+        &self,
+        cmds: Vec<ServerCommand>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(self.execute_inner(cmds))
     }
 

@@ -401,7 +401,8 @@ impl DataManager {
         match result {
             Ok(lost) if !lost.is_empty() => {
                 tracing::warn!(server, lost = lost.len(), "server lost replicas");
-                let ops: Vec<SystemOp> = lost.into_iter().map(|chunk| SystemOp::RemoveReplica { chunk, server }).collect();
+                let ops: Vec<SystemOp> =
+                    lost.into_iter().map(|chunk| SystemOp::RemoveReplica { chunk, server }).collect();
                 for part in ops.chunks(SYSTEM_OPS_PER_COMMAND) {
                     if let Err(e) = self.system(part.to_vec()).await {
                         tracing::warn!(error = %e, "could not drop lost replicas");
@@ -504,7 +505,8 @@ impl DataManager {
                 .collect();
             for (chunk, source) in expired {
                 st.repairs.remove(&chunk);
-                let version = self.raft.reader().with_latest(|kv| load_chunk(kv, chunk)).ok().flatten().map(|c| c.version);
+                let version =
+                    self.raft.reader().with_latest(|kv| load_chunk(kv, chunk)).ok().flatten().map(|c| c.version);
                 if let Some(v) = version {
                     self.unseal(&mut st, chunk, v, source);
                 }

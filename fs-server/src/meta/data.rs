@@ -197,10 +197,7 @@ pub(super) fn prepare_write(
         .ok_or_else(|| err(ErrorCode::TooBig, format!("a file may not exceed {MAX_FILE_BYTES} bytes")))?;
     let (first, last) = (offset / cb, (end - 1) / cb);
     if last - first + 1 > MAX_LAYOUT_CHUNKS {
-        return Err(Fail::Op(err(
-            ErrorCode::TooBig,
-            format!("one write may span at most {MAX_LAYOUT_CHUNKS} chunks"),
-        )));
+        return Err(Fail::Op(err(ErrorCode::TooBig, format!("one write may span at most {MAX_LAYOUT_CHUNKS} chunks"))));
     }
     if end > rec.attr.size {
         quota_check(w, rec.qdir, (end - rec.attr.size) as i64, 0)?;
@@ -220,11 +217,23 @@ pub(super) fn prepare_write(
                 }
                 for s in servers {
                     if load_server(w.kv, *s)?.is_none() {
-                        return Err(Fail::Op(err(ErrorCode::Unavailable, format!("chunk server {s} is not registered"))));
+                        return Err(Fail::Op(err(
+                            ErrorCode::Unavailable,
+                            format!("chunk server {s} is not registered"),
+                        )));
                     }
                 }
                 let id = w.alloc_chunk()?;
-                w.p.chunks.insert(id, Some(ChunkRec { version: 1, replicas: servers.clone(), refs: 1, goal: rec.goal, born_secs: now.secs }));
+                w.p.chunks.insert(
+                    id,
+                    Some(ChunkRec {
+                        version: 1,
+                        replicas: servers.clone(),
+                        refs: 1,
+                        goal: rec.goal,
+                        born_secs: now.secs,
+                    }),
+                );
                 w.p.file_chunks.insert((ino, index), Some(id));
                 id
             }

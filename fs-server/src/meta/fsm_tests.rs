@@ -61,15 +61,23 @@ impl Fs {
     /// Registers servers 1..=n in racks r1..rn.
     fn servers(&mut self, n: u64) {
         for i in 1..=n {
-            let topology = Topology::new("z1", &format!("r{i}"), &format!("h{i}"));
-            let r = self.system(vec![SystemOp::RegisterServer { id: None, addr: format!("127.0.0.1:{}", 9000 + i), topology }]);
+            let topology = Topology::new("z1", format!("r{i}"), format!("h{i}"));
+            let r = self.system(vec![SystemOp::RegisterServer {
+                id: None,
+                addr: format!("127.0.0.1:{}", 9000 + i),
+                topology,
+            }]);
             assert_eq!(r, vec![Ok(SystemReply::Server(i))]);
         }
     }
     /// PrepareWrite with replicas [1,2,3] for every chunk index in range.
     fn prepare(&mut self, ino: Ino, offset: u64, len: u64) -> OpResult {
         let cb = 1u64 << 20;
-        let placement = if len == 0 { vec![] } else { (offset / cb..=(offset + len - 1) / cb).map(|i| (i, vec![1, 2, 3])).collect() };
+        let placement = if len == 0 {
+            vec![]
+        } else {
+            (offset / cb..=(offset + len - 1) / cb).map(|i| (i, vec![1, 2, 3])).collect()
+        };
         self.proposal(Proposal { id: None, op: MetaOp::PrepareWrite { ino, offset, len }, placement })
     }
     fn op(&mut self, op: MetaOp) -> OpResult {
@@ -367,17 +375,29 @@ fn a_failed_replica_is_dropped_and_the_version_raised() {
     assert_eq!(l.chunks[0].replicas.len(), 2);
     // Repair adds a copy at the current version; a stale add is skipped.
     // The add raises the version: the source sealed its copy at the next one.
-    assert_eq!(fs.system(vec![SystemOp::AddReplica { chunk: c.chunk, version: 2, server: 2, drop: vec![] }]), vec![Ok(SystemReply::Done)]);
+    assert_eq!(
+        fs.system(vec![SystemOp::AddReplica { chunk: c.chunk, version: 2, server: 2, drop: vec![] }]),
+        vec![Ok(SystemReply::Done)]
+    );
     let l = match fs.read(MetaRead::Layout { ino: f, first: 0, count: 1 }).unwrap() {
         ReadReply::Layout(l) => l,
         other => panic!("{other:?}"),
     };
     assert_eq!(l.chunks[0].version, 3);
     assert_eq!(l.chunks[0].replicas.len(), 3);
-    assert_eq!(fs.system(vec![SystemOp::AddReplica { chunk: c.chunk, version: 2, server: 4, drop: vec![] }]), vec![Ok(SystemReply::Skipped)]);
+    assert_eq!(
+        fs.system(vec![SystemOp::AddReplica { chunk: c.chunk, version: 2, server: 4, drop: vec![] }]),
+        vec![Ok(SystemReply::Skipped)]
+    );
     // The last copy is never dropped by a failure report.
-    fs.system(vec![SystemOp::RemoveReplica { chunk: c.chunk, server: 1 }, SystemOp::RemoveReplica { chunk: c.chunk, server: 2 }]);
-    assert_eq!(code(&fs.op(MetaOp::ReplicaFailed { ino: f, index: 0, chunk: c.chunk, version: 3, server: 3 })), Some(ErrorCode::Io));
+    fs.system(vec![
+        SystemOp::RemoveReplica { chunk: c.chunk, server: 1 },
+        SystemOp::RemoveReplica { chunk: c.chunk, server: 2 },
+    ]);
+    assert_eq!(
+        code(&fs.op(MetaOp::ReplicaFailed { ino: f, index: 0, chunk: c.chunk, version: 3, server: 3 })),
+        Some(ErrorCode::Io)
+    );
 }
 
 #[test]
@@ -402,10 +422,17 @@ fn quotas_count_inodes_and_bytes_and_refuse_growth() {
     assert_eq!(code(&fs.op(create(d, "h"))), Some(ErrorCode::QuotaExceeded));
     // Moving a file out credits the quota; a directory without its own
     // quota cannot cross the boundary.
-    fs.op(MetaOp::Rename { parent: d, name: b"f".to_vec(), new_parent: ROOT_INO, new_name: b"f".to_vec(), flags: 0 }).unwrap();
+    fs.op(MetaOp::Rename { parent: d, name: b"f".to_vec(), new_parent: ROOT_INO, new_name: b"f".to_vec(), flags: 0 })
+        .unwrap();
     assert_eq!(q(&fs), (100, 2));
     let sub = ino_of(fs.op(mkdir(ROOT_INO, "sub")));
-    let r = fs.op(MetaOp::Rename { parent: ROOT_INO, name: b"sub".to_vec(), new_parent: d, new_name: b"sub".to_vec(), flags: 0 });
+    let r = fs.op(MetaOp::Rename {
+        parent: ROOT_INO,
+        name: b"sub".to_vec(),
+        new_parent: d,
+        new_name: b"sub".to_vec(),
+        flags: 0,
+    });
     assert_eq!(code(&r), Some(ErrorCode::CrossDevice));
     let _ = sub;
     // Truncate and unlink give bytes back.
@@ -429,7 +456,10 @@ fn goals_are_inherited_and_reach_chunks() {
     fs.op(MetaOp::SetGoal { ino: f, goal: one }).unwrap();
     let c = super::data::file_chunk_map(&fs.kv, f).unwrap()[&0];
     assert_eq!(super::data::load_chunk(&fs.kv, c).unwrap().unwrap().goal, one);
-    assert_eq!(code(&fs.op(MetaOp::SetGoal { ino: f, goal: Goal { copies: 0, level: Level::Host } })), Some(ErrorCode::Invalid));
+    assert_eq!(
+        code(&fs.op(MetaOp::SetGoal { ino: f, goal: Goal { copies: 0, level: Level::Host } })),
+        Some(ErrorCode::Invalid)
+    );
 }
 
 // ---------------------------------------------------------------------------

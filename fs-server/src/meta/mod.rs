@@ -178,9 +178,10 @@ impl MetaService {
                 .iter()
                 .map(|r| match r {
                     MetaRead::Health => Ok(ReadReply::Health(self.data.health())),
-                    other => self.query_many(std::slice::from_ref(other)).pop().unwrap_or_else(|| {
-                        Err(WireError::new(ErrorCode::Internal, "no result"))
-                    }),
+                    other => self
+                        .query_many(std::slice::from_ref(other))
+                        .pop()
+                        .unwrap_or_else(|| Err(WireError::new(ErrorCode::Internal, "no result"))),
                 })
                 .collect();
         }
