@@ -5,8 +5,10 @@
 //! Locus metadata cluster and a 3-member etcd 3.4 cluster, both durable
 //! (fsync on commit), on this machine's loopback.
 
+mod data;
 mod etcd;
 mod load;
+mod moosefs;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,6 +46,39 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// The data path: local disk vs Locus (FUSE and library) vs MooseFS.
+    Data {
+        /// MiB written and read per sequential pass (also the random-I/O file size).
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Seconds per random-I/O phase.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Files in the small-file phase.
+        #[arg(long, default_value_t = 2000)]
+        small_files: usize,
+        /// Targets: local, lib, locus, moosefs.
+        #[arg(long, value_delimiter = ',', default_value = "local,lib,locus,moosefs")]
+        targets: Vec<String>,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Chunk server memory per million chunks (the store's index).
+    ChunkMemory {
+        #[arg(long, default_value_t = 200_000)]
+        chunks: u64,
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+fn save(out: Option<std::path::PathBuf>, rows: &[data::Row]) -> anyhow::Result<()> {
+    if let Some(p) = out {
+        std::fs::write(&p, serde_json::to_vec_pretty(rows)?)?;
+        eprintln!("results written to {}", p.display());
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +91,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Meta { secs, clients, no_etcd, ops, out } => {
             rt.block_on(meta(Duration::from_secs(secs), clients, no_etcd, ops, out))
         }
+        Cmd::Data { size_mib, secs, small_files, targets, out } => {
+            let rows = rt.block_on(data::run(data::Settings { size_mib, secs, small_files, targets }))?;
+            save(out, &rows)
+        }
+        Cmd::ChunkMemory { chunks, out } => save(out, &data::chunk_memory(chunks)?),
     }
 }
 
