@@ -179,7 +179,13 @@ async fn library_suite(cluster: &locus_tests::Cluster, s: &Settings, rows: &mut 
     for bs in [MIB, 4 * MIB] {
         let name = format!("lib-seq-{bs}");
         let ino = c
-            .op_attr(MetaOp::Create { parent: ROOT_INO, name: name.into(), perm: 0o644, caller: Caller::ROOT, exclusive: true })
+            .op_attr(MetaOp::Create {
+                parent: ROOT_INO,
+                name: name.into(),
+                perm: 0o644,
+                caller: Caller::ROOT,
+                exclusive: true,
+            })
             .await?
             .ino;
         let f = cluster.files();
@@ -191,7 +197,11 @@ async fn library_suite(cluster: &locus_tests::Cluster, s: &Settings, rows: &mut 
             off += bs;
         }
         f.fsync(ino).await?;
-        push(&format!("seq write {} MiB blocks", bs / MIB), size as f64 / MIB as f64 / t.elapsed().as_secs_f64(), "MB/s");
+        push(
+            &format!("seq write {} MiB blocks", bs / MIB),
+            size as f64 / MIB as f64 / t.elapsed().as_secs_f64(),
+            "MB/s",
+        );
         let f = cluster.files();
         let t = Instant::now();
         let mut off = 0;
@@ -203,7 +213,11 @@ async fn library_suite(cluster: &locus_tests::Cluster, s: &Settings, rows: &mut 
             }
             off += 4 * bs;
         }
-        push(&format!("seq read {} MiB blocks", bs / MIB), size as f64 / MIB as f64 / t.elapsed().as_secs_f64(), "MB/s");
+        push(
+            &format!("seq read {} MiB blocks", bs / MIB),
+            size as f64 / MIB as f64 / t.elapsed().as_secs_f64(),
+            "MB/s",
+        );
         if bs == MIB {
             for (threads, write) in [(1, false), (16, false), (1, true), (16, true)] {
                 let iops = lib_random(cluster, ino, size, s.secs, threads, write).await?;
@@ -273,7 +287,7 @@ pub async fn run(s: Settings) -> anyhow::Result<Vec<Row>> {
             library_suite(&cluster, &s, &mut rows).await?;
         }
         if want("locus") {
-            let config = cluster.write_cli_config("bench", None, 30_000);
+            let config = cluster.write_cli_config("client", None, 30_000);
             let mnt = tempfile::Builder::new().prefix("locus-bench-mnt-").tempdir()?;
             let out = std::process::Command::new(locus_tests::bin("locus"))
                 .arg("--config")
@@ -286,7 +300,12 @@ pub async fn run(s: Settings) -> anyhow::Result<Vec<Row>> {
             let _guard = Unmount(mnt.path().to_path_buf());
             mount_suite("locus fuse", mnt.path(), &s, &mut rows)?;
             let rss = cluster.chunks.values().filter_map(|n| n.pid()).map(rss_kib).sum::<u64>() / 3;
-            let r = Row { target: "locus".into(), workload: "chunk server RSS (mean)".into(), value: rss as f64 / 1024.0, unit: "MiB" };
+            let r = Row {
+                target: "locus".into(),
+                workload: "chunk server RSS (mean)".into(),
+                value: rss as f64 / 1024.0,
+                unit: "MiB",
+            };
             r.print();
             rows.push(r);
         }
@@ -321,7 +340,9 @@ impl Drop for Unmount {
 fn rss_kib(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 

@@ -5,6 +5,7 @@
 //! Locus metadata cluster and a 3-member etcd 3.4 cluster, both durable
 //! (fsync on commit), on this machine's loopback.
 
+mod clone;
 mod data;
 mod etcd;
 mod load;
@@ -64,6 +65,23 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Clone and snapshot times of sparse and fully written disk images.
+    Clone {
+        /// Clones (and snapshots) timed per image.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Sizes of the sparse images, GiB.
+        #[arg(long, value_delimiter = ',', default_value = "1,100")]
+        sparse_gib: Vec<u64>,
+        /// Size of the fully written image, MiB (0 skips it).
+        #[arg(long, default_value_t = 10240)]
+        full_mib: u64,
+        /// Skip the clone of 1 TiB of allocated, never-written chunks.
+        #[arg(long)]
+        no_allocated: bool,
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Chunk server memory per million chunks (the store's index).
     ChunkMemory {
         #[arg(long, default_value_t = 200_000)]
@@ -94,6 +112,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Data { size_mib, secs, small_files, targets, out } => {
             let rows = rt.block_on(data::run(data::Settings { size_mib, secs, small_files, targets }))?;
             save(out, &rows)
+        }
+        Cmd::Clone { runs, sparse_gib, full_mib, no_allocated, out } => {
+            let s = clone::Settings { runs: runs.max(1), sparse_gib, full_mib, allocated_tib: !no_allocated };
+            save(out, &rt.block_on(clone::run(s))?)
         }
         Cmd::ChunkMemory { chunks, out } => save(out, &data::chunk_memory(chunks)?),
     }

@@ -63,6 +63,9 @@ struct Inner {
     endpoint: quinn::Endpoint,
     quic: quinn::ClientConfig,
     conns: Mutex<HashMap<String, quinn::Connection>>,
+    /// One dial per server at a time: a burst of requests to a server not
+    /// connected yet shares one handshake instead of starting hundreds.
+    dialing: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl ChunkClient {
@@ -75,11 +78,20 @@ impl ChunkClient {
 
     /// Uses an existing endpoint (a server's own) with a chunk-ALPN config.
     pub fn with_endpoint(endpoint: quinn::Endpoint, quic: quinn::ClientConfig) -> Self {
-        ChunkClient { inner: Arc::new(Inner { endpoint, quic, conns: Mutex::new(HashMap::new()) }) }
+        let inner = Inner { endpoint, quic, conns: Mutex::default(), dialing: Mutex::default() };
+        ChunkClient { inner: Arc::new(inner) }
     }
 
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, ChunkError> {
         let transport = |m: String| ChunkError::Transport { addr: addr.to_string(), message: m };
+        if let Some(c) = self.inner.conns.lock().await.get(addr) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let gate = self.inner.dialing.lock().await.entry(addr.to_string()).or_default().clone();
+        let _dial = gate.lock().await;
+        // Another request may have connected while this one waited.
         if let Some(c) = self.inner.conns.lock().await.get(addr) {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
@@ -184,7 +196,9 @@ impl ChunkClient {
     }
 
     /// Writes `data` at `offset` on every server of `chain` (the first one
-    /// forwards to the rest); returns once all have it.
+    /// forwards to the rest); returns once all have it. A server lacking a
+    /// copy-on-write chunk makes it from `origin` first.
+    #[allow(clippy::too_many_arguments)]
     pub async fn write(
         &self,
         chain: &[String],
@@ -193,9 +207,11 @@ impl ChunkClient {
         offset: u64,
         data: &[u8],
         create: bool,
+        origin: Option<(ChunkId, u64)>,
     ) -> Result<(), ChunkError> {
         let Some((head, rest)) = chain.split_first() else { return Ok(()) };
-        let req = ChunkRequest::Write { chunk, version, offset, len: data.len() as u64, chain: rest.to_vec(), create };
+        let len = data.len() as u64;
+        let req = ChunkRequest::Write { chunk, version, offset, len, chain: rest.to_vec(), create, origin };
         self.chained(head, req, Some(data)).await
     }
 
@@ -207,9 +223,10 @@ impl ChunkClient {
         version: u64,
         offset: u64,
         len: u64,
+        origin: Option<(ChunkId, u64)>,
     ) -> Result<(), ChunkError> {
         let Some((head, rest)) = chain.split_first() else { return Ok(()) };
-        let req = ChunkRequest::Zero { chunk, version, offset, len, chain: rest.to_vec() };
+        let req = ChunkRequest::Zero { chunk, version, offset, len, chain: rest.to_vec(), origin };
         self.chained(head, req, None).await
     }
 
@@ -233,6 +250,25 @@ impl ChunkClient {
 
     pub async fn set_version(&self, addr: &str, chunk: ChunkId, from: u64, to: u64) -> Result<(), ChunkError> {
         self.simple(addr, ChunkRequest::SetVersion { chunk, from, to }).await
+    }
+
+    /// Raises many versions on one server (fences after a clone); one
+    /// result per change.
+    pub async fn set_versions(
+        &self,
+        addr: &str,
+        changes: Vec<VersionChange>,
+    ) -> Result<Vec<Result<(), WireError>>, ChunkError> {
+        let n = changes.len();
+        self.timed(addr, async {
+            match self.exchange(addr, &ChunkRequest::SetVersions { changes }, None).await?.0 {
+                ChunkReply::Versions(r) if r.len() == n => Ok(r),
+                other => {
+                    Err(ChunkError::Transport { addr: addr.into(), message: format!("unexpected reply {other:?}") })
+                }
+            }
+        })
+        .await
     }
 
     async fn simple(&self, addr: &str, req: ChunkRequest) -> Result<(), ChunkError> {

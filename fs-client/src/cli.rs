@@ -52,6 +52,9 @@ pub enum Cmd {
     Mount(crate::fuse::MountArgs),
     /// Unmount a FUSE mount.
     Umount(crate::fuse::UmountArgs),
+    /// Export files as network block devices.
+    #[command(subcommand)]
+    Nbd(crate::nbd::NbdCmd),
 }
 
 #[derive(Subcommand)]
@@ -132,6 +135,15 @@ pub enum FsCmd {
     },
     /// Write a file's contents to stdout.
     Cat { path: PathBuf },
+    /// Set a file's size (sizes take K, M, G, T suffixes), creating it if
+    /// missing: `truncate /vm/disk.img 10G` makes a sparse disk image.
+    Truncate {
+        path: PathBuf,
+        size: String,
+        /// Fail if the file does not exist instead of creating it.
+        #[arg(short = 'c', long)]
+        no_create: bool,
+    },
     /// Show each chunk of a file: id, version, replicas and where they are.
     Locate { path: PathBuf },
     /// Replication goal: copies and the failure-domain level they spread over.
@@ -140,6 +152,13 @@ pub enum FsCmd {
     /// Directory quotas on bytes and inodes.
     #[command(subcommand)]
     Quota(QuotaCmd),
+    /// Read-only point-in-time copy of a file or directory tree (metadata
+    /// only, chunks shared copy-on-write); into DST when DST is a directory.
+    /// `rm -r` removes a snapshot.
+    Snapshot { src: PathBuf, dst: PathBuf },
+    /// Writable instant copy of a file or directory tree (metadata only,
+    /// chunks shared copy-on-write); into DST when DST is a directory.
+    Clone { src: PathBuf, dst: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -289,7 +308,9 @@ pub async fn run(cli: Cli) -> CliResult {
         Cmd::Fs(cmd) => {
             let (client, cfg) = connect_with_config(cli.config)?;
             match cmd {
-                FsCmd::Put { .. } | FsCmd::Get { .. } | FsCmd::Cat { .. } => {
+                FsCmd::Snapshot { src, dst } => clone_cmd(&file_client(&client, &cfg)?, &src, &dst, true, json).await,
+                FsCmd::Clone { src, dst } => clone_cmd(&file_client(&client, &cfg)?, &src, &dst, false, json).await,
+                FsCmd::Put { .. } | FsCmd::Get { .. } | FsCmd::Cat { .. } | FsCmd::Truncate { .. } => {
                     let files = file_client(&client, &cfg)?;
                     data(&files, cmd, json).await
                 }
@@ -300,7 +321,32 @@ pub async fn run(cli: Cli) -> CliResult {
             let client = connect(cli.config)?;
             cluster(&client, cmd, json).await
         }
+        Cmd::Nbd(crate::nbd::NbdCmd::Serve(args)) => {
+            let (client, cfg) = connect_with_config(cli.config)?;
+            let files = file_client(&client, &cfg)?;
+            nbd_serve(&files, &args, json).await
+        }
     }
+}
+
+/// `locus nbd serve`: resolves the file, then serves it in the foreground.
+async fn nbd_serve(files: &FileClient, args: &crate::nbd::ServeArgs, json: bool) -> CliResult {
+    let path = abs(&args.file);
+    let attr = files.meta().resolve(&path, true).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+    if attr.kind != FileKind::File {
+        return Err(CliError {
+            exit: 1,
+            code: Some(ErrorCode::IsDir),
+            message: format!("{}: not a regular file", show(&path)),
+        });
+    }
+    let size = files.size(attr.ino).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+    let target = crate::nbd::Target { ino: attr.ino, path: show(&path), size };
+    crate::nbd::serve(args, target, files.clone(), json).await.map_err(|e| CliError {
+        exit: 1,
+        code: matches!(e, crate::nbd::NbdError::Flush(_)).then_some(ErrorCode::Io),
+        message: e.to_string(),
+    })
 }
 
 fn connect(config: Option<PathBuf>) -> CliResult<MetaClient> {
@@ -444,8 +490,98 @@ async fn data(f: &FileClient, cmd: FsCmd, json: bool) -> CliResult {
             let _ = out.flush();
             Ok(())
         }
+        FsCmd::Truncate { path, size, no_create } => {
+            let bytes = parse_size(&size).ok_or_else(|| {
+                CliError::usage(format!("size {size:?} is not a number with an optional K/M/G/T suffix"))
+            })?;
+            let path = abs(&path);
+            let attr = match c.resolve(&path, true).await {
+                Ok(a) => a,
+                Err(ClientError::Remote(w)) if w.code == ErrorCode::NotFound && !no_create => {
+                    let (parent, name) = split(&path)?;
+                    let pino = parent_ino(c, &parent).await?;
+                    c.op_attr(MetaOp::Create { parent: pino, name, perm: 0o644, caller: caller(), exclusive: false })
+                        .await
+                        .map_err(|e| CliError::from_client(&show(&path), e))?
+                }
+                Err(e) => return Err(CliError::from_client(&show(&path), e)),
+            };
+            if attr.kind != FileKind::File {
+                return Err(CliError {
+                    exit: 1,
+                    code: Some(ErrorCode::IsDir),
+                    message: format!("{}: not a regular file", show(&path)),
+                });
+            }
+            let a = f.truncate(attr.ino, bytes).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+            if json {
+                print_json(&serde_json::json!({"path": show(&path), "size": a.size}));
+            }
+            Ok(())
+        }
         _ => Err(CliError::usage("not a data command")),
     }
+}
+
+/// `locus fs snapshot` and `locus fs clone`.
+async fn clone_cmd(
+    f: &FileClient,
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    snapshot: bool,
+    json: bool,
+) -> CliResult {
+    let c = f.meta();
+    let (src, dst) = (abs(src), abs(dst));
+    let started = std::time::Instant::now();
+    let a = c.resolve(&src, true).await.map_err(|e| CliError::from_client(&show(&src), e))?;
+    let (pino, name) = match c.resolve(&dst, true).await {
+        Ok(d) if d.kind == FileKind::Dir => (d.ino, split(&src)?.1),
+        _ => {
+            let (dp, dn) = split(&dst)?;
+            (parent_ino(c, &dp).await?, dn)
+        }
+    };
+    let what = format!("{} -> {}", show(&src), show(&dst));
+    let out = f.clone_inode(a.ino, pino, &name, snapshot).await.map_err(|e| CliError::from_client(&what, e))?;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if json {
+        print_json(&serde_json::json!({
+            "src": show(&src),
+            "dst": show(&dst),
+            "snapshot": snapshot,
+            "ino": out.attr.ino,
+            "kind": format!("{:?}", out.attr.kind),
+            "inodes": out.inodes,
+            "chunks_shared": out.chunks,
+            "chunks_fenced": out.fenced,
+            "unfenced_replicas": out.unfenced.len(),
+            "elapsed_ms": elapsed_ms,
+        }));
+    } else {
+        println!(
+            "{what}: {} inode {} ({} inodes, {} chunks shared) in {elapsed_ms:.1} ms",
+            if snapshot { "snapshot" } else { "clone" },
+            out.attr.ino,
+            out.inodes,
+            out.chunks
+        );
+    }
+    if let Some(u) = out.unfenced.first() {
+        return Err(CliError {
+            exit: 1,
+            code: Some(ErrorCode::Unavailable),
+            message: format!(
+                "{what}: made, but {} chunk replicas did not take the version raise (first: chunk {} on server {}: {}); \
+                 a writer holding an old layout may still reach them until those servers catch up",
+                out.unfenced.len(),
+                u.chunk,
+                u.server,
+                u.error
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn print_json<T: Serialize>(v: &T) {
@@ -651,6 +787,12 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
                 let pino = parent_ino(c, &parent).await?;
                 if a.kind == FileKind::Dir {
                     if recursive {
+                        // A snapshot cannot be emptied entry by entry: it goes whole.
+                        match c.op(MetaOp::DropSnapshot { parent: pino, name: name.clone() }).await {
+                            Ok(_) => continue,
+                            Err(ClientError::Remote(w)) if w.code == ErrorCode::Invalid => {}
+                            Err(e) => return Err(CliError::from_client(&show(&path), e)),
+                        }
                         remove_tree(c, a.ino).await?;
                     } else if !dir {
                         return Err(CliError {
@@ -828,7 +970,8 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
             Ok(())
         }
         FsCmd::Quota(q) => quota(c, q, json).await,
-        FsCmd::Put { .. } | FsCmd::Get { .. } | FsCmd::Cat { .. } => {
+        FsCmd::Snapshot { .. } | FsCmd::Clone { .. } => Err(CliError::usage("a clone needs a file client")),
+        FsCmd::Put { .. } | FsCmd::Get { .. } | FsCmd::Cat { .. } | FsCmd::Truncate { .. } => {
             Err(CliError::usage("a data command needs a file client"))
         }
     }
@@ -1035,6 +1178,12 @@ async fn remove_tree(c: &MetaClient, ino: Ino) -> CliResult {
     let entries = c.readdir_all(ino).await.map_err(|e| CliError::from_client("", e))?;
     for e in entries {
         if e.kind == FileKind::Dir {
+            // A snapshot below goes whole (its entries cannot be removed).
+            match c.op(MetaOp::DropSnapshot { parent: ino, name: e.name.clone() }).await {
+                Ok(_) => continue,
+                Err(ClientError::Remote(w)) if w.code == ErrorCode::Invalid => {}
+                Err(err) => return Err(CliError::from_client(&show(&e.name), err)),
+            }
             Box::pin(remove_tree(c, e.ino)).await?;
             c.op(MetaOp::Rmdir { parent: ino, name: e.name.clone() })
                 .await

@@ -16,6 +16,13 @@
 //! Sizes: the size is raised after data is written (`ExtendSize`). Bytes
 //! past the end of a file may hold stale data after a truncation, so any
 //! extension first zeroes the range between the old end and the new data.
+//!
+//! Clones and snapshots share chunks. Before writing a shared chunk the
+//! client asks for its own copy (`CowChunk`); the first write to the copy
+//! carries its origin, and each replica server makes the copy from its own
+//! replica of the origin; after that write the client reports the copy
+//! done (`CowDone`). A read of a copy no replica has yet reads the origin.
+//! [`FileClient::clone_inode`] makes a clone and pushes its version fences.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -77,6 +84,8 @@ struct FileState {
     unsynced: HashMap<ChunkId, Vec<String>>,
     /// A write-back failure not yet reported to the application.
     error: Option<WireError>,
+    /// Part of a snapshot (as its layout says): never written.
+    read_only: bool,
 }
 
 impl FileState {
@@ -108,13 +117,22 @@ struct Piece {
 }
 
 fn pieces(offset: u64, len: u64, cb: u64) -> Vec<Piece> {
+    pieces_of(offset, len, cb, MAX_IO_BYTES)
+}
+
+/// Writes go in smaller pieces than reads: several pieces in flight keep
+/// every hop of the replica chain busy at once (a hop forwards a piece only
+/// once it has all of it).
+const WRITE_PIECE_BYTES: u64 = 1 << 20;
+
+fn pieces_of(offset: u64, len: u64, cb: u64, limit: u64) -> Vec<Piece> {
     let mut out = Vec::new();
     let mut pos = offset;
     let end = offset + len;
     while pos < end {
         let index = pos / cb;
         let in_chunk = pos % cb;
-        let n = (cb - in_chunk).min(end - pos).min(MAX_IO_BYTES);
+        let n = (cb - in_chunk).min(end - pos).min(limit);
         out.push(Piece { index, offset: in_chunk, len: n, at: pos - offset });
         pos += n;
     }
@@ -180,8 +198,12 @@ impl FileClient {
         if let Some(e) = st.error.clone() {
             return Err(ClientError::Remote(e));
         }
-        // Read our own buffered writes: send them first if they overlap.
-        if st.buffer.range(..offset.saturating_add(len)).next_back().is_some_and(|(o, d)| o + d.len() as u64 > offset) {
+        // Read our own buffered writes: send them first if they overlap, or
+        // if they extend the file (the gap they leave must read as zeros,
+        // and sending is what zeroes it).
+        let overlaps =
+            st.buffer.range(..offset.saturating_add(len)).next_back().is_some_and(|(o, d)| o + d.len() as u64 > offset);
+        if overlaps || buffer_end(&st) > st.size.unwrap_or(0).max(st.pending_size) {
             self.send_buffer(&mut st, ino).await?;
             self.record_size(&mut st, ino).await?;
         }
@@ -229,7 +251,15 @@ impl FileClient {
             let mut stale = false;
             let mut not_found = 0;
             for addr in &order {
-                match self.chunks.read(addr, loc.chunk, loc.version, p.offset, p.len).await {
+                let mut res = self.chunks.read(addr, loc.chunk, loc.version, p.offset, p.len).await;
+                if let (Err(e), Some((origin, origin_version))) = (&res, loc.origin) {
+                    if e.code() == ErrorCode::NotFound {
+                        // A copy-on-write chunk not written here yet: it is
+                        // still its origin.
+                        res = self.chunks.read(addr, origin, origin_version, p.offset, p.len).await;
+                    }
+                }
+                match res {
                     Ok(b) => return Ok(b),
                     Err(e) => {
                         if e.code() == ErrorCode::Stale || e.code() == ErrorCode::NotFound {
@@ -292,6 +322,9 @@ impl FileClient {
         let mut st = f.lock().await;
         if let Some(e) = st.error.take() {
             return Err(ClientError::Remote(e));
+        }
+        if st.read_only {
+            return Err(read_only(ino));
         }
         insert_buffer(&mut st, offset, data, &self.buffered_total);
         let over_total = self.buffered_total.load(std::sync::atomic::Ordering::Relaxed) > MAX_BUFFER_TOTAL;
@@ -357,6 +390,9 @@ impl FileClient {
         // Chunks past the end went away; forget their locations.
         let cb = st.chunk_bytes.max(1);
         st.locs.retain(|i, _| *i < size.div_ceil(cb));
+        // Nor flush them: their servers may have deleted them already.
+        let kept: HashSet<ChunkId> = st.locs.values().map(|l| l.chunk).collect();
+        st.unsynced.retain(|c, _| kept.contains(c));
         Ok(attr)
     }
 
@@ -365,12 +401,17 @@ impl FileClient {
         if st.buffer.is_empty() {
             return Ok(());
         }
-        let segments: Vec<(u64, Bytes)> = std::mem::take(&mut st.buffer).into_iter().collect();
-        self.buffered_total.fetch_sub(st.buffered, std::sync::atomic::Ordering::Relaxed);
-        st.buffered = 0;
+        // The buffer stays until the chunk servers have it: a caller that
+        // gives up midway (a cancelled request) loses nothing acknowledged.
+        let segments: Vec<(u64, Bytes)> = st.buffer.iter().map(|(o, d)| (*o, d.clone())).collect();
         let res = self.write_segments(st, ino, &segments).await;
-        if let Err(e) = &res {
-            tracing::warn!(ino, error = %e, "write-back failed");
+        match &res {
+            Ok(()) => {
+                st.buffer.clear();
+                self.buffered_total.fetch_sub(st.buffered, std::sync::atomic::Ordering::Relaxed);
+                st.buffered = 0;
+            }
+            Err(e) => tracing::warn!(ino, error = %e, "write-back failed; the data stays buffered"),
         }
         res
     }
@@ -380,6 +421,10 @@ impl FileClient {
         let hi = segments.last().map(|(o, d)| o + d.len() as u64).unwrap_or(0);
         if st.size.is_none() || st.chunk_bytes == 0 {
             self.fetch_layout(st, ino, 0, 0).await?;
+        }
+        // The chunk servers would take the writes: refuse here.
+        if st.read_only {
+            return Err(read_only(ino));
         }
         // Allocate (and learn) every chunk the writes touch, in one request
         // per span of chunks.
@@ -405,14 +450,43 @@ impl FileClient {
                 }
             }
         }
-        // Data past the current end: zero what lies between first.
+        // Data past the current end: zero every gap the segments leave
+        // between the old end and their last byte (the tail of the old end's
+        // chunk may still hold bytes a truncate cut off).
         let size = st.size.unwrap_or(0).max(st.pending_size);
-        if lo > size {
-            self.zero_gap(st, ino, size, lo).await?;
+        if hi > size {
+            let mut cursor = size;
+            let mut gaps = Vec::new();
+            for (o, d) in segments {
+                let end = o + d.len() as u64;
+                if end <= cursor {
+                    continue;
+                }
+                if *o > cursor {
+                    gaps.push((cursor, *o));
+                }
+                cursor = cursor.max(end);
+            }
+            for (from, to) in gaps {
+                self.zero_gap(st, ino, from, to).await?;
+            }
+        }
+        // Chunks shared with clones or snapshots: get our own copies first,
+        // once per chunk (the pieces below would each ask otherwise).
+        let shared: Vec<ChunkLocation> = segments
+            .iter()
+            .flat_map(|(o, d)| pieces(*o, d.len() as u64, cb).into_iter().map(|p| p.index))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|i| st.locs.get(&i).filter(|l| l.shared).cloned())
+            .collect();
+        for r in join_all(shared.iter().map(|l| self.cow(ino, l))).await {
+            let loc = r?;
+            st.locs.insert(loc.index, loc);
         }
         let mut jobs = Vec::new();
         for (off, data) in segments {
-            for p in pieces(*off, data.len() as u64, cb) {
+            for p in pieces_of(*off, data.len() as u64, cb, WRITE_PIECE_BYTES) {
                 let loc = st.locs.get(&p.index).cloned().ok_or_else(|| io_err("chunk not allocated"))?;
                 let bytes = data.slice(p.at as usize..(p.at + p.len) as usize);
                 jobs.push(self.write_piece(ino, p, loc, bytes));
@@ -420,10 +494,14 @@ impl FileClient {
         }
         let results = join_all(jobs).await;
         let mut first_err = None;
+        let mut copied = BTreeMap::new();
         for r in results {
             match r {
                 Ok(loc) => {
                     st.unsynced.insert(loc.chunk, loc.replicas.iter().map(|r| r.addr.clone()).collect());
+                    if loc.origin.is_some() {
+                        copied.insert(loc.chunk, loc.index);
+                    }
                     st.locs.insert(loc.index, loc);
                 }
                 Err(e) => {
@@ -431,11 +509,52 @@ impl FileClient {
                 }
             }
         }
+        self.cow_done(st, copied).await;
         if let Some(e) = first_err {
             return Err(e);
         }
         st.pending_size = st.pending_size.max(hi);
         Ok(())
+    }
+
+    /// Gets chunk `loc.index` of `ino` a copy of its own if it is shared
+    /// (another writer may have made it already); returns where it is.
+    async fn cow(&self, ino: Ino, loc: &ChunkLocation) -> Result<ChunkLocation, ClientError> {
+        let mut loc = loc.clone();
+        // The file may have moved on to another shared chunk meanwhile.
+        for _ in 0..MAX_PIECE_ATTEMPTS {
+            if !loc.shared {
+                return Ok(loc);
+            }
+            let op = MetaOp::CowChunk { ino, index: loc.index, chunk: loc.chunk };
+            loc = match self.meta.op(op).await? {
+                OpReply::Layout(l) => l
+                    .chunks
+                    .into_iter()
+                    .find(|c| c.index == loc.index)
+                    .ok_or_else(|| io_err(format!("chunk {} of inode {ino} vanished", loc.index)))?,
+                other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+            };
+        }
+        Err(io_err(format!("chunk {} of inode {ino} stays shared", loc.index)))
+    }
+
+    /// Copies written on every replica: their origins are no longer
+    /// needed. Best effort: a lost report only keeps the origin's space.
+    async fn cow_done(&self, st: &mut FileState, copied: BTreeMap<ChunkId, u64>) {
+        let done = copied
+            .iter()
+            .map(|(&chunk, &index)| async move { (index, chunk, self.meta.op(MetaOp::CowDone { chunk }).await) });
+        for (index, chunk, r) in join_all(done).await {
+            match r {
+                Ok(_) => {
+                    if let Some(l) = st.locs.get_mut(&index).filter(|l| l.chunk == chunk) {
+                        l.origin = None;
+                    }
+                }
+                Err(e) => tracing::debug!(chunk, error = %e, "copy-on-write completion not recorded"),
+            }
+        }
     }
 
     /// Writes one piece along its chain; on a replica failure, reports it,
@@ -449,11 +568,15 @@ impl FileClient {
     ) -> Result<ChunkLocation, ClientError> {
         let mut last = String::new();
         for attempt in 0..MAX_WRITE_ATTEMPTS {
+            if loc.shared {
+                // A clone or snapshot shares it now (we learnt on a retry).
+                loc = self.cow(ino, &loc).await?;
+            }
             let chain: Vec<String> = loc.replicas.iter().map(|r| r.addr.clone()).collect();
             if chain.is_empty() {
                 return Err(io_err(format!("chunk {} has no replicas", loc.chunk)));
             }
-            match self.chunks.write(&chain, loc.chunk, loc.version, p.offset, &data, true).await {
+            match self.chunks.write(&chain, loc.chunk, loc.version, p.offset, &data, true, loc.origin).await {
                 Ok(()) => return Ok(loc),
                 Err(e) => {
                     last = e.to_string();
@@ -523,6 +646,9 @@ impl FileClient {
     /// Zeroes `[from, to)` where old data may linger: the tail of the chunk
     /// that held the end of the file.
     async fn zero_gap(&self, st: &mut FileState, ino: Ino, from: u64, to: u64) -> Result<(), ClientError> {
+        if st.read_only {
+            return Err(read_only(ino));
+        }
         let cb = st.chunk_bytes;
         if cb == 0 || from >= to || from.is_multiple_of(cb) {
             return Ok(());
@@ -535,10 +661,15 @@ impl FileClient {
         let end = to.min((index + 1) * cb);
         let (off, len) = (from % cb, end - from);
         for _ in 0..MAX_PIECE_ATTEMPTS {
+            if loc.shared {
+                loc = self.cow(ino, &loc).await?;
+            }
             let chain: Vec<String> = loc.replicas.iter().map(|r| r.addr.clone()).collect();
-            match self.chunks.zero(&chain, loc.chunk, loc.version, off, len).await {
+            match self.chunks.zero(&chain, loc.chunk, loc.version, off, len, loc.origin).await {
                 Ok(()) => {
+                    let copied = loc.origin.map(|_| (loc.chunk, index));
                     st.locs.insert(index, loc);
+                    self.cow_done(st, copied.into_iter().collect()).await;
                     return Ok(());
                 }
                 Err(ChunkError::Remote { error, .. }) if error.code == ErrorCode::NotFound => {
@@ -577,6 +708,146 @@ impl FileClient {
         let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         files.iter().filter(|(_, f)| f.try_lock().map(|s| !s.is_clean()).unwrap_or(true)).map(|(i, _)| *i).collect()
     }
+
+    /// Clones (or, with `snapshot`, snapshots) inode `src` (a file or a
+    /// whole directory tree) to `name` in `parent`: one metadata command
+    /// that shares every chunk, then the version fences pushed to every
+    /// replica, chain heads first, so that from the moment this returns a
+    /// writer holding an older layout of the source is refused, learns the
+    /// chunk is shared and writes to a copy. Writes racing with the call
+    /// itself may or may not be in the clone (crash-consistent). This
+    /// client's own buffered writes go first.
+    ///
+    /// Replicas that could not be told are listed in
+    /// [`CloneOutcome::unfenced`]; until they catch up (the leader moves
+    /// them on when they next report), a stale writer might still reach
+    /// them.
+    pub async fn clone_inode(
+        &self,
+        src: Ino,
+        parent: Ino,
+        name: &[u8],
+        snapshot: bool,
+    ) -> Result<CloneOutcome, ClientError> {
+        for ino in self.dirty_files() {
+            self.flush(ino).await?;
+        }
+        let op = MetaOp::Clone { src, parent, name: name.to_vec(), snapshot };
+        let reply = match self.meta.op(op).await? {
+            OpReply::Cloned(r) => r,
+            other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        };
+        let unfenced = self.push_fences(&reply).await;
+        // Copies not written before are now made on every replica that took
+        // its fence: where all did, the origin is no longer needed.
+        let failed: HashSet<ChunkId> = unfenced.iter().map(|u| u.chunk).collect();
+        let made = reply.fences.iter().filter(|f| f.origin.is_some() && !failed.contains(&f.chunk));
+        let done = made.map(|f| self.meta.op(MetaOp::CowDone { chunk: f.chunk }));
+        for r in join_all(done).await {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "copy-on-write completion not recorded");
+            }
+        }
+        self.invalidate(src);
+        Ok(CloneOutcome {
+            attr: reply.attr,
+            inodes: reply.inodes,
+            chunks: reply.chunks,
+            fenced: reply.fences.len() as u64,
+            unfenced,
+        })
+    }
+
+    /// Pushes a clone's fences: first to each chunk's write-chain head
+    /// (which then refuses older writes before forwarding them), then to
+    /// the other replicas; one request per server and batch, servers in
+    /// parallel. Returns the replicas that could not be told.
+    async fn push_fences(&self, reply: &CloneReply) -> Vec<Unfenced> {
+        let addrs: HashMap<ServerId, &str> = reply.servers.iter().map(|(id, a)| (*id, a.as_str())).collect();
+        let mut failed = Vec::new();
+        for heads in [true, false] {
+            let mut by_server: BTreeMap<ServerId, Vec<VersionChange>> = BTreeMap::new();
+            for f in &reply.fences {
+                let targets =
+                    if heads { &f.replicas[..f.replicas.len().min(1)] } else { f.replicas.get(1..).unwrap_or(&[]) };
+                for s in targets {
+                    let change = VersionChange { chunk: f.chunk, from: f.from, to: f.to, origin: f.origin };
+                    by_server.entry(*s).or_default().push(change);
+                }
+            }
+            let jobs = by_server.into_iter().map(|(server, changes)| {
+                let addr = addrs.get(&server).copied();
+                async move {
+                    let Some(addr) = addr else {
+                        return changes
+                            .iter()
+                            .map(|c| Unfenced { server, chunk: c.chunk, error: "server not registered".into() })
+                            .collect();
+                    };
+                    let mut out = Vec::new();
+                    for part in changes.chunks(MAX_SET_VERSIONS) {
+                        out.extend(self.fence_batch(server, addr, part).await);
+                    }
+                    out
+                }
+            });
+            failed.extend(join_all(jobs).await.into_iter().flatten());
+        }
+        failed
+    }
+
+    /// One batch of fences to one server, retried while it is unreachable.
+    async fn fence_batch(&self, server: ServerId, addr: &str, part: &[VersionChange]) -> Vec<Unfenced> {
+        let mut attempt = 0;
+        loop {
+            match self.chunks.set_versions(addr, part.to_vec()).await {
+                Ok(results) => {
+                    return part
+                        .iter()
+                        .zip(results)
+                        .filter_map(|(c, r)| r.err().map(|e| Unfenced { server, chunk: c.chunk, error: e.message }))
+                        .collect()
+                }
+                Err(e) if attempt + 1 < FENCE_ATTEMPTS && e.code() != ErrorCode::TooBig => {
+                    attempt += 1;
+                    tracing::debug!(%addr, error = %e, "fence push failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    return part.iter().map(|c| Unfenced { server, chunk: c.chunk, error: msg.clone() }).collect();
+                }
+            }
+        }
+    }
+}
+
+/// Tries per batch of fences to one server.
+const FENCE_ATTEMPTS: u32 = 4;
+
+/// What [`FileClient::clone_inode`] made.
+#[derive(Debug, Clone)]
+pub struct CloneOutcome {
+    /// The new inode (the root of the copy for a directory).
+    pub attr: Attr,
+    pub inodes: u64,
+    /// Chunk references shared with the source.
+    pub chunks: u64,
+    /// Chunks whose version was raised.
+    pub fenced: u64,
+    pub unfenced: Vec<Unfenced>,
+}
+
+/// A replica a clone's fence did not reach.
+#[derive(Debug, Clone)]
+pub struct Unfenced {
+    pub server: ServerId,
+    pub chunk: ChunkId,
+    pub error: String,
+}
+
+fn read_only(ino: Ino) -> ClientError {
+    ClientError::Remote(WireError::new(ErrorCode::ReadOnly, format!("inode {ino} is part of a snapshot")))
 }
 
 fn clone_chunk_err(e: &ChunkError) -> ChunkError {
@@ -593,6 +864,7 @@ fn clone_chunk_err(e: &ChunkError) -> ChunkError {
 /// layout fully describes (absent ones there are holes).
 fn absorb(st: &mut FileState, l: Layout, range: Option<(u64, u64)>) {
     st.chunk_bytes = l.chunk_bytes;
+    st.read_only = l.read_only;
     st.size = Some(l.attr.size);
     st.fetched = Some(Instant::now());
     if let Some((first, count)) = range {

@@ -7,6 +7,7 @@
 //!   retries and at-most-once writes.
 //! - [`cli`]: the `locus` command line; [`up`] runs a local cluster.
 //! - [`fuse`]: the FUSE mount (`locus mount`).
+//! - [`nbd`]: the NBD export (`locus nbd serve`).
 //!
 //! Start reading at [`client::MetaClient`].
 
@@ -17,6 +18,7 @@ pub mod config;
 pub mod file;
 pub mod frame;
 pub mod fuse;
+pub mod nbd;
 pub mod proto;
 pub mod tls;
 pub mod up;

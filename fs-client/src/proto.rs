@@ -263,6 +263,14 @@ pub struct ChunkLocation {
     pub chunk: ChunkId,
     pub version: u64,
     pub replicas: Vec<ReplicaInfo>,
+    /// Other files (clones, snapshots) share this chunk: a writer first
+    /// asks for its own copy ([`MetaOp::CowChunk`]).
+    pub shared: bool,
+    /// A copy-on-write chunk not written yet: its content is this chunk at
+    /// this version, which each replica server holds next to it. Writes
+    /// carry it (the server copies locally first); a read that finds no
+    /// replica of `chunk` reads the origin instead.
+    pub origin: Option<(ChunkId, u64)>,
 }
 
 /// A file's size and the chunks of a range of it (absent indexes are holes).
@@ -271,6 +279,9 @@ pub struct Layout {
     pub attr: Attr,
     pub chunk_bytes: u64,
     pub chunks: Vec<ChunkLocation>,
+    /// The file is part of a snapshot: clients must not write its chunks
+    /// (the chunk servers do not know; the metadata refuses the rest).
+    pub read_only: bool,
 }
 
 /// Namespace changes. Each goes through Raft; the leader stamps the time.
@@ -372,6 +383,39 @@ pub enum MetaOp {
         ino: Ino,
         limits: QuotaLimits,
     },
+    /// Copies inode `src` (a whole directory tree, at most
+    /// [`MAX_CLONE_INODES`] inodes and [`MAX_CLONE_CHUNKS`] chunks) to
+    /// `name` in `parent`, sharing every chunk (copy-on-write). Copies keep
+    /// the source's attributes and xattrs (not its quotas). With
+    /// `snapshot` the copy is read-only (every change gets `ReadOnly`).
+    /// Every shared chunk's version is raised; the caller pushes the new
+    /// versions to the replicas ([`CloneReply::fences`]) so writers holding
+    /// an older layout are refused and learn the chunk is shared.
+    Clone {
+        src: Ino,
+        parent: Ino,
+        name: Vec<u8>,
+        snapshot: bool,
+    },
+    /// Gives chunk `index` of file `ino` its own copy before a write, if
+    /// it is still `chunk` and shared: a new chunk on the same servers whose
+    /// `origin` is the old one. Replies with the chunk's location.
+    CowChunk {
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+    },
+    /// A copy-on-write chunk has been written on every replica: forget its
+    /// origin and release the origin's reference.
+    CowDone {
+        chunk: ChunkId,
+    },
+    /// Removes the read-only tree (a snapshot) `name` in `parent`, which
+    /// unlink and rmdir cannot empty.
+    DropSnapshot {
+        parent: Ino,
+        name: Vec<u8>,
+    },
 }
 
 impl MetaOp {
@@ -393,6 +437,11 @@ impl MetaOp {
             MetaOp::ReplicaFailed { .. } => "replica_failed",
             MetaOp::SetGoal { .. } => "set_goal",
             MetaOp::SetQuota { .. } => "set_quota",
+            MetaOp::Clone { snapshot: false, .. } => "clone",
+            MetaOp::Clone { snapshot: true, .. } => "snapshot",
+            MetaOp::CowChunk { .. } => "cow_chunk",
+            MetaOp::CowDone { .. } => "cow_done",
+            MetaOp::DropSnapshot { .. } => "drop_snapshot",
         }
     }
 }
@@ -404,6 +453,39 @@ pub enum OpReply {
     Attr(Attr),
     Done,
     Layout(Layout),
+    Cloned(CloneReply),
+}
+
+/// Most inodes one [`MetaOp::Clone`] (or [`MetaOp::DropSnapshot`]) covers.
+pub const MAX_CLONE_INODES: u64 = 100_000;
+/// Most chunk references one [`MetaOp::Clone`] copies (16 TiB of 64 MiB chunks).
+pub const MAX_CLONE_CHUNKS: u64 = 262_144;
+
+/// A chunk whose version a clone raised: every replica must move from
+/// `from` to `to`, the write-chain head (`replicas[0]`) first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkFence {
+    pub chunk: ChunkId,
+    pub from: u64,
+    pub to: u64,
+    pub replicas: Vec<ServerId>,
+    /// Set for a copy-on-write chunk not known to be written yet: a
+    /// replica lacking it makes it from this origin (so that what the
+    /// clone shares exists), after which the caller sends `CowDone`.
+    pub origin: Option<(ChunkId, u64)>,
+}
+
+/// What [`MetaOp::Clone`] returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneReply {
+    /// The new inode (the root of the copy, for a directory).
+    pub attr: Attr,
+    pub inodes: u64,
+    /// Chunk references copied (each chunk now shared once more).
+    pub chunks: u64,
+    pub fences: Vec<ChunkFence>,
+    /// Addresses of the servers the fences name.
+    pub servers: Vec<(ServerId, String)>,
 }
 
 /// Namespace reads, linearizable (served by the leader after a read index).
@@ -674,7 +756,9 @@ pub enum ChunkRequest {
     },
     /// `len` bytes follow. The server writes them, forwards them to
     /// `chain[0]` with the rest of the chain, and answers once every
-    /// server has them. `create` makes the chunk if this server lacks it.
+    /// server has them. `create` makes the chunk if this server lacks it;
+    /// with `origin`, a missing chunk is first copied from the local
+    /// replica of the origin (copy-on-write).
     Write {
         chunk: ChunkId,
         version: u64,
@@ -682,6 +766,7 @@ pub enum ChunkRequest {
         len: u64,
         chain: Vec<String>,
         create: bool,
+        origin: Option<(ChunkId, u64)>,
     },
     /// Makes `[offset, offset + len)` read as zeros, along the chain like a write.
     Zero {
@@ -690,6 +775,7 @@ pub enum ChunkRequest {
         offset: u64,
         len: u64,
         chain: Vec<String>,
+        origin: Option<(ChunkId, u64)>,
     },
     /// Makes earlier writes to these chunks durable on this server.
     Flush {
@@ -706,7 +792,26 @@ pub enum ChunkRequest {
         version: u64,
     },
     Status,
+    /// Fences after a clone: raises many versions at once (writes in
+    /// flight on each chunk finish first). A missing chunk with an origin
+    /// is made from it; one without is remembered, so a late write cannot
+    /// create it at an older version. Answered by [`ChunkReply::Versions`].
+    SetVersions {
+        changes: Vec<VersionChange>,
+    },
 }
+
+/// One entry of [`ChunkRequest::SetVersions`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionChange {
+    pub chunk: ChunkId,
+    pub from: u64,
+    pub to: u64,
+    pub origin: Option<(ChunkId, u64)>,
+}
+
+/// Most entries in one [`ChunkRequest::SetVersions`].
+pub const MAX_SET_VERSIONS: usize = 16_384;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChunkReply {
@@ -728,6 +833,8 @@ pub enum ChunkReply {
         at: String,
         error: WireError,
     },
+    /// One result per [`ChunkRequest::SetVersions`] entry, in order.
+    Versions(Vec<Result<(), WireError>>),
 }
 
 pub type ChunkResponse = Result<ChunkReply, WireError>;
@@ -816,6 +923,8 @@ pub enum ErrorCode {
     /// Malformed request or unsupported protocol version.
     BadRequest,
     Internal,
+    /// The inode is read-only (part of a snapshot).
+    ReadOnly,
     /// A code this build does not know (a newer server).
     Unknown(u16),
 }
@@ -844,6 +953,7 @@ impl ErrorCode {
             ErrorCode::Stale => 19,
             ErrorCode::TooManyLinks => 20,
             ErrorCode::Io => 21,
+            ErrorCode::ReadOnly => 22,
             ErrorCode::NotLeader => 100,
             ErrorCode::Unavailable => 101,
             ErrorCode::Timeout => 102,
@@ -879,6 +989,7 @@ impl ErrorCode {
             ErrorCode::TooManyLinks => libc::EMLINK,
             ErrorCode::Timeout => libc::ETIMEDOUT,
             ErrorCode::Unauthorized => libc::EACCES,
+            ErrorCode::ReadOnly => libc::EROFS,
             ErrorCode::Io
             | ErrorCode::NotLeader
             | ErrorCode::Unavailable
@@ -902,7 +1013,7 @@ impl From<ErrorCode> for u16 {
 
 impl From<u16> for ErrorCode {
     fn from(c: u16) -> ErrorCode {
-        const KNOWN: [ErrorCode; 27] = [
+        const KNOWN: [ErrorCode; 28] = [
             ErrorCode::NotFound,
             ErrorCode::Exists,
             ErrorCode::NotDir,
@@ -930,6 +1041,7 @@ impl From<u16> for ErrorCode {
             ErrorCode::Unauthorized,
             ErrorCode::BadRequest,
             ErrorCode::Internal,
+            ErrorCode::ReadOnly,
         ];
         KNOWN.into_iter().find(|k| k.as_u16() == c).unwrap_or(ErrorCode::Unknown(c))
     }

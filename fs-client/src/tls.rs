@@ -194,6 +194,11 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
+    // Probe for datagrams up to 16 KiB: loopback and jumbo-frame links carry
+    // bulk data in far fewer packets; other paths settle at their MTU.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(16_384);
+    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
 

@@ -328,3 +328,47 @@ async fn full_disks_give_enospc_not_corruption() {
     drop(cluster);
     drop(disks);
 }
+
+/// Goal: bytes cut off by a truncate never come back, whatever mix of
+/// buffered writes below and past the end follows, and a read sees the
+/// size that buffered writes past the end give (found by fsx).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gaps_left_by_buffered_writes_read_as_zeros() {
+    init_logging();
+    let cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let ino = create(&c, ROOT_INO, "gaps").await;
+
+    phase("64 KiB of X, truncate to 4 KiB, then one byte at 0 and one at 32 KiB in one flush");
+    f.write(ino, 0, Bytes::from(vec![b'X'; 65536])).await.unwrap();
+    f.fsync(ino).await.unwrap();
+    f.truncate(ino, 4096).await.unwrap();
+    f.write(ino, 0, Bytes::from_static(b"a")).await.unwrap();
+    f.write(ino, 32768, Bytes::from_static(b"b")).await.unwrap();
+    f.flush(ino).await.unwrap();
+    let mut want = vec![b'X'; 4096];
+    want[0] = b'a';
+    want.resize(32768, 0);
+    want.push(b'b');
+    assert!(read_all(&cluster.files(), ino).await == want, "truncated bytes came back");
+
+    phase("both writes past the end: the gap between them reads as zeros");
+    f.truncate(ino, 4096).await.unwrap();
+    f.write(ino, 8192, Bytes::from_static(b"c")).await.unwrap();
+    f.write(ino, 32768, Bytes::from_static(b"d")).await.unwrap();
+    f.flush(ino).await.unwrap();
+    let mut want = want[..4096].to_vec();
+    want.resize(8192, 0);
+    want.push(b'c');
+    want.resize(32768, 0);
+    want.push(b'd');
+    assert!(read_all(&cluster.files(), ino).await == want, "gap between writes past the end not zero");
+
+    phase("a buffered write past the end: a read of the gap, before any flush, gets zeros of full length");
+    let g = create(&c, ROOT_INO, "gap2").await;
+    f.write(g, 8192, Bytes::from(vec![b'b'; 4096])).await.unwrap();
+    let got = f.read(g, 0, 4096).await.unwrap();
+    assert_eq!(got.len(), 4096, "short read inside the file");
+    assert!(got.iter().all(|b| *b == 0));
+    assert_eq!(f.size(g).await.unwrap(), 12288);
+}

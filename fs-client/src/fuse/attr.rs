@@ -107,6 +107,7 @@ pub fn is_expected(e: &ClientError) -> bool {
             | NoSpace
             | NotSupported
             | TooManyLinks
+            | ReadOnly
     )
 }
 

@@ -12,9 +12,21 @@
 //!   longer time) never serves data that may have moved on.
 //! - Scrubs: re-reads everything at a bounded rate and reports corrupt
 //!   replicas, which the leader replaces.
+//! - Copy-on-write: a write or zero naming an `origin` for a chunk this
+//!   server lacks first copies the local replica of the origin
+//!   ([`store::Missing::CopyFrom`]), so a clone's first write moves no data
+//!   over the network.
+//! - Fencing: every write and zero of a chunk holds its barrier (shared)
+//!   from the version check to the last replica's answer, and checks the
+//!   version before forwarding; a version raise takes the barrier alone.
+//!   Raised at the chain head first, a chunk then refuses every write made
+//!   with an older layout, and no write accepted before reaches only part
+//!   of the chain. A raise of a chunk this server lacks is remembered (in
+//!   memory, bounded), so a late write cannot create it at the old version.
 
 pub mod store;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,7 +43,7 @@ use fs_client::tls::{self, Identity};
 use fs_client::{ClientConfig, MetaClient};
 
 use crate::metrics::Metrics;
-use store::{ChunkStore, ChunkStoreError, StoreOptions};
+use store::{ChunkStore, ChunkStoreError, Missing, StoreOptions};
 
 /// How long a request header may take to arrive.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +53,8 @@ const MIN_COPY_BYTES_PER_SEC: u64 = 4 << 20;
 const COPY_QUEUE: usize = 16;
 /// Size of those buffers.
 const COPY_BUF: usize = 1 << 20;
+/// Version raises of absent chunks remembered at most (see [`Fences`]).
+const MAX_FENCE_MARKS: usize = 1 << 20;
 
 /// Settings of a chunk server.
 #[derive(Debug, Clone)]
@@ -72,6 +86,90 @@ struct Server {
     id: Arc<AtomicU64>,
     fenced: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    barriers: Arc<Barriers>,
+    marks: Arc<Fences>,
+}
+
+/// Per-chunk barriers between chained writes (shared, held until the
+/// whole chain answered) and version raises (exclusive). Entries live
+/// while somebody holds or waits for them.
+#[derive(Default)]
+struct Barriers {
+    map: std::sync::Mutex<HashMap<ChunkId, Arc<tokio::sync::RwLock<()>>>>,
+}
+
+/// Held only to be dropped.
+enum BarrierHold {
+    Shared { _guard: tokio::sync::OwnedRwLockReadGuard<()> },
+    Exclusive { _guard: tokio::sync::OwnedRwLockWriteGuard<()> },
+}
+
+/// A held barrier; dropping it releases it (and the entry when idle).
+struct Barrier<'a> {
+    owner: &'a Barriers,
+    chunk: ChunkId,
+    lock: Arc<tokio::sync::RwLock<()>>,
+    hold: Option<BarrierHold>,
+}
+
+impl Barriers {
+    fn entry(&self, chunk: ChunkId) -> Arc<tokio::sync::RwLock<()>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).entry(chunk).or_default().clone()
+    }
+
+    async fn shared(&self, chunk: ChunkId) -> Barrier<'_> {
+        let lock = self.entry(chunk);
+        let hold = BarrierHold::Shared { _guard: lock.clone().read_owned().await };
+        Barrier { owner: self, chunk, lock, hold: Some(hold) }
+    }
+
+    async fn exclusive(&self, chunk: ChunkId) -> Barrier<'_> {
+        let lock = self.entry(chunk);
+        let hold = BarrierHold::Exclusive { _guard: lock.clone().write_owned().await };
+        Barrier { owner: self, chunk, lock, hold: Some(hold) }
+    }
+}
+
+impl Drop for Barrier<'_> {
+    fn drop(&mut self) {
+        let mut map = self.owner.map.lock().unwrap_or_else(|p| p.into_inner());
+        drop(self.hold.take());
+        // The map's and ours: nobody else holds or waits for it.
+        if Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.chunk);
+        }
+    }
+}
+
+/// Version raises of chunks this server did not have (allocated, never
+/// written here): a write may not create such a chunk at an older version,
+/// and a copy-on-write chunk whose origin is marked starts empty (the
+/// origin was never written). In memory and bounded: after a restart a
+/// late writer is caught only by the version of the other replicas.
+#[derive(Default)]
+struct Fences {
+    map: std::sync::Mutex<HashMap<ChunkId, u64>>,
+}
+
+impl Fences {
+    fn get(&self, chunk: ChunkId) -> Option<u64> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&chunk).copied()
+    }
+
+    fn raise(&self, chunk: ChunkId, to: u64) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_FENCE_MARKS && !map.contains_key(&chunk) {
+            if let Some(old) = map.keys().next().copied() {
+                map.remove(&old);
+            }
+        }
+        let v = map.entry(chunk).or_insert(to);
+        *v = (*v).max(to);
+    }
+
+    fn clear(&self, chunk: ChunkId) {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&chunk);
+    }
 }
 
 fn wire(e: &ChunkStoreError) -> WireError {
@@ -152,6 +250,8 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
         id: Arc::new(AtomicU64::new(id)),
         fenced: Arc::new(AtomicBool::new(false)),
         metrics: metrics.clone(),
+        barriers: Arc::default(),
+        marks: Arc::default(),
     };
     tokio::spawn(srv.clone().accept_loop(endpoint.clone()));
     tokio::spawn(srv.clone().heartbeat_loop());
@@ -225,6 +325,7 @@ impl Server {
             ChunkRequest::SetVersion { .. } => "set_version",
             ChunkRequest::Export { .. } => "export",
             ChunkRequest::Status => "status",
+            ChunkRequest::SetVersions { .. } => "set_versions",
         };
         let fenced = self.fenced.load(Ordering::Relaxed) && !matches!(req, ChunkRequest::Status);
         let result = if fenced {
@@ -245,20 +346,21 @@ impl Server {
                         Err(e) => Err(e),
                     }
                 }
-                ChunkRequest::Write { chunk, version, offset, len, chain, create } => {
-                    self.write(&mut recv, chunk, version, offset, len, chain, create).await
+                ChunkRequest::Write { chunk, version, offset, len, chain, create, origin } => {
+                    let at = Place { chunk, version, offset, origin };
+                    self.write(&mut recv, at, len, chain, create).await
                 }
-                ChunkRequest::Zero { chunk, version, offset, len, chain } => {
-                    self.zero(chunk, version, offset, len, chain).await
+                ChunkRequest::Zero { chunk, version, offset, len, chain, origin } => {
+                    self.zero(Place { chunk, version, offset, origin }, len, chain).await
                 }
                 ChunkRequest::Flush { chunks } => {
                     let store = self.store.clone();
                     blocking(move || store.flush(&chunks)).await.map(|()| ChunkReply::Done)
                 }
                 ChunkRequest::SetVersion { chunk, from, to } => {
-                    let store = self.store.clone();
-                    blocking(move || store.set_version(chunk, from, to)).await.map(|()| ChunkReply::Done)
+                    self.set_version(chunk, from, to).await.map(|()| ChunkReply::Done)
                 }
+                ChunkRequest::SetVersions { changes } => self.set_versions(changes).await,
                 ChunkRequest::Export { chunk, version } => {
                     self.export(&mut send, chunk, version).await;
                     self.metrics.observe(op, started.elapsed(), None);
@@ -306,13 +408,51 @@ impl Server {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// What to do about `at.chunk` if this server lacks it, and whether a
+    /// write at `at.version` may go on at all (checked before forwarding).
+    fn admit(&self, at: &Place, create: bool) -> Result<Missing, WireError> {
+        match self.store.version(at.chunk) {
+            Some(v) if v == at.version => return Ok(Missing::Fail),
+            Some(v) => {
+                return Err(WireError::new(
+                    ErrorCode::Stale,
+                    format!("chunk {} is at version {v}, not {}", at.chunk, at.version),
+                ))
+            }
+            None => {}
+        }
+        if let Some(mark) = self.marks.get(at.chunk).filter(|m| *m > at.version) {
+            return Err(WireError::new(
+                ErrorCode::Stale,
+                format!("chunk {} was raised to version {mark}; {} is stale", at.chunk, at.version),
+            ));
+        }
+        let Some((origin, origin_version)) = at.origin else {
+            return Ok(if create { Missing::Create } else { Missing::Fail });
+        };
+        if self.store.version(origin).is_some() {
+            return Ok(Missing::CopyFrom { origin, version: origin_version });
+        }
+        match self.marks.get(origin) {
+            // The origin was never written here: the copy starts empty.
+            Some(mark) if origin_version >= mark => Ok(Missing::Create),
+            Some(mark) => Err(WireError::new(
+                ErrorCode::Stale,
+                format!("origin chunk {origin} was raised to version {mark}; {origin_version} is stale"),
+            )),
+            // Unavailable: the client drops this replica of the copy and
+            // goes on with the others.
+            None => Err(WireError::new(
+                ErrorCode::Unavailable,
+                format!("cannot copy chunk {}: this server has no replica of its origin {origin}", at.chunk),
+            )),
+        }
+    }
+
     async fn write(
         &self,
         recv: &mut quinn::RecvStream,
-        chunk: ChunkId,
-        version: u64,
-        offset: u64,
+        at: Place,
         len: u64,
         chain: Vec<String>,
         create: bool,
@@ -326,37 +466,44 @@ impl Server {
             .map_err(|_| WireError::new(ErrorCode::Timeout, "write data did not arrive in time"))?
             .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("write data: {e}")))?;
         let data = Bytes::from(data);
+        let _barrier = self.barriers.shared(at.chunk).await;
+        let missing = self.admit(&at, create)?;
         let store = self.store.clone();
         let local_data = data.clone();
-        let local = tokio::task::spawn_blocking(move || store.write(chunk, version, offset, &local_data, create));
+        let Place { chunk, version, offset, origin } = at;
+        let local = tokio::task::spawn_blocking(move || store.write_with(chunk, version, offset, &local_data, missing));
         let downstream = async {
             if chain.is_empty() {
                 Ok(())
             } else {
-                self.peers.write(&chain, chunk, version, offset, &data, create).await
+                self.peers.write(&chain, chunk, version, offset, &data, create, origin).await
             }
         };
         let (local, downstream) = tokio::join!(local, downstream);
         let local = local.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
-        local.map_err(|e| wire(&e))?;
+        local.map_err(|e| copy_error(&e, missing))?;
+        if missing != Missing::Fail {
+            self.marks.clear(chunk);
+        }
         chain_outcome(downstream, &chain)
     }
 
-    async fn zero(
-        &self,
-        chunk: ChunkId,
-        version: u64,
-        offset: u64,
-        len: u64,
-        chain: Vec<String>,
-    ) -> Result<ChunkReply, WireError> {
+    async fn zero(&self, at: Place, len: u64, chain: Vec<String>) -> Result<ChunkReply, WireError> {
+        let _barrier = self.barriers.shared(at.chunk).await;
+        // Zeroing a chunk never written here changes nothing, unless it is
+        // a copy whose origin has data.
+        let missing = match self.admit(&at, false)? {
+            m @ Missing::CopyFrom { .. } => m,
+            _ => Missing::Fail,
+        };
         let store = self.store.clone();
-        let local = tokio::task::spawn_blocking(move || store.zero(chunk, version, offset, len));
+        let Place { chunk, version, offset, origin } = at;
+        let local = tokio::task::spawn_blocking(move || store.zero_with(chunk, version, offset, len, missing));
         let downstream = async {
             if chain.is_empty() {
                 Ok(())
             } else {
-                self.peers.zero(&chain, chunk, version, offset, len).await
+                self.peers.zero(&chain, chunk, version, offset, len, origin).await
             }
         };
         let (local, downstream) = tokio::join!(local, downstream);
@@ -364,10 +511,84 @@ impl Server {
         match local {
             Ok(()) => {}
             // Never written here: reads as zeros already.
-            Err(ChunkStoreError::NotFound(_)) => {}
-            Err(e) => return Err(wire(&e)),
+            Err(ChunkStoreError::NotFound(c)) if c == chunk => {}
+            Err(e) => return Err(copy_error(&e, missing)),
         }
         chain_outcome(downstream, &chain)
+    }
+
+    /// Raises (or, for an abandoned repair seal, lowers) a chunk's version
+    /// once the writes in flight on it are done. A raise of a chunk this
+    /// server lacks is remembered.
+    async fn set_version(&self, chunk: ChunkId, from: u64, to: u64) -> Result<(), WireError> {
+        let _barrier = self.barriers.exclusive(chunk).await;
+        let store = self.store.clone();
+        match blocking(move || store.set_version(chunk, from, to)).await {
+            Err(e) if e.code == ErrorCode::NotFound && to > from => {
+                self.marks.raise(chunk, to);
+                Err(e)
+            }
+            r => r,
+        }
+    }
+
+    /// [`ChunkRequest::SetVersions`]: the fences of a clone. The barriers
+    /// of every chunk named are taken (in id order, so two batches cannot
+    /// deadlock), the versions raised, each directory synced once, and only
+    /// then are writes let through again.
+    async fn set_versions(&self, changes: Vec<VersionChange>) -> Result<ChunkReply, WireError> {
+        if changes.len() > MAX_SET_VERSIONS {
+            return Err(WireError::new(
+                ErrorCode::TooBig,
+                format!("{} version changes in one request (at most {MAX_SET_VERSIONS})", changes.len()),
+            ));
+        }
+        let chunks: std::collections::BTreeSet<ChunkId> = changes.iter().map(|c| c.chunk).collect();
+        let mut held = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            held.push(self.barriers.exclusive(chunk).await);
+        }
+        let mut results: Vec<Result<(), WireError>> = Vec::with_capacity(changes.len());
+        let mut raise = Vec::new();
+        for (i, c) in changes.iter().enumerate() {
+            results.push(Ok(()));
+            if c.to <= c.from {
+                results[i] = Err(WireError::new(ErrorCode::Invalid, format!("a fence raises: {} -> {}", c.from, c.to)));
+                continue;
+            }
+            match self.store.version(c.chunk) {
+                // Raised already (a later clone got here first).
+                Some(v) if v >= c.to => {}
+                Some(_) => raise.push((i, (c.chunk, c.from, c.to))),
+                None => match c.origin {
+                    None => self.marks.raise(c.chunk, c.to),
+                    // A copy-on-write chunk not written here yet: make it
+                    // now, so the chunk the clone shares exists.
+                    Some(origin) => {
+                        let at = Place { chunk: c.chunk, version: c.to, offset: 0, origin: Some(origin) };
+                        results[i] = match self.admit(&at, false) {
+                            Ok(missing) => {
+                                let (store, chunk, to) = (self.store.clone(), c.chunk, c.to);
+                                blocking(move || store.zero_with(chunk, to, 0, 0, missing)).await
+                            }
+                            Err(e) => Err(e),
+                        };
+                    }
+                },
+            }
+        }
+        if !raise.is_empty() {
+            let store = self.store.clone();
+            let list: Vec<(ChunkId, u64, u64)> = raise.iter().map(|(_, c)| *c).collect();
+            let done = tokio::task::spawn_blocking(move || store.set_versions(&list))
+                .await
+                .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+            for ((i, _), r) in raise.iter().zip(done) {
+                results[*i] = r.map_err(|e| wire(&e));
+            }
+        }
+        drop(held);
+        Ok(ChunkReply::Versions(results))
     }
 
     /// Streams a replica for a repair. Writes wait until the copy is
@@ -517,8 +738,7 @@ impl Server {
                     }
                 }
                 ServerCommand::SetVersion { chunk, from, to } => {
-                    let store = self.store.clone();
-                    if let Err(e) = blocking(move || store.set_version(chunk, from, to)).await {
+                    if let Err(e) = self.set_version(chunk, from, to).await {
                         tracing::warn!(chunk, error = %e, "version raise failed");
                     }
                 }
@@ -635,6 +855,28 @@ impl Server {
             }
         }
     }
+}
+
+/// A local write's error. A copy-on-write copy that failed on a bad block
+/// of the origin is this replica's trouble (`Unavailable`): the client
+/// drops it from the new chunk and goes on with the others (scrub finds and
+/// replaces the origin's bad block on its own).
+fn copy_error(e: &ChunkStoreError, missing: Missing) -> WireError {
+    match (e, missing) {
+        (ChunkStoreError::Corrupt { id, .. }, Missing::CopyFrom { origin, .. }) if *id == origin => {
+            WireError::new(ErrorCode::Unavailable, format!("copy-on-write failed: {e}"))
+        }
+        _ => wire(e),
+    }
+}
+
+/// Where a write or zero goes: chunk, version, offset, and the origin of a
+/// copy-on-write chunk.
+struct Place {
+    chunk: ChunkId,
+    version: u64,
+    offset: u64,
+    origin: Option<(ChunkId, u64)>,
 }
 
 /// The reply to a chained write or zero, from the downstream outcome.

@@ -109,7 +109,22 @@
 //! holds it exclusively, blocking writes but not reads or export), and the
 //! group-commit state of `flush`. Lock order: gate, io, then the short-lived
 //! index, file-cache and flush mutexes. Do not write to a chunk from the
-//! thread that holds its [`ChunkGuard`]: that deadlocks.
+//! thread that holds its [`ChunkGuard`]: that deadlocks. A copy-on-write
+//! copy ([`Missing::CopyFrom`]) holds the new chunk's gate and io lock and
+//! then takes its origin's io lock shared; the origin always has the smaller
+//! id (it was allocated first), so such pairs cannot form a cycle.
+//!
+//! # Copy-on-write
+//!
+//! A chunk shared by clones is never written in place: its writer gets a
+//! new chunk whose first write names the old one as its origin. The store
+//! then builds the new chunk from its own replica of the origin in `tmp/`:
+//! the origin's written blocks are copied with `copy_file_range` (in the
+//! kernel; shared extents on filesystems with reflinks), read back and
+//! checked against the origin's table, given table entries for the new id,
+//! and the file is fdatasynced and renamed in (and its directory synced)
+//! before the write applies. A crash before the rename leaves only a temp
+//! file; after it the copy is complete and durable.
 //!
 //! # Memory
 //!
@@ -177,6 +192,18 @@ const LOCK_FILE: &str = "lock";
 
 /// Index flag: written since the last fdatasync started.
 const FLAG_DIRTY: u32 = 1;
+
+/// What a write or zero does to a chunk this store does not have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Missing {
+    /// Fail with `NotFound`.
+    Fail,
+    /// Create it, empty, at the write's version.
+    Create,
+    /// Copy-on-write: make it from this store's replica of `origin`, which
+    /// must be at exactly `version` (see [`ChunkStore::write_with`]).
+    CopyFrom { origin: ChunkId, version: u64 },
+}
 
 /// Configuration of a [`ChunkStore`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -438,6 +465,47 @@ fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
 
 fn is_unsupported(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS))
+}
+
+/// Copies `len` bytes at `off` of `src` to the same offset of `dst`, in the
+/// kernel (`copy_file_range`: no copy through user space, and a shared
+/// extent where the filesystem has reflinks), else through a buffer.
+fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
+    let bad = || io::Error::from(io::ErrorKind::InvalidInput);
+    let (mut off_in, mut off_out) =
+        (libc::loff_t::try_from(off).map_err(|_| bad())?, libc::loff_t::try_from(off).map_err(|_| bad())?);
+    let mut left = len;
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(1 << 30);
+        // SAFETY: both descriptors are owned by the `File`s, which outlive the call; the offsets
+        // are valid, writable loff_t values the kernel advances.
+        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0) };
+        if n > 0 {
+            left -= n as u64;
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        if n < 0 && e.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        let unsupported =
+            n == 0 || matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP));
+        if !unsupported {
+            return Err(e);
+        }
+        // Not possible here: copy the rest through a buffer.
+        let done = len - left;
+        let mut buf = vec![0u8; (left.min(BATCH_BYTES)) as usize];
+        let mut at = off + done;
+        while at < off + len {
+            let k = ((off + len - at) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..k], at)?;
+            dst.write_all_at(&buf[..k], at)?;
+            at += k as u64;
+        }
+        return Ok(());
+    }
+    Ok(())
 }
 
 /// (total, available to unprivileged users) bytes of the filesystem holding `file`.
@@ -864,13 +932,34 @@ impl ChunkStore {
     /// `create`, a missing chunk is created at `version` first. Not durable
     /// until [`flush`](Self::flush).
     pub fn write(&self, id: ChunkId, version: u64, offset: u64, data: &[u8], create: bool) -> Result<()> {
-        self.modify(id, version, offset, data.len() as u64, Src::Data(data), create)
+        let missing = if create { Missing::Create } else { Missing::Fail };
+        self.modify(id, version, offset, data.len() as u64, Src::Data(data), missing)
+    }
+
+    /// [`write`](Self::write), saying what to do if the chunk is missing.
+    /// With [`Missing::CopyFrom`] the chunk is first made a copy of the
+    /// local replica of its origin: the origin's written blocks are copied
+    /// in the kernel, read back and checked against the origin's
+    /// checksums, given checksums bound to the new id, and the file is
+    /// synced and renamed in before the write applies, so the copy is
+    /// never torn and survives a crash. An origin that is missing or at
+    /// another version fails the write (`NotFound`, `VersionMismatch`); a
+    /// block failing its check is `Corrupt` (naming the origin). The copy
+    /// must have a larger id than its origin (it was allocated later),
+    /// which orders the two chunks' locks.
+    pub fn write_with(&self, id: ChunkId, version: u64, offset: u64, data: &[u8], missing: Missing) -> Result<()> {
+        self.modify(id, version, offset, data.len() as u64, Src::Data(data), missing)
     }
 
     /// Makes a range read as zeros. Whole blocks become never-written and
     /// their space is freed; partial blocks are rewritten.
     pub fn zero(&self, id: ChunkId, version: u64, offset: u64, len: u64) -> Result<()> {
-        self.modify(id, version, offset, len, Src::Zeros, false)
+        self.modify(id, version, offset, len, Src::Zeros, Missing::Fail)
+    }
+
+    /// [`zero`](Self::zero) with [`Missing`] as for [`write_with`](Self::write_with).
+    pub fn zero_with(&self, id: ChunkId, version: u64, offset: u64, len: u64, missing: Missing) -> Result<()> {
+        self.modify(id, version, offset, len, Src::Zeros, missing)
     }
 
     /// Makes every completed write to these chunks durable. Concurrent
@@ -892,12 +981,47 @@ impl ChunkStore {
     /// (and then fsyncs the directory again, so a retry after an error is
     /// durable); `VersionMismatch` if it is at neither.
     pub fn set_version(&self, id: ChunkId, from: u64, to: u64) -> Result<()> {
+        self.rename_version(id, from, to)?;
+        fsync_dir(&self.chunk_dir(id))
+    }
+
+    /// Many [`set_version`](Self::set_version)s: every rename first, then
+    /// one fsync per directory touched (a clone's fences cost a sync per
+    /// directory, not per chunk). One result per change, in order.
+    pub fn set_versions(&self, changes: &[(ChunkId, u64, u64)]) -> Vec<Result<()>> {
+        let mut results = Vec::with_capacity(changes.len());
+        let mut dirs: BTreeMap<PathBuf, Vec<usize>> = BTreeMap::new();
+        for (i, &(id, from, to)) in changes.iter().enumerate() {
+            let r = self.rename_version(id, from, to);
+            if r.is_ok() {
+                dirs.entry(self.chunk_dir(id)).or_default().push(i);
+            }
+            results.push(r);
+        }
+        for (dir, touched) in dirs {
+            if let Err(e) = fsync_dir(&dir) {
+                let kind = match &e {
+                    ChunkStoreError::Io { source, .. } => source.kind(),
+                    _ => io::ErrorKind::Other,
+                };
+                for i in touched {
+                    results[i] = Err(ChunkStoreError::Io {
+                        context: format!("fsync directory {}", dir.display()),
+                        source: io::Error::new(kind, e.to_string()),
+                    });
+                }
+            }
+        }
+        results
+    }
+
+    /// The rename of [`set_version`](Self::set_version), without the directory fsync.
+    fn rename_version(&self, id: ChunkId, from: u64, to: u64) -> Result<()> {
         let locks = self.locks.get(id);
         let _io = write_lock(&locks.io);
         let entry = self.entry(id).ok_or(ChunkStoreError::NotFound(id))?;
-        let dir = self.chunk_dir(id);
         if entry.version == to {
-            return fsync_dir(&dir);
+            return Ok(());
         }
         if entry.version != from {
             return Err(ChunkStoreError::VersionMismatch { id, have: entry.version, want: from });
@@ -906,7 +1030,7 @@ impl ChunkStore {
         fs::rename(&old, &new).map_err(|e| io_err(format!("rename {}", old.display()), e))?;
         write_lock(&self.index).insert(id, IndexEntry { version: to, ..entry });
         debug!(chunk = %Hex(id), from, to, "version changed");
-        fsync_dir(&dir)
+        Ok(())
     }
 
     /// Deletes chunk `id`; a missing chunk is not an error.
@@ -1236,20 +1360,23 @@ fn read_error(id: ChunkId, block: u64, context: &str, e: io::Error) -> ChunkStor
 // Internals: the write path.
 impl ChunkStore {
     /// Write or zero `len` bytes at `offset`: see "Writes and crashes" in the module docs.
-    fn modify(&self, id: ChunkId, version: u64, offset: u64, len: u64, src: Src<'_>, create: bool) -> Result<()> {
+    fn modify(&self, id: ChunkId, version: u64, offset: u64, len: u64, src: Src<'_>, missing: Missing) -> Result<()> {
         self.check_range(offset, len)?;
         let locks = self.locks.get(id);
         let _gate = locks.gate.shared();
         let _io = write_lock(&locks.io);
-        let file = match self.entry(id) {
-            Some(e) if e.version == version => self.file(id, version)?,
-            Some(e) => return Err(ChunkStoreError::VersionMismatch { id, have: e.version, want: version }),
-            None if create => {
+        let file = match (self.entry(id), missing) {
+            (Some(e), _) if e.version == version => self.file(id, version)?,
+            (Some(e), _) => return Err(ChunkStoreError::VersionMismatch { id, have: e.version, want: version }),
+            (None, Missing::Create) => {
                 // Refuse before creating, so a write that cannot fit leaves no empty chunk behind.
                 self.check_space(self.geo.data_off + len.div_ceil(self.geo.block_size) * self.geo.block_size)?;
                 self.create_chunk(id, version)?
             }
-            None => return Err(ChunkStoreError::NotFound(id)),
+            (None, Missing::CopyFrom { origin, version: origin_version }) => {
+                self.copy_chunk(id, version, origin, origin_version)?
+            }
+            (None, Missing::Fail) => return Err(ChunkStoreError::NotFound(id)),
         };
         if len == 0 {
             return Ok(());
@@ -1478,6 +1605,101 @@ impl ChunkStore {
         let file = Arc::new(file);
         lock(&self.files).insert(id, file.clone());
         debug!(chunk = %Hex(id), version, "chunk created");
+        Ok(file)
+    }
+}
+
+// Internals: copy-on-write.
+impl ChunkStore {
+    /// Makes chunk `id` at `version` a copy of chunk `origin` at
+    /// `origin_version` (see [`ChunkStore::write_with`]). Call with the io
+    /// lock of `id` held exclusively; takes the origin's io lock shared
+    /// (a copy is always newer than its origin, so locks go from larger to
+    /// smaller ids and cannot form a cycle).
+    fn copy_chunk(&self, id: ChunkId, version: u64, origin: ChunkId, origin_version: u64) -> Result<Arc<File>> {
+        if origin >= id {
+            return Err(ChunkStoreError::BadInput(format!(
+                "chunk {} cannot be a copy of chunk {}: a copy is newer than its origin",
+                Hex(id),
+                Hex(origin)
+            )));
+        }
+        let g = self.geo;
+        let bs = g.bs();
+        let olocks = self.locks.get(origin);
+        let _oio = read_lock(&olocks.io);
+        self.checked_entry(origin, origin_version)?;
+        let src = self.file(origin, origin_version)?;
+        let old = self.read_table(&src, origin, 0, g.n_blocks as usize)?;
+        let written = old.iter().filter(|s| **s != ZERO_SUM).count() as u64;
+        self.check_space(g.data_off + written * g.block_size)?;
+        let tmp = self.tmp_path(id, version);
+        let build = || -> Result<File> {
+            let ctx = |what: &str| format!("{what} copy file {}", tmp.display());
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| io_err(ctx("create"), e))?;
+            f.set_len(g.file_len()).map_err(|e| io_err(ctx("size"), e))?;
+            let written_runs = runs(old.len(), |i| old[i] != ZERO_SUM);
+            for &(s, e) in &written_runs {
+                copy_range(&src, &f, g.block_off(s as u64), (e - s) as u64 * g.block_size)
+                    .map_err(|e| io_err(ctx("copy into"), e))?;
+            }
+            // Read the copy back: every block must match the origin's
+            // checksum (a torn copy or a bad origin block is caught here),
+            // then gets its checksum bound to the new id.
+            let mut new = vec![ZERO_SUM; old.len()];
+            let per_batch = ((BATCH_BYTES / g.block_size).max(1)) as usize;
+            let mut buf = vec![0u8; per_batch * bs];
+            for &(s, e) in &written_runs {
+                let mut b = s;
+                while b < e {
+                    let k = per_batch.min(e - b);
+                    let data = &mut buf[..k * bs];
+                    f.read_exact_at(data, g.block_off(b as u64)).map_err(|e| io_err(ctx("read back"), e))?;
+                    for i in 0..k {
+                        let block = (b + i) as u64;
+                        let d = &data[i * bs..(i + 1) * bs];
+                        if block_sum(origin, block, d) != old[b + i] {
+                            return Err(ChunkStoreError::Corrupt { id: origin, block });
+                        }
+                        new[b + i] = block_sum(id, block, d);
+                    }
+                    b += k;
+                }
+            }
+            let mut head = vec![0u8; g.data_off as usize];
+            head[..HEADER_SIZE as usize].copy_from_slice(&encode_header(id, &g));
+            head[HEADER_SIZE as usize..HEADER_SIZE as usize + new.len() * SUM_SIZE as usize]
+                .copy_from_slice(new.as_flattened());
+            f.write_all_at(&head, 0).map_err(|e| io_err(ctx("write header of"), e))?;
+            f.sync_data().map_err(|e| io_err(ctx("sync"), e))?;
+            Ok(f)
+        };
+        let path = self.chunk_path(id, version);
+        let file = build().and_then(|f| {
+            fs::rename(&tmp, &path).map_err(|e| io_err(format!("rename into {}", path.display()), e))?;
+            Ok(f)
+        });
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        if let Err(e) = fsync_dir(&self.chunk_dir(id)) {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        let sectors = sectors_of(&file).unwrap_or(0);
+        write_lock(&self.index).insert(id, IndexEntry { version, sectors, flags: 0 });
+        let file = Arc::new(file);
+        lock(&self.files).insert(id, file.clone());
+        debug!(chunk = %Hex(id), version, origin = %Hex(origin), origin_version, blocks = written, "chunk copied from its origin");
         Ok(file)
     }
 }
@@ -2653,5 +2875,123 @@ mod tests {
         check(&store, &b);
         drop(store);
         drop(fs_guard);
+    }
+
+    /// Goal: a copy-on-write chunk made on the first write holds the
+    /// origin's bytes with its own checksums (it survives a reopen and a
+    /// full scrub), takes the write on top, and leaves the origin as it was;
+    /// holes stay holes.
+    #[test]
+    fn copy_from_origin_then_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = small();
+        let bs = opts.block_size as usize;
+        let store = ChunkStore::open(dir.path(), opts.clone()).unwrap();
+        let mut origin = vec![0u8; MIB as usize];
+        // Blocks 0..3 and 9 written; the rest never.
+        for (off, len, seed) in [(0, 3 * bs, 1), (9 * bs, bs, 2)] {
+            let d = pattern(seed, len);
+            store.write(5, 2, off as u64, &d, true).unwrap();
+            origin[off..off + len].copy_from_slice(&d);
+        }
+        let used_origin = store.used_bytes();
+        let patch = pattern(3, 100);
+        let missing = Missing::CopyFrom { origin: 5, version: 2 };
+        store.write_with(9, 1, 70_000, &patch, missing).unwrap();
+        let mut copy = origin.clone();
+        copy[70_000..70_100].copy_from_slice(&patch);
+        assert_eq!(store.read(9, 1, 0, MIB).unwrap(), copy);
+        assert_eq!(store.read(5, 2, 0, MIB).unwrap(), origin, "the origin is untouched");
+        // Holes of the origin stay holes in the copy: about as much space as the origin.
+        assert!(store.used_bytes() <= 2 * used_origin + 2 * opts.block_size, "{} vs {used_origin}", store.used_bytes());
+        // Once made, the origin is not consulted again (even if it goes).
+        store.delete(5).unwrap();
+        store.write_with(9, 1, 0, &[7], missing).unwrap();
+        copy[0] = 7;
+        drop(store);
+        let store = ChunkStore::open(dir.path(), opts).unwrap();
+        assert_eq!(store.read(9, 1, 0, MIB).unwrap(), copy);
+        let report = store.scrub(u64::MAX);
+        assert!(report.corrupt.is_empty() && report.pass_completed, "{report:?}");
+        assert_eq!(count_files(&dir.path().join(TMP_DIR)), 0);
+    }
+
+    /// Goal: a copy refuses a missing or stale origin and an origin that is
+    /// not older, and a bad origin block fails the copy without leaving
+    /// anything behind; zeroing a copy also copies first.
+    #[test]
+    fn copy_from_origin_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), small()).unwrap();
+        let d = pattern(4, 200 * KIB as usize);
+        store.write(3, 1, 0, &d, true).unwrap();
+        let from = |origin, version| Missing::CopyFrom { origin, version };
+        assert!(matches!(store.write_with(8, 1, 0, &[1], from(4, 1)), Err(ChunkStoreError::NotFound(4))));
+        assert!(matches!(
+            store.write_with(8, 1, 0, &[1], from(3, 2)),
+            Err(ChunkStoreError::VersionMismatch { id: 3, have: 1, want: 2 })
+        ));
+        assert!(matches!(store.write_with(2, 1, 0, &[1], from(3, 1)), Err(ChunkStoreError::BadInput(_))));
+        assert!(store.version(8).is_none() && store.version(2).is_none());
+        // Zero with an origin: the copy has the origin's other bytes.
+        store.zero_with(8, 1, 10, 20, from(3, 1)).unwrap();
+        let mut want = d.clone();
+        want[10..30].fill(0);
+        assert_eq!(store.read(8, 1, 0, d.len() as u64).unwrap(), want);
+        // A damaged origin block: Corrupt, naming the origin; no copy made.
+        let path = chunk_file(dir.path(), 3, 1);
+        flip_byte(&path, data_off(&small()) + 64 * KIB + 5);
+        assert!(matches!(
+            store.write_with(12, 1, 0, &[1], from(3, 1)),
+            Err(ChunkStoreError::Corrupt { id: 3, block: 1 })
+        ));
+        assert!(store.version(12).is_none());
+        assert_eq!(count_files(&dir.path().join(TMP_DIR)), 0);
+    }
+
+    /// Goal: many writers to a copy not made yet: one makes it, every write
+    /// lands (the copy is made once, under the chunk's lock).
+    #[test]
+    fn concurrent_first_writes_make_one_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ChunkStore::open(dir.path(), small()).unwrap());
+        let base = pattern(6, MIB as usize);
+        store.write(1, 1, 0, &base, true).unwrap();
+        let threads: Vec<_> = (0..8u64)
+            .map(|i| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let d = vec![i as u8 + 1; 1000];
+                    store.write_with(2, 1, i * 100_000, &d, Missing::CopyFrom { origin: 1, version: 1 }).unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut want = base;
+        for i in 0..8usize {
+            want[i * 100_000..i * 100_000 + 1000].fill(i as u8 + 1);
+        }
+        assert_eq!(store.read(2, 1, 0, MIB).unwrap(), want);
+    }
+
+    /// Goal: a batch of version changes: each as set_version would, one
+    /// result per change.
+    #[test]
+    fn set_versions_in_a_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), tiny()).unwrap();
+        for id in 1..=3 {
+            store.write(id, 1, 0, &[id as u8], true).unwrap();
+        }
+        let r = store.set_versions(&[(1, 1, 2), (2, 5, 6), (3, 1, 3), (4, 1, 2), (3, 1, 3)]);
+        assert!(r[0].is_ok() && r[2].is_ok() && r[4].is_ok(), "{r:?}");
+        assert!(matches!(r[1], Err(ChunkStoreError::VersionMismatch { id: 2, .. })));
+        assert!(matches!(r[3], Err(ChunkStoreError::NotFound(4))));
+        assert_eq!((store.version(1), store.version(2), store.version(3)), (Some(2), Some(1), Some(3)));
+        drop(store);
+        let store = ChunkStore::open(dir.path(), tiny()).unwrap();
+        assert_eq!(store.read(3, 3, 0, 1).unwrap(), vec![3]);
     }
 }

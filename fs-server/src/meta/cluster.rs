@@ -387,7 +387,9 @@ impl DataManager {
             let mut lost = Vec::new();
             kv.scan(&[keys::CHUNK], &[keys::CHUNK + 1], &mut |k, v| {
                 if let (Some(id), Ok(rec)) = (keys::chunk_id(k), dec::<ChunkRec>(v)) {
+                    // A copy-on-write chunk not written yet exists nowhere.
                     if rec.replicas.contains(&server)
+                        && rec.origin.is_none()
                         && !held_set.contains(&id)
                         && now_secs.saturating_sub(rec.born_secs) > LOST_GRACE_SECS
                     {
@@ -534,6 +536,11 @@ impl DataManager {
             kv.scan(&[keys::CHUNK], &[keys::CHUNK + 1], &mut |k, v| {
                 let (Some(id), Ok(rec)) = (keys::chunk_id(k), dec::<ChunkRec>(v)) else { return true };
                 total += 1;
+                if rec.origin.is_some() {
+                    // Copy-on-write, not written yet: no replica holds it to
+                    // copy from; its writer makes it on every replica.
+                    return true;
+                }
                 let live: Vec<ServerId> = rec.replicas.iter().copied().filter(|s| !dead.contains(s)).collect();
                 if live.is_empty() {
                     lost += 1;

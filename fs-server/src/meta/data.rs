@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use fs_client::proto::*;
 use raft::KvError;
 
-use super::fsm::{dec, err, get_counter, ChunkRec, Fail, InodeRec, Plan, ServerRec, Work, CHUNK_BYTES};
+use super::fsm::{dec, err, get_counter, writable, ChunkRec, Fail, InodeRec, Plan, ServerRec, Work, CHUNK_BYTES};
 use super::keys;
 
 /// Most inodes a new quota may have to count below its directory. Larger
@@ -46,7 +46,9 @@ pub fn load_file_chunk(kv: &dyn raft::KvRead, ino: Ino, index: u64) -> Result<Op
     }
 }
 
-/// A chunk's location with its servers' addresses.
+/// A chunk's location with its servers' addresses. The origin of a
+/// copy-on-write chunk is given at the origin's current version (a clone
+/// or a repair may have raised it since the copy was made).
 pub fn location(kv: &dyn raft::KvRead, index: u64, chunk: ChunkId, rec: &ChunkRec) -> Result<ChunkLocation, KvError> {
     let mut replicas = Vec::with_capacity(rec.replicas.len());
     for s in &rec.replicas {
@@ -54,7 +56,40 @@ pub fn location(kv: &dyn raft::KvRead, index: u64, chunk: ChunkId, rec: &ChunkRe
             replicas.push(ReplicaInfo { server: srv.id, addr: srv.addr, topology: srv.topology });
         }
     }
-    Ok(ChunkLocation { index, chunk, version: rec.version, replicas })
+    let origin = match rec.origin {
+        Some(o) => load_chunk(kv, o)?.map(|oc| (o, oc.version)),
+        None => None,
+    };
+    Ok(ChunkLocation { index, chunk, version: rec.version, replicas, shared: rec.refs > 1, origin })
+}
+
+/// [`location`] seeing the operation's planned changes.
+pub(super) fn planned_location(w: &mut Work<'_>, index: u64, chunk: ChunkId, rec: &ChunkRec) -> Plan<ChunkLocation> {
+    let mut loc = location(w.kv, index, chunk, rec)?;
+    loc.origin = match rec.origin {
+        Some(o) => w.chunk(o)?.map(|oc| (o, oc.version)),
+        None => None,
+    };
+    Ok(loc)
+}
+
+/// Drops one reference to a chunk; at zero it leaves the chunk map (its
+/// servers delete it when they next report) and releases its origin.
+pub(super) fn release_chunk(w: &mut Work<'_>, id: ChunkId) -> Plan<()> {
+    let mut next = Some(id);
+    // Each step frees one chunk; origins always have smaller ids, so the
+    // walk ends.
+    while let Some(id) = next.take() {
+        let Some(mut c) = w.chunk(id)? else { return Ok(()) };
+        c.refs = c.refs.saturating_sub(1);
+        if c.refs == 0 {
+            w.p.chunks.insert(id, None);
+            next = c.origin.filter(|o| *o < id);
+        } else {
+            w.p.chunks.insert(id, Some(c));
+        }
+    }
+    Ok(())
 }
 
 /// Locations of chunks `first..first+count` of a file (holes left out).
@@ -75,7 +110,7 @@ pub fn layout(kv: &dyn raft::KvRead, rec: &InodeRec, first: u64, count: u64) -> 
             chunks.push(location(kv, index, id, &c)?);
         }
     }
-    Ok(Layout { attr: rec.attr.clone(), chunk_bytes: chunk_bytes(kv)?, chunks })
+    Ok(Layout { attr: rec.attr.clone(), chunk_bytes: chunk_bytes(kv)?, chunks, read_only: rec.immutable })
 }
 
 /// The directory whose quota new inodes in `parent` are charged to.
@@ -156,19 +191,12 @@ pub(super) fn drop_chunks(w: &mut Work<'_>, ino: Ino, from: u64) -> Plan<()> {
     let chunks = w.all_file_chunks(ino)?;
     for (index, id) in chunks.range(from..) {
         w.p.file_chunks.insert((ino, *index), None);
-        if let Some(mut c) = w.chunk(*id)? {
-            c.refs = c.refs.saturating_sub(1);
-            if c.refs == 0 {
-                w.p.chunks.insert(*id, None);
-            } else {
-                w.p.chunks.insert(*id, Some(c));
-            }
-        }
+        release_chunk(w, *id)?;
     }
     Ok(())
 }
 
-fn must_file(w: &mut Work<'_>, ino: Ino) -> Plan<InodeRec> {
+pub(super) fn must_file(w: &mut Work<'_>, ino: Ino) -> Plan<InodeRec> {
     let rec = w.must_inode(ino)?;
     match rec.attr.kind {
         FileKind::File => Ok(rec),
@@ -187,9 +215,15 @@ pub(super) fn prepare_write(
     now: Timespec,
 ) -> Plan<OpReply> {
     let rec = must_file(w, ino)?;
+    writable(&rec)?;
     let cb = chunk_bytes(w.kv)?;
     if len == 0 {
-        return Ok(OpReply::Layout(Layout { attr: rec.attr, chunk_bytes: cb, chunks: Vec::new() }));
+        return Ok(OpReply::Layout(Layout {
+            attr: rec.attr,
+            chunk_bytes: cb,
+            chunks: Vec::new(),
+            read_only: rec.immutable,
+        }));
     }
     let end = offset
         .checked_add(len)
@@ -232,6 +266,7 @@ pub(super) fn prepare_write(
                         refs: 1,
                         goal: rec.goal,
                         born_secs: now.secs,
+                        origin: None,
                     }),
                 );
                 w.p.file_chunks.insert((ino, index), Some(id));
@@ -239,14 +274,15 @@ pub(super) fn prepare_write(
             }
         };
         let c = w.chunk(id)?.ok_or_else(|| Fail::Store(KvError(format!("chunk {id} of inode {ino} is missing"))))?;
-        chunks.push(location(w.kv, index, id, &c)?);
+        chunks.push(planned_location(w, index, id, &c)?);
     }
-    Ok(OpReply::Layout(Layout { attr: rec.attr, chunk_bytes: cb, chunks }))
+    Ok(OpReply::Layout(Layout { attr: rec.attr, chunk_bytes: cb, chunks, read_only: rec.immutable }))
 }
 
 /// [`MetaOp::ExtendSize`].
 pub(super) fn extend_size(w: &mut Work<'_>, ino: Ino, size: u64, now: Timespec) -> Plan<OpReply> {
     let mut rec = must_file(w, ino)?;
+    writable(&rec)?;
     if size > MAX_FILE_BYTES {
         return Err(Fail::Op(err(ErrorCode::TooBig, format!("a file may not exceed {MAX_FILE_BYTES} bytes"))));
     }
@@ -292,7 +328,12 @@ pub(super) fn replica_failed(
     let rec = must_file(w, ino)?;
     let cb = chunk_bytes(w.kv)?;
     let Some(id) = w.file_chunk(ino, index)? else {
-        return Ok(OpReply::Layout(Layout { attr: rec.attr, chunk_bytes: cb, chunks: Vec::new() }));
+        return Ok(OpReply::Layout(Layout {
+            attr: rec.attr,
+            chunk_bytes: cb,
+            chunks: Vec::new(),
+            read_only: rec.immutable,
+        }));
     };
     let mut c = w.chunk(id)?.ok_or_else(|| Fail::Store(KvError(format!("chunk {id} of inode {ino} is missing"))))?;
     if id == chunk && c.version == version && c.replicas.contains(&server) {
@@ -305,14 +346,15 @@ pub(super) fn replica_failed(
         c.version += 1;
         w.p.chunks.insert(id, Some(c.clone()));
     }
-    let loc = location(w.kv, index, id, &c)?;
-    Ok(OpReply::Layout(Layout { attr: rec.attr, chunk_bytes: cb, chunks: vec![loc] }))
+    let loc = planned_location(w, index, id, &c)?;
+    Ok(OpReply::Layout(Layout { attr: rec.attr, chunk_bytes: cb, chunks: vec![loc], read_only: rec.immutable }))
 }
 
 /// [`MetaOp::SetGoal`].
 pub(super) fn set_goal(w: &mut Work<'_>, ino: Ino, goal: Goal, now: Timespec) -> Plan<OpReply> {
     goal.validate()?;
     let mut rec = w.must_inode(ino)?;
+    writable(&rec)?;
     rec.goal = goal;
     rec.attr.ctime = now;
     if rec.attr.kind == FileKind::File {
@@ -331,6 +373,7 @@ pub(super) fn set_goal(w: &mut Work<'_>, ino: Ino, goal: Goal, now: Timespec) ->
 /// [`MetaOp::SetQuota`].
 pub(super) fn set_quota(w: &mut Work<'_>, ino: Ino, limits: QuotaLimits, now: Timespec) -> Plan<OpReply> {
     let mut rec = w.must_dir(ino)?;
+    writable(&rec)?;
     rec.attr.ctime = now;
     if limits.max_bytes.is_none() && limits.max_inodes.is_none() {
         // Inodes below keep pointing here; the chain simply skips a

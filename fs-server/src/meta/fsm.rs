@@ -12,6 +12,7 @@ use fs_client::proto::*;
 use raft::{KvError, KvRead, KvReadExt, StateMachineLogic, Txn};
 use serde::{Deserialize, Serialize};
 
+use super::clone;
 use super::data;
 use super::keys;
 
@@ -86,6 +87,11 @@ pub struct ChunkRec {
     /// missing from a server's report is judged lost only once the chunk is
     /// old enough for its first write to have landed.
     pub born_secs: i64,
+    /// A copy-on-write chunk not known to be written yet: its content is
+    /// this chunk's (which holds one reference for it). Its replicas make
+    /// it from their copy of the origin on the first write; until then no
+    /// replica has it, so repair and loss detection leave it alone.
+    pub origin: Option<ChunkId>,
 }
 
 /// A registered chunk server.
@@ -115,6 +121,10 @@ pub struct InodeRec {
     pub qdir: Ino,
     /// This directory's quota, if it has one.
     pub quota: Option<QuotaUsage>,
+    /// Part of a snapshot: data, attributes and entries never change
+    /// (`ReadOnly`). Its entry in a writable directory may still be renamed
+    /// or removed.
+    pub immutable: bool,
 }
 
 /// A stored directory entry.
@@ -248,7 +258,7 @@ impl<'k> Work<'k> {
         Ok(rec)
     }
 
-    fn dentry(&mut self, parent: Ino, name: &[u8]) -> Plan<Option<DentryRec>> {
+    pub(super) fn dentry(&mut self, parent: Ino, name: &[u8]) -> Plan<Option<DentryRec>> {
         if let Some(v) = self.p.dentries.get(&(parent, name.to_vec())) {
             return Ok(*v);
         }
@@ -266,17 +276,17 @@ impl<'k> Work<'k> {
         self.p.inodes.insert(rec.attr.ino, Some(rec));
     }
 
-    fn delete_inode(&mut self, ino: Ino) {
+    pub(super) fn delete_inode(&mut self, ino: Ino) {
         self.p.inodes.insert(ino, None);
         self.p.drop_xattrs.push(ino);
         self.p.inode_delta -= 1;
     }
 
-    fn put_dentry(&mut self, parent: Ino, name: &[u8], d: DentryRec) {
+    pub(super) fn put_dentry(&mut self, parent: Ino, name: &[u8], d: DentryRec) {
         self.p.dentries.insert((parent, name.to_vec()), Some(d));
     }
 
-    fn delete_dentry(&mut self, parent: Ino, name: &[u8]) {
+    pub(super) fn delete_dentry(&mut self, parent: Ino, name: &[u8]) {
         self.p.dentries.insert((parent, name.to_vec()), None);
     }
 
@@ -447,6 +457,14 @@ pub(super) fn check_name(name: &[u8]) -> Plan<()> {
     validate_name(name).map_err(Fail::Op)
 }
 
+/// Refuses (`ReadOnly`) a change to an inode of a snapshot.
+pub(super) fn writable(rec: &InodeRec) -> Plan<()> {
+    if rec.immutable {
+        return Err(Fail::Op(err(ErrorCode::ReadOnly, format!("inode {} is part of a snapshot", rec.attr.ino))));
+    }
+    Ok(())
+}
+
 fn new_attr(ino: Ino, kind: FileKind, perm: u32, caller: Caller, gid: u32, now: Timespec, index: u64) -> Attr {
     Attr {
         ino,
@@ -474,16 +492,16 @@ fn inherit_gid(parent: &InodeRec, caller: Caller) -> u32 {
     }
 }
 
-fn touch_dir(rec: &mut InodeRec, now: Timespec) {
+pub(super) fn touch_dir(rec: &mut InodeRec, now: Timespec) {
     rec.attr.mtime = now;
     rec.attr.ctime = now;
 }
 
 /// When an operation happens: the leader's clock and the log index.
 #[derive(Debug, Clone, Copy)]
-struct Stamp {
-    now: Timespec,
-    index: u64,
+pub(super) struct Stamp {
+    pub(super) now: Timespec,
+    pub(super) index: u64,
 }
 
 /// The namespace logic plugged into Raft.
@@ -512,6 +530,7 @@ impl Namespace {
     ) -> Plan<Attr> {
         check_name(name)?;
         let mut p = w.must_dir(parent)?;
+        writable(&p)?;
         if w.dentry(parent, name)?.is_some() {
             return Err(Fail::Op(err(ErrorCode::Exists, format!("{:?} exists", String::from_utf8_lossy(name)))));
         }
@@ -533,6 +552,7 @@ impl Namespace {
             goal: p.goal,
             qdir: realm,
             quota: None,
+            immutable: false,
         };
         w.put_inode(rec);
         w.put_dentry(parent, name, DentryRec { ino, kind });
@@ -547,7 +567,7 @@ impl Namespace {
 
     /// Deletes an inode whose last link went: its chunks and xattrs go,
     /// its quotas are credited.
-    fn remove_inode(w: &mut Work<'_>, rec: &InodeRec) -> Plan<()> {
+    pub(super) fn remove_inode(w: &mut Work<'_>, rec: &InodeRec) -> Plan<()> {
         let bytes = if rec.attr.kind == FileKind::File { rec.attr.size } else { 0 };
         if rec.attr.kind == FileKind::File {
             data::drop_chunks(w, rec.attr.ino, 0)?;
@@ -575,7 +595,7 @@ impl Namespace {
     }
 
     /// Whether `ancestor` is `ino` or one of its ancestors.
-    fn is_ancestor(w: &mut Work<'_>, ancestor: Ino, mut ino: Ino) -> Plan<bool> {
+    pub(super) fn is_ancestor(w: &mut Work<'_>, ancestor: Ino, mut ino: Ino) -> Plan<bool> {
         // Depth is bounded by the number of directories; the walk ends at the root.
         for _ in 0..1_000_000 {
             if ino == ancestor {
@@ -610,8 +630,8 @@ impl Namespace {
         if flags & RENAME_NOREPLACE != 0 && flags & RENAME_EXCHANGE != 0 {
             return Err(Fail::Op(err(ErrorCode::Invalid, "RENAME_NOREPLACE and RENAME_EXCHANGE together")));
         }
-        w.must_dir(parent)?;
-        w.must_dir(new_parent)?;
+        writable(&w.must_dir(parent)?)?;
+        writable(&w.must_dir(new_parent)?)?;
         let src = w
             .dentry(parent, name)?
             .ok_or_else(|| err(ErrorCode::NotFound, format!("{:?} does not exist", String::from_utf8_lossy(name))))?;
@@ -640,7 +660,9 @@ impl Namespace {
             w.put_dentry(new_parent, new_name, src);
             for (moved, from, to) in [(src, parent, new_parent), (dst, new_parent, parent)] {
                 let mut rec = w.must_inode(moved.ino)?;
-                rec.attr.ctime = now;
+                if !rec.immutable {
+                    rec.attr.ctime = now;
+                }
                 if moved.kind == FileKind::Dir && from != to {
                     rec.parent = to;
                     let mut f = w.must_inode(from)?;
@@ -719,7 +741,9 @@ impl Namespace {
         w.delete_dentry(parent, name);
         w.put_dentry(new_parent, new_name, src);
         let mut rec = w.must_inode(src.ino)?;
-        rec.attr.ctime = now;
+        if !rec.immutable {
+            rec.attr.ctime = now;
+        }
         if src.kind == FileKind::Dir && parent != new_parent {
             let np = w.must_inode(new_parent)?;
             if np.attr.nlink >= MAX_LINKS {
@@ -827,10 +851,12 @@ impl Namespace {
                 if rec.attr.kind == FileKind::Dir {
                     return Err(Fail::Op(err(ErrorCode::NotPermitted, "cannot hard-link a directory")));
                 }
+                writable(&rec)?;
                 if rec.attr.nlink >= MAX_LINKS {
                     return Err(Fail::Op(err(ErrorCode::TooManyLinks, "too many links")));
                 }
                 let mut p = w.must_dir(*new_parent)?;
+                writable(&p)?;
                 if w.dentry(*new_parent, new_name)?.is_some() {
                     return Err(Fail::Op(err(
                         ErrorCode::Exists,
@@ -848,7 +874,7 @@ impl Namespace {
             }
             MetaOp::Unlink { parent, name } => {
                 check_name(name)?;
-                w.must_dir(*parent)?;
+                writable(&w.must_dir(*parent)?)?;
                 let d = w.dentry(*parent, name)?.ok_or_else(|| {
                     err(ErrorCode::NotFound, format!("{:?} does not exist", String::from_utf8_lossy(name)))
                 })?;
@@ -866,6 +892,7 @@ impl Namespace {
             MetaOp::Rmdir { parent, name } => {
                 check_name(name)?;
                 let mut p = w.must_dir(*parent)?;
+                writable(&p)?;
                 let d = w.dentry(*parent, name)?.ok_or_else(|| {
                     err(ErrorCode::NotFound, format!("{:?} does not exist", String::from_utf8_lossy(name)))
                 })?;
@@ -889,6 +916,7 @@ impl Namespace {
             }
             MetaOp::SetAttr { ino, set } => {
                 let mut rec = w.must_inode(*ino)?;
+                writable(&rec)?;
                 if let Some(mode) = set.mode {
                     rec.attr.perm = mode & 0o7777;
                 }
@@ -934,6 +962,7 @@ impl Namespace {
                     return Err(Fail::Op(err(ErrorCode::Invalid, format!("unknown xattr flags {flags:#x}"))));
                 }
                 let mut rec = w.must_inode(*ino)?;
+                writable(&rec)?;
                 let exists = w.xattr_exists(*ino, name)?;
                 if exists && flags & XATTR_CREATE != 0 {
                     return Err(Fail::Op(err(ErrorCode::Exists, "xattr exists")));
@@ -955,6 +984,7 @@ impl Namespace {
             MetaOp::RemoveXattr { ino, name } => {
                 Self::check_xattr_name(name)?;
                 let mut rec = w.must_inode(*ino)?;
+                writable(&rec)?;
                 if !w.xattr_exists(*ino, name)? {
                     return Err(Fail::Op(err(ErrorCode::NoData, "no such xattr")));
                 }
@@ -973,6 +1003,12 @@ impl Namespace {
             }
             MetaOp::SetGoal { ino, goal } => data::set_goal(w, *ino, *goal, now),
             MetaOp::SetQuota { ino, limits } => data::set_quota(w, *ino, *limits, now),
+            MetaOp::Clone { src, parent, name, snapshot } => {
+                clone::clone_tree(w, *src, *parent, name, *snapshot, Stamp { now, index }).map(OpReply::Cloned)
+            }
+            MetaOp::CowChunk { ino, index, chunk } => clone::cow_chunk(w, *ino, *index, *chunk, now),
+            MetaOp::CowDone { chunk } => clone::cow_done(w, *chunk),
+            MetaOp::DropSnapshot { parent, name } => clone::drop_snapshot(w, *parent, name, now),
         }
     }
 
@@ -1054,6 +1090,7 @@ impl Namespace {
             goal: Goal::DEFAULT,
             qdir: 0,
             quota: None,
+            immutable: false,
         };
         txn.put(keys::inode(ROOT_INO), enc(&rec));
         set_counter(txn, INODE_COUNT, get_counter(txn, INODE_COUNT)? + 1);

@@ -463,6 +463,348 @@ fn goals_are_inherited_and_reach_chunks() {
 }
 
 // ---------------------------------------------------------------------------
+// Clones and snapshots
+
+const CB: u64 = 1 << 20;
+
+fn cloned(r: OpResult) -> CloneReply {
+    match r.unwrap() {
+        OpReply::Cloned(c) => c,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn clone_op(src: Ino, parent: Ino, name: &str, snapshot: bool) -> MetaOp {
+    MetaOp::Clone { src, parent, name: name.into(), snapshot }
+}
+
+impl Fs {
+    fn chunk(&self, id: ChunkId) -> Option<super::fsm::ChunkRec> {
+        super::data::load_chunk(&self.kv, id).unwrap()
+    }
+    fn chunks_of(&self, ino: Ino) -> Vec<ChunkId> {
+        super::data::file_chunk_map(&self.kv, ino).unwrap().into_values().collect()
+    }
+    fn layout_of(&self, ino: Ino) -> Layout {
+        match self.read(MetaRead::Layout { ino, first: 0, count: MAX_LAYOUT_CHUNKS }).unwrap() {
+            ReadReply::Layout(l) => l,
+            other => panic!("{other:?}"),
+        }
+    }
+    /// A file of `chunks` chunks, its size set.
+    fn file_with_chunks(&mut self, parent: Ino, name: &str, chunks: u64) -> Ino {
+        let f = ino_of(self.op(create(parent, name)));
+        let mut first = 0;
+        while first < chunks {
+            let n = (chunks - first).min(MAX_LAYOUT_CHUNKS);
+            layout(self.prepare(f, first * CB, n * CB));
+            first += n;
+        }
+        self.op(MetaOp::ExtendSize { ino: f, size: chunks * CB }).unwrap();
+        f
+    }
+    /// Chunk and file-chunk records (what the data path owns).
+    fn data_keys(&self) -> usize {
+        self.kv.map.keys().filter(|k| k[0] == b'K' || k[0] == b'F').count()
+    }
+}
+
+/// Goal: a clone shares every chunk (refs + 1), raises each chunk's version
+/// once and lists the fences; the copy has the source's attributes.
+#[test]
+fn clone_shares_chunks_and_fences_their_versions() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let f = fs.file_with_chunks(ROOT_INO, "f", 3);
+    fs.op(MetaOp::SetXattr { ino: f, name: "user.k".into(), value: b"v".to_vec(), flags: 0 }).unwrap();
+    let before = fs.chunks_of(f);
+    let r = cloned(fs.op(clone_op(f, ROOT_INO, "g", false)));
+    let g = r.attr.ino;
+    assert_ne!(g, f);
+    assert_eq!((r.inodes, r.chunks), (1, 3));
+    assert_eq!((r.attr.size, r.attr.nlink, r.attr.kind), (3 * CB, 1, FileKind::File));
+    assert_eq!(fs.chunks_of(g), before, "the copy names the same chunks");
+    for c in &before {
+        let rec = fs.chunk(*c).unwrap();
+        assert_eq!((rec.refs, rec.version), (2, 2));
+    }
+    assert_eq!(r.fences.len(), 3);
+    assert!(r.fences.iter().all(|x| x.from == 1 && x.to == 2 && x.replicas == vec![1, 2, 3] && x.origin.is_none()));
+    assert_eq!(r.servers.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(fs.layout_of(f).chunks.iter().all(|c| c.shared && c.version == 2));
+    assert_eq!(fs.read(MetaRead::GetXattr { ino: g, name: "user.k".into() }).unwrap(), ReadReply::Xattr(b"v".to_vec()));
+    // Refused: an existing name, a bad name, a missing source.
+    assert_eq!(code(&fs.op(clone_op(f, ROOT_INO, "g", false))), Some(ErrorCode::Exists));
+    assert_eq!(code(&fs.op(clone_op(f, ROOT_INO, "a/b", false))), Some(ErrorCode::Invalid));
+    assert_eq!(code(&fs.op(clone_op(999, ROOT_INO, "x", false))), Some(ErrorCode::NotFound));
+    // A clone of a clone shares once more; each chunk is raised once more.
+    let r2 = cloned(fs.op(clone_op(g, ROOT_INO, "h", false)));
+    assert!(r2.fences.iter().all(|x| x.from == 2 && x.to == 3));
+    assert!(before.iter().all(|c| fs.chunk(*c).unwrap().refs == 3));
+}
+
+/// Goal: a writer of a shared chunk gets a copy on the same servers whose
+/// origin is the old chunk; the old chunk keeps its count until the copy is
+/// done; asking twice or for an unshared chunk copies nothing.
+#[test]
+fn cow_chunk_and_cow_done_move_one_reference() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let f = fs.file_with_chunks(ROOT_INO, "f", 2);
+    let g = cloned(fs.op(clone_op(f, ROOT_INO, "g", false))).attr.ino;
+    let [c0, c1] = fs.chunks_of(f)[..] else { panic!() };
+    let l = layout(fs.op(MetaOp::CowChunk { ino: g, index: 0, chunk: c0 }));
+    let n = l.chunks[0].clone();
+    assert_ne!(n.chunk, c0);
+    assert!(n.chunk > c0, "a copy is newer than its origin");
+    assert_eq!((n.version, n.shared, n.origin), (1, false, Some((c0, 2))));
+    assert_eq!(n.replicas.iter().map(|r| r.server).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(fs.chunks_of(g), vec![n.chunk, c1]);
+    assert_eq!(fs.chunk(c0).unwrap().refs, 2, "the copy's origin holds the reference the clone had");
+    // Asked again with the old id (another writer): the same copy, no new one.
+    let again = layout(fs.op(MetaOp::CowChunk { ino: g, index: 0, chunk: c0 }));
+    assert_eq!(again.chunks[0].chunk, n.chunk);
+    let next_before = fs.kv.map.keys().filter(|k| k[0] == b'K').count();
+    // The copy is not shared: no copy of it.
+    let same = layout(fs.op(MetaOp::CowChunk { ino: g, index: 0, chunk: n.chunk }));
+    assert_eq!(same.chunks[0].chunk, n.chunk);
+    assert_eq!(fs.kv.map.keys().filter(|k| k[0] == b'K').count(), next_before);
+    assert_eq!(code(&fs.op(MetaOp::CowChunk { ino: g, index: 7, chunk: c0 })), Some(ErrorCode::NotFound));
+    // Done: the origin's reference goes, the source's chunk is its own again.
+    fs.op(MetaOp::CowDone { chunk: n.chunk }).unwrap();
+    assert_eq!(fs.chunk(n.chunk).unwrap().origin, None);
+    assert_eq!(fs.chunk(c0).unwrap().refs, 1);
+    assert!(!fs.layout_of(f).chunks[0].shared);
+    assert!(fs.layout_of(f).chunks[1].shared);
+    // Idempotent, and harmless for unknown chunks.
+    fs.op(MetaOp::CowDone { chunk: n.chunk }).unwrap();
+    fs.op(MetaOp::CowDone { chunk: 12345 }).unwrap();
+    assert_eq!(fs.chunk(c0).unwrap().refs, 1);
+}
+
+/// Goal: deleting the source leaves the clone whole; chunks leave the map
+/// only with their last reference, a pending copy's origin included.
+#[test]
+fn unlink_frees_chunks_only_at_the_last_reference() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let f = fs.file_with_chunks(ROOT_INO, "f", 3);
+    let g = cloned(fs.op(clone_op(f, ROOT_INO, "g", false))).attr.ino;
+    let chunks = fs.chunks_of(f);
+    // g copies chunk 0 and never reports it done; truncation drops chunk 2.
+    let n = layout(fs.op(MetaOp::CowChunk { ino: g, index: 0, chunk: chunks[0] })).chunks[0].chunk;
+    fs.op(MetaOp::SetAttr { ino: g, set: SetAttr { size: Some(2 * CB), ..Default::default() } }).unwrap();
+    assert_eq!(fs.chunk(chunks[2]).unwrap().refs, 1);
+    fs.op(MetaOp::Unlink { parent: ROOT_INO, name: "f".into() }).unwrap();
+    assert!(fs.chunk(chunks[2]).is_none(), "chunk 2 had only the source");
+    assert_eq!(fs.chunk(chunks[0]).unwrap().refs, 1, "held by the pending copy");
+    assert_eq!(fs.chunk(chunks[1]).unwrap().refs, 1, "held by the clone");
+    assert_eq!(fs.layout_of(g).chunks.len(), 2);
+    // The last reference: the copy, then its origin, go.
+    fs.op(MetaOp::Unlink { parent: ROOT_INO, name: "g".into() }).unwrap();
+    assert!(fs.chunk(n).is_none() && fs.chunk(chunks[0]).is_none() && fs.chunk(chunks[1]).is_none());
+    assert_eq!(fs.data_keys(), 0);
+}
+
+/// Goal: a snapshot's inodes never change: data, attributes, xattrs, goal
+/// and links are refused with ReadOnly; its entry can still be removed.
+#[test]
+fn a_snapshot_is_read_only() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let f = fs.file_with_chunks(ROOT_INO, "f", 1);
+    let s = cloned(fs.op(clone_op(f, ROOT_INO, "s", true))).attr.ino;
+    let c0 = fs.chunks_of(s)[0];
+    let ro = Some(ErrorCode::ReadOnly);
+    assert_eq!(code(&fs.prepare(s, 0, 10)), ro);
+    assert_eq!(code(&fs.op(MetaOp::ExtendSize { ino: s, size: 10 * CB })), ro);
+    assert_eq!(code(&fs.op(MetaOp::SetAttr { ino: s, set: SetAttr { size: Some(1), ..Default::default() } })), ro);
+    assert_eq!(code(&fs.op(MetaOp::SetAttr { ino: s, set: SetAttr { mode: Some(0o600), ..Default::default() } })), ro);
+    assert_eq!(code(&fs.op(MetaOp::SetXattr { ino: s, name: "user.a".into(), value: vec![], flags: 0 })), ro);
+    assert_eq!(code(&fs.op(MetaOp::SetGoal { ino: s, goal: Goal { copies: 1, level: Level::Host } })), ro);
+    assert_eq!(code(&fs.op(MetaOp::CowChunk { ino: s, index: 0, chunk: c0 })), ro);
+    assert_eq!(code(&fs.op(MetaOp::Link { ino: s, new_parent: ROOT_INO, new_name: "s2".into() })), ro);
+    // The source stays writable; the snapshot's entry can be renamed and removed.
+    layout(fs.prepare(f, 0, 10));
+    let before = fs.resolve("/s").unwrap();
+    fs.op(MetaOp::Rename { parent: ROOT_INO, name: "s".into(), new_parent: ROOT_INO, new_name: "t".into(), flags: 0 })
+        .unwrap();
+    assert_eq!(fs.resolve("/t").unwrap(), before, "renaming the entry leaves the inode as it was");
+    assert_eq!(
+        code(&fs.op(MetaOp::DropSnapshot { parent: ROOT_INO, name: "f".into() })),
+        Some(ErrorCode::Invalid),
+        "not a snapshot"
+    );
+    fs.op(MetaOp::Unlink { parent: ROOT_INO, name: "t".into() }).unwrap();
+    assert_eq!(fs.chunk(c0).unwrap().refs, 1);
+}
+
+/// Goal: a directory tree is cloned in one command: structure, link counts
+/// (hard links inside the tree stay links), symlinks; a snapshot directory
+/// refuses entry changes; `DropSnapshot` removes it whole.
+#[test]
+fn directory_clone_and_snapshot() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let d = ino_of(fs.op(mkdir(ROOT_INO, "d")));
+    let sub = ino_of(fs.op(mkdir(d, "sub")));
+    let a = fs.file_with_chunks(d, "a", 2);
+    fs.file_with_chunks(sub, "b", 1);
+    fs.op(MetaOp::Link { ino: a, new_parent: sub, new_name: "a2".into() }).unwrap();
+    fs.op(MetaOp::Link { ino: a, new_parent: ROOT_INO, new_name: "outside".into() }).unwrap();
+    fs.op(MetaOp::Symlink { parent: d, name: "l".into(), target: "a".into(), caller: Caller::ROOT }).unwrap();
+    let r = cloned(fs.op(clone_op(d, ROOT_INO, "c", false)));
+    assert_eq!((r.inodes, r.chunks), (5, 3), "d, sub, a (once), b, l");
+    let tree = fs.tree();
+    let under = |p: &str| -> BTreeMap<String, (FileKind, u32)> {
+        tree.iter().filter_map(|(k, v)| k.strip_prefix(p).map(|rest| (rest.to_string(), *v))).collect()
+    };
+    let mut want = under("/d/");
+    // The source's file has a third link outside the tree; the copy does not.
+    want.insert("a".into(), (FileKind::File, 2));
+    want.insert("sub/a2".into(), (FileKind::File, 2));
+    assert_eq!(under("/c/"), want);
+    assert_eq!(fs.resolve("/c/a").unwrap().ino, fs.resolve("/c/sub/a2").unwrap().ino);
+    assert_ne!(fs.resolve("/c/a").unwrap().ino, a);
+    assert_eq!(fs.resolve("/").unwrap().nlink, 4, "root has d and c");
+    assert_eq!(fs.chunk(fs.chunks_of(a)[0]).unwrap().refs, 2);
+    assert_eq!(read::resolve(&fs.kv, b"/c/l", true).unwrap().unwrap().attr.ino, fs.resolve("/c/a").unwrap().ino);
+    assert_eq!(code(&fs.op(clone_op(d, sub, "self", false))), Some(ErrorCode::Invalid), "into itself");
+    // The clone is writable.
+    fs.op(create(r.attr.ino, "new")).unwrap();
+
+    let s = cloned(fs.op(clone_op(d, ROOT_INO, "snap", true))).attr.ino;
+    let ssub = fs.resolve("/snap/sub").unwrap().ino;
+    let ro = Some(ErrorCode::ReadOnly);
+    assert_eq!(code(&fs.op(create(s, "x"))), ro);
+    assert_eq!(code(&fs.op(mkdir(ssub, "x"))), ro);
+    assert_eq!(code(&fs.op(MetaOp::Unlink { parent: s, name: "a".into() })), ro);
+    assert_eq!(code(&fs.op(MetaOp::Rmdir { parent: s, name: "sub".into() })), ro);
+    let mv = |p, n: &str, q, m: &str| MetaOp::Rename {
+        parent: p,
+        name: n.into(),
+        new_parent: q,
+        new_name: m.into(),
+        flags: 0,
+    };
+    assert_eq!(code(&fs.op(mv(s, "a", s, "z"))), ro);
+    assert_eq!(code(&fs.op(mv(ROOT_INO, "outside", ssub, "z"))), ro, "into a snapshot");
+    assert_eq!(code(&fs.op(mv(ssub, "b", ROOT_INO, "z"))), ro, "out of a snapshot");
+    assert_eq!(code(&fs.op(MetaOp::Rmdir { parent: ROOT_INO, name: "snap".into() })), Some(ErrorCode::NotEmpty));
+    assert_eq!(fs.chunk(fs.chunks_of(a)[0]).unwrap().refs, 3);
+    // Removing the snapshot gives every reference and inode back.
+    let inodes = |fs: &Fs| match fs.read(MetaRead::StatFs).unwrap() {
+        ReadReply::StatFs(s) => s.total_inodes - s.free_inodes,
+        other => panic!("{other:?}"),
+    };
+    let n = inodes(&fs);
+    fs.op(MetaOp::DropSnapshot { parent: ROOT_INO, name: "snap".into() }).unwrap();
+    assert_eq!(inodes(&fs), n - 5);
+    assert!(fs.resolve("/snap").is_err());
+    assert_eq!(fs.chunk(fs.chunks_of(a)[0]).unwrap().refs, 2);
+    assert_eq!(fs.resolve("/").unwrap().nlink, 4);
+    // Deleting everything frees every chunk.
+    for (p, n) in [(sub, "a2"), (sub, "b"), (d, "a"), (d, "l"), (ROOT_INO, "outside")] {
+        fs.op(MetaOp::Unlink { parent: p, name: n.into() }).unwrap();
+    }
+    fs.op(MetaOp::Rmdir { parent: d, name: "sub".into() }).unwrap();
+    fs.op(MetaOp::Rmdir { parent: ROOT_INO, name: "d".into() }).unwrap();
+    let c = r.attr.ino;
+    let csub = fs.resolve("/c/sub").unwrap().ino;
+    for (p, n) in [(csub, "a2"), (csub, "b"), (c, "a"), (c, "l"), (c, "new")] {
+        fs.op(MetaOp::Unlink { parent: p, name: n.into() }).unwrap();
+    }
+    fs.op(MetaOp::Rmdir { parent: c, name: "sub".into() }).unwrap();
+    fs.op(MetaOp::Rmdir { parent: ROOT_INO, name: "c".into() }).unwrap();
+    assert_eq!(fs.data_keys(), 0);
+    assert_eq!(inodes(&fs), 1);
+}
+
+/// Goal: a clone of a file with a copy not yet written fences the copy
+/// with its origin (so the replicas can make it), and charges quotas.
+#[test]
+fn clone_fences_pending_copies_with_their_origin_and_charges_quota() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let f = fs.file_with_chunks(ROOT_INO, "f", 1);
+    let g = cloned(fs.op(clone_op(f, ROOT_INO, "g", false))).attr.ino;
+    let c0 = fs.chunks_of(f)[0];
+    let n = layout(fs.op(MetaOp::CowChunk { ino: g, index: 0, chunk: c0 })).chunks[0].chunk;
+    let r = cloned(fs.op(clone_op(g, ROOT_INO, "h", false)));
+    assert_eq!(r.fences.len(), 1);
+    assert_eq!((r.fences[0].chunk, r.fences[0].from, r.fences[0].to), (n, 1, 2));
+    assert_eq!(r.fences[0].origin, Some((c0, 2)));
+
+    let q = ino_of(fs.op(mkdir(ROOT_INO, "q")));
+    fs.op(MetaOp::SetQuota { ino: q, limits: QuotaLimits { max_bytes: Some(CB + CB / 2), max_inodes: None } }).unwrap();
+    cloned(fs.op(clone_op(f, q, "one", false)));
+    match fs.read(MetaRead::GetQuota { ino: q }).unwrap() {
+        ReadReply::Quota(Some(u)) => assert_eq!((u.used_bytes, u.used_inodes), (CB, 1)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(code(&fs.op(clone_op(f, q, "two", false))), Some(ErrorCode::QuotaExceeded));
+}
+
+/// Goal: trees above the bounds are refused whole, changing nothing.
+#[test]
+fn clones_above_the_bounds_are_refused() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let d = ino_of(fs.op(mkdir(ROOT_INO, "big")));
+    // Planted directly: MAX_CLONE_INODES files, so with the directory the
+    // tree is one inode over.
+    let base = 1_000_000u64;
+    for i in 0..MAX_CLONE_INODES {
+        let ino = base + i;
+        let mut rec = super::fsm::load_inode(&fs.kv, d).unwrap().unwrap();
+        rec.attr.ino = ino;
+        rec.attr.kind = FileKind::File;
+        rec.attr.nlink = 1;
+        rec.parent = 0;
+        fs.kv.map.insert(super::keys::inode(ino), super::fsm::enc(&rec));
+        let de = super::fsm::DentryRec { ino, kind: FileKind::File };
+        fs.kv.map.insert(super::keys::dentry(d, format!("f{i}").as_bytes()), super::fsm::enc(&de));
+    }
+    let before = fs.kv.map.clone();
+    let data = |m: &BTreeMap<Vec<u8>, Vec<u8>>| {
+        m.iter().filter(|(k, _)| matches!(k[0], b'I' | b'D' | b'X' | b'F' | b'K')).count()
+    };
+    let r = fs.op(clone_op(d, ROOT_INO, "copy", true));
+    assert_eq!(code(&r), Some(ErrorCode::TooBig), "{r:?}");
+    assert!(r.unwrap_err().message.contains("100000 inodes"));
+    assert_eq!(data(&before), data(&fs.kv.map));
+    assert!(fs.resolve("/copy").is_err());
+
+    // Chunk references: one file naming one chunk MAX_CLONE_CHUNKS + 1 times.
+    let f = fs.file_with_chunks(ROOT_INO, "f", 1);
+    let c0 = fs.chunks_of(f)[0];
+    for i in 1..=MAX_CLONE_CHUNKS {
+        fs.kv.map.insert(super::keys::file_chunk(f, i), c0.to_be_bytes().to_vec());
+    }
+    let r = fs.op(clone_op(f, ROOT_INO, "g", false));
+    assert_eq!(code(&r), Some(ErrorCode::TooBig), "{r:?}");
+    assert_eq!(fs.chunk(c0).unwrap().refs, 1);
+}
+
+/// Cost of one clone command of a file with 16,384 chunks (1 TiB of 64 MiB
+/// chunks): planning and applying it, measured on the in-memory store.
+#[test]
+fn clone_of_sixteen_thousand_chunks_costs_one_command() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let f = fs.file_with_chunks(ROOT_INO, "f", 16_384);
+    let t = std::time::Instant::now();
+    let r = cloned(fs.op(clone_op(f, ROOT_INO, "g", true)));
+    let elapsed = t.elapsed();
+    eprintln!("clone of 16384 chunks: {elapsed:?} (debug build, in-memory store)");
+    assert_eq!((r.chunks, r.fences.len()), (16_384, 16_384));
+    let bytes = postcard::to_allocvec(&r).unwrap().len();
+    eprintln!("reply: {bytes} bytes");
+    assert!(bytes < 1 << 20, "the reply stays small: {bytes} bytes");
+    assert!(elapsed < std::time::Duration::from_secs(20));
+}
+
+// ---------------------------------------------------------------------------
 // Model
 
 #[derive(Debug, Clone)]

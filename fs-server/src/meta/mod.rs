@@ -5,6 +5,7 @@
 //! most, [`MAX_INFLIGHT_BATCHES`] in flight): one Raft entry, one replicated
 //! append and one fsync per batch, so throughput grows with concurrency.
 
+mod clone;
 pub mod cluster;
 pub mod data;
 pub mod fsm;

@@ -1,0 +1,293 @@
+//! What an export reads and writes: the [`Backend`] trait, and
+//! [`LocusFile`], a Locus file through the shared [`FileClient`].
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+use super::wire::{Extent, EINVAL, EIO, ENOSPC, EPERM, STATE_HOLE, STATE_ZERO};
+use crate::client::ClientError;
+use crate::file::FileClient;
+use crate::proto::*;
+
+/// A failed backend operation: the NBD error value and a message for the
+/// client's user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    pub errno: u32,
+    pub message: String,
+}
+
+impl From<ClientError> for BackendError {
+    fn from(e: ClientError) -> Self {
+        let errno = match e.code() {
+            ErrorCode::NotPermitted | ErrorCode::PermissionDenied | ErrorCode::Unauthorized => EPERM,
+            // The spec asks for EDQUOT and EFBIG to become ENOSPC.
+            ErrorCode::NoSpace | ErrorCode::QuotaExceeded | ErrorCode::TooBig => ENOSPC,
+            ErrorCode::Invalid | ErrorCode::Range => EINVAL,
+            _ => EIO,
+        };
+        BackendError { errno, message: e.to_string() }
+    }
+}
+
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// The storage behind an export. Requests arrive concurrently; ranges are
+/// already checked against the export size.
+pub trait Backend: Send + Sync + 'static {
+    /// Exactly `len` bytes at `offset` (shorter only past the backing
+    /// data's end; the caller pads with zeros).
+    fn read(&self, offset: u64, len: u32) -> impl Future<Output = BackendResult<Bytes>> + Send;
+    /// With `fua`, durable before it returns.
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = BackendResult<()>> + Send;
+    /// Makes every completed write durable.
+    fn flush(&self) -> impl Future<Output = BackendResult<()>> + Send;
+    /// A hint that the range is no longer needed.
+    fn trim(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = BackendResult<()>> + Send;
+    /// The range reads as zeros afterwards; with `no_hole` it stays allocated.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    ) -> impl Future<Output = BackendResult<()>> + Send;
+    /// `base:allocation` extents from `offset`, covering at most `len` bytes.
+    fn allocation(&self, offset: u64, len: u32) -> impl Future<Output = BackendResult<Vec<Extent>>> + Send;
+    /// A connection ended: publish its writes (not necessarily durably).
+    fn disconnected(&self) -> impl Future<Output = BackendResult<()>> + Send;
+}
+
+/// Zeros are written in pieces of this size (one shared buffer).
+const ZERO_PIECE: usize = 1 << 20;
+/// Layout requests one block status may make (each covers up to
+/// `MAX_LAYOUT_CHUNKS` chunks); a longer range gets a shorter answer.
+const MAX_LAYOUT_FETCHES: u64 = 4;
+
+/// A Locus file as an export. All connections of a process share one, so
+/// a flush on any connection covers the writes of all of them.
+pub struct LocusFile {
+    files: FileClient,
+    ino: Ino,
+    zeros: Bytes,
+    /// The cluster's chunk size, learnt from the first layout (0: not yet).
+    chunk_bytes: AtomicU64,
+}
+
+impl LocusFile {
+    pub fn new(files: FileClient, ino: Ino) -> Self {
+        LocusFile { files, ino, zeros: Bytes::from(vec![0u8; ZERO_PIECE]), chunk_bytes: AtomicU64::new(0) }
+    }
+
+    pub fn files(&self) -> &FileClient {
+        &self.files
+    }
+
+    pub fn ino(&self) -> Ino {
+        self.ino
+    }
+
+    async fn layout(&self, first: u64, count: u64) -> BackendResult<Layout> {
+        match self.files.meta().read(MetaRead::Layout { ino: self.ino, first, count }).await? {
+            ReadReply::Layout(l) => Ok(l),
+            other => Err(BackendError { errno: EIO, message: format!("unexpected reply {other:?}") }),
+        }
+    }
+
+    async fn zero_range(&self, offset: u64, len: u64) -> BackendResult<()> {
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(ZERO_PIECE as u64);
+            self.files.write(self.ino, pos, self.zeros.slice(..n as usize)).await?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+impl Backend for LocusFile {
+    async fn read(&self, offset: u64, len: u32) -> BackendResult<Bytes> {
+        Ok(self.files.read(self.ino, offset, u64::from(len)).await?)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BackendResult<()> {
+        self.files.write(self.ino, offset, data).await?;
+        if fua {
+            self.files.fsync(self.ino).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> BackendResult<()> {
+        Ok(self.files.fsync(self.ino).await?)
+    }
+
+    async fn trim(&self, _offset: u64, _len: u32, _fua: bool) -> BackendResult<()> {
+        // A hint the spec lets us ignore: without a way to give chunk space
+        // back, writing zeros would cost a full write and free nothing.
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fua: bool) -> BackendResult<()> {
+        if no_hole {
+            self.zero_range(offset, u64::from(len)).await?;
+        } else {
+            // Holes already read as zeros: write only where chunks exist.
+            let end = offset + u64::from(len);
+            let mut pos = offset;
+            while pos < end {
+                let extents = self.allocation(pos, (end - pos) as u32).await?;
+                if extents.iter().all(|e| e.len == 0) {
+                    // Nothing known: zero the rest.
+                    self.zero_range(pos, end - pos).await?;
+                    break;
+                }
+                for e in extents {
+                    if e.flags & STATE_ZERO == 0 {
+                        self.zero_range(pos, u64::from(e.len)).await?;
+                    }
+                    pos += u64::from(e.len);
+                }
+            }
+        }
+        if fua {
+            self.files.fsync(self.ino).await?;
+        }
+        Ok(())
+    }
+
+    async fn allocation(&self, offset: u64, len: u32) -> BackendResult<Vec<Extent>> {
+        // Buffered writes get their chunks when sent: send them first, or
+        // their ranges would look like holes.
+        self.files.flush(self.ino).await?;
+        let mut cb = self.chunk_bytes.load(Ordering::Relaxed);
+        if cb == 0 {
+            cb = self.layout(0, 0).await?.chunk_bytes;
+            self.chunk_bytes.store(cb, Ordering::Relaxed);
+        }
+        if cb == 0 || len == 0 {
+            return Ok(vec![Extent { len, flags: 0 }]);
+        }
+        let end = offset + u64::from(len);
+        let first = offset / cb;
+        let last = (end - 1) / cb;
+        let mut present = BTreeSet::new();
+        let mut known_end = first;
+        let mut size = 0;
+        for _ in 0..MAX_LAYOUT_FETCHES {
+            if known_end > last {
+                break;
+            }
+            let count = (last - known_end + 1).min(MAX_LAYOUT_CHUNKS);
+            let l = self.layout(known_end, count).await?;
+            if l.chunk_bytes != cb {
+                // Not the chunk size we knew: learn it and claim nothing now.
+                self.chunk_bytes.store(l.chunk_bytes, Ordering::Relaxed);
+                return Ok(vec![Extent { len, flags: 0 }]);
+            }
+            size = l.attr.size;
+            present.extend(l.chunks.iter().map(|c| c.index));
+            known_end += count;
+        }
+        Ok(allocation_extents(offset, len, cb, &present, known_end, size))
+    }
+
+    async fn disconnected(&self) -> BackendResult<()> {
+        Ok(self.files.flush(self.ino).await?)
+    }
+}
+
+/// `base:allocation` extents of `[offset, offset + len)` for a file of
+/// `file_size` bytes in chunks of `chunk_bytes`, where the chunk indexes in
+/// `present` exist and the layout is known below index `known_end`. An
+/// absent chunk, and anything past the end of the file, is a hole that
+/// reads as zeros. Stops where the layout is unknown.
+pub fn allocation_extents(
+    offset: u64,
+    len: u32,
+    chunk_bytes: u64,
+    present: &BTreeSet<u64>,
+    known_end: u64,
+    file_size: u64,
+) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::new();
+    if chunk_bytes == 0 {
+        return vec![Extent { len, flags: 0 }];
+    }
+    let end = offset.saturating_add(u64::from(len));
+    let mut pos = offset;
+    while pos < end {
+        let index = pos / chunk_bytes;
+        if index >= known_end {
+            break;
+        }
+        let chunk_end = (index + 1).saturating_mul(chunk_bytes).min(end);
+        let (seg_end, flags) = if pos >= file_size {
+            (chunk_end, STATE_HOLE | STATE_ZERO)
+        } else if present.contains(&index) {
+            (chunk_end.min(file_size), 0)
+        } else {
+            (chunk_end, STATE_HOLE | STATE_ZERO)
+        };
+        let n = (seg_end - pos) as u32;
+        match out.last_mut() {
+            Some(e) if e.flags == flags => e.len += n,
+            _ => out.push(Extent { len: n, flags }),
+        }
+        pos = seg_end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const HZ: u32 = STATE_HOLE | STATE_ZERO;
+
+    #[test]
+    fn absent_chunks_are_holes_and_neighbours_merge() {
+        let present: BTreeSet<u64> = [1, 2, 4].into();
+        let e = allocation_extents(0, 6 * 100, 100, &present, 6, 600);
+        let got: Vec<(u32, u32)> = e.iter().map(|e| (e.len, e.flags)).collect();
+        assert_eq!(got, vec![(100, HZ), (200, 0), (100, HZ), (100, 0), (100, HZ)]);
+    }
+
+    #[test]
+    fn unaligned_ranges_and_the_end_of_the_file() {
+        let present: BTreeSet<u64> = [0, 1].into();
+        // The file ends inside chunk 1: its tail reads as zeros.
+        let e = allocation_extents(50, 200, 100, &present, 3, 150);
+        let got: Vec<(u32, u32)> = e.iter().map(|e| (e.len, e.flags)).collect();
+        assert_eq!(got, vec![(100, 0), (100, HZ)]);
+    }
+
+    #[test]
+    fn unknown_layout_stops_the_answer() {
+        let present: BTreeSet<u64> = [0].into();
+        let e = allocation_extents(0, 1000, 100, &present, 2, 1000);
+        assert_eq!(e.iter().map(|e| e.len).sum::<u32>(), 200);
+    }
+
+    proptest! {
+        /// Extents are never empty, never overlap the next one's state,
+        /// and cover exactly the known part of the range.
+        #[test]
+        fn extents_cover_the_known_range(offset in 0u64..10_000, len in 0u32..10_000, cb in 1u64..3000,
+                                         bits: u16, size in 0u64..30_000, known in 0u64..20) {
+            let present: BTreeSet<u64> = (0..16).filter(|i| bits & (1 << i) != 0).collect();
+            let e = allocation_extents(offset, len, cb, &present, known, size);
+            let total: u64 = e.iter().map(|x| u64::from(x.len)).sum();
+            let known_bytes = (known * cb).saturating_sub(offset).min(u64::from(len));
+            prop_assert_eq!(total, known_bytes);
+            prop_assert!(e.iter().all(|x| x.len > 0));
+            prop_assert!(e.windows(2).all(|w| w[0].flags != w[1].flags));
+        }
+    }
+}
