@@ -151,7 +151,9 @@ pub async fn run(s: Settings) -> anyhow::Result<Vec<Row>> {
         // 16,384 chunks in the map, none written: the clone's cost is the
         // metadata command and 3 x 16,384 fences.
         let ino = create(&f, "allocated").await?;
-        let span = MAX_LAYOUT_CHUNKS * CHUNK;
+        // Placement counts what one request allocates against free space:
+        // spans small enough to fit this machine's disk.
+        let span = 256 * CHUNK;
         let mut off = 0;
         while off < 1 << 40 {
             f.meta().op(MetaOp::PrepareWrite { ino, offset: off, len: span }).await?;

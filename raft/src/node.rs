@@ -38,11 +38,11 @@ impl RaftNodeConfig {
             // follower refuses votes until it passes, so a narrow range
             // makes failover take one election round, not two.
             // A follower campaigns lease + timeout after the last heartbeat
-            // (1.2-1.4 s); a second round, when the first candidate's log
+            // (0.75-0.9 s); a second round, when the first candidate's log
             // was behind, still ends near 2 s.
             heartbeat_ms: 100,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 700,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 450,
             snapshot_every_entries: 20_000,
             keep_entries_after_snapshot: 2_000,
         }

@@ -36,6 +36,8 @@ use crate::rundir::{self, Instance, Observed, Prepared, RunDir, KILL_TIMEOUT, PO
 
 /// How long a new qemu may take to answer on QMP.
 pub const QEMU_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `status` waits for a qemu whose QMP fails to finish exiting.
+pub const EXITING_WAIT: Duration = Duration::from_secs(2);
 /// How long qemu may take to exit after QMP `quit`.
 pub const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Least memory a guest may have.
@@ -245,12 +247,28 @@ impl QemuDriver {
     async fn state_of(&self, id: &str) -> Result<(VmState, Option<u32>), DriverError> {
         let spec = self.run.load_spec(id)?;
         self.adopt(id)?;
-        Ok(match self.run.observe(id).await? {
-            Observed::Live { instance, .. } => (self.query_status(id).await?, Some(instance.pid)),
-            Observed::Ended { exit } => (self.ended_state(&spec, exit), None),
-            Observed::Failed(reason) => (VmState::Failed(reason), None),
-            Observed::Interrupted => (VmState::Failed("a start was interrupted before qemu was recorded".into()), None),
-        })
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let instance = match self.run.observe(id).await? {
+                Observed::Live { instance } => instance,
+                Observed::Ended { exit } => return Ok((self.ended_state(&spec, exit), None)),
+                Observed::Failed(reason) => return Ok((VmState::Failed(reason), None)),
+                Observed::Interrupted => {
+                    return Ok((VmState::Failed("a start was interrupted before qemu was recorded".into()), None))
+                }
+            };
+            match self.query_status(id).await {
+                Ok(state) => return Ok((state, Some(instance.pid))),
+                // qemu closes QMP while it exits: if it is exiting, report
+                // how it ended rather than the broken connection.
+                Err(e) => {
+                    if attempts > 1 || !rundir::wait_ended(id, &instance, EXITING_WAIT).await? {
+                        return Err(e);
+                    }
+                }
+            }
+        }
     }
 
     /// qemu exits 0 when the guest powers off or on `quit`; anything else is
@@ -334,6 +352,8 @@ impl QemuDriver {
             if rundir::live_stat(id, instance)?.is_none() {
                 // Ended during startup: its exit status and messages say why.
                 break match self.run.observe(id).await? {
+                    // It ran and the guest powered off already: not a failure.
+                    Observed::Ended { exit: ExitCode::Code(0) } => return Ok(()),
                     Observed::Ended { exit: ExitCode::Code(code) } => self.failure_reason(spec, code),
                     Observed::Ended { exit } => format!("qemu ended during startup ({exit})"),
                     other => format!("qemu ended during startup ({other:?})"),
