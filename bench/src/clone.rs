@@ -153,7 +153,7 @@ pub async fn run(s: Settings) -> anyhow::Result<Vec<Row>> {
         let ino = create(&f, "allocated").await?;
         // Placement counts what one request allocates against free space:
         // spans small enough to fit this machine's disk.
-        let span = 256 * CHUNK;
+        let span = 64 * CHUNK;
         let mut off = 0;
         while off < 1 << 40 {
             f.meta().op(MetaOp::PrepareWrite { ino, offset: off, len: span }).await?;

@@ -177,6 +177,8 @@ const BATCH_BYTES: u64 = 1 << 20;
 const IMPORT_SPACE_CHECK_BYTES: u64 = 8 << 20;
 /// Buffer between export and its (possibly unbuffered) sink.
 const EXPORT_BUFFER_BYTES: usize = 128 << 10;
+/// Directory fsyncs `set_versions` runs at once.
+const SYNC_THREADS: usize = 16;
 
 const EXPORT_MAGIC: [u8; 8] = *b"LOCUSEXP";
 const EXPORT_FORMAT: u32 = 1;
@@ -998,18 +1000,34 @@ impl ChunkStore {
             }
             results.push(r);
         }
-        for (dir, touched) in dirs {
-            if let Err(e) = fsync_dir(&dir) {
-                let kind = match &e {
-                    ChunkStoreError::Io { source, .. } => source.kind(),
-                    _ => io::ErrorKind::Other,
-                };
-                for i in touched {
-                    results[i] = Err(ChunkStoreError::Io {
-                        context: format!("fsync directory {}", dir.display()),
-                        source: io::Error::new(kind, e.to_string()),
-                    });
-                }
+        // Directory syncs in parallel: the filesystem commits concurrent
+        // ones together (one journal commit instead of one per directory).
+        let dirs: Vec<(PathBuf, Vec<usize>)> = dirs.into_iter().collect();
+        let workers = dirs.len().clamp(1, SYNC_THREADS);
+        let next = AtomicU64::new(0);
+        let failed: Mutex<Vec<(usize, ChunkStoreError)>> = Mutex::default();
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some((dir, _)) = dirs.get(k) else { return };
+                    if let Err(e) = fsync_dir(dir) {
+                        lock(&failed).push((k, e));
+                    }
+                });
+            }
+        });
+        for (k, e) in failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            let (dir, touched) = &dirs[k];
+            let kind = match &e {
+                ChunkStoreError::Io { source, .. } => source.kind(),
+                _ => io::ErrorKind::Other,
+            };
+            for &i in touched {
+                results[i] = Err(ChunkStoreError::Io {
+                    context: format!("fsync directory {}", dir.display()),
+                    source: io::Error::new(kind, e.to_string()),
+                });
             }
         }
         results
