@@ -224,12 +224,16 @@ mod suite {
     }
 
     /// Goal: an agent restart neither loses nor disturbs running VMs.
-    /// Method: a child process (this test binary, running `helper_start_vm`)
-    /// starts the VM and exits; this process, a new driver instance on the
+    /// Method: a child process (this test binary, running this same test
+    /// with `LOCUS_VMHOST_HELPER_DIR` set) starts the VM and exits; this process, a new driver instance on the
     /// same run directory, lists it, starts it again (no change), pauses,
     /// resumes and stops it gracefully. The exit status is unknown: the VM's
     /// parent is gone.
     pub async fn adopt_after_restart<F: Fixture>() {
+        if let (Ok(dir), Ok(id)) = (std::env::var("LOCUS_VMHOST_HELPER_DIR"), std::env::var("LOCUS_VMHOST_HELPER_ID")) {
+            // The child half: start the VM and exit.
+            return helper_start::<F>(Path::new(&dir), &id).await;
+        }
         let Some(env) = Env::<F>::new() else { return };
         let (d, f) = (&env.driver, &env.fixture);
 
@@ -237,8 +241,7 @@ mod suite {
         let out = tokio::time::timeout(
             BOOT_TIMEOUT,
             tokio::process::Command::new(std::env::current_exe().expect("current exe"))
-                .args(["helper_start_vm", "--exact", "--ignored", "--nocapture"])
-                .env("LOCUS_VMHOST_HELPER", F::NAME)
+                .args([&format!("{}::adopt_after_restart", F::NAME), "--exact", "--nocapture"])
                 .env("LOCUS_VMHOST_HELPER_DIR", env.run_dir())
                 .env("LOCUS_VMHOST_HELPER_ID", "adopted")
                 .output(),
@@ -378,24 +381,6 @@ macro_rules! driver_suite {
 
 driver_suite!(process, ProcessFixture);
 driver_suite!(qemu, QemuFixture);
-
-/// Run by `adopt_after_restart` in a child process: starts a VM and exits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "helper: run by adopt_after_restart in a child process"]
-async fn helper_start_vm() {
-    let (Ok(name), Ok(dir), Ok(id)) = (
-        std::env::var("LOCUS_VMHOST_HELPER"),
-        std::env::var("LOCUS_VMHOST_HELPER_DIR"),
-        std::env::var("LOCUS_VMHOST_HELPER_ID"),
-    ) else {
-        return;
-    };
-    match name.as_str() {
-        ProcessFixture::NAME => suite::helper_start::<ProcessFixture>(Path::new(&dir), &id).await,
-        QemuFixture::NAME => suite::helper_start::<QemuFixture>(Path::new(&dir), &id).await,
-        other => panic!("unknown driver {other}"),
-    }
-}
 
 // ---------------------------------------------------------------- process
 
