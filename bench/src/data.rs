@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use fs_client::proto::*;
+use locus_tests::files::pattern;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -47,16 +48,9 @@ fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
-fn block(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut v = vec![0u8; len];
-    rng.fill(&mut v[..]);
-    v
-}
-
 /// Sequential write of `size` bytes in `bs` blocks, fsync included: MB/s.
 fn seq_write(path: &Path, size: u64, bs: usize) -> anyhow::Result<f64> {
-    let buf = block(bs as u64, bs);
+    let buf = pattern(bs as u64, bs);
     let mut f = OpenOptions::new().create(true).write(true).truncate(true).open(path)?;
     let t = Instant::now();
     let mut done = 0u64;
@@ -126,7 +120,7 @@ fn random_io(path: &Path, size: u64, secs: u64, threads: usize, write: bool) -> 
 fn small_files(dir: &Path, n: usize) -> anyhow::Result<(f64, f64)> {
     let d = dir.join("small");
     std::fs::create_dir_all(&d)?;
-    let data = block(5, 1024);
+    let data = pattern(5, 1024);
     let t = Instant::now();
     for i in 0..n {
         std::fs::write(d.join(format!("f{i}")), &data)?;
@@ -189,7 +183,7 @@ async fn library_suite(cluster: &locus_tests::Cluster, s: &Settings, rows: &mut 
             .await?
             .ino;
         let f = cluster.files();
-        let buf = Bytes::from(block(bs, bs as usize));
+        let buf = Bytes::from(pattern(bs, bs as usize));
         let t = Instant::now();
         let mut off = 0;
         while off < size {

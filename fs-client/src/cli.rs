@@ -256,6 +256,10 @@ pub struct CliError {
 }
 
 impl CliError {
+    /// A reply of the wrong kind: a server bug, not the user's.
+    fn unexpected(reply: &impl std::fmt::Debug) -> Self {
+        CliError { exit: 1, code: Some(ErrorCode::Internal), message: format!("unexpected reply {reply:?}") }
+    }
     fn usage(msg: impl Into<String>) -> Self {
         CliError { exit: 2, code: Some(ErrorCode::Invalid), message: msg.into() }
     }
@@ -893,13 +897,7 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
                             break cb;
                         }
                     }
-                    Ok(other) => {
-                        return Err(CliError {
-                            exit: 1,
-                            code: Some(ErrorCode::Internal),
-                            message: format!("unexpected reply {other:?}"),
-                        })
-                    }
+                    Ok(other) => return Err(CliError::unexpected(&other)),
                     Err(e) => return Err(CliError::from_client(&show(&path), e)),
                 }
             };
@@ -937,11 +935,7 @@ async fn fs(c: &MetaClient, cmd: FsCmd, json: bool) -> CliResult {
                     }
                     Ok(())
                 }
-                Ok(other) => Err(CliError {
-                    exit: 1,
-                    code: Some(ErrorCode::Internal),
-                    message: format!("unexpected reply {other:?}"),
-                }),
+                Ok(other) => Err(CliError::unexpected(&other)),
                 Err(e) => Err(CliError::from_client(&show(&path), e)),
             }
         }
@@ -994,11 +988,7 @@ async fn xattr(c: &MetaClient, cmd: XattrCmd, json: bool) -> CliResult {
                     }
                     Ok(())
                 }
-                Ok(other) => Err(CliError {
-                    exit: 1,
-                    code: Some(ErrorCode::Internal),
-                    message: format!("unexpected reply {other:?}"),
-                }),
+                Ok(other) => Err(CliError::unexpected(&other)),
                 Err(e) => Err(CliError::from_client(&name, e)),
             }
         }
@@ -1037,11 +1027,7 @@ async fn xattr(c: &MetaClient, cmd: XattrCmd, json: bool) -> CliResult {
                     }
                     Ok(())
                 }
-                Ok(other) => Err(CliError {
-                    exit: 1,
-                    code: Some(ErrorCode::Internal),
-                    message: format!("unexpected reply {other:?}"),
-                }),
+                Ok(other) => Err(CliError::unexpected(&other)),
                 Err(e) => Err(CliError::from_client("", e)),
             }
         }
@@ -1106,11 +1092,7 @@ async fn quota(c: &MetaClient, cmd: QuotaCmd, json: bool) -> CliResult {
                     }
                     Ok(())
                 }
-                Ok(other) => Err(CliError {
-                    exit: 1,
-                    code: Some(ErrorCode::Internal),
-                    message: format!("unexpected reply {other:?}"),
-                }),
+                Ok(other) => Err(CliError::unexpected(&other)),
                 Err(e) => Err(CliError::from_client(&show(&path), e)),
             }
         }
@@ -1149,13 +1131,7 @@ async fn mkdir_p(c: &MetaClient, path: &[u8], perm: u32) -> CliResult {
         let made = c.op(MetaOp::Mkdir { parent: ino, name: comp.to_vec(), perm, caller: caller() }).await;
         ino = match made {
             Ok(OpReply::Attr(a)) => a.ino,
-            Ok(other) => {
-                return Err(CliError {
-                    exit: 1,
-                    code: Some(ErrorCode::Internal),
-                    message: format!("unexpected reply {other:?}"),
-                })
-            }
+            Ok(other) => return Err(CliError::unexpected(&other)),
             Err(ClientError::Remote(w)) if w.code == ErrorCode::Exists => {
                 let a = c.resolve(&so_far, true).await.map_err(|e| CliError::from_client(&show(&so_far), e))?;
                 if a.kind != FileKind::Dir {
@@ -1202,13 +1178,7 @@ async fn cluster(c: &MetaClient, cmd: ClusterCmd, json: bool) -> CliResult {
         ClusterCmd::Status => {
             let leader_view = match c.admin(AdminOp::Status).await.map_err(|e| CliError::from_client("", e))? {
                 AdminReply::Status(s) => s,
-                other => {
-                    return Err(CliError {
-                        exit: 1,
-                        code: Some(ErrorCode::Internal),
-                        message: format!("unexpected reply {other:?}"),
-                    })
-                }
+                other => return Err(CliError::unexpected(&other)),
             };
             // Each member's own view gives its applied index.
             let mut nodes = Vec::new();
@@ -1280,13 +1250,7 @@ async fn cluster(c: &MetaClient, cmd: ClusterCmd, json: bool) -> CliResult {
         ClusterCmd::Health => {
             let h = match c.read(MetaRead::Health).await {
                 Ok(ReadReply::Health(h)) => h,
-                Ok(other) => {
-                    return Err(CliError {
-                        exit: 1,
-                        code: Some(ErrorCode::Internal),
-                        message: format!("unexpected reply {other:?}"),
-                    })
-                }
+                Ok(other) => return Err(CliError::unexpected(&other)),
                 Err(e) => return Err(CliError::from_client("health", e)),
             };
             if json {

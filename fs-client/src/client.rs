@@ -75,8 +75,14 @@ fn stopped() -> ClientError {
     ClientError::Protocol("client batcher stopped".into())
 }
 
-/// Drains queued operations into batches, [`CLIENT_INFLIGHT_BATCHES`] in flight.
-async fn op_batch_loop(inner: Weak<Inner>, mut rx: mpsc::Receiver<QueuedOp>) {
+/// Drains queued requests into batches, [`CLIENT_INFLIGHT_BATCHES`] in
+/// flight, each sent by `send`; ends when the client is dropped.
+async fn batch_loop<T, F, Fut>(inner: Weak<Inner>, mut rx: mpsc::Receiver<T>, send: F)
+where
+    T: Send + 'static,
+    F: Fn(MetaClient, Vec<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let slots = Arc::new(Semaphore::new(CLIENT_INFLIGHT_BATCHES));
     while let Some(first) = rx.recv().await {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
@@ -88,28 +94,9 @@ async fn op_batch_loop(inner: Weak<Inner>, mut rx: mpsc::Receiver<QueuedOp>) {
             }
         }
         let Some(inner) = inner.upgrade() else { return };
+        let sending = send(MetaClient { inner }, batch);
         tokio::spawn(async move {
-            MetaClient { inner }.send_ops(batch).await;
-            drop(permit);
-        });
-    }
-}
-
-/// Drains queued reads into batches, [`CLIENT_INFLIGHT_BATCHES`] in flight.
-async fn read_batch_loop(inner: Weak<Inner>, mut rx: mpsc::Receiver<QueuedRead>) {
-    let slots = Arc::new(Semaphore::new(CLIENT_INFLIGHT_BATCHES));
-    while let Some(first) = rx.recv().await {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_ENTRIES {
-            match rx.try_recv() {
-                Ok(q) => batch.push(q),
-                Err(_) => break,
-            }
-        }
-        let Some(inner) = inner.upgrade() else { return };
-        tokio::spawn(async move {
-            MetaClient { inner }.send_reads(batch).await;
+            sending.await;
             drop(permit);
         });
     }
@@ -202,7 +189,11 @@ impl MetaClient {
         let id = RequestId { client: self.inner.client_id, seq: self.inner.seq.fetch_add(1, Ordering::Relaxed) };
         let queue = self.inner.ops_queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
-            tokio::spawn(op_batch_loop(Arc::downgrade(&self.inner), rx));
+            tokio::spawn(batch_loop(
+                Arc::downgrade(&self.inner),
+                rx,
+                |c, batch| async move { c.send_ops(batch).await },
+            ));
             tx
         });
         let (tx, rx) = oneshot::channel();
@@ -213,11 +204,14 @@ impl MetaClient {
     /// A linearizable read. Concurrent reads on one client share requests
     /// and one read-index round.
     pub async fn read(&self, read: MetaRead) -> Result<ReadReply, ClientError> {
-        let queue = self.inner.reads_queue.get_or_init(|| {
-            let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
-            tokio::spawn(read_batch_loop(Arc::downgrade(&self.inner), rx));
-            tx
-        });
+        let queue =
+            self.inner.reads_queue.get_or_init(|| {
+                let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+                tokio::spawn(batch_loop(Arc::downgrade(&self.inner), rx, |c, batch| async move {
+                    c.send_reads(batch).await
+                }));
+                tx
+            });
         let (tx, rx) = oneshot::channel();
         queue.send(QueuedRead { read, reply: tx }).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?

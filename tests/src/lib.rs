@@ -10,6 +10,7 @@
 //! (`target/<profile>/`), or in `$LOCUS_BIN_DIR`; build them first with
 //! `cargo build --bins`.
 
+pub mod files;
 pub mod netns;
 
 use std::collections::BTreeMap;
@@ -344,19 +345,24 @@ impl MetaCluster {
     pub fn logs_tail(&self) -> String {
         let mut out = String::new();
         for n in self.nodes.values() {
-            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!("--- node {} log (last 30 lines)\n", n.id));
-            for l in &lines[lines.len().saturating_sub(30)..] {
-                out.push_str(l);
-                out.push('\n');
-            }
+            log_tail(&mut out, &format!("node {}", n.id), &n.log);
         }
         out
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// Appends the last 30 lines of a process log to `out`, under a title.
+fn log_tail(out: &mut String, who: &str, log: &Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    out.push_str(&format!("--- {who} log (last 30 lines)\n"));
+    for l in &lines[lines.len().saturating_sub(30)..] {
+        out.push_str(l);
+        out.push('\n');
     }
 }
 
@@ -653,13 +659,7 @@ impl Cluster {
     pub fn logs_tail(&self) -> String {
         let mut out = self.meta.logs_tail();
         for n in self.chunks.values() {
-            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!("--- chunk server {} log (last 30 lines)\n", n.index));
-            for l in &lines[lines.len().saturating_sub(30)..] {
-                out.push_str(l);
-                out.push('\n');
-            }
+            log_tail(&mut out, &format!("chunk server {}", n.index), &n.log);
         }
         out
     }

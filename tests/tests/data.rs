@@ -5,45 +5,12 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fs_client::file::FileClient;
 use fs_client::proto::*;
-use fs_client::MetaClient;
+use locus_tests::files::{create, layout, pattern, read_all};
 use locus_tests::{init_logging, phase, Cluster, ClusterOptions};
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;
-
-async fn create(c: &MetaClient, parent: Ino, name: &str) -> Ino {
-    c.op_attr(MetaOp::Create { parent, name: name.into(), perm: 0o644, caller: Caller::ROOT, exclusive: false })
-        .await
-        .expect("create")
-        .ino
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut v = vec![0u8; len];
-    rng.fill_bytes(&mut v);
-    v
-}
-
-async fn read_all(f: &FileClient, ino: Ino) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let d = f.read(ino, out.len() as u64, 4 * MIB).await.expect("read");
-        if d.is_empty() {
-            return out;
-        }
-        out.extend_from_slice(&d);
-    }
-}
-
-async fn layout(c: &MetaClient, ino: Ino) -> Layout {
-    match c.read(MetaRead::Layout { ino, first: 0, count: MAX_LAYOUT_CHUNKS }).await.expect("layout") {
-        ReadReply::Layout(l) => l,
-        other => panic!("{other:?}"),
-    }
-}
 
 /// Goal: files span chunks; every read returns what was written, holes and
 /// regions uncovered by extension read as zeros, truncation frees chunks.

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+use locus_tests::files::pattern;
 use locus_tests::{bin, init_logging, locus_cli, phase, Cluster, ClusterOptions};
 
 const MIB: usize = 1 << 20;
@@ -214,18 +215,6 @@ fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<usize> {
     // SAFETY: valid NUL-terminated paths.
     let r = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), flags) };
     check(r as libc::ssize_t)
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 async fn start_cluster() -> (Cluster, PathBuf, PathBuf) {

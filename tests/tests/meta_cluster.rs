@@ -17,6 +17,15 @@ fn create(parent: Ino, name: &str) -> MetaOp {
     MetaOp::Create { parent, name: name.into(), perm: 0o644, caller: Caller::ROOT, exclusive: true }
 }
 
+/// Waits until at least `n` creates are acknowledged (20 s at most).
+async fn wait_acks(acked: &Mutex<Vec<String>>, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.lock().unwrap().len() < n {
+        assert!(Instant::now() < deadline, "only {} of {n} creates acknowledged", acked.lock().unwrap().len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn code(e: &ClientError) -> ErrorCode {
     e.code()
 }
@@ -58,7 +67,8 @@ async fn leader_kill_under_write_load_loses_nothing() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Writes flow before the kill.
+    wait_acks(&acked, 200).await;
 
     phase("kill -9 the leader; a new leader must serve writes within 3 s");
     let leader = cluster.wait_leader(None, Duration::from_secs(5)).await.expect("leader");
@@ -80,7 +90,9 @@ async fn leader_kill_under_write_load_loses_nothing() {
     eprintln!("old leader {leader}, new leader {new_leader}, writes served again after {failover:?}");
     assert!(failover < Duration::from_secs(3), "failover took {failover:?}");
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Writes flow through the new leader for a while.
+    let before = acked.lock().unwrap().len();
+    wait_acks(&acked, before + 200).await;
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.await.unwrap();

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use fs_client::file::FileClient;
 use fs_client::proto::*;
+use locus_tests::files::pattern;
 use locus_tests::{bin, init_logging, locus_cli, phase, Cluster, ClusterOptions};
 
 const MIB: u64 = 1 << 20;
@@ -147,18 +148,6 @@ fn qemu_io(server: &NbdServer, format: &str, cmds: &[&str], target: &str) -> Str
     }
     args.push(target);
     tool_ok(server, "qemu-io", &args)
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 async fn start_cluster() -> (Cluster, PathBuf) {

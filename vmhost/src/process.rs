@@ -231,17 +231,7 @@ impl Driver for ProcessDriver {
     }
 
     async fn list(&self) -> Result<Vec<VmInfo>, DriverError> {
-        let mut out = Vec::new();
-        for id in self.run.ids()? {
-            let run_dir = self.run.vm_dir(&id)?;
-            let name = self.run.load_spec(&id).map(|s| s.name).unwrap_or_default();
-            let (state, pid) = match self.state_of(&id).await {
-                Ok((state, pid)) => (Ok(state), pid),
-                Err(e) => (Err(e.to_string()), None),
-            };
-            out.push(VmInfo { id, name, pid, state, run_dir });
-        }
-        Ok(out)
+        self.run.list(|id| async move { self.state_of(&id).await }).await
     }
 
     fn logs(&self, id: &str) -> Result<VmLogs, DriverError> {

@@ -37,7 +37,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::driver::{validate_id, DriverError, ExitCode, VmHandle, VmSpec};
+use crate::driver::{validate_id, DriverError, ExitCode, VmHandle, VmInfo, VmSpec, VmState};
 use crate::procfs::{self, ProcStat};
 
 /// How long `start` waits for another start of the same VM to finish.
@@ -153,6 +153,26 @@ impl RunDir {
             });
         }
         Ok(rec.spec)
+    }
+
+    /// Every VM of this driver in the run directory, with the state
+    /// `state_of` reads (an error is listed, not returned).
+    pub async fn list<F, Fut>(&self, state_of: F) -> Result<Vec<VmInfo>, DriverError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<(VmState, Option<u32>), DriverError>>,
+    {
+        let mut out = Vec::new();
+        for id in self.ids()? {
+            let run_dir = self.vm_dir(&id)?;
+            let name = self.load_spec(&id).map(|s| s.name).unwrap_or_default();
+            let (state, pid) = match state_of(id.clone()).await {
+                Ok((state, pid)) => (Ok(state), pid),
+                Err(e) => (Err(e.to_string()), None),
+            };
+            out.push(VmInfo { id, name, pid, state, run_dir });
+        }
+        Ok(out)
     }
 
     /// Ids of the VMs of this driver in the run directory, sorted.

@@ -1602,15 +1602,25 @@ impl ChunkStore {
             f.sync_data().map_err(|e| io_err(ctx("sync"), e))?;
             Ok(f)
         };
+        let file = self.publish(id, version, &tmp, build())?;
+        debug!(chunk = %Hex(id), version, "chunk created");
+        Ok(file)
+    }
+}
+
+impl ChunkStore {
+    /// Renames a synced temp file built for chunk `id` into place, makes the
+    /// rename durable and lists the chunk; on any failure the file is gone.
+    fn publish(&self, id: ChunkId, version: u64, tmp: &Path, built: Result<File>) -> Result<Arc<File>> {
         let path = self.chunk_path(id, version);
-        let file = build().and_then(|f| {
-            fs::rename(&tmp, &path).map_err(|e| io_err(format!("rename into {}", path.display()), e))?;
+        let file = built.and_then(|f| {
+            fs::rename(tmp, &path).map_err(|e| io_err(format!("rename into {}", path.display()), e))?;
             Ok(f)
         });
         let file = match file {
             Ok(f) => f,
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
+                let _ = fs::remove_file(tmp);
                 return Err(e);
             }
         };
@@ -1622,7 +1632,6 @@ impl ChunkStore {
         write_lock(&self.index).insert(id, IndexEntry { version, sectors, flags: 0 });
         let file = Arc::new(file);
         lock(&self.files).insert(id, file.clone());
-        debug!(chunk = %Hex(id), version, "chunk created");
         Ok(file)
     }
 }
@@ -1697,26 +1706,7 @@ impl ChunkStore {
             f.sync_data().map_err(|e| io_err(ctx("sync"), e))?;
             Ok(f)
         };
-        let path = self.chunk_path(id, version);
-        let file = build().and_then(|f| {
-            fs::rename(&tmp, &path).map_err(|e| io_err(format!("rename into {}", path.display()), e))?;
-            Ok(f)
-        });
-        let file = match file {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
-        if let Err(e) = fsync_dir(&self.chunk_dir(id)) {
-            let _ = fs::remove_file(&path);
-            return Err(e);
-        }
-        let sectors = sectors_of(&file).unwrap_or(0);
-        write_lock(&self.index).insert(id, IndexEntry { version, sectors, flags: 0 });
-        let file = Arc::new(file);
-        lock(&self.files).insert(id, file.clone());
+        let file = self.publish(id, version, &tmp, build())?;
         debug!(chunk = %Hex(id), version, origin = %Hex(origin), origin_version, blocks = written, "chunk copied from its origin");
         Ok(file)
     }

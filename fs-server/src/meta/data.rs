@@ -442,7 +442,7 @@ pub fn quota_of(rec: &InodeRec) -> Option<QuotaUsage> {
     rec.quota
 }
 
-/// Chunks of a file, index to id (for tests and tools).
+/// Chunks of a file as stored, index to id.
 pub fn file_chunk_map(kv: &dyn raft::KvRead, ino: Ino) -> Result<BTreeMap<u64, ChunkId>, KvError> {
     let prefix = keys::file_chunks(ino);
     let end = raft::kv::prefix_end(&prefix).expect("prefix has a non-0xFF byte");

@@ -311,22 +311,7 @@ impl<'k> Work<'k> {
 
     /// Every (index, chunk) of a file, stored and planned.
     pub(super) fn all_file_chunks(&mut self, ino: Ino) -> Plan<BTreeMap<u64, ChunkId>> {
-        let prefix = keys::file_chunks(ino);
-        let end = raft::kv::prefix_end(&prefix).expect("prefix has a non-0xFF byte");
-        let mut out = BTreeMap::new();
-        let mut bad = false;
-        self.kv.scan(&prefix, &end, &mut |k, v| {
-            match (keys::file_chunk_index(k), <[u8; 8]>::try_from(v)) {
-                (Some(i), Ok(b)) => {
-                    out.insert(i, u64::from_be_bytes(b));
-                }
-                _ => bad = true,
-            }
-            true
-        })?;
-        if bad {
-            return Err(Fail::Store(KvError(format!("bad chunk entry of inode {ino}"))));
-        }
+        let mut out = super::data::file_chunk_map(self.kv, ino)?;
         for ((i, idx), c) in self.p.file_chunks.range((ino, 0)..=(ino, u64::MAX)) {
             debug_assert_eq!(*i, ino);
             match c {
