@@ -301,6 +301,25 @@ impl MetaClient {
         }
     }
 
+    /// A VM management request (services, VMs, hosts), sent to the leader.
+    pub async fn vm(&self, req: VmRequest) -> Result<crate::vm::VmReply, ClientError> {
+        match self.call(Request::Vm(req)).await? {
+            Reply::Vm(r) => Ok(r),
+            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// A VM host agent's message to the leader, retried (leader changes
+    /// included) for at most `within`: a heartbeat that cannot get through
+    /// soon is worthless, the next one is due and the lease counts from the
+    /// send.
+    pub async fn host(&self, msg: crate::vm::HostMsg, within: Duration) -> Result<crate::vm::HostReply, ClientError> {
+        match self.call_until(Request::Host(msg), Instant::now() + within).await? {
+            Reply::Host(r) => Ok(r),
+            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// The status as one particular server sees it (no redirection).
     pub async fn status_of(&self, addr: &str) -> Result<ClusterStatus, ClientError> {
         let req = Envelope { version: PROTOCOL_VERSION, request: Request::Admin(AdminOp::Status) };

@@ -22,6 +22,7 @@ pub mod nbd;
 pub mod proto;
 pub mod tls;
 pub mod up;
+pub mod vm;
 
 pub use client::{ClientError, MetaClient};
 pub use config::ClientConfig;

@@ -654,7 +654,7 @@ pub struct RequestId {
     pub seq: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     Op {
         id: RequestId,
@@ -675,6 +675,17 @@ pub enum Request {
     Reads(Vec<MetaRead>),
     /// From a chunk server (role `node`), to the leader.
     Server(ServerMsg),
+    /// VM management: services, VMs, hosts (served by the leader).
+    Vm(VmRequest),
+    /// From a VM host agent (role `host`), to the leader.
+    Host(crate::vm::HostMsg),
+}
+
+/// A VM management request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum VmRequest {
+    Op(crate::vm::VmOp),
+    Read(crate::vm::VmRead),
 }
 
 /// What chunk servers tell the leader.
@@ -722,13 +733,13 @@ pub enum ServerReply {
 pub const MAX_BATCH_ENTRIES: usize = 1024;
 
 /// Every request frame.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
     pub version: u16,
     pub request: Request,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
     Op(OpReply),
     Read(ReadReply),
@@ -737,6 +748,8 @@ pub enum Reply {
     Ops(Vec<Result<OpReply, WireError>>),
     Reads(Vec<Result<ReadReply, WireError>>),
     Server(ServerReply),
+    Vm(crate::vm::VmReply),
+    Host(crate::vm::HostReply),
 }
 
 /// ALPN of chunk server connections. Bump on an incompatible change.
@@ -861,6 +874,11 @@ pub enum Change {
     },
     XattrChanged {
         ino: Ino,
+    },
+    /// A VM's record changed (assignment, desired state, status).
+    Vm {
+        id: String,
+        host: Option<u64>,
     },
 }
 

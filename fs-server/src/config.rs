@@ -66,6 +66,14 @@ pub struct MetaSettings {
     /// How often the chunk map is checked for missing copies (ms).
     #[arg(long)]
     pub scan_every_ms: Option<u64>,
+    /// How long a VM host's lease lasts from its last heartbeat (ms); a host
+    /// silent for this long plus a grace of a fifth is declared failed and
+    /// its VMs are placed again.
+    #[arg(long)]
+    pub host_lease_ms: Option<u64>,
+    /// Where VMs keep their writable state in the namespace.
+    #[arg(long)]
+    pub vm_root: Option<String>,
 }
 
 impl MetaSettings {
@@ -86,6 +94,8 @@ impl MetaSettings {
             chunk_bytes: over.chunk_bytes.or(self.chunk_bytes),
             dead_after_ms: over.dead_after_ms.or(self.dead_after_ms),
             scan_every_ms: over.scan_every_ms.or(self.scan_every_ms),
+            host_lease_ms: over.host_lease_ms.or(self.host_lease_ms),
+            vm_root: over.vm_root.or(self.vm_root),
         }
     }
 
@@ -134,6 +144,17 @@ impl MetaSettings {
         if !(500..=600_000).contains(&dead_after_ms) {
             return Err(ConfigError::Invalid { field: "dead_after_ms", reason: "must be 500..=600000".into() });
         }
+        let host_lease_ms = self.host_lease_ms.unwrap_or(2_500);
+        if !(500..=600_000).contains(&host_lease_ms) {
+            return Err(ConfigError::Invalid { field: "host_lease_ms", reason: "must be 500..=600000".into() });
+        }
+        let vm_root = self.vm_root.clone().unwrap_or_else(|| fs_client::vm::DEFAULT_VM_ROOT.to_string());
+        if !vm_root.starts_with('/') || vm_root.len() < 2 || vm_root.ends_with('/') || vm_root.contains("/../") {
+            return Err(ConfigError::Invalid {
+                field: "vm_root",
+                reason: format!("{vm_root:?} is not an absolute path below /"),
+            });
+        }
         Ok(MetaConfig {
             id,
             listen,
@@ -152,6 +173,11 @@ impl MetaSettings {
                 dead_after: std::time::Duration::from_millis(dead_after_ms),
                 scan_every: std::time::Duration::from_millis(self.scan_every_ms.unwrap_or(10_000).max(100)),
                 ..Default::default()
+            },
+            sched: crate::meta::sched::SchedConfig {
+                lease: std::time::Duration::from_millis(host_lease_ms),
+                grace: std::time::Duration::from_millis(host_lease_ms / 5),
+                vm_root,
             },
         })
     }
@@ -337,6 +363,7 @@ pub struct MetaConfig {
     pub change_history: u64,
     pub chunk_bytes: u64,
     pub data: crate::meta::cluster::DataConfig,
+    pub sched: crate::meta::sched::SchedConfig,
 }
 
 #[cfg(test)]

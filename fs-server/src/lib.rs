@@ -55,7 +55,7 @@ pub async fn run_meta(cfg: MetaConfig) -> anyhow::Result<()> {
         .await
         .context("start raft")?;
     let metrics = Metrics::new("meta");
-    let svc = MetaService::start(node.clone(), metrics.clone(), cfg.data.clone(), cfg.chunk_bytes);
+    let svc = MetaService::start(node.clone(), metrics.clone(), cfg.data.clone(), cfg.sched.clone(), cfg.chunk_bytes);
     tokio::spawn(server::accept_loop(endpoint.clone(), svc.clone()));
     if let Some(members) = &cfg.bootstrap {
         node.initialize(members.clone()).await.context("initialize cluster")?;

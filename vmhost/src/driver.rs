@@ -77,7 +77,7 @@ pub struct Disk {
     pub read_only: bool,
 }
 
-/// Where a disk's bytes come from; always raw format.
+/// Where a disk's bytes come from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskSource {
     /// A local raw image file (or block device).
@@ -85,6 +85,11 @@ pub enum DiskSource {
     /// An NBD export as qemu spells it: `nbd://host:port/export`,
     /// `nbd+unix:///export?socket=/path`, or the older `nbd:host:port`.
     Nbd(String),
+    /// A qcow2 overlay (writes land here) over a raw backing image that is
+    /// only read, such as a VM's layer in Locus over the host's cached
+    /// master. The backing path given here wins over the one recorded in
+    /// the overlay, so any host can open the overlay on its own cache.
+    Overlay { overlay: PathBuf, backing: PathBuf },
 }
 
 /// How a VM's process ended.

@@ -1,4 +1,16 @@
-//! The Locus VM host agent (`locus-vmhost`): so far, the VM drivers.
+//! The Locus VM host agent (`locus-vmhost`): the agent that runs the VMs
+//! the scheduler assigns to a host, its fence guard, the image cache, and
+//! the VM drivers.
+//!
+//! - [`agent`]: registration, the lease (renewed by heartbeat; VMs are
+//!   killed the moment it runs out), the reconcile loop, VM preparation
+//!   (cached master, a copy-on-write layer in Locus, customization).
+//! - [`plan`]: the reconcile decision, pure.
+//! - [`guard`]: `locus-vmhost guard`, which fences the host's VMs when the
+//!   lease runs out even if the agent is dead.
+//! - [`cache`]: master images downloaded once, verified by blake3.
+//! - [`mount`]: the host's Locus FUSE mount, through which VMs reach their
+//!   program, disks and data sets.
 //!
 //! - [`driver`]: what a VM is ([`VmSpec`], [`VmState`]) and the [`Driver`]
 //!   trait: start (idempotent), status, stop (graceful, then forced), kill
@@ -14,13 +26,19 @@
 //! without disturbing them, and never signals a process that merely reuses a
 //! pid. Both drivers pass the same behaviour suite, `tests/drivers.rs`.
 //!
-//! Not here yet (issue 5): the agent itself (registration, lease and fencing,
-//! the reconcile loop against the metadata service), the image cache and
-//! copy-on-write clones, disks served from Locus, checkpoints.
+//! Not here yet: memory checkpoints and live migration, the tree broadcast
+//! of images and paused VMs.
 //!
-//! Start reading at [`Driver`].
+//! Start reading at [`Driver`], then [`plan`] and [`agent`].
 
+pub mod agent;
+pub mod cache;
+pub mod daemon;
 pub mod driver;
+pub mod guard;
+pub mod lease;
+pub mod mount;
+pub mod plan;
 pub mod process;
 mod procfs;
 pub mod qemu;

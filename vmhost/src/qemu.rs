@@ -159,6 +159,16 @@ impl QemuDriver {
                         return bad(format!("disk {i}: {} does not exist", p.display()));
                     }
                 }
+                DiskSource::Overlay { overlay, backing } => {
+                    for (what, p) in [("overlay", overlay), ("backing image", backing)] {
+                        if !p.is_absolute() {
+                            return bad(format!("disk {i}: {what} {} is not an absolute path", p.display()));
+                        }
+                        if !p.exists() {
+                            return bad(format!("disk {i}: {what} {} does not exist", p.display()));
+                        }
+                    }
+                }
                 DiskSource::Nbd(uri) => {
                     let known = ["nbd://", "nbd+tcp://", "nbd+unix://", "nbd:"];
                     if !known.iter().any(|k| uri.starts_with(k)) || uri.chars().any(char::is_control) {
@@ -331,12 +341,17 @@ impl QemuDriver {
         }
         opt(&mut args, "-append", append);
         for Disk { source, read_only } in disks {
-            let file = match source {
-                DiskSource::Path(p) => path(p),
-                DiskSource::Nbd(uri) => escape(uri),
-            };
             let ro = if *read_only { ",readonly=on" } else { "" };
-            opt(&mut args, "-drive", format!("file={file},format=raw,if=virtio{ro}"));
+            let drive = match source {
+                DiskSource::Path(p) => format!("file={},format=raw,if=virtio{ro}", path(p)),
+                DiskSource::Nbd(uri) => format!("file={},format=raw,if=virtio{ro}", escape(uri)),
+                DiskSource::Overlay { overlay, backing } => format!(
+                    "file={},format=qcow2,if=virtio,backing.driver=raw,backing.file.filename={}{ro}",
+                    path(overlay),
+                    path(backing)
+                ),
+            };
+            opt(&mut args, "-drive", drive);
         }
         args.extend(extra_args.iter().map(OsString::from));
         Ok(args)

@@ -56,7 +56,7 @@ pub fn invalidations(change: &Change) -> Vec<Inval> {
             vec![Inval::Entry { parent: *parent, name: name.clone() }]
         }
         // The kernel caches no xattrs.
-        Change::XattrChanged { .. } => Vec::new(),
+        Change::XattrChanged { .. } | Change::Vm { .. } => Vec::new(),
     }
 }
 

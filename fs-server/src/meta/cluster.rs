@@ -165,6 +165,21 @@ impl DataManager {
             .collect()
     }
 
+    /// Every registered chunk server as VM placement sees it: where, and
+    /// whether its replicas can be read now.
+    pub fn storage_nodes(&self) -> Vec<placement::StorageNode> {
+        let now = Instant::now();
+        let regs = self.registered();
+        let st = self.state();
+        regs.into_iter()
+            .map(|r| placement::StorageNode {
+                id: r.id,
+                healthy: self.is_alive(&st, r.id, now) && st.live.contains_key(&r.id),
+                topology: r.topology,
+            })
+            .collect()
+    }
+
     /// Total and available bytes of the live servers.
     pub fn capacity(&self) -> (u64, u64) {
         let now = Instant::now();

@@ -35,6 +35,8 @@ pub enum Command {
     Init { now: Timespec, chunk_bytes: u64 },
     /// Leader housekeeping: the server registry and replica changes.
     System { now: Timespec, ops: Vec<SystemOp> },
+    /// VM desired state: services, hosts, VMs (see [`super::vm`]).
+    Vm { now: Timespec, cmds: Vec<super::vm::VmCmd> },
 }
 
 /// One client operation as proposed by the leader.
@@ -1117,7 +1119,10 @@ impl StateMachineLogic for Namespace {
         };
         let mut changes = Vec::new();
         let now = match &cmd {
-            Command::Batch { now, .. } | Command::Init { now, .. } | Command::System { now, .. } => *now,
+            Command::Batch { now, .. }
+            | Command::Init { now, .. }
+            | Command::System { now, .. }
+            | Command::Vm { now, .. } => *now,
         };
         Self::ensure_root(txn, now, &mut changes)?;
         if let Command::Init { chunk_bytes, .. } = &cmd {
@@ -1141,6 +1146,17 @@ impl StateMachineLogic for Namespace {
                     Err(Fail::Op(e)) => Err(e),
                     Err(Fail::Store(e)) => return Err(e),
                 });
+            }
+            set_counter(txn, APPLIED, index);
+            return Ok(enc(&replies));
+        }
+        if let Command::Vm { cmds, .. } = &cmd {
+            let mut replies = Vec::with_capacity(cmds.len());
+            for c in cmds {
+                replies.push(super::vm::apply(txn, now, c, &mut changes)?);
+            }
+            if !changes.is_empty() {
+                txn.put(keys::change(index), enc(&changes));
             }
             set_counter(txn, APPLIED, index);
             return Ok(enc(&replies));

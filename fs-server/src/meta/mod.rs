@@ -13,6 +13,8 @@ pub mod fsm;
 mod fsm_tests;
 pub mod keys;
 pub mod read;
+pub mod sched;
+pub mod vm;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -57,6 +59,7 @@ pub struct MetaService {
     raft: RaftNode,
     ops: mpsc::Sender<PendingOps>,
     data: cluster::DataManager,
+    sched: sched::Scheduler,
     metrics: Arc<Metrics>,
 }
 
@@ -76,12 +79,19 @@ pub fn raft_error(e: RaftNodeError) -> WireError {
 impl MetaService {
     /// Starts the service on a running Raft node. `chunk_bytes` is the
     /// chunk size a new cluster gets (an existing one keeps its own).
-    pub fn start(raft: RaftNode, metrics: Arc<Metrics>, data_cfg: cluster::DataConfig, chunk_bytes: u64) -> Self {
+    pub fn start(
+        raft: RaftNode,
+        metrics: Arc<Metrics>,
+        data_cfg: cluster::DataConfig,
+        sched_cfg: sched::SchedConfig,
+        chunk_bytes: u64,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(OP_QUEUE);
         let data = cluster::DataManager::start(raft.clone(), data_cfg);
+        let sched = sched::Scheduler::start(raft.clone(), data.clone(), sched_cfg);
         tokio::spawn(batch_loop(raft.clone(), rx, metrics.clone(), data.clone()));
         tokio::spawn(init_root(raft.clone(), chunk_bytes));
-        MetaService { raft, ops: tx, data, metrics }
+        MetaService { raft, ops: tx, data, sched, metrics }
     }
 
     pub fn raft(&self) -> &RaftNode {
@@ -100,6 +110,9 @@ impl MetaService {
             Request::Ops(_) => "ops",
             Request::Reads(_) => "reads",
             Request::Server(_) => "server",
+            Request::Vm(VmRequest::Op(_)) => "vm_op",
+            Request::Vm(VmRequest::Read(_)) => "vm_read",
+            Request::Host(_) => "host",
         };
         let resp = self.dispatch(role, request).await;
         self.metrics.observe(label, started.elapsed(), resp.as_ref().err().map(|e| e.code));
@@ -137,6 +150,29 @@ impl MetaService {
                     ));
                 }
                 self.data.handle(msg).await.map(Reply::Server)
+            }
+            Request::Vm(VmRequest::Op(op)) => {
+                if role == Role::Node {
+                    return Err(WireError::new(ErrorCode::Unauthorized, "VM changes come from clients"));
+                }
+                self.sched.client_op(op).await.map(Reply::Vm)
+            }
+            Request::Vm(VmRequest::Read(r)) => {
+                self.read_barrier().await?;
+                let res = self.raft.reader().with_latest(|kv| vm::query(kv, &r));
+                match res {
+                    Ok(r) => r.map(Reply::Vm),
+                    Err(e) => Err(WireError::new(ErrorCode::Io, e.to_string())),
+                }
+            }
+            Request::Host(msg) => {
+                if role != Role::Host {
+                    return Err(WireError::new(
+                        ErrorCode::Unauthorized,
+                        format!("host agent messages need a host certificate; this one is {}", role.as_str()),
+                    ));
+                }
+                self.sched.host_msg(msg).await.map(Reply::Host)
             }
             Request::Reads(reads) => {
                 if reads.len() > MAX_BATCH_ENTRIES {
