@@ -55,6 +55,14 @@ pub enum Cmd {
     /// Export files as network block devices.
     #[command(subcommand)]
     Nbd(crate::nbd::NbdCmd),
+    /// Services and their VMs: apply, ls, show, why, stop, start, rm, logs.
+    #[command(subcommand)]
+    Vm(crate::vmcli::VmCmd),
+    /// VM hosts: ls, drain.
+    #[command(subcommand)]
+    Host(crate::vmcli::HostCmd),
+    /// Walk through the main job on a local cluster (starts one if needed).
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Subcommand)]
@@ -257,16 +265,23 @@ pub struct CliError {
 
 impl CliError {
     /// A reply of the wrong kind: a server bug, not the user's.
-    fn unexpected(reply: &impl std::fmt::Debug) -> Self {
+    pub(crate) fn unexpected(reply: &impl std::fmt::Debug) -> Self {
         CliError { exit: 1, code: Some(ErrorCode::Internal), message: format!("unexpected reply {reply:?}") }
     }
-    fn usage(msg: impl Into<String>) -> Self {
+    pub(crate) fn usage(msg: impl Into<String>) -> Self {
         CliError { exit: 2, code: Some(ErrorCode::Invalid), message: msg.into() }
+    }
+    /// Bad input (a refused definition, say): the operation failed.
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        CliError { exit: 1, code: Some(ErrorCode::Invalid), message: msg.into() }
+    }
+    pub(crate) fn not_found(msg: impl Into<String>) -> Self {
+        CliError { exit: 1, code: Some(ErrorCode::NotFound), message: msg.into() }
     }
     fn config(msg: impl Into<String>) -> Self {
         CliError { exit: 4, code: None, message: msg.into() }
     }
-    fn from_client(context: &str, e: ClientError) -> Self {
+    pub(crate) fn from_client(context: &str, e: ClientError) -> Self {
         let exit = match &e {
             ClientError::Unavailable { .. } => 3,
             ClientError::Tls(_) | ClientError::Config(_) => 4,
@@ -297,7 +312,7 @@ impl CliError {
     }
 }
 
-type CliResult<T = ()> = Result<T, CliError>;
+pub(crate) type CliResult<T = ()> = Result<T, CliError>;
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> CliResult {
@@ -324,6 +339,18 @@ pub async fn run(cli: Cli) -> CliResult {
         Cmd::Cluster(cmd) => {
             let client = connect(cli.config)?;
             cluster(&client, cmd, json).await
+        }
+        Cmd::Vm(cmd) => {
+            let (client, cfg) = connect_with_config(cli.config)?;
+            let files = file_client(&client, &cfg)?;
+            crate::vmcli::vm(&client, &files, cmd, json).await
+        }
+        Cmd::Host(cmd) => {
+            let client = connect(cli.config)?;
+            crate::vmcli::host(&client, cmd, json).await
+        }
+        Cmd::Demo(args) => {
+            crate::demo::run(args, cli.config).await.map_err(|e| CliError { exit: 1, code: None, message: format!("{e:#}") })
         }
         Cmd::Nbd(crate::nbd::NbdCmd::Serve(args)) => {
             let (client, cfg) = connect_with_config(cli.config)?;
@@ -357,7 +384,7 @@ fn connect(config: Option<PathBuf>) -> CliResult<MetaClient> {
     connect_with_config(config).map(|(c, _)| c)
 }
 
-fn connect_with_config(config: Option<PathBuf>) -> CliResult<(MetaClient, ClientConfig)> {
+pub(crate) fn connect_with_config(config: Option<PathBuf>) -> CliResult<(MetaClient, ClientConfig)> {
     let path = config.unwrap_or_else(ClientConfig::default_path);
     if !path.exists() {
         return Err(CliError::config(format!(
@@ -370,7 +397,7 @@ fn connect_with_config(config: Option<PathBuf>) -> CliResult<(MetaClient, Client
     Ok((client, cfg))
 }
 
-fn file_client(meta: &MetaClient, cfg: &ClientConfig) -> CliResult<FileClient> {
+pub(crate) fn file_client(meta: &MetaClient, cfg: &ClientConfig) -> CliResult<FileClient> {
     let chunks = ChunkClient::new(&cfg.identity()).map_err(|e| CliError::config(e.to_string()))?;
     Ok(FileClient::new(meta.clone(), chunks, cfg.topology.clone()))
 }
@@ -588,7 +615,7 @@ async fn clone_cmd(
     Ok(())
 }
 
-fn print_json<T: Serialize>(v: &T) {
+pub(crate) fn print_json<T: Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("locus: cannot encode output: {e}"),

@@ -8,6 +8,8 @@
 //! - [`cli`]: the `locus` command line; [`up`] runs a local cluster.
 //! - [`fuse`]: the FUSE mount (`locus mount`).
 //! - [`nbd`]: the NBD export (`locus nbd serve`).
+//! - [`vm`]: service definitions and the VM messages; [`vmcli`] is
+//!   `locus vm` / `locus host`, [`demo`] is `locus demo`.
 //!
 //! Start reading at [`client::MetaClient`].
 
@@ -21,8 +23,10 @@ pub mod fuse;
 pub mod nbd;
 pub mod proto;
 pub mod tls;
+pub mod demo;
 pub mod up;
 pub mod vm;
+pub mod vmcli;
 
 pub use client::{ClientError, MetaClient};
 pub use config::ClientConfig;

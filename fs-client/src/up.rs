@@ -24,6 +24,8 @@ use crate::tls;
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `down` waits for a graceful stop before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a VM host gets to stop its VMs and flush its mount.
+const HOST_STOP_TIMEOUT: Duration = Duration::from_secs(45);
 
 #[derive(Args, Debug, Clone)]
 pub struct UpArgs {
@@ -36,6 +38,15 @@ pub struct UpArgs {
     /// Chunk servers to run (each in its own rack, r1, r2, ...).
     #[arg(long, default_value_t = 3)]
     pub chunks: u64,
+    /// VM hosts to run (host i in rack ri, on the machine of chunk server i).
+    #[arg(long, default_value_t = 3)]
+    pub hosts: u64,
+    /// vCPUs each VM host offers.
+    #[arg(long, default_value_t = 8)]
+    pub host_vcpus: u32,
+    /// Memory each VM host offers, MiB.
+    #[arg(long, default_value_t = 8192)]
+    pub host_memory_mib: u64,
     /// Loopback address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub ip: IpAddr,
@@ -54,29 +65,50 @@ pub struct DownArgs {
     pub data_dir: Option<PathBuf>,
 }
 
+impl Default for UpArgs {
+    fn default() -> Self {
+        UpArgs {
+            data_dir: None,
+            meta: 3,
+            chunks: 3,
+            hosts: 3,
+            host_vcpus: 8,
+            host_memory_mib: 8192,
+            ip: IpAddr::from([127, 0, 0, 1]),
+            base_port: 7100,
+            server_bin: None,
+        }
+    }
+}
+
 /// One process of the local cluster.
 struct Service {
     name: String,
+    bin: PathBuf,
     args: Vec<String>,
 }
 
-fn find_server(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+/// The binaries `up` starts.
+const BINARIES: [&str; 2] = ["locus-server", "locus-vmhost"];
+
+/// A workspace binary: next to this one, else on $PATH.
+pub fn find_bin(name: &str, explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p);
     }
     if let Ok(me) = std::env::current_exe() {
-        let sib = me.with_file_name("locus-server");
+        let sib = me.with_file_name(name);
         if sib.exists() {
             return Ok(sib);
         }
     }
     for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
-        let p = dir.join("locus-server");
+        let p = dir.join(name);
         if p.exists() {
             return Ok(p);
         }
     }
-    bail!("locus-server not found next to locus or on $PATH (build it with `cargo build --release`)")
+    bail!("{name} not found next to locus or on $PATH (build it with `cargo build --release`)")
 }
 
 fn pid_file(dir: &Path, name: &str) -> PathBuf {
@@ -87,7 +119,10 @@ fn pid_file(dir: &Path, name: &str) -> PathBuf {
 fn running_pid(path: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let is_ours = cmdline.split(|&b| b == 0).next().is_some_and(|argv0| argv0.ends_with(b"locus-server"));
+    let is_ours = cmdline
+        .split(|&b| b == 0)
+        .next()
+        .is_some_and(|argv0| BINARIES.iter().any(|b| argv0.ends_with(b.as_bytes())));
     is_ours.then_some(pid)
 }
 
@@ -99,6 +134,9 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
     if args.chunks > 9 {
         bail!("--chunks must be between 0 and 9");
     }
+    if args.hosts > 9 {
+        bail!("--hosts must be between 0 and 9");
+    }
     if args.base_port < 1024 || args.base_port > 65000 {
         bail!("--base-port must be between 1024 and 65000");
     }
@@ -108,7 +146,8 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
     let dir = dir.canonicalize().with_context(|| format!("resolve {}", dir.display()))?;
     let certs = dir.join("certs");
     tls::init_cluster_certs(&certs, args.meta, args.chunks, &[args.ip]).context("create certificates")?;
-    let server = find_server(args.server_bin.clone())?;
+    let server = find_bin("locus-server", args.server_bin.clone())?;
+    let vmhost = if args.hosts > 0 { Some(find_bin("locus-vmhost", None)?) } else { None };
 
     let addr = |i: u64| format!("{}:{}", args.ip, args.base_port as u64 + i);
     let members: Vec<String> = (1..=args.meta).map(|i| format!("{i}={}", addr(i))).collect();
@@ -116,6 +155,7 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
     for i in 1..=args.meta {
         services.push(Service {
             name: format!("meta-{i}"),
+            bin: server.clone(),
             args: vec![
                 "meta".into(),
                 "--id".into(),
@@ -138,6 +178,7 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
     for i in 1..=args.chunks {
         services.push(Service {
             name: format!("chunk-{i}"),
+            bin: server.clone(),
             args: vec![
                 "chunk".into(),
                 "--listen".into(),
@@ -162,6 +203,46 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
         });
     }
 
+    let meta_list: Vec<String> = (1..=args.meta).map(addr).collect();
+    for i in 1..=args.hosts {
+        let Some(bin) = &vmhost else { break };
+        let name = format!("host-{i}");
+        let topology = Topology::new("z1", format!("r{i}"), format!("h{i}"));
+        let cfg = ClientConfig {
+            meta: meta_list.clone(),
+            ca: certs.join("ca.pem"),
+            cert: certs.join("host.pem"),
+            key: certs.join("host.key"),
+            timeout_ms: crate::config::DEFAULT_TIMEOUT_MS,
+            topology: Some(topology.clone()),
+        };
+        let cfg_path = dir.join(format!("{name}.toml"));
+        cfg.save(&cfg_path).with_context(|| format!("write {}", cfg_path.display()))?;
+        services.push(Service {
+            name: name.clone(),
+            bin: bin.clone(),
+            args: vec![
+                "run".into(),
+                "--config".into(),
+                cfg_path.display().to_string(),
+                "--state-dir".into(),
+                dir.join(&name).display().to_string(),
+                "--name".into(),
+                name.clone(),
+                "--zone".into(),
+                topology.zone.clone(),
+                "--rack".into(),
+                topology.rack.clone(),
+                "--host".into(),
+                topology.host.clone(),
+                "--vcpus".into(),
+                args.host_vcpus.to_string(),
+                "--memory-mib".into(),
+                args.host_memory_mib.to_string(),
+            ],
+        });
+    }
+
     let mut started = Vec::new();
     for s in &services {
         let pidf = pid_file(&dir, &s.name);
@@ -175,7 +256,7 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("open {}", log_path.display()))?;
-        let mut cmd = Command::new(&server);
+        let mut cmd = Command::new(&s.bin);
         cmd.args(&s.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -183,7 +264,7 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
             // Its own process group: a Ctrl-C in this terminal does not stop it.
             .process_group(0);
         use std::os::unix::process::CommandExt;
-        let child = cmd.spawn().with_context(|| format!("start {} ({})", s.name, server.display()))?;
+        let child = cmd.spawn().with_context(|| format!("start {} ({})", s.name, s.bin.display()))?;
         std::fs::write(&pidf, child.id().to_string()).with_context(|| format!("write {}", pidf.display()))?;
         started.push(s.name.clone());
     }
@@ -200,17 +281,31 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
     client_cfg.save(&cfg_path).context("write client.toml")?;
 
     // Ready when a linearizable read succeeds (a leader exists, the root is
-    // made) and every chunk server has checked in.
+    // made), every chunk server has checked in and every VM host holds a
+    // lease.
     let client = MetaClient::new(&client_cfg)?;
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let ready = match client.read(MetaRead::Health).await {
             Ok(ReadReply::Health(h)) => {
                 let up = h.servers.iter().filter(|s| s.alive).count() as u64;
-                if up >= args.chunks {
+                if up < args.chunks {
+                    Err(format!("{up} of {} chunk servers up", args.chunks))
+                } else if args.hosts == 0 {
                     Ok(())
                 } else {
-                    Err(format!("{up} of {} chunk servers up", args.chunks))
+                    match client.vm(VmRequest::Read(crate::vm::VmRead::Hosts)).await {
+                        Ok(crate::vm::VmReply::Hosts(hs)) => {
+                            let up = hs.iter().filter(|h| h.up).count() as u64;
+                            if up >= args.hosts {
+                                Ok(())
+                            } else {
+                                Err(format!("{up} of {} VM hosts up", args.hosts))
+                            }
+                        }
+                        Ok(other) => Err(format!("unexpected reply {other:?}")),
+                        Err(e) => Err(e.to_string()),
+                    }
                 }
             }
             Ok(other) => Err(format!("unexpected reply {other:?}")),
@@ -238,10 +333,11 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "Locus is up: {} metadata nodes on {}, {} chunk servers",
+            "Locus is up: {} metadata nodes on {}, {} chunk servers, {} VM hosts",
             args.meta,
             client_cfg.meta.join(", "),
-            args.chunks
+            args.chunks,
+            args.hosts
         );
         println!("  data:    {}", dir.display());
         println!("  logs:    {}", dir.join("logs").display());
@@ -253,6 +349,8 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
         println!("  locus cluster status");
         println!("  locus fs mkdir /vm && locus fs put ./disk.img /vm/disk.img && locus fs locate /vm/disk.img");
         println!("  locus cluster health");
+        println!("  locus host ls && locus vm apply service.toml && locus vm ls && locus vm why web-1");
+        println!("  locus demo                           # the main job, end to end");
         println!(
             "  locus down{}",
             if args.data_dir.is_some() { format!(" --data-dir {}", dir.display()) } else { String::new() }
@@ -268,19 +366,31 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
         println!("nothing running in {}", dir.display());
         return Ok(());
     };
+    let mut files: Vec<PathBuf> =
+        rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "pid")).collect();
+    files.sort();
+    // VM hosts first: they stop their VMs and flush their mounts, which
+    // needs the servers still up.
+    let (hosts, servers): (Vec<PathBuf>, Vec<PathBuf>) =
+        files.into_iter().partition(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("host-")));
+    let mut stopped = stop_all(&hosts, HOST_STOP_TIMEOUT);
+    stopped += stop_all(&servers, STOP_TIMEOUT);
+    println!("stopped {stopped} processes");
+    Ok(())
+}
+
+/// SIGTERM to each, then SIGKILL to what is left after `timeout`.
+fn stop_all(pid_files: &[PathBuf], timeout: Duration) -> usize {
     let mut pids = Vec::new();
-    for e in rd.flatten() {
-        let path = e.path();
-        if path.extension().is_some_and(|x| x == "pid") {
-            if let Some(pid) = running_pid(&path) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
-                pids.push((pid, path.clone()));
-            } else {
-                let _ = std::fs::remove_file(&path);
-            }
+    for path in pid_files {
+        if let Some(pid) = running_pid(path) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            pids.push((pid, path.clone()));
+        } else {
+            let _ = std::fs::remove_file(path);
         }
     }
-    let deadline = Instant::now() + STOP_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     for (pid, path) in &pids {
         while Instant::now() < deadline && running_pid(path).is_some() && alive(*pid) {
             std::thread::sleep(Duration::from_millis(50));
@@ -290,8 +400,7 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
         }
         let _ = std::fs::remove_file(path);
     }
-    println!("stopped {} processes", pids.len());
-    Ok(())
+    pids.len()
 }
 
 fn alive(pid: i32) -> bool {

@@ -610,7 +610,8 @@ pub enum VmReply {
     Applied { service: String, generation: u64, changed: bool },
     Services(Vec<ServiceInfo>),
     Vms(Vec<VmInfo>),
-    Vm { vm: VmInfo, service: Option<ServiceInfo>, host: Option<HostInfo> },
+    /// One VM, its service and host, and where VMs keep their state.
+    Vm { vm: VmInfo, service: Option<ServiceInfo>, host: Option<HostInfo>, vm_root: String },
     Hosts(Vec<HostInfo>),
 }
 

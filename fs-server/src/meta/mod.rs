@@ -159,7 +159,8 @@ impl MetaService {
             }
             Request::Vm(VmRequest::Read(r)) => {
                 self.read_barrier().await?;
-                let res = self.raft.reader().with_latest(|kv| vm::query(kv, &r));
+                let root = self.sched.vm_root();
+                let res = self.raft.reader().with_latest(|kv| vm::query(kv, &r, root));
                 match res {
                     Ok(r) => r.map(Reply::Vm),
                     Err(e) => Err(WireError::new(ErrorCode::Io, e.to_string())),

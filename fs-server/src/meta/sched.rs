@@ -379,6 +379,11 @@ impl Scheduler {
         host_view(input, downed, storage, files)
     }
 
+    /// Where VMs keep their state in the namespace.
+    pub fn vm_root(&self) -> &str {
+        &self.cfg.vm_root
+    }
+
     /// Placement decisions made since this node became leader.
     pub fn decisions(&self) -> u64 {
         self.state().decisions

@@ -123,7 +123,7 @@ pub fn service_vms(kv: &dyn KvRead, service: &str) -> Result<Vec<VmInfo>, KvErro
 }
 
 /// Answers a VM read from one view of the state.
-pub fn query(kv: &dyn KvRead, read: &VmRead) -> Result<Result<VmReply, WireError>, KvError> {
+pub fn query(kv: &dyn KvRead, read: &VmRead, vm_root: &str) -> Result<Result<VmReply, WireError>, KvError> {
     Ok(Ok(match read {
         VmRead::Services => VmReply::Services(all_services(kv)?),
         VmRead::Vms { service: None } => VmReply::Vms(all_vms(kv)?),
@@ -134,7 +134,7 @@ pub fn query(kv: &dyn KvRead, read: &VmRead) -> Result<Result<VmReply, WireError
             };
             let service = load_service(kv, &vm.service)?;
             let host = vm.host.map(|h| load_host(kv, h)).transpose()?.flatten();
-            VmReply::Vm { vm, service, host }
+            VmReply::Vm { vm, service, host, vm_root: vm_root.to_string() }
         }
         VmRead::Hosts => VmReply::Hosts(all_hosts(kv)?),
     }))
