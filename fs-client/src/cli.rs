@@ -349,9 +349,11 @@ pub async fn run(cli: Cli) -> CliResult {
             let client = connect(cli.config)?;
             crate::vmcli::host(&client, cmd, json).await
         }
-        Cmd::Demo(args) => {
-            crate::demo::run(args, cli.config).await.map_err(|e| CliError { exit: 1, code: None, message: format!("{e:#}") })
-        }
+        Cmd::Demo(args) => crate::demo::run(args, cli.config).await.map_err(|e| CliError {
+            exit: 1,
+            code: None,
+            message: format!("{e:#}"),
+        }),
         Cmd::Nbd(crate::nbd::NbdCmd::Serve(args)) => {
             let (client, cfg) = connect_with_config(cli.config)?;
             let files = file_client(&client, &cfg)?;

@@ -130,7 +130,7 @@ hostname = "analytics-{index}"
     let def = ServiceDef::from_toml(toml).map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.reason))?;
     let (hash, bytes) =
         crate::vmcli::image_hash(&files, &def.image).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    meta.vm(VmRequest::Op(VmOp::Apply { def, image_blake3: hash, image_bytes: bytes })).await?;
+    meta.vm(VmRequest::Op(VmOp::Apply { def: Box::new(def), image_blake3: hash, image_bytes: bytes })).await?;
     let started = Instant::now();
     let running = wait_running(&meta, "analytics", 2, None).await?;
     println!("  both VMs running {:.1} s after apply", started.elapsed().as_secs_f64());
@@ -214,7 +214,10 @@ hostname = "analytics-{index}"
         // Three-copy files cannot be whole again with two racks left; the
         // data set (two copies) can.
         if good >= 2 {
-            println!("  data set copies now on: {}", holders.iter().map(|(_, h)| h.as_str()).collect::<Vec<_>>().join(", "));
+            println!(
+                "  data set copies now on: {}",
+                holders.iter().map(|(_, h)| h.as_str()).collect::<Vec<_>>().join(", ")
+            );
             break;
         }
         if Instant::now() > deadline {
@@ -256,7 +259,8 @@ async fn put(files: &FileClient, path: &str, data: &[u8], perm: u32) -> anyhow::
     let meta = files.meta();
     let (parent, name) = path.rsplit_once('/').context("absolute path")?;
     let p = meta.resolve(parent.as_bytes(), true).await?;
-    let op = MetaOp::Create { parent: p.ino, name: name.as_bytes().to_vec(), perm, caller: Caller::ROOT, exclusive: false };
+    let op =
+        MetaOp::Create { parent: p.ino, name: name.as_bytes().to_vec(), perm, caller: Caller::ROOT, exclusive: false };
     let a = meta.op_attr(op).await?;
     if a.size > 0 {
         files.truncate(a.ino, 0).await?;

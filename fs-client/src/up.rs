@@ -119,10 +119,8 @@ fn pid_file(dir: &Path, name: &str) -> PathBuf {
 fn running_pid(path: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let is_ours = cmdline
-        .split(|&b| b == 0)
-        .next()
-        .is_some_and(|argv0| BINARIES.iter().any(|b| argv0.ends_with(b.as_bytes())));
+    let is_ours =
+        cmdline.split(|&b| b == 0).next().is_some_and(|argv0| BINARIES.iter().any(|b| argv0.ends_with(b.as_bytes())));
     is_ours.then_some(pid)
 }
 

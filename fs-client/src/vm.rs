@@ -379,7 +379,10 @@ impl ServiceDef {
         }
         if let Some(i) = n.initial {
             if i < n.min || i > n.max {
-                return Err(def_err("instances.initial", format!("{i} is not between min {} and max {}", n.min, n.max)));
+                return Err(def_err(
+                    "instances.initial",
+                    format!("{i} is not between min {} and max {}", n.min, n.max),
+                ));
             }
         }
         if let Some(s) = &self.scale {
@@ -485,17 +488,25 @@ pub enum VmStatus {
     /// Not placed yet.
     Pending,
     /// Waiting for a slot at its required distance (delay scheduling).
-    Waiting { reason: String },
+    Waiting {
+        reason: String,
+    },
     /// No host fits at any level its policy allows.
-    Unplaceable { reason: String },
+    Unplaceable {
+        reason: String,
+    },
     /// Placed; the host has not reported it running yet.
     Starting,
     Running,
     /// Leaving its host (stop, drain, removal); placed again, if still
     /// wanted, once the host reports it gone.
     Stopping,
-    Stopped { reason: String },
-    Failed { reason: String },
+    Stopped {
+        reason: String,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 impl fmt::Display for VmStatus {
@@ -584,7 +595,7 @@ pub struct ServiceInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum VmOp {
     /// Creates or updates a service.
-    Apply { def: ServiceDef, image_blake3: String, image_bytes: u64 },
+    Apply { def: Box<ServiceDef>, image_blake3: String, image_bytes: u64 },
     /// Starts or stops a VM (`target` = VM id) or all of a service's VMs
     /// (`target` = service name).
     SetRunning { target: String, running: bool },
@@ -599,19 +610,32 @@ pub enum VmOp {
 pub enum VmRead {
     Services,
     /// VMs, of one service or all.
-    Vms { service: Option<String> },
-    Vm { id: String },
+    Vms {
+        service: Option<String>,
+    },
+    Vm {
+        id: String,
+    },
     Hosts,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum VmReply {
     Done,
-    Applied { service: String, generation: u64, changed: bool },
+    Applied {
+        service: String,
+        generation: u64,
+        changed: bool,
+    },
     Services(Vec<ServiceInfo>),
     Vms(Vec<VmInfo>),
     /// One VM, its service and host, and where VMs keep their state.
-    Vm { vm: VmInfo, service: Option<ServiceInfo>, host: Option<HostInfo>, vm_root: String },
+    Vm {
+        vm: Box<VmInfo>,
+        service: Option<Box<ServiceInfo>>,
+        host: Option<HostInfo>,
+        vm_root: String,
+    },
     Hosts(Vec<HostInfo>),
 }
 
@@ -641,8 +665,12 @@ pub enum ReportedState {
     Preparing,
     Running,
     Paused,
-    Stopped { reason: String },
-    Failed { reason: String },
+    Stopped {
+        reason: String,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 /// A VM a host must run (or stop).
@@ -659,7 +687,10 @@ pub struct Assignment {
 /// The leader's answer to a host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum HostReply {
-    Registered { id: HostId, lease_ms: u64 },
+    Registered {
+        id: HostId,
+        lease_ms: u64,
+    },
     /// The lease is renewed for `lease_ms` from when the heartbeat was
     /// sent; run exactly `assignments` (anything else is stopped), and
     /// cache the listed images.

@@ -84,7 +84,8 @@ async fn vms(c: &MetaClient, service: Option<String>) -> CliResult<Vec<VmInfo>> 
 pub async fn image_hash(files: &FileClient, path: &str) -> CliResult<(String, u64)> {
     const XATTR: &[u8] = b"user.locus.blake3";
     let c = files.meta();
-    let attr = c.resolve(path.as_bytes(), true).await.map_err(|e| CliError::from_client(&format!("image: {path}"), e))?;
+    let attr =
+        c.resolve(path.as_bytes(), true).await.map_err(|e| CliError::from_client(&format!("image: {path}"), e))?;
     if attr.kind != FileKind::File {
         return Err(CliError::invalid(format!("image: {path} is not a regular file")));
     }
@@ -139,17 +140,20 @@ fn host_label(hosts: &BTreeMap<HostId, HostInfo>, id: Option<HostId>) -> String 
 pub async fn vm(c: &MetaClient, files: &FileClient, cmd: VmCmd, json: bool) -> CliResult {
     match cmd {
         VmCmd::Apply { file } => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| CliError::invalid(format!("{}: {e}", file.display())))?;
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| CliError::invalid(format!("{}: {e}", file.display())))?;
             let def = ServiceDef::from_toml(&text)
                 .map_err(|e| CliError::invalid(format!("{}: {}: {}", file.display(), e.field, e.reason)))?;
             let (image_blake3, image_bytes) = image_hash(files, &def.image).await?;
             let name = def.name.clone();
-            let r = vm_call(c, VmRequest::Op(VmOp::Apply { def, image_blake3, image_bytes }), "apply").await?;
+            let r = vm_call(c, VmRequest::Op(VmOp::Apply { def: Box::new(def), image_blake3, image_bytes }), "apply")
+                .await?;
             match r {
                 VmReply::Applied { service, generation, changed } => {
                     if json {
-                        print_json(&serde_json::json!({"service": service, "generation": generation, "changed": changed}));
+                        print_json(
+                            &serde_json::json!({"service": service, "generation": generation, "changed": changed}),
+                        );
                     } else if changed {
                         println!("service {service} applied (generation {generation})");
                     } else {
@@ -168,7 +172,10 @@ pub async fn vm(c: &MetaClient, files: &FileClient, cmd: VmCmd, json: bool) -> C
                 print_json(&s);
                 return Ok(());
             }
-            println!("{:<20} {:<8} {:>4} {:>9} {:<10} {:<30}", "service", "driver", "gen", "instances", "proximity", "image");
+            println!(
+                "{:<20} {:<8} {:>4} {:>9} {:<10} {:<30}",
+                "service", "driver", "gen", "instances", "proximity", "image"
+            );
             for s in s {
                 let n = &s.def.instances;
                 println!(
@@ -214,7 +221,16 @@ pub async fn vm(c: &MetaClient, files: &FileClient, cmd: VmCmd, json: bool) -> C
             println!("vm:        {}", v.id);
             println!("service:   {} (instance {})", v.service, v.index);
             println!("status:    {} (since {})", v.status, short(v.since));
-            println!("wanted:    {}", if v.removing { "removing" } else if v.want_running { "running" } else { "stopped" });
+            println!(
+                "wanted:    {}",
+                if v.removing {
+                    "removing"
+                } else if v.want_running {
+                    "running"
+                } else {
+                    "stopped"
+                }
+            );
             match &host {
                 Some(h) => println!(
                     "host:      {} (id {}, {}/{}/{})",
@@ -387,7 +403,10 @@ pub async fn host(c: &MetaClient, cmd: HostCmd, json: bool) -> CliResult {
                 print_json(&list);
                 return Ok(());
             }
-            println!("{:>4}  {:<12} {:<14} {:<6} {:<9} {:>5}", "id", "name", "zone/rack/host", "lease", "draining", "vms");
+            println!(
+                "{:>4}  {:<12} {:<14} {:<6} {:<9} {:>5}",
+                "id", "name", "zone/rack/host", "lease", "draining", "vms"
+            );
             for h in list {
                 let n = all.iter().filter(|v| v.host == Some(h.id)).count();
                 println!(

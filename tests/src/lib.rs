@@ -11,6 +11,7 @@
 //! `cargo build --bins`.
 
 pub mod files;
+pub mod hosts;
 pub mod netns;
 
 use std::collections::BTreeMap;
@@ -356,7 +357,7 @@ impl MetaCluster {
 }
 
 /// Appends the last 30 lines of a process log to `out`, under a title.
-fn log_tail(out: &mut String, who: &str, log: &Path) {
+pub(crate) fn log_tail(out: &mut String, who: &str, log: &Path) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     out.push_str(&format!("--- {who} log (last 30 lines)\n"));

@@ -718,7 +718,8 @@ impl Agent {
                 }
                 let kernel = self.mount.path(def.kernel.as_deref().unwrap_or_default());
                 let initrd = def.initrd.as_deref().map(|i| self.mount.path(i));
-                let mut disks = vec![Disk { source: DiskSource::Overlay { overlay, backing: image }, read_only: false }];
+                let mut disks =
+                    vec![Disk { source: DiskSource::Overlay { overlay, backing: image }, read_only: false }];
                 disks.extend(datasets.into_iter().map(|p| Disk { source: DiskSource::Path(p), read_only: false }));
                 let seed = dir.join("seed.iso");
                 if seed.exists() {
@@ -820,8 +821,13 @@ impl Agent {
                 }
             }
         };
-        let op =
-            MetaOp::Create { parent, name: name.as_bytes().to_vec(), perm: 0o644, caller: Caller::ROOT, exclusive: false };
+        let op = MetaOp::Create {
+            parent,
+            name: name.as_bytes().to_vec(),
+            perm: 0o644,
+            caller: Caller::ROOT,
+            exclusive: false,
+        };
         let file = meta.op_attr(op).await?;
         let from = known.unwrap_or(file.size).min(len);
         if from >= len {

@@ -207,10 +207,8 @@ impl Scheduler {
                         l.reports.len() != reports.len()
                             || reports.iter().any(|(k, r)| l.reports.get(k).is_none_or(|o| o.state != r.state))
                     });
-                    st.hosts.insert(
-                        id,
-                        HostLive { last_seen: now, reports, cached: cached_images.into_iter().collect() },
-                    );
+                    st.hosts
+                        .insert(id, HostLive { last_seen: now, reports, cached: cached_images.into_iter().collect() });
                     if changed {
                         self.wake.notify_one();
                     }
@@ -345,7 +343,6 @@ impl Scheduler {
             return Ok(false);
         }
         let again = !downed.is_empty();
-        let mut cmds = cmds;
         while !cmds.is_empty() {
             let rest = cmds.split_off(cmds.len().min(MAX_CMDS_PER_ENTRY));
             for r in self.propose(cmds).await? {
@@ -895,7 +892,10 @@ mod tests {
         let unplaced: Vec<&VmInfo> = i.vms.iter().collect();
         let cmds = place(&i, &unplaced, &HashMap::new(), view);
         assert!(
-            matches!(&cmds[..], [VmCmd::SetStatus { status: VmStatus::Unplaceable { .. } | VmStatus::Waiting { .. }, .. }]),
+            matches!(
+                &cmds[..],
+                [VmCmd::SetStatus { status: VmStatus::Unplaceable { .. } | VmStatus::Waiting { .. }, .. }]
+            ),
             "{cmds:?}"
         );
     }

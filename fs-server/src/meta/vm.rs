@@ -53,22 +53,59 @@ pub fn vm_key(id: &str) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum VmCmd {
     Client(VmOp),
-    RegisterHost { id: Option<HostId>, name: String, topology: Topology, vcpus: u32, mem_mb: u64 },
+    RegisterHost {
+        id: Option<HostId>,
+        name: String,
+        topology: Topology,
+        vcpus: u32,
+        mem_mb: u64,
+    },
     /// The leader let the host's lease lapse: its VMs lose their host.
-    HostDown { id: HostId, cause: String },
-    CreateVm { service: String, index: u32 },
+    HostDown {
+        id: HostId,
+        cause: String,
+    },
+    CreateVm {
+        service: String,
+        index: u32,
+    },
     /// Marks a VM for removal (scale down).
-    Retire { vm: String, reason: String },
-    Assign { vm: String, host: HostId, record: PlacementRecord },
-    SetStatus { vm: String, epoch: u64, status: VmStatus },
+    Retire {
+        vm: String,
+        reason: String,
+    },
+    Assign {
+        vm: String,
+        host: HostId,
+        record: PlacementRecord,
+    },
+    SetStatus {
+        vm: String,
+        epoch: u64,
+        status: VmStatus,
+    },
     /// The host confirmed the VM ended at `epoch`: it leaves the host (and
     /// the map, if it is being removed).
-    Release { vm: String, epoch: u64, reason: String },
+    Release {
+        vm: String,
+        epoch: u64,
+        reason: String,
+    },
     /// The VM must leave its host (drain), to be placed again.
-    Move { vm: String, reason: String },
+    Move {
+        vm: String,
+        reason: String,
+    },
     /// A failed VM runs again on its host, at a new epoch.
-    Restart { vm: String, reason: String },
-    SetDesired { service: String, desired: u32, reason: String },
+    Restart {
+        vm: String,
+        reason: String,
+    },
+    SetDesired {
+        service: String,
+        desired: u32,
+        reason: String,
+    },
 }
 
 /// What a [`VmCmd`] returns.
@@ -134,7 +171,7 @@ pub fn query(kv: &dyn KvRead, read: &VmRead, vm_root: &str) -> Result<Result<VmR
             };
             let service = load_service(kv, &vm.service)?;
             let host = vm.host.map(|h| load_host(kv, h)).transpose()?.flatten();
-            VmReply::Vm { vm, service, host, vm_root: vm_root.to_string() }
+            VmReply::Vm { vm: Box::new(vm), service: service.map(Box::new), host, vm_root: vm_root.to_string() }
         }
         VmRead::Hosts => VmReply::Hosts(all_hosts(kv)?),
     }))
@@ -424,7 +461,7 @@ fn plan_client(kv: &dyn KvRead, now: Timespec, op: &VmOp, w: &mut Writes) -> Res
             }
             let name = def.name.clone();
             let svc = match load_service(kv, &name)? {
-                Some(old) if old.def == *def && old.image_blake3 == *image_blake3 => {
+                Some(old) if old.def == **def && old.image_blake3 == *image_blake3 => {
                     return Ok(Ok(VmApplied::Reply(VmReply::Applied {
                         service: name,
                         generation: old.generation,
@@ -435,7 +472,7 @@ fn plan_client(kv: &dyn KvRead, now: Timespec, op: &VmOp, w: &mut Writes) -> Res
                     let n = &def.instances;
                     let desired = if old.def.instances != *n { n.initial() } else { old.desired.clamp(n.min, n.max) };
                     ServiceInfo {
-                        def: def.clone(),
+                        def: (**def).clone(),
                         generation: old.generation + 1,
                         image_blake3: image_blake3.clone(),
                         image_bytes: *image_bytes,
@@ -446,7 +483,7 @@ fn plan_client(kv: &dyn KvRead, now: Timespec, op: &VmOp, w: &mut Writes) -> Res
                     }
                 }
                 None => ServiceInfo {
-                    def: def.clone(),
+                    def: (**def).clone(),
                     generation: 1,
                     image_blake3: image_blake3.clone(),
                     image_bytes: *image_bytes,
