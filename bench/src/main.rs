@@ -10,6 +10,7 @@ mod data;
 mod etcd;
 mod load;
 mod moosefs;
+mod vm;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -82,6 +83,31 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// VM placement decisions per second (the placement crate, in process).
+    Placement {
+        /// Cluster sizes, hosts.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        hosts: Vec<u64>,
+        #[arg(long, default_value_t = 1_000_000)]
+        chunks: u64,
+        /// Decisions timed per cluster size.
+        #[arg(long, default_value_t = 20_000)]
+        decisions: usize,
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// VM hosts on a local cluster: apply to running, 100 clones, failover.
+    Vm {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value_t = 100)]
+        clones: u32,
+        /// Skip the qemu driver.
+        #[arg(long)]
+        no_qemu: bool,
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Chunk server memory per million chunks (the store's index).
     ChunkMemory {
         #[arg(long, default_value_t = 200_000)]
@@ -117,6 +143,8 @@ fn main() -> anyhow::Result<()> {
             let s = clone::Settings { runs: runs.max(1), sparse_gib, full_mib, allocated_tib: !no_allocated };
             save(out, &rt.block_on(clone::run(s))?)
         }
+        Cmd::Placement { hosts, chunks, decisions, out } => save(out, &vm::placement(&hosts, chunks, decisions)?),
+        Cmd::Vm { runs, clones, no_qemu, out } => save(out, &rt.block_on(vm::vm(runs.max(2), clones, !no_qemu))?),
         Cmd::ChunkMemory { chunks, out } => save(out, &data::chunk_memory(chunks)?),
     }
 }

@@ -22,6 +22,8 @@ pub struct HostNode {
     pub state_dir: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    /// Runs the agent (and so its guard, mount and VMs) in this namespace.
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -32,7 +34,14 @@ impl HostNode {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let mut cmd = Command::new(bin("locus-vmhost"));
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("locus-vmhost"));
+                c
+            }
+            None => Command::new(bin("locus-vmhost")),
+        };
         cmd.args(&self.args)
             .env("LOCUS_LOG", "info")
             .env("LOCUS_LOG_DIR", self.state_dir.join("logs"))
@@ -95,8 +104,34 @@ impl Hosts {
     /// Starts hosts `1..=n`, host i in rack ri on machine hi, and waits
     /// until each holds a lease.
     pub async fn start(cluster: &Cluster, n: u64) -> anyhow::Result<Hosts> {
-        let mut nodes = BTreeMap::new();
+        Self::start_with(cluster, n, 8, 8192).await
+    }
+
+    /// As [`Hosts::start`], each host offering `vcpus` and `memory_mib`.
+    pub async fn start_with(cluster: &Cluster, n: u64, vcpus: u32, memory_mib: u64) -> anyhow::Result<Hosts> {
+        let mut hosts = Hosts { nodes: BTreeMap::new(), client: cluster.client() };
         for i in 1..=n {
+            hosts.add(cluster, i, vcpus, memory_mib, None)?;
+        }
+        hosts.wait_up(n as usize, Duration::from_secs(30)).await?;
+        Ok(hosts)
+    }
+
+    /// No hosts yet; see [`Hosts::add`].
+    pub fn none(cluster: &Cluster) -> Hosts {
+        Hosts { nodes: BTreeMap::new(), client: cluster.client() }
+    }
+
+    /// Starts host `i` (rack ri, machine hi), in namespace `netns` if given.
+    pub fn add(
+        &mut self,
+        cluster: &Cluster,
+        i: u64,
+        vcpus: u32,
+        memory_mib: u64,
+        netns: Option<String>,
+    ) -> anyhow::Result<()> {
+        {
             let name = format!("host-{i}");
             let state_dir = cluster.path().join(&name);
             std::fs::create_dir_all(&state_dir)?;
@@ -119,9 +154,9 @@ impl Hosts {
                 "--host".into(),
                 format!("h{i}"),
                 "--vcpus".into(),
-                "8".into(),
+                vcpus.to_string(),
                 "--memory-mib".into(),
-                "8192".into(),
+                memory_mib.to_string(),
                 "--heartbeat-ms".into(),
                 "300".into(),
                 "--locus-bin".into(),
@@ -133,14 +168,13 @@ impl Hosts {
                 log: cluster.path().join(format!("host-{i}.log")),
                 state_dir,
                 args,
+                netns,
                 child: None,
             };
             node.spawn()?;
-            nodes.insert(i, node);
+            self.nodes.insert(i, node);
         }
-        let hosts = Hosts { nodes, client: cluster.client() };
-        hosts.wait_up(n as usize, Duration::from_secs(30)).await?;
-        Ok(hosts)
+        Ok(())
     }
 
     pub fn node(&mut self, i: u64) -> &mut HostNode {

@@ -489,6 +489,9 @@ pub struct ClusterOptions {
     pub capacity_bytes: Option<u64>,
     /// Data directories to use instead of ones in the temp dir (per server).
     pub chunk_dirs: Option<Vec<PathBuf>>,
+    /// The address every server listens on (default 127.0.0.1), e.g. a
+    /// bridge address that hosts in network namespaces reach too.
+    pub ip: Option<std::net::IpAddr>,
 }
 
 impl Default for ClusterOptions {
@@ -502,6 +505,7 @@ impl Default for ClusterOptions {
             report_every_ms: 3_000,
             capacity_bytes: None,
             chunk_dirs: None,
+            ip: None,
         }
     }
 }
@@ -522,11 +526,15 @@ impl Cluster {
             "--scan-every-ms".into(),
             opts.scan_every_ms.to_string(),
         ]);
+        let ip = opts.ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        if opts.ip.is_some() && opts.meta.addrs.is_none() {
+            opts.meta.addrs = Some((0..opts.meta.nodes).map(|_| SocketAddr::new(ip, free_port())).collect());
+        }
         let meta = MetaCluster::start(opts.meta.clone()).await?;
         let meta_addrs: Vec<String> = meta.nodes.values().map(|n| n.addr.to_string()).collect();
         let mut chunks = BTreeMap::new();
         for i in 1..=opts.chunks {
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let addr = SocketAddr::new(ip, free_port());
             let data_dir = match &opts.chunk_dirs {
                 Some(d) => d[(i - 1) as usize].clone(),
                 None => meta.path().join(format!("chunk-{i}")),

@@ -97,6 +97,12 @@ impl Net {
         format!("lt{}h{}", self.pid, i)
     }
 
+    /// The bridge's address in the root namespace: servers listening on it
+    /// are reachable from every host and from the root namespace.
+    pub fn bridge_addr(&self) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 213, self.subnet, 254))
+    }
+
     /// The address of host `i`.
     pub fn addr(&self, i: usize) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(10, 213, self.subnet, i as u8 + 1))

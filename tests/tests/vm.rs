@@ -370,13 +370,15 @@ async fn scale_rules_add_and_remove_clones() {
     wait_vms(&w.client(), "sc", RUNNING_TIMEOUT, "1 VM", running(1))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", w.diagnostics()));
-    phase("the load goes to 0.95: clones are added up to max = 3");
+    let first = vm_copies("sc-1");
+    phase("the load goes to 0.95: clones are added up to max = 3, sc-1 undisturbed");
     put(&w.files, "/t/load", b"0.95\n", 0o644).await;
     let v = wait_vms(&w.client(), "sc", RUNNING_TIMEOUT, "3 VMs", running(3))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", w.diagnostics()));
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(vms(&w.client(), "sc").await.expect("vms").len(), 3, "grew past max");
+    assert_eq!(vm_copies("sc-1"), first, "adding clones disturbed the running one");
     // The clones share the image's chunks until they write (copy-on-write).
     assert!(v.iter().all(|v| v.service == "sc"));
     phase("the load goes to 0.05: clones are removed down to min = 1");
@@ -557,4 +559,81 @@ fn guest() -> (std::path::PathBuf, std::path::PathBuf) {
         stdout.lines().find_map(|l| l.strip_prefix(k)).unwrap_or_else(|| panic!("no {k} in {stdout}")).into()
     };
     (field("kernel="), field("initrd="))
+}
+
+/// Goal: a host that is only cut off from the network (alive, its agent
+/// running) stops its VMs before they run elsewhere, and does not take them
+/// back when the link returns. Method: every server listens on a bridge
+/// address; host 1 runs in its own network namespace on that bridge, and
+/// the test sets its link down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_host_stops_its_vms_before_they_run_elsewhere() {
+    if !netns::available() {
+        eprintln!("SKIPPED: needs root and iproute2 for network namespaces");
+        return;
+    }
+    init_logging();
+    let net = netns::Net::new(1).expect("namespaces");
+    phase("a cluster on the bridge address; host-1 alone, in its own namespace");
+    let opts = ClusterOptions { ip: Some(net.bridge_addr()), ..Default::default() };
+    let cluster = Cluster::start(opts).await.expect("cluster");
+    let mut hosts = Hosts::none(&cluster);
+    hosts.add(&cluster, 1, 8, 8192, Some(net.ns(0))).expect("host-1");
+    hosts.wait_up(1, Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e}"));
+    let files = cluster.files();
+    let c = cluster.client();
+    let t = mkdir(&c, ROOT_INO, "t").await;
+    mkdir(&c, t, "data").await;
+    put(&files, "/t/app.sh", APP.as_bytes(), 0o755).await;
+    put(&files, "/t/image", &files::pattern(1, 64 << 10), 0o644).await;
+    put(&files, "/t/data/set", &files::pattern(2, 64 << 10), 0o644).await;
+    let path = cluster.path().join("cut.toml");
+    std::fs::write(&path, service("cut", "any", "")).expect("definition");
+    let cfg = cluster.write_cli_config("admin", None, 20_000);
+    let (code, out, err) = locus_cli(&cfg, &["vm", "apply", path.to_str().expect("path")], None);
+    assert_eq!(code, 0, "{out}{err}");
+    let diag = |hosts: &Hosts| format!("{}\n{}", cluster.logs_tail(), hosts.logs_tail());
+    let v = wait_vms(&c, "cut", RUNNING_TIMEOUT, "cut-1 running on host-1", |v| {
+        v.len() == 1 && v[0].status == VmStatus::Running
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", diag(&hosts)));
+    let first = v[0].host.expect("host");
+    hosts.add(&cluster, 2, 8, 8192, None).expect("host-2");
+    hosts.wait_up(2, Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e}"));
+    let before = read_text(&files, "/vms/cut/cut-1/ticks").await.unwrap_or_default();
+
+    phase("cut host-1 off: cut-1 must be killed there before it runs on host-2");
+    let sampler = CopySampler::start("cut-1");
+    let started = Instant::now();
+    net.cut(0).expect("cut");
+    let v = wait_vms(&c, "cut", Duration::from_secs(30), "cut-1 running on host-2", |v| {
+        v.len() == 1 && v[0].status == VmStatus::Running && v[0].host.is_some_and(|h| h != first)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", diag(&hosts)));
+    eprintln!("failover of a cut-off host took {:?}", started.elapsed());
+    let after = wait_ticks_in(&files, "/vms/cut/cut-1/ticks", before.lines().count() + 3).await;
+    assert!(after.starts_with(&before), "acknowledged ticks lost");
+
+    phase("heal the link: host-1 learns it lost its lease and runs nothing");
+    net.heal(0).expect("heal");
+    hosts.wait_up(2, Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e}\n{}", diag(&hosts)));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now = vms(&c, "cut").await.expect("vms");
+    assert_eq!(now[0].host, v[0].host, "cut-1 moved back");
+    assert_eq!(sampler.finish(), 1, "cut-1 ran twice at once");
+    assert_eq!(vm_copies("cut-1").len(), 1);
+}
+
+async fn wait_ticks_in(files: &FileClient, path: &str, at_least: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = read_text(files, path).await.unwrap_or_default();
+        if t.lines().count() >= at_least {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "{path}: {} lines, wanted {at_least}", t.lines().count());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
