@@ -10,6 +10,7 @@ mod data;
 mod etcd;
 mod load;
 mod moosefs;
+mod nbd;
 mod vm;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,6 +84,17 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// The NBD export under fio's nbd engine vs nbdkit on a local file.
+    Nbd {
+        /// Image size, MiB.
+        #[arg(long, default_value_t = 512)]
+        size_mib: u64,
+        /// Seconds per random-I/O phase.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// VM placement decisions per second (the placement crate, in process).
     Placement {
         /// Cluster sizes, hosts.
@@ -143,6 +155,7 @@ fn main() -> anyhow::Result<()> {
             let s = clone::Settings { runs: runs.max(1), sparse_gib, full_mib, allocated_tib: !no_allocated };
             save(out, &rt.block_on(clone::run(s))?)
         }
+        Cmd::Nbd { size_mib, secs, out } => save(out, &rt.block_on(nbd::run(size_mib, secs))?),
         Cmd::Placement { hosts, chunks, decisions, out } => save(out, &vm::placement(&hosts, chunks, decisions)?),
         Cmd::Vm { runs, clones, no_qemu, out } => save(out, &rt.block_on(vm::vm(runs.max(2), clones, !no_qemu))?),
         Cmd::ChunkMemory { chunks, out } => save(out, &data::chunk_memory(chunks)?),

@@ -38,6 +38,9 @@ fn push(rows: &mut Vec<Row>, target: &str, workload: String, value: f64, unit: &
 
 /// A synthetic cluster: `hosts` machines (40 per rack, 10 racks per zone),
 /// each a VM host and a chunk server; `chunks` chunks in files of 100.
+/// File `f` lives in home rack `f % racks`: every chunk has a replica there,
+/// one in another rack of the same zone and one anywhere (rack-aware
+/// writers, as the metadata service places them).
 fn synthetic(hosts: u64, chunks: u64, seed: u64) -> ClusterView {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let topo = |i: u64| Topology::new(format!("z{}", i / 400), format!("r{}", i / 40), format!("h{i}"));
@@ -57,42 +60,63 @@ fn synthetic(hosts: u64, chunks: u64, seed: u64) -> ClusterView {
         .collect();
     let storage = (0..hosts).map(|i| StorageNode { id: i, topology: topo(i), healthy: true }).collect();
     let racks = hosts.div_ceil(40);
+    let in_rack = |r: u64, rng: &mut rand::rngs::StdRng| (r * 40 + rng.gen_range(0..40)).min(hosts - 1);
     let files = (0..chunks / 100)
-        .map(|f| FileLayout {
-            path: format!("/data/f{f}"),
-            chunks: (0..100)
-                .map(|_| {
-                    // Three replicas in three distinct racks.
-                    let mut rs: Vec<u64> = Vec::new();
-                    while rs.len() < 3.min(racks as usize) {
-                        let r = rng.gen_range(0..racks);
-                        if rs.iter().all(|x| x / 40 != r) {
-                            rs.push((r * 40 + rng.gen_range(0..40)).min(hosts - 1));
+        .map(|f| {
+            let home = f % racks;
+            let zone_first = home / 10 * 10;
+            FileLayout {
+                path: format!("/data/f{f}"),
+                chunks: (0..100)
+                    .map(|_| {
+                        let mut other = zone_first + rng.gen_range(0..10);
+                        if other == home || other >= racks {
+                            other = if home == zone_first { home + 1 } else { zone_first };
                         }
-                    }
-                    ChunkLoc { bytes: 64 << 20, replicas: rs }
-                })
-                .collect(),
+                        let far = rng.gen_range(0..racks);
+                        let mut rs = vec![in_rack(home, &mut rng)];
+                        for r in [other.min(racks - 1), far] {
+                            let h = in_rack(r, &mut rng);
+                            if !rs.contains(&h) {
+                                rs.push(h);
+                            }
+                        }
+                        ChunkLoc { bytes: 64 << 20, replicas: rs }
+                    })
+                    .collect(),
+            }
         })
         .collect();
     ClusterView { hosts: vm_hosts, storage, files }
 }
 
-fn requests(n: usize, files: u64, seed: u64) -> Vec<PRequest> {
+/// Requests whose image and two data sets share a home rack; proximity
+/// `level`, or the mix 60% rack, 30% zone, 10% any when `None`.
+fn requests(n: usize, files: u64, racks: u64, level: Option<placement::Level>, seed: u64) -> Vec<PRequest> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let levels = [placement::Level::Rack, placement::Level::Zone, placement::Level::Any];
+    let per_rack = (files / racks).max(1);
     (0..n)
-        .map(|i| PRequest {
-            name: format!("vm-{i}"),
-            image: format!("/data/f{}", rng.gen_range(0..files)),
-            datasets: (0..2).map(|_| format!("/data/f{}", rng.gen_range(0..files))).collect(),
-            vcpus: rng.gen_range(1..=4),
-            mem_mb: rng.gen_range(1..=8) * 512,
-            proximity: levels[rng.gen_range(0..levels.len())],
-            anti_affinity: None,
-            priority: 0,
-            policy: DelayPolicy::default(),
-            waited_ms: 0,
+        .map(|i| {
+            let rack = rng.gen_range(0..racks.min(files));
+            let mut file = || format!("/data/f{}", (rack + racks * rng.gen_range(0..per_rack)).min(files - 1));
+            let (image, datasets) = (file(), vec![file(), file()]);
+            let proximity = level.unwrap_or(match rng.gen_range(0..10) {
+                0..=5 => placement::Level::Rack,
+                6..=8 => placement::Level::Zone,
+                _ => placement::Level::Any,
+            });
+            PRequest {
+                name: format!("vm-{i}"),
+                image,
+                datasets,
+                vcpus: rng.gen_range(1..=4),
+                mem_mb: rng.gen_range(1..=8) * 512,
+                proximity,
+                anti_affinity: None,
+                priority: 0,
+                policy: DelayPolicy::default(),
+                waited_ms: 0,
+            }
         })
         .collect()
 }
@@ -102,27 +126,49 @@ pub fn placement(hosts: &[u64], chunks: u64, decisions: usize) -> anyhow::Result
     for &h in hosts {
         let label = format!("{h} hosts, {}k chunks", chunks / 1000);
         let view = synthetic(h, chunks, 7);
-        let reqs = requests(decisions, chunks / 100, 11);
+        let racks = h.div_ceil(40);
         let t = Instant::now();
         let mut index = ClusterIndex::new(view)?;
         push(&mut rows, "placement", format!("index build ({label})"), t.elapsed().as_secs_f64() * 1000.0, "ms");
-        let t = Instant::now();
-        let mut placed = 0;
-        for r in &reqs {
-            if index.place(r, Explain::Summary)?.outcome.host().is_some() {
-                placed += 1;
+        let mixes = [
+            (None, "mix 60% rack/30% zone/10% any"),
+            (Some(placement::Level::Rack), "rack"),
+            (Some(placement::Level::Zone), "zone"),
+            (Some(placement::Level::Any), "any"),
+        ];
+        for (level, name) in mixes {
+            let reqs = requests(decisions, chunks / 100, racks, level, 11);
+            let t = Instant::now();
+            let mut placed = 0;
+            for r in &reqs {
+                if index.place(r, Explain::Summary)?.outcome.host().is_some() {
+                    placed += 1;
+                }
             }
+            let secs = t.elapsed().as_secs_f64();
+            push(&mut rows, "placement", format!("decisions/s, {name} ({label})"), reqs.len() as f64 / secs, "/s");
+            push(
+                &mut rows,
+                "placement",
+                format!("placed, {name} ({label})"),
+                placed as f64 * 100.0 / reqs.len() as f64,
+                "%",
+            );
         }
-        let secs = t.elapsed().as_secs_f64();
-        push(&mut rows, "placement", format!("decisions/s, summary ({label})"), reqs.len() as f64 / secs, "/s");
-        push(&mut rows, "placement", format!("placed share ({label})"), placed as f64 * 100.0 / reqs.len() as f64, "%");
+        let reqs = requests(decisions, chunks / 100, racks, None, 13);
         let t = Instant::now();
         let mut n = 0;
         for batch in reqs.chunks(100) {
             n += index.place_many(batch, Explain::Summary).len();
         }
         let secs = t.elapsed().as_secs_f64();
-        push(&mut rows, "placement", format!("committed decisions/s, batches of 100 ({label})"), n as f64 / secs, "/s");
+        push(
+            &mut rows,
+            "placement",
+            format!("committed decisions/s, mix, batches of 100 ({label})"),
+            n as f64 / secs,
+            "/s",
+        );
     }
     Ok(rows)
 }
@@ -148,10 +194,23 @@ fn def(name: &str, instances: u32, extra: &str) -> anyhow::Result<ServiceDef> {
     ServiceDef::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.reason))
 }
 
+/// Applies a definition. The image hash is computed once per image before
+/// any timing (`locus vm apply` keeps it in an xattr and reads it back).
 async fn apply(c: &MetaClient, files: &FileClient, def: ServiceDef) -> anyhow::Result<()> {
-    let (hash, bytes) = image_hash(files, &def.image).await?;
+    let (hash, bytes) = cached_hash(files, &def.image).await?;
     c.vm(VmRequest::Op(VmOp::Apply { def: Box::new(def), image_blake3: hash, image_bytes: bytes })).await?;
     Ok(())
+}
+
+async fn cached_hash(files: &FileClient, path: &str) -> anyhow::Result<(String, u64)> {
+    static HASHES: std::sync::Mutex<Vec<(String, String, u64)>> = std::sync::Mutex::new(Vec::new());
+    let known = HASHES.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|h| h.0 == path).cloned();
+    if let Some((_, h, b)) = known {
+        return Ok((h, b));
+    }
+    let (h, b) = image_hash(files, path).await?;
+    HASHES.lock().unwrap_or_else(|p| p.into_inner()).push((path.to_string(), h.clone(), b));
+    Ok((h, b))
 }
 
 async fn image_hash(files: &FileClient, path: &str) -> anyhow::Result<(String, u64)> {
@@ -179,6 +238,7 @@ pub async fn vm(runs: usize, clones: u32, qemu: bool) -> anyhow::Result<Vec<Row>
 
     // apply -> first VM running, process driver. The first run also fills
     // the image caches of the hosts it lands on.
+    cached_hash(&files, "/b/image").await?;
     let mut firsts = Vec::new();
     for i in 0..runs {
         let name = format!("one{i}");

@@ -55,6 +55,19 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The tiny guest of `scripts/test-kernel.sh` (kernel, initrd), built once
+/// and cached under ~/.cache/locus/guest.
+pub fn guest_kernel() -> (PathBuf, PathBuf) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-kernel.sh");
+    let out = Command::new(&script).output().expect("run scripts/test-kernel.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "test-kernel.sh failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let field = |k: &str| -> PathBuf {
+        stdout.lines().find_map(|l| l.strip_prefix(k)).unwrap_or_else(|| panic!("no {k} in {stdout}")).into()
+    };
+    (field("kernel="), field("initrd="))
+}
+
 /// Logs a phase of a scenario: what happens next and what must hold.
 pub fn phase(msg: &str) {
     eprintln!("\n=== {msg}");

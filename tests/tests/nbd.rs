@@ -342,8 +342,92 @@ async fn nbdcopy_and_fio_move_data_through_the_export() {
     assert!(job["write"]["io_bytes"].as_u64().unwrap_or(0) >= 16 * MIB, "fio wrote 16 MiB: {out}");
     assert!(job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 16 * MIB, "fio verified 16 MiB: {out}");
 
+    phase("kill -9 a chunk server; fio verifies the same blocks again (reads fail over)");
+    let mut cluster = cluster;
+    cluster.kill_chunk(1);
+    let out = tool_ok(
+        &server,
+        "fio",
+        &[
+            "--name=randwrite",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--verify_only",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--output-format=json",
+        ],
+    );
+    let json_start = out.find('{').unwrap_or(0);
+    let report: serde_json::Value = serde_json::from_str(&out[json_start..]).expect("fio json");
+    assert_eq!(report["jobs"][0]["error"], 0, "fio verify after the kill: {out}");
+    assert!(report["jobs"][0]["read"]["io_bytes"].as_u64().unwrap_or(0) >= 16 * MIB, "fio re-verified 16 MiB: {out}");
+
     phase("SIGTERM: exit 0");
     assert!(server.stop().success(), "exit status\n{}", server.log());
+}
+
+/// Goal: QEMU itself boots with its disk on the Locus export
+/// (`-drive file=nbd://...`), and what the guest writes lands in the file.
+/// Method: the test guest writes a marker at the start of its disk and
+/// powers off; the test reads the file back through the client library.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_boots_with_its_disk_on_the_export() {
+    if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
+        eprintln!("SKIPPED: qemu-system-x86_64 is not installed");
+        return;
+    }
+    let (kernel, initrd) = locus_tests::guest_kernel();
+    let (cluster, config) = start_cluster().await;
+    let (code, out, err) = locus_cli(&config, &["fs", "mkdir", "-p", "/vm"], None);
+    assert_eq!(code, 0, "mkdir /vm: {out}{err}");
+    make_image(&config, "/vm/boot.raw", "8M");
+    let server = NbdServer::start(
+        &config,
+        "/vm/boot.raw",
+        &["--listen", "127.0.0.1:0", "--name", "boot"],
+        cluster.path().join("nbd.log"),
+    );
+    phase("qemu boots the guest with its only disk on the export");
+    let run = tempfile::tempdir().expect("run dir");
+    let driver = vmhost::QemuDriver::new(run.path());
+    let spec = vmhost::VmSpec {
+        id: "nbd-boot".into(),
+        name: "nbd-boot".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        kind: vmhost::VmKind::Qemu {
+            kernel,
+            initrd: Some(initrd),
+            append: "console=ttyS0 quiet locus.token=from-the-export".into(),
+            disks: vec![vmhost::Disk { source: vmhost::DiskSource::Nbd(server.uri.clone()), read_only: false }],
+            extra_args: vec![],
+        },
+        log_dir: None,
+    };
+    use vmhost::Driver;
+    driver.start(&spec).await.unwrap_or_else(|e| panic!("start: {e}\n{}", server.log()));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let state = loop {
+        let s = driver.status("nbd-boot").await.expect("status");
+        if !s.is_live() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the guest did not power off");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let console = std::fs::read_to_string(driver.logs("nbd-boot").expect("logs").console).unwrap_or_default();
+    assert!(matches!(state, vmhost::VmState::Stopped { .. }), "{state:?}\n{console}");
+    phase("the guest's write is in the Locus file");
+    let files = cluster.files();
+    let got = read_file(&files, file_ino(&cluster, "/vm/boot.raw").await).await;
+    let want = b"LOCUS-DISK vda from-the-export\n";
+    assert!(got.starts_with(want), "disk starts with {:?}\n{console}", String::from_utf8_lossy(&got[..64]));
 }
 
 /// A minimal NBD client over a raw socket, for what real clients never send.

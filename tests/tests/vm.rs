@@ -495,7 +495,7 @@ async fn a_qemu_vm_boots_from_locus_and_its_writes_read_back() {
         eprintln!("SKIPPED: qemu-system-x86_64 is not installed");
         return;
     }
-    let guest = guest();
+    let guest = guest_kernel();
     let w = World::start(3).await;
     phase("upload the guest kernel and initrd, a raw master image and a raw data disk");
     let kernel = std::fs::read(&guest.0).expect("kernel");
@@ -547,18 +547,6 @@ hostname = "guest-{index}"
         assert!(Instant::now() < deadline, "console log in Locus lacks the guest's output:\n{logs}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-/// The tiny guest of `scripts/test-kernel.sh` (kernel, initrd).
-fn guest() -> (std::path::PathBuf, std::path::PathBuf) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-kernel.sh");
-    let out = std::process::Command::new(&script).output().expect("run scripts/test-kernel.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "test-kernel.sh failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let field = |k: &str| -> std::path::PathBuf {
-        stdout.lines().find_map(|l| l.strip_prefix(k)).unwrap_or_else(|| panic!("no {k} in {stdout}")).into()
-    };
-    (field("kernel="), field("initrd="))
 }
 
 /// Goal: a host that is only cut off from the network (alive, its agent

@@ -115,6 +115,9 @@ struct Agent {
     wake_heartbeat: Notify,
     wake_reconcile: Notify,
     starts: Semaphore,
+    /// Clones of one image share its chunks' versions: one at a time here,
+    /// so their version fences do not race each other.
+    clones: tokio::sync::Mutex<()>,
 }
 
 fn host_file(dir: &Path) -> PathBuf {
@@ -165,6 +168,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         wake_heartbeat: Notify::new(),
         wake_reconcile: Notify::new(),
         starts: Semaphore::new(MAX_PARALLEL_STARTS),
+        clones: tokio::sync::Mutex::new(()),
         cfg,
     });
     // A lease left by an agent that died keeps counting: the VMs it covers
@@ -329,7 +333,10 @@ impl Agent {
             let vms = self.reports.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let msg = HostMsg::Heartbeat { id: self.id(), vms, cached_images: self.cache.cached() };
             let sent = boottime_ns();
-            match self.meta.host(msg, self.cfg.heartbeat * 2).await {
+            // The lease counts from the send, so a slow answer still renews
+            // it: wait up to a second (or two heartbeats) for one.
+            let within = (self.cfg.heartbeat * 2).max(Duration::from_secs(1));
+            match self.meta.host(msg, within).await {
                 Ok(HostReply::Lease { lease_ms, assignments, services, prefetch, vm_root }) => {
                     let until = sent + lease_ms * 1_000_000 * LEASE_USE_PERMILLE / 1000;
                     if let Err(e) = self.dirs.lease().write(Lease { until_ns: until, agent_pid: std::process::id() }) {
@@ -471,10 +478,9 @@ impl Agent {
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         match rec {
             Some(r) => {
-                let tmp = path.with_extension("tmp");
                 if let Ok(b) = serde_json::to_vec(&r) {
-                    if std::fs::write(&tmp, b).and_then(|_| std::fs::rename(&tmp, &path)).is_err() {
-                        tracing::warn!(vm, "cannot save the VM record");
+                    if let Err(e) = crate::daemon::write_atomic(&path, &b) {
+                        tracing::warn!(vm, error = %e, "cannot save the VM record");
                     }
                 }
                 records.insert(vm.to_string(), r);
@@ -772,6 +778,7 @@ impl Agent {
         let meta = self.files.meta();
         let s = meta.resolve(src.as_bytes(), true).await.with_context(|| format!("resolve {src}"))?;
         let p = meta.resolve(parent.as_bytes(), true).await.with_context(|| format!("resolve {parent}"))?;
+        let _one_at_a_time = self.clones.lock().await;
         let out = self
             .files
             .clone_inode(s.ino, p.ino, name.as_bytes(), false)

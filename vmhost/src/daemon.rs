@@ -40,9 +40,7 @@ impl PidFile {
     /// Records `pid` (which must be alive now).
     pub fn record(&self, pid: u32) -> io::Result<()> {
         let stat = procfs::read_stat(pid)?.ok_or_else(|| io::Error::other(format!("process {pid} is gone")))?;
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&PidRecord { pid, start_ticks: stat.start_ticks })?)?;
-        std::fs::rename(&tmp, &self.path)
+        write_atomic(&self.path, &serde_json::to_vec(&PidRecord { pid, start_ticks: stat.start_ticks })?)
     }
 
     /// Sends `signal` to the helper if it lives; true if it did.
@@ -56,6 +54,22 @@ impl PidFile {
     pub fn remove(&self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Replaces `path` with `data` (a temporary file renamed over it, so a
+/// reader sees the old or the new content). The temporary name is unique
+/// to this process and call: the agent and the guard write some of the
+/// same files.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp =
+        path.with_file_name(format!(".{name}.{}.{}.tmp", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// Starts `cmd` in a new session with stdin from /dev/null and its output

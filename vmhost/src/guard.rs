@@ -70,10 +70,9 @@ impl Fenced {
     }
 
     pub fn save(&self, path: &Path) {
-        let tmp = path.with_extension("tmp");
         if let Ok(b) = serde_json::to_vec(self) {
-            if std::fs::write(&tmp, b).is_ok() {
-                let _ = std::fs::rename(&tmp, path);
+            if let Err(e) = crate::daemon::write_atomic(path, &b) {
+                tracing::warn!(error = %e, "cannot record the fenced VMs");
             }
         }
     }

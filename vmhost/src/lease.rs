@@ -52,9 +52,7 @@ impl LeaseFile {
     /// sees the old lease or the new one, never a torn one. No fsync: the
     /// lease means nothing after a reboot.
     pub fn write(&self, lease: Lease) -> io::Result<()> {
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&lease)?)?;
-        std::fs::rename(&tmp, &self.path)
+        crate::daemon::write_atomic(&self.path, &serde_json::to_vec(&lease)?)
     }
 
     /// The current lease; `None` when there is none (the agent stopped

@@ -29,7 +29,8 @@ pub enum MountError {
     },
 }
 
-/// The mount of one host.
+/// The mount of one host. Cheap to clone; clones share one lock, so
+/// concurrent VM starts mount once.
 #[derive(Debug, Clone)]
 pub struct HostMount {
     dir: PathBuf,
@@ -37,6 +38,7 @@ pub struct HostMount {
     log: PathBuf,
     locus_bin: PathBuf,
     config: PathBuf,
+    lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl HostMount {
@@ -47,6 +49,7 @@ impl HostMount {
             log: state_dir.join("logs").join("mount.log"),
             locus_bin,
             config,
+            lock: Default::default(),
         }
     }
 
@@ -68,6 +71,10 @@ impl HostMount {
     /// Mounts, unless a healthy mount is there already; a dead or stale one
     /// is cleared first.
     pub async fn ensure(&self) -> Result<(), MountError> {
+        if self.healthy() {
+            return Ok(());
+        }
+        let _one_at_a_time = self.lock.lock().await;
         if self.healthy() {
             return Ok(());
         }

@@ -15,6 +15,8 @@ pub mod keys;
 pub mod read;
 pub mod sched;
 pub mod vm;
+#[cfg(test)]
+mod vm_tests;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

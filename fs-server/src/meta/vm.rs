@@ -504,7 +504,9 @@ fn plan_client(kv: &dyn KvRead, now: Timespec, op: &VmOp, w: &mut Writes) -> Res
                 None => return Ok(Err(not_found(format!("no VM or service named {target:?}")))),
             };
             for mut v in vms {
-                if v.removing || v.want_running == *running {
+                // Starting a VM that ended by itself (or failed) runs it again.
+                let ended = matches!(v.status, VmStatus::Stopped { .. } | VmStatus::Failed { .. });
+                if v.removing || (v.want_running == *running && !(*running && ended)) {
                     continue;
                 }
                 v.want_running = *running;
