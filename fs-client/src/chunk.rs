@@ -66,7 +66,14 @@ struct Inner {
     /// One dial per server at a time: a burst of requests to a server not
     /// connected yet shares one handshake instead of starting hundreds.
     dialing: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Servers whose last dial failed, until when requests to them fail at
+    /// once (readers go to other replicas instead of waiting out a connect
+    /// timeout each).
+    down: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long a server whose dial failed is skipped.
+const DOWN_FOR: Duration = Duration::from_secs(2);
 
 impl ChunkClient {
     pub fn new(identity: &Identity) -> Result<Self, TlsError> {
@@ -78,8 +85,24 @@ impl ChunkClient {
 
     /// Uses an existing endpoint (a server's own) with a chunk-ALPN config.
     pub fn with_endpoint(endpoint: quinn::Endpoint, quic: quinn::ClientConfig) -> Self {
-        let inner = Inner { endpoint, quic, conns: Mutex::default(), dialing: Mutex::default() };
+        let inner =
+            Inner { endpoint, quic, conns: Mutex::default(), dialing: Mutex::default(), down: Default::default() };
         ChunkClient { inner: Arc::new(inner) }
+    }
+
+    /// Whether a dial to `addr` failed in the last [`DOWN_FOR`].
+    pub fn is_down(&self, addr: &str) -> bool {
+        let down = self.inner.down.lock().unwrap_or_else(|p| p.into_inner());
+        down.get(addr).is_some_and(|until| std::time::Instant::now() < *until)
+    }
+
+    fn mark_down(&self, addr: &str, down: bool) {
+        let mut d = self.inner.down.lock().unwrap_or_else(|p| p.into_inner());
+        if down {
+            d.insert(addr.to_string(), std::time::Instant::now() + DOWN_FOR);
+        } else {
+            d.remove(addr);
+        }
     }
 
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, ChunkError> {
@@ -89,13 +112,20 @@ impl ChunkClient {
                 return Ok(c.clone());
             }
         }
+        if self.is_down(addr) {
+            return Err(transport("unreachable (a connect failed just now)".into()));
+        }
         let gate = self.inner.dialing.lock().await.entry(addr.to_string()).or_default().clone();
         let _dial = gate.lock().await;
-        // Another request may have connected while this one waited.
+        // Another request may have connected while this one waited, or
+        // found the server down.
         if let Some(c) = self.inner.conns.lock().await.get(addr) {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
+        }
+        if self.is_down(addr) {
+            return Err(transport("unreachable (a connect failed just now)".into()));
         }
         let sock: SocketAddr = addr.parse().map_err(|_| transport("not an ip:port address".into()))?;
         let connecting = self
@@ -103,10 +133,18 @@ impl ChunkClient {
             .endpoint
             .connect_with(self.inner.quic.clone(), sock, tls::SERVER_NAME)
             .map_err(|e| transport(e.to_string()))?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| transport("connect timed out".into()))?
-            .map_err(|e| transport(format!("connect: {e}")))?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                self.mark_down(addr, true);
+                return Err(transport(format!("connect: {e}")));
+            }
+            Err(_) => {
+                self.mark_down(addr, true);
+                return Err(transport("connect timed out".into()));
+            }
+        };
+        self.mark_down(addr, false);
         self.inner.conns.lock().await.insert(addr.to_string(), conn.clone());
         Ok(conn)
     }

@@ -300,13 +300,21 @@ impl FileClient {
         Err(io_err(format!("chunk {} unreadable on every replica: {last}", loc.chunk)))
     }
 
+    /// Replicas nearest first; those whose server could not be reached just
+    /// now go last.
     fn nearest_first(&self, loc: &ChunkLocation) -> Vec<String> {
-        let Some(me) = &self.topology else { return loc.replicas.iter().map(|r| r.addr.clone()).collect() };
-        let pairs: Vec<(u64, Topology)> = loc.replicas.iter().map(|r| (r.server, r.topology.clone())).collect();
-        placement::pick_read_replica(me, &pairs)
-            .into_iter()
-            .filter_map(|id| loc.replicas.iter().find(|r| r.server == id).map(|r| r.addr.clone()))
-            .collect()
+        let mut order: Vec<String> = match &self.topology {
+            None => loc.replicas.iter().map(|r| r.addr.clone()).collect(),
+            Some(me) => {
+                let pairs: Vec<(u64, Topology)> = loc.replicas.iter().map(|r| (r.server, r.topology.clone())).collect();
+                placement::pick_read_replica(me, &pairs)
+                    .into_iter()
+                    .filter_map(|id| loc.replicas.iter().find(|r| r.server == id).map(|r| r.addr.clone()))
+                    .collect()
+            }
+        };
+        order.sort_by_key(|a| self.chunks.is_down(a));
+        order
     }
 
     /// Buffers a write; it is sent when the buffer fills, on `flush` or
@@ -364,11 +372,53 @@ impl FileClient {
                 by_server.entry(a).or_default().push(chunk);
             }
         }
-        let flushes = by_server
-            .into_iter()
-            .map(|(addr, chunks)| async move { self.chunks.flush(&addr, chunks).await.map_err(from_chunk) });
-        for r in join_all(flushes).await {
-            r?;
+        let flushes = by_server.into_iter().map(|(addr, chunks)| async move {
+            let r = self.chunks.flush(&addr, chunks.clone()).await;
+            (addr, chunks, r)
+        });
+        // A replica that cannot flush (its server died) is dropped, as a
+        // failed write would drop it: the version rises, so its copy is
+        // never served again, and the survivors hold the data durably. Only
+        // a chunk left with no replica that flushed fails the fsync.
+        let mut dead: Vec<(String, Vec<ChunkId>, ChunkError)> = Vec::new();
+        let mut flushed: HashSet<(String, ChunkId)> = HashSet::new();
+        for (addr, chunks, r) in join_all(flushes).await {
+            match r {
+                Ok(_) => flushed.extend(chunks.into_iter().map(|c| (addr.clone(), c))),
+                Err(e @ ChunkError::Transport { .. }) => dead.push((addr, chunks, e)),
+                Err(e) => return Err(from_chunk(e)),
+            }
+        }
+        for (addr, chunks, e) in dead {
+            let mut locs: Vec<ChunkLocation> = {
+                let st = f.lock().await;
+                st.locs.values().filter(|l| chunks.contains(&l.chunk)).cloned().collect()
+            };
+            if locs.len() < chunks.len() {
+                // Not all cached: ask where the file's chunks are.
+                locs = match self.meta.read(MetaRead::Layout { ino, first: 0, count: MAX_LAYOUT_CHUNKS }).await? {
+                    ReadReply::Layout(l) => l.chunks.into_iter().filter(|c| chunks.contains(&c.chunk)).collect(),
+                    other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+                };
+            }
+            for chunk in &chunks {
+                let Some(loc) = locs.iter().find(|l| l.chunk == *chunk) else {
+                    return Err(from_chunk(clone_chunk_err(&e)));
+                };
+                let survivor =
+                    loc.replicas.iter().any(|r| r.addr != addr && flushed.contains(&(r.addr.clone(), *chunk)));
+                let Some(server) = loc.replicas.iter().find(|r| r.addr == addr).map(|r| r.server) else {
+                    continue;
+                };
+                if !survivor {
+                    return Err(from_chunk(clone_chunk_err(&e)));
+                }
+                tracing::warn!(chunk, server, error = %e, "replica failed a flush; dropping it");
+                let op =
+                    MetaOp::ReplicaFailed { ino, index: loc.index, chunk: loc.chunk, version: loc.version, server };
+                self.meta.op(op).await?;
+                self.invalidate(ino);
+            }
         }
         Ok(())
     }

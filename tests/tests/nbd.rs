@@ -407,6 +407,7 @@ async fn qemu_boots_with_its_disk_on_the_export() {
             append: "console=ttyS0 quiet locus.token=from-the-export".into(),
             disks: vec![vmhost::Disk { source: vmhost::DiskSource::Nbd(server.uri.clone()), read_only: false }],
             extra_args: vec![],
+            restore_from: None,
         },
         log_dir: None,
     };

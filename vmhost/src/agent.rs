@@ -731,7 +731,14 @@ impl Agent {
                 if seed.exists() {
                     disks.push(Disk { source: DiskSource::Path(seed), read_only: true });
                 }
-                VmKind::Qemu { kernel, initrd, append: def.append.clone(), disks, extra_args: Vec::new() }
+                VmKind::Qemu {
+                    kernel,
+                    initrd,
+                    append: def.append.clone(),
+                    disks,
+                    extra_args: Vec::new(),
+                    restore_from: None,
+                }
             }
         };
         let spec = VmSpec {

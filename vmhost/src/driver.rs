@@ -67,6 +67,10 @@ pub enum VmKind {
         /// More qemu arguments, appended as given. Arguments the driver
         /// manages itself (QMP, pidfile, serial, daemonize…) are refused.
         extra_args: Vec<String>,
+        /// Resume from this checkpoint (see `QemuDriver::checkpoint`)
+        /// instead of booting: the guest goes on where it was.
+        #[serde(default)]
+        restore_from: Option<PathBuf>,
     },
 }
 

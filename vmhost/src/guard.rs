@@ -78,8 +78,14 @@ impl Fenced {
     }
 }
 
-/// Kills every live VM of the host and its mount; returns the VMs killed.
+/// Kills the host's mount and every live VM; returns the VMs killed.
+///
+/// The mount goes first: a VM blocked in an fsync on the mount waits
+/// uninterruptibly for its writeback, which a cut-off mount never finishes;
+/// killing the mount daemon aborts the connection, the VM's calls fail at
+/// once and the SIGKILL takes effect.
 pub async fn fence_now(dirs: &HostDirs) -> Vec<String> {
+    crate::mount::kill(&dirs.mount_pid(), &dirs.mount_dir());
     let mut killed = Vec::new();
     let process = ProcessDriver::new(dirs.process_runs());
     let qemu = QemuDriver::new(dirs.qemu_runs());
@@ -99,7 +105,6 @@ pub async fn fence_now(dirs: &HostDirs) -> Vec<String> {
             }
         }
     }
-    crate::mount::kill(&dirs.mount_pid(), &dirs.mount_dir());
     killed
 }
 

@@ -44,9 +44,28 @@ pub const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MIN_QEMU_MEMORY_MIB: u64 = 16;
 /// Longest unix socket path (`sun_path` holds 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
+/// How long writing a checkpoint may take.
+pub const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `s` as one word for /bin/sh.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 /// Arguments the driver sets itself; a spec's `extra_args` may not hold them.
-pub const MANAGED_ARGS: &[&str] =
-    &["-daemonize", "-pidfile", "-qmp", "-qmp-pretty", "-monitor", "-mon", "-serial", "-S", "-no-shutdown", "-accel"];
+pub const MANAGED_ARGS: &[&str] = &[
+    "-daemonize",
+    "-pidfile",
+    "-qmp",
+    "-qmp-pretty",
+    "-monitor",
+    "-mon",
+    "-serial",
+    "-S",
+    "-no-shutdown",
+    "-accel",
+    "-incoming",
+];
 
 const CONSOLE_LOG: &str = "console.log";
 const QEMU_LOG: &str = "qemu.log";
@@ -127,9 +146,14 @@ impl QemuDriver {
     pub fn validate(spec: &VmSpec) -> Result<(), DriverError> {
         validate_common(spec)?;
         let bad = |reason: String| Err(DriverError::InvalidSpec { vm: spec.id.clone(), reason });
-        let VmKind::Qemu { kernel, initrd, append, disks, extra_args } = &spec.kind else {
+        let VmKind::Qemu { kernel, initrd, append, disks, extra_args, restore_from } = &spec.kind else {
             return bad("not a qemu spec (kind is process)".into());
         };
+        if let Some(p) = restore_from {
+            if !p.is_absolute() || !p.is_file() {
+                return bad(format!("restore_from {} is not an absolute path to a checkpoint", p.display()));
+            }
+        }
         if spec.memory_mib < MIN_QEMU_MEMORY_MIB {
             return bad(format!("memory_mib is {}, a guest needs at least {MIN_QEMU_MEMORY_MIB}", spec.memory_mib));
         }
@@ -307,7 +331,7 @@ impl QemuDriver {
 
     /// The qemu command line for a spec.
     pub fn command_line(&self, spec: &VmSpec, vm_dir: &Path, logs: &VmLogs) -> Result<Vec<OsString>, DriverError> {
-        let VmKind::Qemu { kernel, initrd, append, disks, extra_args } = &spec.kind else {
+        let VmKind::Qemu { kernel, initrd, append, disks, extra_args, restore_from } = &spec.kind else {
             return Err(DriverError::InvalidSpec { vm: spec.id.clone(), reason: "not a qemu spec".into() });
         };
         fn opt(args: &mut Vec<OsString>, name: &str, value: impl Into<OsString>) {
@@ -352,6 +376,9 @@ impl QemuDriver {
                 ),
             };
             opt(&mut args, "-drive", drive);
+        }
+        if let Some(p) = restore_from {
+            opt(&mut args, "-incoming", format!("exec:cat {}", shell_quote(&p.to_string_lossy())));
         }
         args.extend(extra_args.iter().map(OsString::from));
         Ok(args)
@@ -416,6 +443,88 @@ impl QemuDriver {
         }
         rundir::sweep_group(instance);
         self.status(id).await
+    }
+
+    /// Saves the guest's whole state (memory and devices; its disks stay
+    /// where they are) to `path`, with the guest paused meanwhile so disks
+    /// and memory agree; then it runs on if it was running. Start a VM with
+    /// `restore_from: Some(path)` (and the same disks) to resume it there.
+    /// Returns the checkpoint's size.
+    pub async fn checkpoint(&self, id: &str, path: &Path) -> Result<u64, DriverError> {
+        let op = "checkpoint";
+        if self.live_instance(id).await?.is_none() {
+            return Err(DriverError::InvalidState { vm: id.to_owned(), op, state: self.status(id).await? });
+        }
+        let was_running = self.query_status(id).await? == VmState::Running;
+        let qerr = |command: &'static str| move |source| DriverError::Qmp { vm: id.to_owned(), command, source };
+        let mut qmp = self.qmp(id, "migrate").await?;
+        qmp.execute("stop", None).await.map_err(qerr("stop"))?;
+        let tmp = path.with_extension("part");
+        let uri = format!("exec:cat > {}", shell_quote(&tmp.to_string_lossy()));
+        qmp.execute("migrate", Some(serde_json::json!({ "uri": uri }))).await.map_err(qerr("migrate"))?;
+        let deadline = tokio::time::Instant::now() + CHECKPOINT_TIMEOUT;
+        let outcome = loop {
+            let v = qmp.execute("query-migrate", None).await.map_err(qerr("query-migrate"))?;
+            match v.get("status").and_then(serde_json::Value::as_str) {
+                Some("completed") => break Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    let why = v.get("error-desc").and_then(serde_json::Value::as_str).unwrap_or("migration failed");
+                    break Err(why.to_string());
+                }
+                _ if tokio::time::Instant::now() > deadline => {
+                    let _ = qmp.execute("migrate_cancel", None).await;
+                    break Err(format!("not done after {CHECKPOINT_TIMEOUT:?}"));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        if was_running {
+            qmp.execute("cont", None).await.map_err(qerr("cont"))?;
+        }
+        if let Err(reason) = outcome {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(DriverError::StartFailed { vm: id.to_owned(), reason: format!("checkpoint: {reason}") });
+        }
+        let io = |action, source| DriverError::Io { vm: id.to_owned(), action, path: path.to_owned(), source };
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| io("sync", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io("rename", e))?;
+        let size = std::fs::metadata(path).map_err(|e| io("stat", e))?.len();
+        tracing::info!(vm = %id, bytes = size, path = %path.display(), "checkpoint written");
+        Ok(size)
+    }
+
+    /// A guest restored from a checkpoint comes up paused, as it was when
+    /// saved: wait for the state to load, then let it run.
+    async fn resume_restored(&self, id: &str) -> Result<(), DriverError> {
+        let command = "query-status";
+        let mut qmp = self.qmp(id, command).await?;
+        let deadline = tokio::time::Instant::now() + CHECKPOINT_TIMEOUT;
+        loop {
+            let st =
+                qmp.query_status().await.map_err(|source| DriverError::Qmp { vm: id.to_owned(), command, source })?;
+            match st.status.as_str() {
+                "inmigrate" | "prelaunch" if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                "inmigrate" | "prelaunch" => {
+                    return Err(DriverError::Timeout {
+                        vm: id.to_owned(),
+                        op: "restore",
+                        timeout_ms: CHECKPOINT_TIMEOUT.as_millis() as u64,
+                    })
+                }
+                "running" => return Ok(()),
+                _ => {
+                    qmp.execute("cont", None).await.map_err(|source| DriverError::Qmp {
+                        vm: id.to_owned(),
+                        command: "cont",
+                        source,
+                    })?;
+                    tracing::info!(vm = %id, "restored from its checkpoint and running");
+                    return Ok(());
+                }
+            }
+        }
     }
 
     async fn pause_or_resume(&self, id: &str, pause: bool) -> Result<(), DriverError> {
@@ -487,6 +596,9 @@ impl Driver for QemuDriver {
         };
         tracing::info!(vm = %spec.id, pid = instance.pid, accel = ?self.accel, "qemu started");
         self.await_qmp(spec, &instance).await?;
+        if matches!(&spec.kind, VmKind::Qemu { restore_from: Some(_), .. }) {
+            self.resume_restored(&spec.id).await?;
+        }
         if let Ok(text) = std::fs::read_to_string(guard.vm_dir.join(PIDFILE)) {
             if text.trim() != instance.pid.to_string() {
                 tracing::warn!(vm = %spec.id, pidfile = text.trim(), pid = instance.pid, "pidfile names another pid");
@@ -599,7 +711,14 @@ mod tests {
             name: "guest,one".into(),
             vcpus: 2,
             memory_mib: 128,
-            kind: VmKind::Qemu { kernel, initrd: None, append: "console=ttyS0".into(), disks, extra_args: extra },
+            kind: VmKind::Qemu {
+                kernel,
+                initrd: None,
+                append: "console=ttyS0".into(),
+                disks,
+                extra_args: extra,
+                restore_from: None,
+            },
             log_dir: None,
         }
     }
