@@ -573,6 +573,24 @@ pub struct VmInfo {
     pub last_placement: Option<PlacementRecord>,
     /// Recent events, oldest first, at most [`MAX_VM_EVENTS`].
     pub events: Vec<(Timespec, String)>,
+    /// Checkpoints asked for so far (`locus vm checkpoint`).
+    pub checkpoints_wanted: u64,
+    /// The newest checkpoint its host wrote.
+    pub last_checkpoint: Option<CheckpointRecord>,
+}
+
+/// A checkpoint of a qemu VM: its memory and devices, and a snapshot of its
+/// disk layer taken at the same instant (the guest paused between), both
+/// in Locus next to the VM's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub n: u64,
+    pub epoch: u64,
+    pub at: Timespec,
+    /// Locus paths.
+    pub memory: String,
+    pub disk: String,
+    pub memory_bytes: u64,
 }
 
 /// What the metadata service keeps of a service.
@@ -603,6 +621,9 @@ pub enum VmOp {
     Remove { service: String },
     /// Drains a host (no new VMs, its VMs move) or undrains it.
     Drain { host: HostId, drain: bool },
+    /// Asks the host of a running qemu VM for a checkpoint; replies
+    /// `Checkpoint { n }`, the number the checkpoint will carry.
+    Checkpoint { vm: String },
 }
 
 /// VM reads (served by the leader).
@@ -637,6 +658,9 @@ pub enum VmReply {
         vm_root: String,
     },
     Hosts(Vec<HostInfo>),
+    Checkpoint {
+        n: u64,
+    },
 }
 
 /// What a host agent tells the leader (role host).
@@ -656,6 +680,8 @@ pub struct VmReport {
     pub state: ReportedState,
     /// Metrics the workload reported (for scale rules).
     pub metrics: BTreeMap<String, f64>,
+    /// The newest checkpoint written at this epoch.
+    pub checkpoint: Option<CheckpointRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -682,6 +708,8 @@ pub struct Assignment {
     pub epoch: u64,
     /// False: stop it (and report it stopped) but keep its state.
     pub run: bool,
+    /// Checkpoints asked for: write one when this exceeds the newest.
+    pub checkpoint: u64,
 }
 
 /// The leader's answer to a host.

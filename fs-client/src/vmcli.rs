@@ -34,6 +34,14 @@ pub enum VmCmd {
     Start { target: String },
     /// Remove a service and its VMs (their state in Locus stays).
     Rm { service: String },
+    /// Checkpoint a running qemu VM: its memory and devices and a snapshot
+    /// of its disk layer, taken at one instant, into Locus.
+    Checkpoint {
+        vm: String,
+        /// How long to wait for the host to write it.
+        #[arg(long, default_value_t = 300)]
+        wait_s: u64,
+    },
     /// Print a VM's console output, as its host copied it into Locus.
     Logs {
         vm: String,
@@ -243,6 +251,9 @@ pub async fn vm(c: &MetaClient, files: &FileClient, cmd: VmCmd, json: bool) -> C
             if let Some(p) = &v.last_placement {
                 println!("placed:    {} ({})", short(p.at), p.cause);
             }
+            if let Some(ck) = &v.last_checkpoint {
+                println!("checkpoint: {} ({}): {} and {}", ck.n, short(ck.at), ck.memory, ck.disk);
+            }
             println!("events:");
             for (t, e) in &v.events {
                 println!("  {:<10} {e}", short(*t));
@@ -280,6 +291,37 @@ pub async fn vm(c: &MetaClient, files: &FileClient, cmd: VmCmd, json: bool) -> C
                 println!("service {service} removed; its VMs stop and go (their state stays in Locus)");
             }
             Ok(())
+        }
+        VmCmd::Checkpoint { vm, wait_s } => {
+            let r = vm_call(c, VmRequest::Op(VmOp::Checkpoint { vm: vm.clone() }), &vm).await?;
+            let VmReply::Checkpoint { n } = r else { return Err(CliError::unexpected(&r)) };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_s);
+            loop {
+                let r = read(c, VmRead::Vm { id: vm.clone() }, &vm).await?;
+                let VmReply::Vm { vm: v, .. } = r else { return Err(CliError::unexpected(&r)) };
+                if let Some(ck) = v.last_checkpoint.filter(|ck| ck.n >= n) {
+                    if json {
+                        print_json(&ck);
+                    } else {
+                        println!(
+                            "checkpoint {} of {vm}: memory {} ({} MiB), disk {}",
+                            ck.n,
+                            ck.memory,
+                            ck.memory_bytes >> 20,
+                            ck.disk
+                        );
+                    }
+                    return Ok(());
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(CliError {
+                        exit: 3,
+                        code: Some(ErrorCode::Timeout),
+                        message: format!("checkpoint {n} of {vm} not written after {wait_s} s"),
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
         }
         VmCmd::Logs { vm, stderr } => {
             let r = read(c, VmRead::Vm { id: vm.clone() }, &vm).await?;

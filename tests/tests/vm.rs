@@ -511,7 +511,7 @@ image = "/t/master.raw"
 datasets = ["/t/data/disk.raw"]
 kernel = "/t/vmlinuz"
 initrd = "/t/initrd"
-append = "console=ttyS0 panic=-1 locus.token=fromlocus"
+append = "console=ttyS0 panic=-1 locus.token=fromlocus locus.sleep=8"
 vcpus = 1
 memory_mib = 256
 [customize]
@@ -519,7 +519,24 @@ hostname = "guest-{index}"
 "#;
     let (code, out, err) = w.apply(def);
     assert_eq!(code, 0, "{out}{err}");
-    phase("the guest boots, writes its marker to every disk and powers off");
+    phase("it runs: a checkpoint saves its memory and a snapshot of its disk layer into Locus");
+    wait_vms(&w.client(), "guest", Duration::from_secs(120), "guest-1 running", |v| {
+        v.len() == 1 && v[0].status == VmStatus::Running
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.diagnostics()));
+    let (code, out, err) = w.cli(&["--json", "vm", "checkpoint", "guest-1", "--wait-s", "120"]);
+    assert_eq!(code, 0, "checkpoint: {out}{err}\n{}", w.diagnostics());
+    let ck: CheckpointRecord = serde_json::from_str(&out).expect("checkpoint json");
+    assert_eq!(ck.n, 1);
+    let mem = w.files.meta().resolve(ck.memory.as_bytes(), true).await.expect("memory file in Locus");
+    assert!(mem.size > 1 << 20 && mem.size == ck.memory_bytes, "{mem:?}");
+    let snap = w.files.meta().resolve(ck.disk.as_bytes(), true).await.expect("disk snapshot in Locus");
+    assert_eq!(&w.files.read(snap.ino, 0, 4).await.expect("snapshot")[..], b"QFI\xfb");
+    let (code, _, err) = w.cli(&["vm", "checkpoint", "no-such-vm"]);
+    assert!(code == 1 && err.contains("NotFound"), "{err}");
+
+    phase("the guest runs on after the checkpoint, writes its marker to every disk and powers off");
     let v = wait_vms(&w.client(), "guest", Duration::from_secs(180), "guest-1 ended", |v| {
         v.len() == 1 && matches!(v[0].status, VmStatus::Stopped { .. } | VmStatus::Failed { .. })
     })

@@ -89,6 +89,9 @@ struct Record {
     ended: Option<(u64, ReportedState)>,
     /// Where its logs go in Locus.
     vm_dir: String,
+    /// The newest checkpoint written here.
+    #[serde(default)]
+    checkpoint: Option<CheckpointRecord>,
 }
 
 struct Agent {
@@ -532,6 +535,7 @@ impl Agent {
         let local = self.local_view().await;
         let busy = self.busy.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let (actions, report) = plan(&desired.assignments, &local, &busy);
+        let records = self.records.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let reports: Vec<VmReport> = report
             .into_iter()
             .map(|(id, epoch, state)| {
@@ -540,9 +544,32 @@ impl Agent {
                 } else {
                     BTreeMap::new()
                 };
-                VmReport { id, epoch, state, metrics }
+                let checkpoint = records.get(&id).and_then(|r| r.checkpoint.clone()).filter(|c| c.epoch == epoch);
+                VmReport { id, epoch, state, metrics, checkpoint }
             })
             .collect();
+        // Checkpoints asked for, of running qemu VMs nobody is working on.
+        for a in &desired.assignments {
+            let Some(r) = records.get(&a.vm) else { continue };
+            let done = r.checkpoint.as_ref().map_or(0, |c| c.n);
+            let live = local.get(&a.vm).is_some_and(|l| l.live);
+            if r.driver == DriverKind::Qemu && a.checkpoint > done && live && !busy.contains(&a.vm) {
+                self.set_busy(&a.vm, true);
+                let (me, a, r) = (self.clone(), a.clone(), r.clone());
+                tokio::spawn(async move {
+                    match me.checkpoint_vm(&a, &r).await {
+                        Ok(c) => {
+                            let mut r = r;
+                            r.checkpoint = Some(c);
+                            me.save_record(&a.vm, Some(r));
+                        }
+                        Err(e) => tracing::warn!(vm = %a.vm, error = %format!("{e:#}"), "checkpoint failed"),
+                    }
+                    me.set_busy(&a.vm, false);
+                    me.wake_reconcile.notify_one();
+                });
+            }
+        }
         let changed = {
             let mut cur = self.reports.lock().unwrap_or_else(|p| p.into_inner());
             let changed = cur.len() != reports.len()
@@ -579,7 +606,7 @@ impl Agent {
                 } else if let Some(a) = desired.assignments.iter().find(|a| a.vm == vm) {
                     let driver = desired.services.get(&a.service).map(|s| s.def.driver).unwrap_or(DriverKind::Process);
                     let vm_dir = format!("{}/{}/{}", desired.vm_root, a.service, a.vm);
-                    self.save_record(&vm, Some(Record { driver, epoch, ended: None, vm_dir }));
+                    self.save_record(&vm, Some(Record { driver, epoch, ended: None, vm_dir, checkpoint: None }));
                 }
             }
             Action::RecordEnd { vm, epoch, state } => {
@@ -607,7 +634,13 @@ impl Agent {
                             tracing::info!(vm = %a.vm, epoch = a.epoch, ms = started.elapsed().as_millis() as u64, "VM started");
                             me.save_record(
                                 &a.vm,
-                                Some(Record { driver: svc.def.driver, epoch: a.epoch, ended: None, vm_dir }),
+                                Some(Record {
+                                    driver: svc.def.driver,
+                                    epoch: a.epoch,
+                                    ended: None,
+                                    vm_dir,
+                                    checkpoint: None,
+                                }),
                             );
                             me.clear_fenced(&a.vm);
                         }
@@ -621,6 +654,7 @@ impl Agent {
                                     epoch: a.epoch,
                                     ended: Some((a.epoch, ReportedState::Failed { reason })),
                                     vm_dir,
+                                    checkpoint: None,
                                 }),
                             );
                         }
@@ -795,6 +829,35 @@ impl Agent {
             tracing::warn!(chunks = out.unfenced.len(), "clone: some replicas missed their fence");
         }
         Ok(())
+    }
+
+    /// Writes checkpoint `a.checkpoint` of a qemu VM into Locus: its memory
+    /// and devices (`checkpoints/<n>.state`) and, while it is paused, a
+    /// snapshot of its disk layer (`checkpoints/<n>.disk.qcow2`).
+    async fn checkpoint_vm(&self, a: &Assignment, r: &Record) -> anyhow::Result<CheckpointRecord> {
+        let n = a.checkpoint;
+        let dir = format!("{}/checkpoints", r.vm_dir);
+        std::fs::create_dir_all(self.mount.path(&dir)).with_context(|| format!("create {dir}"))?;
+        let memory = format!("{dir}/{n}.state");
+        let disk_name = format!("{n}.disk.qcow2");
+        let disk = format!("{dir}/{disk_name}");
+        let layer = format!("{}/disk.qcow2", r.vm_dir);
+        let started = Instant::now();
+        let bytes = self
+            .qemu
+            .checkpoint_with(&a.vm, &self.mount.path(&memory), || async {
+                let meta = self.files.meta();
+                let src = meta.resolve(layer.as_bytes(), true).await.map_err(|e| format!("{layer}: {e}"))?;
+                let parent = meta.resolve(dir.as_bytes(), true).await.map_err(|e| format!("{dir}: {e}"))?;
+                self.files
+                    .clone_inode(src.ino, parent.ino, disk_name.as_bytes(), true)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("snapshot {layer}: {e}"))
+            })
+            .await?;
+        tracing::info!(vm = %a.vm, n, bytes, ms = started.elapsed().as_millis() as u64, "checkpoint written");
+        Ok(CheckpointRecord { n, epoch: a.epoch, at: Timespec::now(), memory, disk, memory_bytes: bytes })
     }
 
     /// Copies new console output of each VM into Locus, next to its layer.

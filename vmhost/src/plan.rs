@@ -120,7 +120,7 @@ mod tests {
     use super::*;
 
     fn a(vm: &str, epoch: u64, run: bool) -> Assignment {
-        Assignment { vm: vm.into(), service: "s".into(), index: 1, epoch, run }
+        Assignment { vm: vm.into(), service: "s".into(), index: 1, epoch, run, checkpoint: 0 }
     }
 
     fn live(epoch: u64) -> Local {

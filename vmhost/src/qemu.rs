@@ -451,6 +451,17 @@ impl QemuDriver {
     /// `restore_from: Some(path)` (and the same disks) to resume it there.
     /// Returns the checkpoint's size.
     pub async fn checkpoint(&self, id: &str, path: &Path) -> Result<u64, DriverError> {
+        self.checkpoint_with(id, path, || async { Ok(()) }).await
+    }
+
+    /// [`Self::checkpoint`], running `while_paused` once the state is saved
+    /// and before the guest runs on (to snapshot its disks at the same
+    /// instant, say). Its error fails the checkpoint; the guest runs on.
+    pub async fn checkpoint_with<F, Fut>(&self, id: &str, path: &Path, while_paused: F) -> Result<u64, DriverError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
         let op = "checkpoint";
         if self.live_instance(id).await?.is_none() {
             return Err(DriverError::InvalidState { vm: id.to_owned(), op, state: self.status(id).await? });
@@ -477,6 +488,10 @@ impl QemuDriver {
                 }
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
+        };
+        let outcome = match outcome {
+            Ok(()) => while_paused().await,
+            Err(e) => Err(e),
         };
         if was_running {
             qmp.execute("cont", None).await.map_err(qerr("cont"))?;

@@ -221,6 +221,12 @@ impl Scheduler {
                         index: v.index,
                         epoch: v.epoch,
                         run: v.want_running && !v.moving && !v.removing,
+                        // Only a checkpoint not written yet is asked for.
+                        checkpoint: if v.checkpoints_wanted > v.last_checkpoint.as_ref().map_or(0, |c| c.n) {
+                            v.checkpoints_wanted
+                        } else {
+                            0
+                        },
                     })
                     .collect();
                 let prefetch = services.iter().map(|s| (s.image_blake3.clone(), s.def.image.clone())).collect();
@@ -475,6 +481,12 @@ pub fn reconcile(input: &Input) -> Vec<VmCmd> {
             let status = reported_status(v, r);
             if status != v.status {
                 cmds.push(VmCmd::SetStatus { vm: v.id.clone(), epoch: v.epoch, status });
+            }
+        }
+        let checkpoint = input.live.get(&h).and_then(|l| l.reports.get(&v.id)).and_then(|r| r.checkpoint.as_ref());
+        if let Some(c) = checkpoint {
+            if v.last_checkpoint.as_ref().is_none_or(|l| l.n < c.n) {
+                cmds.push(VmCmd::CheckpointDone { vm: v.id.clone(), record: c.clone() });
             }
         }
     }
@@ -738,6 +750,8 @@ mod tests {
             restarts: 0,
             last_placement: None,
             events: Vec::new(),
+            checkpoints_wanted: 0,
+            last_checkpoint: None,
         }
     }
 
@@ -750,7 +764,13 @@ mod tests {
                 .map(|(id, state, load)| {
                     (
                         id.to_string(),
-                        VmReport { id: id.into(), epoch: 1, state, metrics: [("load".to_string(), load)].into() },
+                        VmReport {
+                            id: id.into(),
+                            epoch: 1,
+                            state,
+                            metrics: [("load".to_string(), load)].into(),
+                            checkpoint: None,
+                        },
                     )
                 })
                 .collect(),

@@ -106,6 +106,11 @@ pub enum VmCmd {
         desired: u32,
         reason: String,
     },
+    /// A host wrote a checkpoint of a VM.
+    CheckpointDone {
+        vm: String,
+        record: CheckpointRecord,
+    },
 }
 
 /// What a [`VmCmd`] returns.
@@ -321,6 +326,8 @@ fn plan(kv: &dyn KvRead, now: Timespec, cmd: &VmCmd, w: &mut Writes) -> Result<V
                 restarts: 0,
                 last_placement: None,
                 events: Vec::new(),
+                checkpoints_wanted: 0,
+                last_checkpoint: None,
             };
             event(&mut vm, now, format!("created (service generation {})", svc.generation));
             w.vms.push(vm);
@@ -399,6 +406,16 @@ fn plan(kv: &dyn KvRead, now: Timespec, cmd: &VmCmd, w: &mut Writes) -> Result<V
             let text = format!("restarted at epoch {}: {reason}", v.epoch);
             event(&mut v, now, text);
             set_status(&mut v, now, VmStatus::Starting);
+            w.vms.push(v);
+            Ok(Ok(VmApplied::Reply(VmReply::Done)))
+        }
+        VmCmd::CheckpointDone { vm, record } => {
+            let Some(mut v) = load_vm(kv, vm)? else { return Ok(Ok(VmApplied::Skipped)) };
+            if v.last_checkpoint.as_ref().is_some_and(|c| c.n >= record.n) {
+                return Ok(Ok(VmApplied::Skipped));
+            }
+            event(&mut v, now, format!("checkpoint {} written: {} and {}", record.n, record.memory, record.disk));
+            v.last_checkpoint = Some(record.clone());
             w.vms.push(v);
             Ok(Ok(VmApplied::Reply(VmReply::Done)))
         }
@@ -540,6 +557,23 @@ fn plan_client(kv: &dyn KvRead, now: Timespec, op: &VmOp, w: &mut Writes) -> Res
             }
             w.deleted_services.push(service.clone());
             Ok(Ok(VmApplied::Reply(VmReply::Done)))
+        }
+        VmOp::Checkpoint { vm } => {
+            let Some(mut v) = load_vm(kv, vm)? else {
+                return Ok(Err(not_found(format!("no VM {vm:?}"))));
+            };
+            let qemu = load_service(kv, &v.service)?.is_some_and(|s| s.def.driver == DriverKind::Qemu);
+            if !qemu {
+                return Ok(Err(err(ErrorCode::NotSupported, format!("{vm}: only qemu VMs have checkpoints"))));
+            }
+            if v.host.is_none() || v.status != VmStatus::Running {
+                return Ok(Err(err(ErrorCode::Invalid, format!("{vm} is not running ({})", v.status))));
+            }
+            v.checkpoints_wanted = v.checkpoints_wanted.max(v.last_checkpoint.as_ref().map_or(0, |c| c.n)) + 1;
+            let n = v.checkpoints_wanted;
+            event(&mut v, now, format!("checkpoint {n} requested"));
+            w.vms.push(v);
+            Ok(Ok(VmApplied::Reply(VmReply::Checkpoint { n })))
         }
         VmOp::Drain { host, drain } => {
             let Some(mut h) = load_host(kv, *host)? else {
