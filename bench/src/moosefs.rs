@@ -1,6 +1,10 @@
-//! A MooseFS 3.0 cluster on loopback for side-by-side runs: one master,
-//! three chunkservers (distinct ports and directories), goal 3, mounted
-//! with mfsmount. Everything lives in a temp dir and stops on drop.
+//! A MooseFS 3.0 cluster on this machine for side-by-side runs: one
+//! master, three chunkservers (distinct ports and directories), goal 3,
+//! mounted with mfsmount. Everything lives in a temp dir and stops on drop.
+//!
+//! MooseFS chunkservers refuse a master on a 127.x address, so the bench
+//! makes a network interface of its own (a veth pair) with one private address
+//! (traffic never leaves the machine) and removes it on drop.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,6 +17,28 @@ pub struct MooseFs {
     procs: Vec<Child>,
     pub mountpoint: PathBuf,
     mounted: bool,
+    iface: Option<String>,
+}
+
+/// A local interface of the bench's own with a private address; (name, address).
+fn dummy_interface() -> anyhow::Result<(String, String)> {
+    let pid = std::process::id();
+    let name = format!("lmfs{}", pid % 100_000);
+    let addr = format!("10.214.{}.{}", (pid / 250) % 250 + 1, pid % 250 + 1);
+    let ip = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("ip").args(args).output().context("run ip (iproute2)")?;
+        if !out.status.success() {
+            bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    };
+    let _ = ip(&["link", "del", &name]);
+    // No dummy driver on every kernel: a veth pair, one end addressed.
+    ip(&["link", "add", &name, "type", "veth", "peer", "name", &format!("{name}p")])?;
+    ip(&["addr", "add", &format!("{addr}/32"), "dev", &name])?;
+    ip(&["link", "set", &name, "up"])?;
+    ip(&["link", "set", &format!("{name}p"), "up"])?;
+    Ok((name, addr))
 }
 
 fn write(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -28,6 +54,7 @@ impl MooseFs {
             }
             bail!("{tool} not found: install moosefs-master, moosefs-chunkserver and moosefs-client");
         }
+        let (iface, host) = dummy_interface().context("an interface for MooseFS (needs root)")?;
         let dir = tempfile::Builder::new().prefix("locus-bench-mfs-").tempdir_in(base)?;
         let root = dir.path().to_path_buf();
         let (ml, cs, cl) = (locus_tests::free_port(), locus_tests::free_port(), locus_tests::free_port());
@@ -42,14 +69,15 @@ impl MooseFs {
             &format!(
                 "WORKING_USER = root\nWORKING_GROUP = root\nSYSLOG_IDENT = mfsmaster-bench\n\
                  DATA_PATH = {}\nEXPORTS_FILENAME = {}\n\
-                 MATOML_LISTEN_HOST = 127.0.0.1\nMATOML_LISTEN_PORT = {ml}\n\
-                 MATOCS_LISTEN_HOST = 127.0.0.1\nMATOCS_LISTEN_PORT = {cs}\n\
-                 MATOCL_LISTEN_HOST = 127.0.0.1\nMATOCL_LISTEN_PORT = {cl}\n",
+                 MATOML_LISTEN_HOST = {host}\nMATOML_LISTEN_PORT = {ml}\n\
+                 MATOCS_LISTEN_HOST = {host}\nMATOCS_LISTEN_PORT = {cs}\n\
+                 MATOCL_LISTEN_HOST = {host}\nMATOCL_LISTEN_PORT = {cl}\n",
                 master.display(),
                 root.join("mfsexports.cfg").display()
             ),
         )?;
-        let mut m = MooseFs { dir, procs: Vec::new(), mountpoint: root.join("mnt"), mounted: false };
+        let mut m =
+            MooseFs { dir, procs: Vec::new(), mountpoint: root.join("mnt"), mounted: false, iface: Some(iface) };
         m.spawn(Command::new("mfsmaster").arg("-f").arg("-c").arg(&master_cfg))?;
         for i in 1..=3 {
             let d = root.join(format!("cs{i}"));
@@ -62,8 +90,8 @@ impl MooseFs {
                 &format!(
                     "WORKING_USER = root\nWORKING_GROUP = root\nSYSLOG_IDENT = mfschunkserver-bench{i}\n\
                      DATA_PATH = {}\nHDD_CONF_FILENAME = {}\n\
-                     MASTER_HOST = 127.0.0.1\nMASTER_PORT = {cs}\n\
-                     CSSERV_LISTEN_HOST = 127.0.0.1\nCSSERV_LISTEN_PORT = {}\n",
+                     MASTER_HOST = {host}\nMASTER_PORT = {cs}\n\
+                     CSSERV_LISTEN_HOST = {host}\nCSSERV_LISTEN_PORT = {}\n",
                     d.display(),
                     d.join("mfshdd.cfg").display(),
                     locus_tests::free_port()
@@ -77,7 +105,7 @@ impl MooseFs {
         loop {
             let out = Command::new("mfsmount")
                 .arg(&m.mountpoint)
-                .args(["-H", "127.0.0.1", "-P", &cl.to_string(), "-o", "mfsdelayedinit"])
+                .args(["-H", &host, "-P", &cl.to_string(), "-o", "mfsdelayedinit"])
                 .output()?;
             if out.status.success() {
                 m.mounted = true;
@@ -88,8 +116,27 @@ impl MooseFs {
             }
             std::thread::sleep(Duration::from_millis(300));
         }
-        // Let the chunkservers register, then ask for three copies.
-        std::thread::sleep(Duration::from_secs(4));
+        // Wait until the three chunkservers have registered their space
+        // (writes get ENOSPC before), then ask for three copies.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let free = nix::sys::statvfs::statvfs(&m.mountpoint)
+                .map(|v| v.blocks_available() as u64 * v.fragment_size() as u64)
+                .unwrap_or(0);
+            let servers = Command::new("mfscli")
+                .args(["-H", &host, "-P", &ml.to_string(), "-SCS", "-s", "\t"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.contains(host.as_str())).count())
+                .unwrap_or(3);
+            if free > 1 << 30 && servers >= 3 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("MooseFS: {servers} chunkservers registered, {free} bytes free after 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        std::thread::sleep(Duration::from_secs(2));
         let out = Command::new("mfssetgoal").args(["-r", "3"]).arg(&m.mountpoint).output()?;
         if !out.status.success() {
             bail!("mfssetgoal: {}", String::from_utf8_lossy(&out.stderr));
@@ -133,6 +180,9 @@ impl Drop for MooseFs {
             }
             let _ = p.kill();
             let _ = p.wait();
+        }
+        if let Some(i) = self.iface.take() {
+            let _ = Command::new("ip").args(["link", "del", &i]).status();
         }
     }
 }

@@ -316,57 +316,15 @@ async fn nbdcopy_and_fio_move_data_through_the_export() {
     assert!(got == data, "nbdcopy round trip changed the data");
 
     phase("fio: random 4 KiB writes, queue depth 16, crc32c verification");
-    let out = tool_ok(
-        &server,
-        "fio",
-        &[
-            "--name=randwrite",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=16M",
-            "--iodepth=16",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            // No verify state file left in the working directory.
-            "--verify_state_save=0",
-            "--output-format=json",
-        ],
-    );
-    let json_start = out.find('{').unwrap_or(0);
-    let report: serde_json::Value = serde_json::from_str(&out[json_start..]).expect("fio json");
-    let job = &report["jobs"][0];
-    assert_eq!(job["error"], 0, "fio job error: {out}");
-    assert!(job["write"]["io_bytes"].as_u64().unwrap_or(0) >= 16 * MIB, "fio wrote 16 MiB: {out}");
-    assert!(job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 16 * MIB, "fio verified 16 MiB: {out}");
+    let job = fio_randwrite(&server, &uri, "--do_verify=1");
+    assert!(job["write"]["io_bytes"].as_u64().unwrap_or(0) >= 16 * MIB, "fio wrote 16 MiB: {job}");
+    assert!(job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 16 * MIB, "fio verified 16 MiB: {job}");
 
     phase("kill -9 a chunk server; fio verifies the same blocks again (reads fail over)");
     let mut cluster = cluster;
     cluster.kill_chunk(1);
-    let out = tool_ok(
-        &server,
-        "fio",
-        &[
-            "--name=randwrite",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=16M",
-            "--iodepth=16",
-            "--verify=crc32c",
-            "--verify_only",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--output-format=json",
-        ],
-    );
-    let json_start = out.find('{').unwrap_or(0);
-    let report: serde_json::Value = serde_json::from_str(&out[json_start..]).expect("fio json");
-    assert_eq!(report["jobs"][0]["error"], 0, "fio verify after the kill: {out}");
-    assert!(report["jobs"][0]["read"]["io_bytes"].as_u64().unwrap_or(0) >= 16 * MIB, "fio re-verified 16 MiB: {out}");
+    let job = fio_randwrite(&server, &uri, "--verify_only");
+    assert!(job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 16 * MIB, "fio re-verified 16 MiB: {job}");
 
     phase("SIGTERM: exit 0");
     assert!(server.stop().success(), "exit status\n{}", server.log());
@@ -429,6 +387,37 @@ async fn qemu_boots_with_its_disk_on_the_export() {
     let got = read_file(&files, file_ino(&cluster, "/vm/boot.raw").await).await;
     let want = b"LOCUS-DISK vda from-the-export\n";
     assert!(got.starts_with(want), "disk starts with {:?}\n{console}", String::from_utf8_lossy(&got[..64]));
+}
+
+/// fio's random 4 KiB writes at queue depth 16 over 16 MiB with crc32c
+/// verification (`mode`: `--do_verify=1` writes then verifies,
+/// `--verify_only` verifies an earlier run's blocks); the job's JSON, its
+/// error checked.
+fn fio_randwrite(server: &NbdServer, uri: &str, mode: &str) -> serde_json::Value {
+    let out = tool_ok(
+        server,
+        "fio",
+        &[
+            "--name=randwrite",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            mode,
+            "--verify_fatal=1",
+            // No verify state file left in the working directory.
+            "--verify_state_save=0",
+            "--output-format=json",
+        ],
+    );
+    let json_start = out.find('{').unwrap_or(0);
+    let report: serde_json::Value = serde_json::from_str(&out[json_start..]).expect("fio json");
+    let job = report["jobs"][0].clone();
+    assert_eq!(job["error"], 0, "fio job error: {out}");
+    job
 }
 
 /// A minimal NBD client over a raw socket, for what real clients never send.

@@ -158,27 +158,7 @@ pub fn kill(pid: &PidFile, dir: &Path) {
 /// Whether `dir` is a mount point, from /proc/self/mountinfo (a stat of a
 /// dead FUSE mount would fail or hang).
 pub fn is_mount_point(dir: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    let want = dir.to_string_lossy();
-    info.lines().filter_map(|l| l.split(' ').nth(4)).any(|m| unescape(m) == want)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    fs_client::fuse::mount::is_mounted(dir)
 }
 
 #[cfg(test)]
@@ -186,9 +166,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape("/plain"), "/plain");
+    fn mount_points_are_found() {
         assert!(is_mount_point(Path::new("/proc")));
         assert!(!is_mount_point(Path::new("/definitely/not/mounted")));
     }

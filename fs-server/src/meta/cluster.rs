@@ -237,12 +237,7 @@ impl DataManager {
     /// Handles a message from a chunk server (leader only).
     pub async fn handle(&self, msg: ServerMsg) -> Result<ServerReply, WireError> {
         if !self.raft.is_leader() {
-            let hint = self.raft.leader();
-            return Err(WireError {
-                code: ErrorCode::NotLeader,
-                message: "not the leader".into(),
-                leader: hint.map(|(id, addr)| LeaderHint { id, addr }),
-            });
+            return Err(super::not_leader(&self.raft));
         }
         match msg {
             ServerMsg::Register { id, addr, topology, capacity_bytes, used_bytes } => {

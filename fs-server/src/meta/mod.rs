@@ -65,6 +65,15 @@ pub struct MetaService {
     metrics: Arc<Metrics>,
 }
 
+/// `NotLeader`, with the leader this node knows of as a hint.
+pub fn not_leader(raft: &RaftNode) -> WireError {
+    WireError {
+        code: ErrorCode::NotLeader,
+        message: "not the leader".into(),
+        leader: raft.leader().map(|(id, addr)| LeaderHint { id, addr }),
+    }
+}
+
 pub fn raft_error(e: RaftNodeError) -> WireError {
     match e {
         RaftNodeError::NotLeader { leader_id, leader_addr } => WireError {
@@ -306,12 +315,7 @@ impl MetaService {
         if self.raft.is_leader() {
             return Ok(());
         }
-        let hint = self.raft.leader();
-        Err(WireError {
-            code: ErrorCode::NotLeader,
-            message: "not the leader".into(),
-            leader: hint.map(|(id, addr)| LeaderHint { id, addr }),
-        })
+        Err(not_leader(&self.raft))
     }
 
     fn voters(&self) -> BTreeSet<u64> {

@@ -101,15 +101,6 @@ impl Scheduler {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn not_leader(&self) -> WireError {
-        let hint = self.raft.leader();
-        WireError {
-            code: ErrorCode::NotLeader,
-            message: "not the leader".into(),
-            leader: hint.map(|(id, addr)| LeaderHint { id, addr }),
-        }
-    }
-
     /// Proposes VM commands in one Raft entry; their results in order.
     pub async fn propose(&self, cmds: Vec<VmCmd>) -> Result<Vec<VmResult>, WireError> {
         let n = cmds.len();
@@ -129,7 +120,7 @@ impl Scheduler {
     /// A client's VM change (leader only).
     pub async fn client_op(&self, op: VmOp) -> Result<VmReply, WireError> {
         if !self.raft.is_leader() {
-            return Err(self.not_leader());
+            return Err(super::not_leader(&self.raft));
         }
         let r = self.propose(vec![VmCmd::Client(op)]).await?.pop();
         self.wake.notify_one();
@@ -144,7 +135,7 @@ impl Scheduler {
     /// Handles a message from a host agent (leader only).
     pub async fn host_msg(&self, msg: HostMsg) -> Result<HostReply, WireError> {
         if !self.raft.is_leader() {
-            return Err(self.not_leader());
+            return Err(super::not_leader(&self.raft));
         }
         let lease_ms = self.cfg.lease.as_millis() as u64;
         match msg {
