@@ -121,7 +121,7 @@ impl MooseFs {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let free = nix::sys::statvfs::statvfs(&m.mountpoint)
-                .map(|v| v.blocks_available() as u64 * v.fragment_size() as u64)
+                .map(|v| v.blocks_available() * v.fragment_size())
                 .unwrap_or(0);
             let servers = Command::new("mfscli")
                 .args(["-H", &host, "-P", &ml.to_string(), "-SCS", "-s", "\t"])
