@@ -313,9 +313,10 @@ impl ClusterIndex {
         let bound = |rack: u32, data: i64| {
             data + image_bound(rack) + HEADROOM_POINTS - p.group_penalty.get(rack as usize).copied().unwrap_or(0)
         };
-        let rack_group = |rack: u32| (bound(rack, p.data.bound(rack)), &self.hosts_in[RACK][rack as usize][..]);
+        let rack_group =
+            |rack: u32| (bound(rack, p.data.bound(rack)), &self.hosts_in[RACK][rack as usize][..], Some(rack));
         let qualifying = self.qualifying(p, level);
-        let mut groups: Vec<(i64, &[u32])> = match &qualifying {
+        let mut groups: Vec<(i64, &[u32], Option<u32>)> = match &qualifying {
             Qualifying::All => (0..self.domain_counts[RACK] as u32).map(rack_group).collect(),
             Qualifying::Domains { level: ZONE, domains } => {
                 domains.iter().flat_map(|&z| self.racks_in_zone[z as usize].iter().copied()).map(rack_group).collect()
@@ -326,15 +327,15 @@ impl ClusterIndex {
                 .map(|&d| {
                     let rack = self.host_domain_rack[d as usize];
                     let data = p.data.rack.get(rack as usize).copied().unwrap_or(0) + p.data.host_term(d);
-                    (bound(rack, data), &self.hosts_in[HOST][d as usize][..])
+                    (bound(rack, data), &self.hosts_in[HOST][d as usize][..], None)
                 })
                 .collect(),
         };
-        groups.retain(|(_, hosts)| !hosts.is_empty());
+        groups.retain(|(_, hosts, _)| !hosts.is_empty());
         // Only speed depends on this order, never the result: the best few
         // groups first fill the top list, after which most others are
         // hopeless. Selecting them costs O(groups); a full sort would not.
-        let by_bound = |a: &(i64, &[u32]), b: &(i64, &[u32])| b.0.cmp(&a.0);
+        let by_bound = |a: &(i64, &[u32], Option<u32>), b: &(i64, &[u32], Option<u32>)| b.0.cmp(&a.0);
         if groups.len() > BEST_GROUPS_FIRST {
             groups.select_nth_unstable_by(BEST_GROUPS_FIRST, by_bound);
         }
@@ -342,12 +343,26 @@ impl ClusterIndex {
         groups[..first].sort_unstable_by(by_bound);
 
         let mut visited = 0u32;
-        for (bound, hosts) in groups {
+        for (bound, hosts, rack) in groups {
             let hopeless = scan.top.len() == keep && scan.top.last().is_some_and(|&(s, _)| bound < s);
+            visited += hosts.len() as u32;
+            // A hopeless rack where every host is healthy, fits and holds no
+            // VM of the group: all of them qualify, none can enter the top
+            // list; count them without visiting.
+            if let (true, Some(r)) = (hopeless, rack) {
+                let r = r as usize;
+                let all_fit = self.rack_unhealthy[r] == 0
+                    && self.rack_min_free_vcpus[r] >= p.req.vcpus
+                    && self.rack_min_free_mem_mb[r] >= p.req.mem_mb
+                    && p.group.is_none_or(|g| !g.per_rack.get(&(r as u32)).is_some_and(|&c| c > 0));
+                if all_fit {
+                    scan.counts.qualified += hosts.len() as u32;
+                    continue;
+                }
+            }
             for &i in hosts {
                 self.visit(p, i, keep, !hopeless, &mut scan);
             }
-            visited += hosts.len() as u32;
         }
         if let Qualifying::Domains { .. } = qualifying {
             // Hosts not visited are too far, unless unhealthy (which comes

@@ -49,6 +49,12 @@ pub struct ClusterIndex {
     /// Anti-affinity group -> hosts running one of its VMs.
     pub(super) groups: FastMap<String, GroupIndex>,
     pub(super) unhealthy_hosts: u32,
+    /// Per rack: the least free vCPUs and memory of its hosts, and how many
+    /// are unhealthy, so a rack that cannot make the top list is counted
+    /// without visiting its hosts when all of them fit.
+    pub(super) rack_min_free_vcpus: Vec<u32>,
+    pub(super) rack_min_free_mem_mb: Vec<u64>,
+    pub(super) rack_unhealthy: Vec<u32>,
 }
 
 /// Host state as columns, so the decision loop touches only what it reads.
@@ -226,6 +232,15 @@ impl ClusterIndex {
             }
         }
         let unhealthy_hosts = hosts.healthy.iter().filter(|h| !**h).count() as u32;
+        let mut rack_min_free_vcpus = vec![u32::MAX; domain_counts[RACK]];
+        let mut rack_min_free_mem_mb = vec![u64::MAX; domain_counts[RACK]];
+        let mut rack_unhealthy = vec![0u32; domain_counts[RACK]];
+        for (i, dom) in hosts.dom.iter().enumerate() {
+            let r = dom[RACK] as usize;
+            rack_min_free_vcpus[r] = rack_min_free_vcpus[r].min(hosts.free_vcpus[i]);
+            rack_min_free_mem_mb[r] = rack_min_free_mem_mb[r].min(hosts.free_mem_mb[i]);
+            rack_unhealthy[r] += u32::from(!hosts.healthy[i]);
+        }
 
         Ok(ClusterIndex {
             view,
@@ -241,6 +256,9 @@ impl ClusterIndex {
             images,
             groups,
             unhealthy_hosts,
+            rack_min_free_vcpus,
+            rack_min_free_mem_mb,
+            rack_unhealthy,
         })
     }
 
@@ -279,6 +297,9 @@ impl ClusterIndex {
 
         self.hosts.free_vcpus[i] -= request.vcpus;
         self.hosts.free_mem_mb[i] -= request.mem_mb;
+        let r = self.hosts.dom[i][RACK] as usize;
+        self.rack_min_free_vcpus[r] = self.rack_min_free_vcpus[r].min(self.hosts.free_vcpus[i]);
+        self.rack_min_free_mem_mb[r] = self.rack_min_free_mem_mb[r].min(self.hosts.free_mem_mb[i]);
         let h = &mut self.view.hosts[i];
         // Saturating: usage above capacity in the input is tolerated, and
         // free space was checked above, so this cannot actually saturate.
