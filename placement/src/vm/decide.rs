@@ -354,7 +354,7 @@ impl ClusterIndex {
                 let all_fit = self.rack_unhealthy[r] == 0
                     && self.rack_min_free_vcpus[r] >= p.req.vcpus
                     && self.rack_min_free_mem_mb[r] >= p.req.mem_mb
-                    && p.group.is_none_or(|g| !g.per_rack.get(&(r as u32)).is_some_and(|&c| c > 0));
+                    && p.group.is_none_or(|g| g.per_rack.get(&(r as u32)).is_none_or(|&c| c == 0));
                 if all_fit {
                     scan.counts.qualified += hosts.len() as u32;
                     continue;
