@@ -1299,7 +1299,7 @@ async fn cluster(c: &MetaClient, cmd: ClusterCmd, json: bool) -> CliResult {
                         "{:>4}  {:<22} {:<20} {:<6} {:>10.2} {:>10.2} {:>8}",
                         s.id,
                         s.addr,
-                        format!("{}/{}/{}", s.topology.zone, s.topology.rack, s.topology.host),
+                        s.topology.to_string(),
                         if s.alive { "up" } else { "DOWN" },
                         gib(s.used_bytes),
                         gib(s.available_bytes),

@@ -151,10 +151,10 @@ hostname = "analytics-{index}"
     say("4. The VMs work: they read the data set and log their progress durably in Locus");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let victim = running[0].clone();
-    let log_path = format!("{DEFAULT_VM_ROOT}/analytics/{}/state.log", victim.id);
+    let log_path = format!("{}/state.log", vm_dir(DEFAULT_VM_ROOT, "analytics", &victim.id));
     let before = read_text(&files, &log_path).await?;
     for v in &running {
-        let text = read_text(&files, &format!("{DEFAULT_VM_ROOT}/analytics/{}/state.log", v.id)).await?;
+        let text = read_text(&files, &format!("{}/state.log", vm_dir(DEFAULT_VM_ROOT, "analytics", &v.id))).await?;
         println!("  {}: {} lines, last: {}", v.id, text.lines().count(), text.lines().last().unwrap_or("-"));
     }
 

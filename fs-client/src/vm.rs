@@ -12,7 +12,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::proto::{Level, ServerId, Timespec, Topology};
+use crate::proto::{Level, Timespec, Topology};
 
 /// A VM host's id (its own numbering, apart from chunk servers).
 pub type HostId = u64;
@@ -457,6 +457,11 @@ impl ServiceDef {
     }
 }
 
+/// Where VM `vm` of `service` keeps its state in the namespace.
+pub fn vm_dir(vm_root: &str, service: &str, vm: &str) -> String {
+    format!("{vm_root}/{service}/{vm}")
+}
+
 /// The id of instance `index` of `service`.
 pub fn vm_id(service: &str, index: u32) -> String {
     format!("{service}-{index}")
@@ -733,11 +738,6 @@ pub enum HostReply {
     /// The lease lapsed (the host was declared dead): stop every VM now and
     /// register again.
     LeaseLost,
-}
-
-/// A chunk server name for explanations.
-pub fn server_label(id: ServerId) -> String {
-    format!("chunk-{id}")
 }
 
 #[cfg(test)]

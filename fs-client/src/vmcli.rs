@@ -326,7 +326,7 @@ pub async fn vm(c: &MetaClient, files: &FileClient, cmd: VmCmd, json: bool) -> C
         VmCmd::Logs { vm, stderr } => {
             let r = read(c, VmRead::Vm { id: vm.clone() }, &vm).await?;
             let VmReply::Vm { vm: v, vm_root, .. } = r else { return Err(CliError::unexpected(&r)) };
-            let dir = format!("{vm_root}/{}/{}/logs", v.service, v.id);
+            let dir = format!("{}/logs", vm_dir(&vm_root, &v.service, &v.id));
             let kind = if stderr { "stderr" } else { "console" };
             let d = c.resolve(dir.as_bytes(), true).await.map_err(|e| CliError::from_client(&dir, e))?;
             let entries = c.readdir_all(d.ino).await.map_err(|e| CliError::from_client(&dir, e))?;
@@ -455,7 +455,7 @@ pub async fn host(c: &MetaClient, cmd: HostCmd, json: bool) -> CliResult {
                     "{:>4}  {:<12} {:<14} {:<6} {:<9} {:>5}",
                     h.id,
                     h.name,
-                    format!("{}/{}/{}", h.topology.zone, h.topology.rack, h.topology.host),
+                    h.topology.to_string(),
                     if h.up { "up" } else { "LOST" },
                     if h.draining { "yes" } else { "no" },
                     n

@@ -153,7 +153,7 @@ files = {{ "etc/app.conf" = "mode=test\n" }}
 }
 
 async fn ticks(w: &World, vm: &VmInfo) -> String {
-    read_text(&w.files, &format!("{DEFAULT_VM_ROOT}/{}/{}/ticks", vm.service, vm.id)).await.unwrap_or_default()
+    read_text(&w.files, &format!("{}/ticks", vm_dir(DEFAULT_VM_ROOT, &vm.service, &vm.id))).await.unwrap_or_default()
 }
 
 async fn wait_ticks(w: &World, vm: &VmInfo, at_least: usize) -> String {
@@ -224,7 +224,7 @@ async fn a_vm_runs_next_to_its_data_and_reads_it_from_locus() {
 
     phase("the workload read its data set and its disk (a clone of the image) through Locus");
     wait_ticks(&w, vm, 2).await;
-    let dir = format!("{DEFAULT_VM_ROOT}/near/near-1");
+    let dir = vm_dir(DEFAULT_VM_ROOT, "near", "near-1");
     let seen = read_text(&w.files, &format!("{dir}/seen-dataset")).await.expect("seen-dataset");
     assert_eq!(seen.as_bytes(), String::from_utf8_lossy(&w.dataset).as_bytes(), "data set read back wrong");
     let disk = w.files.meta().resolve(format!("{dir}/disk").as_bytes(), true).await.expect("disk");

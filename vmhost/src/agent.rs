@@ -402,12 +402,7 @@ impl Agent {
         let vms = crate::guard::fence_now(&self.dirs).await;
         if !vms.is_empty() {
             tracing::warn!(vms = ?vms, why, "fenced: VMs killed");
-            let mut f = Fenced::load(&self.dirs.fenced_file());
-            f.until_ns = until;
-            f.vms.extend(vms);
-            f.vms.sort();
-            f.vms.dedup();
-            f.save(&self.dirs.fenced_file());
+            Fenced::add(&self.dirs.fenced_file(), until, vms);
         }
         self.wake_reconcile.notify_one();
     }
@@ -605,7 +600,7 @@ impl Agent {
                     self.save_record(&vm, Some(r));
                 } else if let Some(a) = desired.assignments.iter().find(|a| a.vm == vm) {
                     let driver = desired.services.get(&a.service).map(|s| s.def.driver).unwrap_or(DriverKind::Process);
-                    let vm_dir = format!("{}/{}/{}", desired.vm_root, a.service, a.vm);
+                    let vm_dir = vm_dir(&desired.vm_root, &a.service, &a.vm);
                     self.save_record(&vm, Some(Record { driver, epoch, ended: None, vm_dir, checkpoint: None }));
                 }
             }
@@ -628,7 +623,7 @@ impl Agent {
                 tokio::spawn(async move {
                     let _permit = me.starts.acquire().await;
                     let started = Instant::now();
-                    let vm_dir = format!("{vm_root}/{}/{}", a.service, a.vm);
+                    let vm_dir = vm_dir(&vm_root, &a.service, &a.vm);
                     match me.start_vm(&a, &svc, &vm_dir).await {
                         Ok(()) => {
                             tracing::info!(vm = %a.vm, epoch = a.epoch, ms = started.elapsed().as_millis() as u64, "VM started");

@@ -69,6 +69,16 @@ impl Fenced {
         std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
     }
 
+    /// Adds VMs killed by the fencing of the lease ending at `until_ns`.
+    pub fn add(path: &Path, until_ns: u64, vms: Vec<String>) {
+        let mut f = Fenced::load(path);
+        f.until_ns = until_ns;
+        f.vms.extend(vms);
+        f.vms.sort();
+        f.vms.dedup();
+        f.save(path);
+    }
+
     pub fn save(&self, path: &Path) {
         if let Ok(b) = serde_json::to_vec(self) {
             if let Err(e) = crate::daemon::write_atomic(path, &b) {
@@ -131,12 +141,7 @@ pub async fn run(dirs: HostDirs) -> std::io::Result<()> {
             fenced_until = l.until_ns;
             if !vms.is_empty() {
                 tracing::warn!(vms = ?vms, "lease ran out: VMs killed (fenced)");
-                let mut f = Fenced::load(&dirs.fenced_file());
-                f.until_ns = l.until_ns;
-                f.vms.extend(vms);
-                f.vms.sort();
-                f.vms.dedup();
-                f.save(&dirs.fenced_file());
+                Fenced::add(&dirs.fenced_file(), l.until_ns, vms);
             }
         }
     }

@@ -60,15 +60,6 @@ struct RunArgs {
     heartbeat_ms: u64,
 }
 
-fn find_sibling(name: &str) -> Option<PathBuf> {
-    let me = std::env::current_exe().ok()?;
-    let sib = me.with_file_name(name);
-    if sib.exists() {
-        return Some(sib);
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.exists())
-}
-
 fn machine_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -97,10 +88,10 @@ fn main() -> ExitCode {
             let name = a.name.unwrap_or_else(|| {
                 nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "host".into())
             });
-            let locus_bin = match a.locus_bin.or_else(|| find_sibling("locus")) {
-                Some(p) => p,
-                None => {
-                    eprintln!("locus-vmhost: the locus binary is not next to this one nor on $PATH (--locus-bin)");
+            let locus_bin = match fs_client::up::find_bin("locus", a.locus_bin) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("locus-vmhost: {e} (or pass --locus-bin)");
                     return ExitCode::from(4);
                 }
             };

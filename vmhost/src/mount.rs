@@ -124,11 +124,6 @@ impl HostMount {
         }
         kill(&self.pid, &self.dir);
     }
-
-    /// Kills the mount at once, dropping what it buffered (fencing).
-    pub fn kill(&self) {
-        kill(&self.pid, &self.dir);
-    }
 }
 
 /// SIGKILL the mount process and detach the mount point.

@@ -76,8 +76,6 @@ struct State {
     hosts: HashMap<HostId, HostLive>,
     /// When each unplaced VM first waited (delay scheduling).
     waiting_since: HashMap<String, Instant>,
-    /// Placement decisions made since this node became leader.
-    decisions: u64,
 }
 
 /// The leader's scheduler. Cheap to clone.
@@ -288,8 +286,9 @@ impl Scheduler {
                     (h.id, LiveHost { alive, silent_ms, reports, cached })
                 })
                 .collect();
-            Input { hosts: hosts.clone(), live, services: services.clone(), vms: vms.clone(), now: Timespec::now() }
+            Input { hosts, live, services, vms, now: Timespec::now() }
         };
+        let (services, vms) = (&input.services, &input.vms);
         let mut cmds = reconcile(&input);
         let downed: BTreeSet<HostId> = cmds
             .iter()
@@ -314,7 +313,7 @@ impl Scheduler {
         }
         let unplaced: Vec<&VmInfo> = vms
             .iter()
-            .filter(|v| v.want_running && !v.removing && v.host.is_none() && !downed.contains(&v.host.unwrap_or(0)))
+            .filter(|v| v.want_running && !v.removing && v.host.is_none())
             .filter(|v| services.iter().any(|s| s.def.name == v.service))
             .collect();
         if !unplaced.is_empty() {
@@ -332,8 +331,6 @@ impl Scheduler {
             };
             let view = self.view(&input, &unplaced, &downed, &reader);
             let placed = place(&input, &unplaced, &waited, view);
-            let n = placed.iter().filter(|c| matches!(c, VmCmd::Assign { .. })).count() as u64;
-            self.state().decisions += n;
             cmds.extend(placed);
         }
         if cmds.is_empty() {
@@ -376,11 +373,6 @@ impl Scheduler {
     /// Where VMs keep their state in the namespace.
     pub fn vm_root(&self) -> &str {
         &self.cfg.vm_root
-    }
-
-    /// Placement decisions made since this node became leader.
-    pub fn decisions(&self) -> u64 {
-        self.state().decisions
     }
 }
 
