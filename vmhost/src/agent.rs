@@ -113,8 +113,8 @@ struct Agent {
     reports: Mutex<Vec<VmReport>>,
     busy: Mutex<BTreeSet<String>>,
     records: Mutex<BTreeMap<String, Record>>,
-    /// Bytes of each log already copied into Locus.
-    log_offsets: Mutex<HashMap<PathBuf, u64>>,
+    /// Each log's file in Locus and the bytes already copied into it.
+    log_offsets: Mutex<HashMap<PathBuf, (Ino, u64)>>,
     wake_heartbeat: Notify,
     wake_reconcile: Notify,
     starts: Semaphore,
@@ -878,9 +878,38 @@ impl Agent {
         let Ok(len) = std::fs::metadata(local).map(|m| m.len()) else { return Ok(()) };
         let key = PathBuf::from(format!("{dir}/{name}"));
         let known = self.log_offsets.lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
-        if known == Some(len) {
+        if known.is_some_and(|(_, copied)| copied == len) {
             return Ok(());
         }
+        // The Locus file is found (or made) once; later passes only write.
+        let (ino, copied) = match known {
+            Some(k) => k,
+            None => {
+                let file = self.log_file(dir, name).await?;
+                (file.ino, file.size)
+            }
+        };
+        let from = copied.min(len);
+        if from >= len {
+            self.log_offsets.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (ino, len));
+            return Ok(());
+        }
+        let n = (len - from).min(LOG_SYNC_BYTES);
+        let mut buf = vec![0u8; n as usize];
+        {
+            use std::io::{Read, Seek};
+            let mut f = std::fs::File::open(local)?;
+            f.seek(std::io::SeekFrom::Start(from))?;
+            f.read_exact(&mut buf)?;
+        }
+        self.files.write(ino, from, Bytes::from(buf)).await?;
+        self.files.flush(ino).await?;
+        self.log_offsets.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (ino, from + n));
+        Ok(())
+    }
+
+    /// The log file `name` in `dir` (its `logs` directory made if missing).
+    async fn log_file(&self, dir: &str, name: &str) -> anyhow::Result<Attr> {
         let meta = self.files.meta();
         let parent = match meta.resolve(dir.as_bytes(), true).await {
             Ok(a) => a.ino,
@@ -900,24 +929,7 @@ impl Agent {
             caller: Caller::ROOT,
             exclusive: false,
         };
-        let file = meta.op_attr(op).await?;
-        let from = known.unwrap_or(file.size).min(len);
-        if from >= len {
-            self.log_offsets.lock().unwrap_or_else(|p| p.into_inner()).insert(key, len);
-            return Ok(());
-        }
-        let n = (len - from).min(LOG_SYNC_BYTES);
-        let mut buf = vec![0u8; n as usize];
-        {
-            use std::io::{Read, Seek};
-            let mut f = std::fs::File::open(local)?;
-            f.seek(std::io::SeekFrom::Start(from))?;
-            f.read_exact(&mut buf)?;
-        }
-        self.files.write(file.ino, from, Bytes::from(buf)).await?;
-        self.files.flush(file.ino).await?;
-        self.log_offsets.lock().unwrap_or_else(|p| p.into_inner()).insert(key, from + n);
-        Ok(())
+        Ok(meta.op_attr(op).await?)
     }
 
     /// Clean stop: VMs stop (gracefully), logs are copied, the mount flushes
