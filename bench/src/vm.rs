@@ -15,11 +15,11 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use fs_client::file::FileClient;
 use fs_client::proto::*;
 use fs_client::vm::*;
 use fs_client::MetaClient;
+use locus_tests::files::put;
 use locus_tests::hosts::{vms, wait_vms, Hosts};
 use locus_tests::{Cluster, ClusterOptions};
 use placement::{
@@ -175,17 +175,6 @@ pub fn placement(hosts: &[u64], chunks: u64, decisions: usize) -> anyhow::Result
 
 const APP: &str = "#!/bin/sh\nexec sleep 3600\n";
 
-async fn put(files: &FileClient, path: &str, data: &[u8]) -> anyhow::Result<()> {
-    let c = files.meta();
-    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
-    let p = c.resolve(if parent.is_empty() { b"/" } else { parent.as_bytes() }, true).await?;
-    let op = MetaOp::Create { parent: p.ino, name: name.into(), perm: 0o755, caller: Caller::ROOT, exclusive: false };
-    let a = c.op_attr(op).await?;
-    files.write(a.ino, 0, Bytes::copy_from_slice(data)).await?;
-    files.fsync(a.ino).await?;
-    Ok(())
-}
-
 fn def(name: &str, instances: u32, extra: &str) -> anyhow::Result<ServiceDef> {
     let text = format!(
         "name = \"{name}\"\ndriver = \"process\"\nimage = \"/b/image\"\nvcpus = 1\nmemory_mib = 16\n\
@@ -194,29 +183,16 @@ fn def(name: &str, instances: u32, extra: &str) -> anyhow::Result<ServiceDef> {
     ServiceDef::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.reason))
 }
 
-/// Applies a definition. The image hash is computed once per image before
-/// any timing (`locus vm apply` keeps it in an xattr and reads it back).
+/// Applies a definition as `locus vm apply` does: the image's hash comes
+/// from its `user.locus.blake3` xattr, computed once (before any timing).
 async fn apply(c: &MetaClient, files: &FileClient, def: ServiceDef) -> anyhow::Result<()> {
-    let (hash, bytes) = cached_hash(files, &def.image).await?;
+    let (hash, bytes) = image_hash(files, &def.image).await?;
     c.vm(VmRequest::Op(VmOp::Apply { def: Box::new(def), image_blake3: hash, image_bytes: bytes })).await?;
     Ok(())
 }
 
-async fn cached_hash(files: &FileClient, path: &str) -> anyhow::Result<(String, u64)> {
-    static HASHES: std::sync::Mutex<Vec<(String, String, u64)>> = std::sync::Mutex::new(Vec::new());
-    let known = HASHES.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|h| h.0 == path).cloned();
-    if let Some((_, h, b)) = known {
-        return Ok((h, b));
-    }
-    let (h, b) = image_hash(files, path).await?;
-    HASHES.lock().unwrap_or_else(|p| p.into_inner()).push((path.to_string(), h.clone(), b));
-    Ok((h, b))
-}
-
 async fn image_hash(files: &FileClient, path: &str) -> anyhow::Result<(String, u64)> {
-    let a = files.meta().resolve(path.as_bytes(), true).await?;
-    let data = files.read(a.ino, 0, a.size).await?;
-    Ok((blake3::hash(&data).to_hex().to_string(), a.size))
+    fs_client::vmcli::image_hash(files, path).await.map_err(|e| anyhow::anyhow!("{}", e.message))
 }
 
 fn all_running(n: usize) -> impl Fn(&[VmInfo]) -> bool {
@@ -233,12 +209,12 @@ pub async fn vm(runs: usize, clones: u32, qemu: bool) -> anyhow::Result<Vec<Row>
     let c = cluster.client();
     c.op(MetaOp::Mkdir { parent: ROOT_INO, name: b"b".to_vec(), perm: 0o755, caller: Caller::ROOT }).await?;
     let image: Vec<u8> = (0..(64u32 << 20)).map(|i| (i % 251) as u8).collect();
-    put(&files, "/b/image", &image).await?;
-    put(&files, "/b/app.sh", APP.as_bytes()).await?;
+    put(&files, "/b/image", &image, 0o644).await;
+    put(&files, "/b/app.sh", APP.as_bytes(), 0o755).await;
 
     // apply -> first VM running, process driver. The first run also fills
     // the image caches of the hosts it lands on.
-    cached_hash(&files, "/b/image").await?;
+    image_hash(&files, "/b/image").await?;
     let mut firsts = Vec::new();
     for i in 0..runs {
         let name = format!("one{i}");
@@ -332,8 +308,8 @@ pub async fn vm(runs: usize, clones: u32, qemu: bool) -> anyhow::Result<Vec<Row>
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let field = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).map(str::to_string);
         if let (Some(k), Some(i)) = (field("kernel="), field("initrd=")) {
-            put(&files, "/b/vmlinuz", &std::fs::read(k)?).await?;
-            put(&files, "/b/initrd", &std::fs::read(i)?).await?;
+            put(&files, "/b/vmlinuz", &std::fs::read(k)?, 0o644).await;
+            put(&files, "/b/initrd", &std::fs::read(i)?, 0o644).await;
             let mut times = Vec::new();
             for r in 0..runs.min(3) {
                 let name = format!("q{r}");

@@ -149,7 +149,16 @@ hostname = "analytics-{index}"
     }
 
     say("4. The VMs work: they read the data set and log their progress durably in Locus");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    for v in &running {
+        let path = format!("{}/state.log", vm_dir(DEFAULT_VM_ROOT, "analytics", &v.id));
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while read_text(&files, &path).await.map(|t| t.lines().count()).unwrap_or(0) < 5 {
+            if Instant::now() > deadline {
+                bail!("{} logged nothing in {STEP_TIMEOUT:?}", v.id);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let victim = running[0].clone();
     let log_path = format!("{}/state.log", vm_dir(DEFAULT_VM_ROOT, "analytics", &victim.id));
     let before = read_text(&files, &log_path).await?;

@@ -16,6 +16,24 @@ pub async fn create(c: &MetaClient, parent: Ino, name: &str) -> Ino {
         .ino
 }
 
+/// Writes `data` as the whole file at `path` (created if missing, its
+/// parent must exist) and fsyncs it; panics on failure.
+pub async fn put(files: &FileClient, path: &str, data: &[u8], perm: u32) -> Ino {
+    let c = files.meta();
+    let (parent, name) = path.rsplit_once('/').expect("absolute path");
+    let p = c.resolve(if parent.is_empty() { b"/" } else { parent.as_bytes() }, true).await.expect("parent");
+    let a = c
+        .op_attr(MetaOp::Create { parent: p.ino, name: name.into(), perm, caller: Caller::ROOT, exclusive: false })
+        .await
+        .expect("create");
+    if a.size > 0 {
+        files.truncate(a.ino, 0).await.expect("truncate");
+    }
+    files.write(a.ino, 0, bytes::Bytes::copy_from_slice(data)).await.expect("write");
+    files.fsync(a.ino).await.expect("fsync");
+    a.ino
+}
+
 /// `len` pseudo-random bytes, the same for the same seed.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -34,14 +34,7 @@ impl HostNode {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin("locus-vmhost"));
-                c
-            }
-            None => Command::new(bin("locus-vmhost")),
-        };
+        let mut cmd = crate::command_in(self.netns.as_deref(), &bin("locus-vmhost"));
         cmd.args(&self.args)
             .env("LOCUS_LOG", "info")
             .env("LOCUS_LOG_DIR", self.state_dir.join("logs"))

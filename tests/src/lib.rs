@@ -44,6 +44,18 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A command running `program`, inside network namespace `netns` if given.
+pub fn command_in(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// A free UDP port on 127.0.0.1 (also free for TCP at the time of asking).
 pub fn free_port() -> u16 {
     loop {
@@ -102,15 +114,7 @@ impl MetaNode {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let server = bin("locus-server");
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&server);
-                c
-            }
-            None => Command::new(&server),
-        };
+        let mut cmd = command_in(self.netns.as_deref(), &bin("locus-server"));
         cmd.args(&self.args)
             .env("LOCUS_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
@@ -382,16 +386,7 @@ pub(crate) fn log_tail(out: &mut String, who: &str, log: &Path) {
 
 /// Runs the `locus` CLI with `args` and returns (exit code, stdout, stderr).
 pub fn locus_cli(config: &Path, args: &[&str], netns: Option<&str>) -> (i32, String, String) {
-    let locus = bin("locus");
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(&locus);
-            c
-        }
-        None => Command::new(&locus),
-    };
-    let out = cmd.arg("--config").arg(config).args(args).output().expect("run locus");
+    let out = command_in(netns, &bin("locus")).arg("--config").arg(config).args(args).output().expect("run locus");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

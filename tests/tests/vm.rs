@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use fs_client::file::FileClient;
 use fs_client::proto::*;
 use fs_client::vm::*;
@@ -41,22 +40,6 @@ done
 "#;
 
 const RUNNING_TIMEOUT: Duration = Duration::from_secs(60);
-
-async fn put(files: &FileClient, path: &str, data: &[u8], perm: u32) -> Ino {
-    let c = files.meta();
-    let (parent, name) = path.rsplit_once('/').expect("absolute path");
-    let p = c.resolve(if parent.is_empty() { b"/" } else { parent.as_bytes() }, true).await.expect("parent");
-    let a = c
-        .op_attr(MetaOp::Create { parent: p.ino, name: name.into(), perm, caller: Caller::ROOT, exclusive: false })
-        .await
-        .expect("create");
-    if a.size > 0 {
-        files.truncate(a.ino, 0).await.expect("truncate");
-    }
-    files.write(a.ino, 0, Bytes::copy_from_slice(data)).await.expect("write");
-    files.fsync(a.ino).await.expect("fsync");
-    a.ino
-}
 
 async fn mkdir(c: &MetaClient, parent: Ino, name: &str) -> Ino {
     c.op_attr(MetaOp::Mkdir { parent, name: name.into(), perm: 0o755, caller: Caller::ROOT }).await.expect("mkdir").ino
@@ -94,10 +77,10 @@ impl World {
             .expect("goal");
         let image = files::pattern(1, 300 << 10);
         let dataset = files::pattern(2, 200 << 10);
-        put(&files, "/t/app.sh", APP.as_bytes(), 0o755).await;
-        put(&files, "/t/image", &image, 0o644).await;
-        put(&files, "/t/data/set", &dataset, 0o644).await;
-        put(&files, "/t/load", b"0.5\n", 0o644).await;
+        files::put(&files, "/t/app.sh", APP.as_bytes(), 0o755).await;
+        files::put(&files, "/t/image", &image, 0o644).await;
+        files::put(&files, "/t/data/set", &dataset, 0o644).await;
+        files::put(&files, "/t/load", b"0.5\n", 0o644).await;
         World { cluster, hosts, files, image, dataset }
     }
 
@@ -157,19 +140,19 @@ async fn ticks(w: &World, vm: &VmInfo) -> String {
 }
 
 async fn wait_ticks(w: &World, vm: &VmInfo, at_least: usize) -> String {
+    let path = format!("{}/ticks", vm_dir(DEFAULT_VM_ROOT, &vm.service, &vm.id));
+    wait_lines(&w.files, &path, at_least, || w.diagnostics()).await
+}
+
+/// Waits until the file at `path` has `at_least` lines; returns its text.
+async fn wait_lines(files: &FileClient, path: &str, at_least: usize, diag: impl Fn() -> String) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let t = ticks(w, vm).await;
+        let t = read_text(files, path).await.unwrap_or_default();
         if t.lines().count() >= at_least {
             return t;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} wrote {} ticks, wanted {at_least}\n{}",
-            vm.id,
-            t.lines().count(),
-            w.diagnostics()
-        );
+        assert!(Instant::now() < deadline, "{path}: {} lines, wanted {at_least}\n{}", t.lines().count(), diag());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -305,7 +288,7 @@ async fn failover(hang: bool) {
     if hang {
         phase("the hung agent wakes up: it was fenced, and fo-1 does not come back there");
         w.hosts.node(index).signal(nix::sys::signal::Signal::SIGCONT);
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // It is up again only once it learned it was fenced and registered anew.
         w.hosts.wait_up(3, Duration::from_secs(20)).await.expect("host back");
         let v = vms(&w.client(), "fo").await.expect("vms");
         assert_eq!(v[0].host, second.host, "fo-1 moved again");
@@ -348,7 +331,15 @@ async fn an_agent_restart_leaves_running_vms_alone() {
     let index = w.hosts.index_of(v[0].host.expect("host")).await.expect("index");
     phase(&format!("kill -9 the agent of host-{index} and start it again"));
     w.hosts.node(index).restart().expect("restart");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let log = w.hosts.node(index).log.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&log).unwrap_or_default().matches("registered").count() < 2 {
+        assert!(Instant::now() < deadline, "the restarted agent did not register\n{}", w.diagnostics());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Several reconcile passes of the new agent while the VM goes on ticking.
+    let before = ticks(&w, &v[0]).await.lines().count();
+    wait_ticks(&w, &v[0], before + 8).await;
     let after = vms(&w.client(), "keep").await.expect("vms");
     assert_eq!(after[0].epoch, v[0].epoch, "the VM was restarted: {:?}", after[0]);
     assert_eq!(after[0].status, VmStatus::Running);
@@ -372,7 +363,7 @@ async fn scale_rules_add_and_remove_clones() {
         .unwrap_or_else(|e| panic!("{e}\n{}", w.diagnostics()));
     let first = vm_copies("sc-1");
     phase("the load goes to 0.95: clones are added up to max = 3, sc-1 undisturbed");
-    put(&w.files, "/t/load", b"0.95\n", 0o644).await;
+    files::put(&w.files, "/t/load", b"0.95\n", 0o644).await;
     let v = wait_vms(&w.client(), "sc", RUNNING_TIMEOUT, "3 VMs", running(3))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", w.diagnostics()));
@@ -382,7 +373,7 @@ async fn scale_rules_add_and_remove_clones() {
     // The clones share the image's chunks until they write (copy-on-write).
     assert!(v.iter().all(|v| v.service == "sc"));
     phase("the load goes to 0.05: clones are removed down to min = 1");
-    put(&w.files, "/t/load", b"0.05\n", 0o644).await;
+    files::put(&w.files, "/t/load", b"0.05\n", 0o644).await;
     let v = wait_vms(&w.client(), "sc", RUNNING_TIMEOUT, "1 VM", running(1))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", w.diagnostics()));
@@ -500,11 +491,11 @@ async fn a_qemu_vm_boots_from_locus_and_its_writes_read_back() {
     phase("upload the guest kernel and initrd, a raw master image and a raw data disk");
     let kernel = std::fs::read(&guest.0).expect("kernel");
     let initrd = std::fs::read(&guest.1).expect("initrd");
-    put(&w.files, "/t/vmlinuz", &kernel, 0o644).await;
-    put(&w.files, "/t/initrd", &initrd, 0o644).await;
+    files::put(&w.files, "/t/vmlinuz", &kernel, 0o644).await;
+    files::put(&w.files, "/t/initrd", &initrd, 0o644).await;
     let master = files::pattern(3, 4 << 20);
-    put(&w.files, "/t/master.raw", &master, 0o644).await;
-    put(&w.files, "/t/data/disk.raw", &vec![0u8; 1 << 20], 0o644).await;
+    files::put(&w.files, "/t/master.raw", &master, 0o644).await;
+    files::put(&w.files, "/t/data/disk.raw", &vec![0u8; 1 << 20], 0o644).await;
     let def = r#"name = "guest"
 driver = "qemu"
 image = "/t/master.raw"
@@ -589,9 +580,9 @@ async fn a_cut_off_host_stops_its_vms_before_they_run_elsewhere() {
     let c = cluster.client();
     let t = mkdir(&c, ROOT_INO, "t").await;
     mkdir(&c, t, "data").await;
-    put(&files, "/t/app.sh", APP.as_bytes(), 0o755).await;
-    put(&files, "/t/image", &files::pattern(1, 64 << 10), 0o644).await;
-    put(&files, "/t/data/set", &files::pattern(2, 64 << 10), 0o644).await;
+    files::put(&files, "/t/app.sh", APP.as_bytes(), 0o755).await;
+    files::put(&files, "/t/image", &files::pattern(1, 64 << 10), 0o644).await;
+    files::put(&files, "/t/data/set", &files::pattern(2, 64 << 10), 0o644).await;
     let path = cluster.path().join("cut.toml");
     std::fs::write(&path, service("cut", "any", "")).expect("definition");
     let cfg = cluster.write_cli_config("admin", None, 20_000);
@@ -618,7 +609,7 @@ async fn a_cut_off_host_stops_its_vms_before_they_run_elsewhere() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", diag(&hosts)));
     eprintln!("failover of a cut-off host took {:?}", started.elapsed());
-    let after = wait_ticks_in(&files, "/vms/cut/cut-1/ticks", before.lines().count() + 3).await;
+    let after = wait_lines(&files, "/vms/cut/cut-1/ticks", before.lines().count() + 3, || diag(&hosts)).await;
     assert!(after.starts_with(&before), "acknowledged ticks lost");
 
     phase("heal the link: host-1 learns it lost its lease and runs nothing");
@@ -629,16 +620,4 @@ async fn a_cut_off_host_stops_its_vms_before_they_run_elsewhere() {
     assert_eq!(now[0].host, v[0].host, "cut-1 moved back");
     assert_eq!(sampler.finish(), 1, "cut-1 ran twice at once");
     assert_eq!(vm_copies("cut-1").len(), 1);
-}
-
-async fn wait_ticks_in(files: &FileClient, path: &str, at_least: usize) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let t = read_text(files, path).await.unwrap_or_default();
-        if t.lines().count() >= at_least {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "{path}: {} lines, wanted {at_least}", t.lines().count());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
