@@ -53,6 +53,28 @@ impl ChunkError {
     }
 }
 
+/// Reads exactly `n` bytes from `recv`. A reply that fits in one of
+/// quinn's chunks is that chunk, not copied; a longer one is copied once.
+pub async fn read_bytes(recv: &mut quinn::RecvStream, n: usize) -> Result<Bytes, String> {
+    let mut out = bytes::BytesMut::new();
+    while out.len() < n {
+        let got = out.len();
+        let chunk = recv
+            .read_chunk(n - got, true)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("stream ended after {got} of {n} bytes"))?;
+        if got == 0 && chunk.bytes.len() == n {
+            return Ok(chunk.bytes);
+        }
+        if out.capacity() == 0 {
+            out.reserve(n);
+        }
+        out.extend_from_slice(&chunk.bytes);
+    }
+    Ok(out.freeze())
+}
+
 /// Connections to chunk servers. Cheap to clone.
 #[derive(Clone)]
 pub struct ChunkClient {
@@ -79,7 +101,7 @@ impl ChunkClient {
     pub fn new(identity: &Identity) -> Result<Self, TlsError> {
         let quic = tls::client_config(identity, CHUNK_ALPN)?;
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
-        let endpoint = quinn::Endpoint::client(bind).map_err(|e| TlsError::Config(format!("client socket: {e}")))?;
+        let endpoint = tls::bind_endpoint(bind, None).map_err(|e| TlsError::Config(format!("client socket: {e}")))?;
         Ok(Self::with_endpoint(endpoint, quic))
     }
 
@@ -159,7 +181,7 @@ impl ChunkClient {
         &self,
         addr: &str,
         req: &ChunkRequest,
-        data: Option<&[u8]>,
+        data: Option<Bytes>,
     ) -> Result<(ChunkReply, quinn::RecvStream), ChunkError> {
         let transport = |m: String| ChunkError::Transport { addr: addr.to_string(), message: m };
         let conn = self.connection(addr).await?;
@@ -167,7 +189,8 @@ impl ChunkClient {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
             frame::write_frame(&mut send, req).await.map_err(|e| transport(e.to_string()))?;
             if let Some(d) = data {
-                send.write_all(d).await.map_err(|e| transport(e.to_string()))?;
+                // Handed over whole: quinn sends from these bytes, no copy.
+                send.write_chunk(d).await.map_err(|e| transport(e.to_string()))?;
             }
             let _ = send.finish();
             let resp: ChunkResponse = frame::read_frame(&mut recv).await.map_err(|e| transport(e.to_string()))?;
@@ -224,11 +247,9 @@ impl ChunkClient {
                     })
                 }
             };
-            let mut buf = vec![0u8; n as usize];
-            recv.read_exact(&mut buf)
+            read_bytes(&mut recv, n as usize)
                 .await
-                .map_err(|e| ChunkError::Transport { addr: addr.into(), message: e.to_string() })?;
-            Ok(Bytes::from(buf))
+                .map_err(|e| ChunkError::Transport { addr: addr.into(), message: e })
         })
         .await
     }
@@ -243,7 +264,7 @@ impl ChunkClient {
         chunk: ChunkId,
         version: u64,
         offset: u64,
-        data: &[u8],
+        data: Bytes,
         create: bool,
         origin: Option<(ChunkId, u64)>,
     ) -> Result<(), ChunkError> {
@@ -268,7 +289,7 @@ impl ChunkClient {
         self.chained(head, req, None).await
     }
 
-    async fn chained(&self, head: &str, req: ChunkRequest, data: Option<&[u8]>) -> Result<(), ChunkError> {
+    async fn chained(&self, head: &str, req: ChunkRequest, data: Option<Bytes>) -> Result<(), ChunkError> {
         self.timed(head, async {
             match self.exchange(head, &req, data).await?.0 {
                 ChunkReply::Done => Ok(()),

@@ -535,12 +535,9 @@ impl FileClient {
             st.locs.insert(loc.index, loc);
         }
         let mut jobs = Vec::new();
-        for (off, data) in segments {
-            for p in pieces_of(*off, data.len() as u64, cb, WRITE_PIECE_BYTES) {
-                let loc = st.locs.get(&p.index).cloned().ok_or_else(|| io_err("chunk not allocated"))?;
-                let bytes = data.slice(p.at as usize..(p.at + p.len) as usize);
-                jobs.push(self.write_piece(ino, p, loc, bytes));
-            }
+        for (p, bytes) in gather(segments, cb, WRITE_PIECE_BYTES) {
+            let loc = st.locs.get(&p.index).cloned().ok_or_else(|| io_err("chunk not allocated"))?;
+            jobs.push(self.write_piece(ino, p, loc, bytes));
         }
         let results = join_all(jobs).await;
         let mut first_err = None;
@@ -626,7 +623,7 @@ impl FileClient {
             if chain.is_empty() {
                 return Err(io_err(format!("chunk {} has no replicas", loc.chunk)));
             }
-            match self.chunks.write(&chain, loc.chunk, loc.version, p.offset, &data, true, loc.origin).await {
+            match self.chunks.write(&chain, loc.chunk, loc.version, p.offset, data.clone(), true, loc.origin).await {
                 Ok(()) => return Ok(loc),
                 Err(e) => {
                     last = e.to_string();
@@ -930,13 +927,21 @@ fn buffer_end(st: &FileState) -> u64 {
     st.buffer.iter().next_back().map(|(o, d)| o + d.len() as u64).unwrap_or(0)
 }
 
-/// Adds a write to the buffer, replacing overlapped bytes and merging with
-/// an adjacent segment.
+/// Adds a write to the buffer, replacing overlapped bytes. Adjacent
+/// writes stay separate segments (no copy here); [`gather`] runs them
+/// together when they are sent.
 fn insert_buffer(st: &mut FileState, offset: u64, data: Bytes, total: &std::sync::atomic::AtomicUsize) {
     let end = offset + data.len() as u64;
-    // Cut overlapped parts out of existing segments.
-    let overlapping: Vec<u64> =
-        st.buffer.range(..end).filter(|(o, d)| **o + d.len() as u64 > offset).map(|(o, _)| *o).collect();
+    // Segments do not overlap: only the last one starting at or before
+    // `offset` and those starting inside the write can overlap it.
+    let before = st.buffer.range(..=offset).next_back().map(|(o, _)| *o);
+    let overlapping: Vec<u64> = before
+        .into_iter()
+        .chain(st.buffer.range(offset..end).map(|(o, _)| *o))
+        .filter(|o| st.buffer.get(o).is_some_and(|d| *o + d.len() as u64 > offset && *o < end))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let mut removed = 0usize;
     for o in overlapping {
         let d = st.buffer.remove(&o).expect("key just listed");
@@ -953,25 +958,54 @@ fn insert_buffer(st: &mut FileState, offset: u64, data: Bytes, total: &std::sync
             st.buffer.insert(end, keep);
         }
     }
-    let mut start = offset;
-    let mut merged = data;
-    // Merge with the segment that ends right where this one begins.
-    if let Some((&po, pd)) = st.buffer.range(..offset).next_back() {
-        if po + pd.len() as u64 == offset && pd.len() + merged.len() <= MAX_IO_BYTES as usize {
-            let mut b = BytesMut::with_capacity(pd.len() + merged.len());
-            b.extend_from_slice(pd);
-            b.extend_from_slice(&merged);
-            removed += pd.len();
-            st.buffer.remove(&po);
-            start = po;
-            merged = b.freeze();
-        }
-    }
-    let added = merged.len();
-    st.buffer.insert(start, merged);
+    let added = data.len();
+    st.buffer.insert(offset, data);
     st.buffered = st.buffered + added - removed;
     total.fetch_add(added, std::sync::atomic::Ordering::Relaxed);
     total.fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Buffered segments (sorted, not overlapping) as write pieces: runs of
+/// adjacent segments cut at chunk boundaries and every `limit` bytes. A
+/// piece inside one segment is a slice of it; one spanning several gets
+/// their bytes copied once.
+fn gather(segments: &[(u64, Bytes)], cb: u64, limit: u64) -> Vec<(Piece, Bytes)> {
+    let seg_end = |i: usize| segments[i].0 + segments[i].1.len() as u64;
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < segments.len() {
+        let start = segments[i].0;
+        let mut j = i;
+        while j + 1 < segments.len() && segments[j + 1].0 == seg_end(j) {
+            j += 1;
+        }
+        let mut k = i;
+        for p in pieces_of(start, seg_end(j) - start, cb, limit) {
+            let (a, b) = (start + p.at, start + p.at + p.len);
+            while seg_end(k) <= a {
+                k += 1;
+            }
+            let (o, d) = &segments[k];
+            let bytes = if seg_end(k) >= b {
+                d.slice((a - o) as usize..(b - o) as usize)
+            } else {
+                let mut m = BytesMut::with_capacity(p.len as usize);
+                let mut pos = a;
+                let mut kk = k;
+                while pos < b {
+                    let (o, d) = &segments[kk];
+                    let upto = b.min(seg_end(kk));
+                    m.extend_from_slice(&d[(pos - o) as usize..(upto - o) as usize]);
+                    pos = upto;
+                    kk += 1;
+                }
+                m.freeze()
+            };
+            out.push((p, bytes));
+        }
+        i = j + 1;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -989,19 +1023,48 @@ mod tests {
     }
 
     #[test]
-    fn buffer_overlaps_replace_and_adjacent_writes_merge() {
+    fn buffer_overlaps_replace_and_adjacent_writes_gather() {
         let total = std::sync::atomic::AtomicUsize::new(0);
         let mut st = FileState::default();
         insert_buffer(&mut st, 0, Bytes::from_static(b"aaaa"), &total);
         insert_buffer(&mut st, 4, Bytes::from_static(b"bbbb"), &total);
-        assert_eq!(st.buffer.len(), 1, "adjacent writes merge");
         insert_buffer(&mut st, 2, Bytes::from_static(b"XX"), &total);
         let flat: Vec<u8> = st.buffer.values().flat_map(|d| d.to_vec()).collect();
         assert_eq!(flat, b"aaXXbbbb");
         assert_eq!(st.buffered, 8);
         assert_eq!(total.load(std::sync::atomic::Ordering::Relaxed), 8);
+        // A write covering several segments and parts of two others.
+        insert_buffer(&mut st, 1, Bytes::from_static(b"YYYYYY"), &total);
+        let flat: Vec<u8> = st.buffer.values().flat_map(|d| d.to_vec()).collect();
+        assert_eq!(flat, b"aYYYYYYb");
+        assert_eq!(st.buffered, 8);
         insert_buffer(&mut st, 20, Bytes::from_static(b"z"), &total);
         assert_eq!(st.buffered, 9);
+        assert_eq!(total.load(std::sync::atomic::Ordering::Relaxed), 9);
         assert_eq!(buffer_end(&st), 21);
+        // Sent: the adjacent segments run together, cut at the chunk
+        // boundary (6) and the piece limit (4); the lone byte stays alone.
+        let segs: Vec<(u64, Bytes)> = st.buffer.iter().map(|(o, d)| (*o, d.clone())).collect();
+        let got: Vec<(u64, u64, Vec<u8>)> =
+            gather(&segs, 6, 4).into_iter().map(|(p, b)| (p.index, p.offset, b.to_vec())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 0, b"aYYY".to_vec()),
+                (0, 4, b"YY".to_vec()),
+                (1, 0, b"Yb".to_vec()),
+                (3, 2, b"z".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn gather_slices_a_piece_inside_one_segment() {
+        let big = Bytes::from(vec![5u8; 10]);
+        let segs = vec![(0u64, big.clone())];
+        let got = gather(&segs, 1 << 20, 4);
+        assert_eq!(got.len(), 3);
+        // The same memory, not a copy.
+        assert_eq!(got[1].1.as_ptr(), big[4..].as_ptr());
     }
 }

@@ -29,7 +29,7 @@ pub enum ServerError {
 /// Binds a QUIC endpoint offering the protocols `alpns`.
 pub fn endpoint(id: &Identity, listen: SocketAddr, alpns: &[&[u8]]) -> Result<quinn::Endpoint, ServerError> {
     let cfg = tls::server_config(id, alpns)?;
-    quinn::Endpoint::server(cfg, listen).map_err(|source| ServerError::Bind { addr: listen, source })
+    tls::bind_endpoint(listen, Some(cfg)).map_err(|source| ServerError::Bind { addr: listen, source })
 }
 
 /// Accepts connections until the endpoint closes.

@@ -337,7 +337,7 @@ impl Server {
                         Ok(data) => {
                             let hdr: ChunkResponse = Ok(ChunkReply::Data { len: data.len() as u64 });
                             if frame::write_frame(&mut send, &hdr).await.is_ok() {
-                                let _ = send.write_all(&data).await;
+                                let _ = send.write_chunk(Bytes::from(data)).await;
                             }
                             let _ = send.finish();
                             self.metrics.observe(op, started.elapsed(), None);
@@ -460,12 +460,10 @@ impl Server {
         if len > MAX_IO_BYTES {
             return Err(WireError::new(ErrorCode::TooBig, format!("write of {len} bytes exceeds {MAX_IO_BYTES}")));
         }
-        let mut data = vec![0u8; len as usize];
-        tokio::time::timeout(REQUEST_TIMEOUT, recv.read_exact(&mut data))
+        let data = tokio::time::timeout(REQUEST_TIMEOUT, fs_client::chunk::read_bytes(recv, len as usize))
             .await
             .map_err(|_| WireError::new(ErrorCode::Timeout, "write data did not arrive in time"))?
             .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("write data: {e}")))?;
-        let data = Bytes::from(data);
         let _barrier = self.barriers.shared(at.chunk).await;
         let missing = self.admit(&at, create)?;
         let store = self.store.clone();
@@ -476,7 +474,7 @@ impl Server {
             if chain.is_empty() {
                 Ok(())
             } else {
-                self.peers.write(&chain, chunk, version, offset, &data, create, origin).await
+                self.peers.write(&chain, chunk, version, offset, data.clone(), create, origin).await
             }
         };
         let (local, downstream) = tokio::join!(local, downstream);
