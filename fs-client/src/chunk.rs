@@ -247,9 +247,7 @@ impl ChunkClient {
                     })
                 }
             };
-            read_bytes(&mut recv, n as usize)
-                .await
-                .map_err(|e| ChunkError::Transport { addr: addr.into(), message: e })
+            read_bytes(&mut recv, n as usize).await.map_err(|e| ChunkError::Transport { addr: addr.into(), message: e })
         })
         .await
     }

@@ -161,7 +161,8 @@ impl MetaClient {
         cfg.validate().map_err(|e| ClientError::Config(e.to_string()))?;
         let quic = tls::client_config(&cfg.identity(), CLIENT_ALPN)?;
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
-        let endpoint = crate::tls::bind_endpoint(bind, None).map_err(|e| ClientError::Config(format!("client socket: {e}")))?;
+        let endpoint =
+            crate::tls::bind_endpoint(bind, None).map_err(|e| ClientError::Config(format!("client socket: {e}")))?;
         Ok(MetaClient {
             inner: Arc::new(Inner {
                 ops_queue: OnceLock::new(),

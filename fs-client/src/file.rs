@@ -1049,12 +1049,7 @@ mod tests {
             gather(&segs, 6, 4).into_iter().map(|(p, b)| (p.index, p.offset, b.to_vec())).collect();
         assert_eq!(
             got,
-            vec![
-                (0, 0, b"aYYY".to_vec()),
-                (0, 4, b"YY".to_vec()),
-                (1, 0, b"Yb".to_vec()),
-                (3, 2, b"z".to_vec()),
-            ]
+            vec![(0, 0, b"aYYY".to_vec()), (0, 4, b"YY".to_vec()), (1, 0, b"Yb".to_vec()), (3, 2, b"z".to_vec()),]
         );
     }
 

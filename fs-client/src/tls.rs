@@ -357,8 +357,8 @@ pub fn bind_endpoint(bind: SocketAddr, server: Option<quinn::ServerConfig>) -> s
     let fd = socket.as_raw_fd();
     set_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, UDP_BUFFER_BYTES);
     set_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, UDP_BUFFER_BYTES);
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
     let mut cfg = quinn::EndpointConfig::default();
     // Accept datagrams as large as MTU discovery may settle on (the
     // default, 1472, would cap every path at Ethernet size).

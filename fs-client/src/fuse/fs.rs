@@ -41,7 +41,7 @@ pub const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel sends in one request.
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 /// Readahead the mount asks for (the kernel may allow less).
-pub const MAX_READAHEAD_BYTES: u32 = 1 << 20;
+pub const MAX_READAHEAD_BYTES: u32 = 8 << 20;
 /// Background requests (readahead, async reads, releases) the kernel keeps
 /// in flight: network round trips overlap only if many are.
 const MAX_BACKGROUND: u16 = 64;
@@ -78,7 +78,17 @@ pub struct Shared {
     parents: Mutex<HashMap<Ino, Ino>>,
     /// Requests being served.
     inflight: AtomicUsize,
+    /// `security.capability` per inode (`None`: absent), for [`TTL`]. The
+    /// kernel asks for it before every write to a file (to drop
+    /// capabilities on change): without this, each write waits for a
+    /// metadata round trip first.
+    caps: Mutex<HashMap<Ino, (Option<Vec<u8>>, Instant)>>,
 }
+
+/// The extended attribute the kernel reads before every write.
+const CAPABILITY_XATTR: &[u8] = b"security.capability";
+/// Inodes whose capability is remembered; the cache starts over when full.
+const MAX_CACHED_CAPS: usize = 65_536;
 
 impl Shared {
     pub fn new(meta: MetaClient, files: FileClient, rt: Handle) -> Arc<Self> {
@@ -92,7 +102,28 @@ impl Shared {
             writers: Mutex::default(),
             parents: Mutex::default(),
             inflight: AtomicUsize::new(0),
+            caps: Mutex::default(),
         })
+    }
+
+    /// The remembered capability of `ino`, if fresh: `Some(None)` = absent.
+    fn cached_cap(&self, ino: Ino) -> Option<Option<Vec<u8>>> {
+        let caps = self.caps.lock().unwrap_or_else(|p| p.into_inner());
+        caps.get(&ino).filter(|(_, at)| at.elapsed() < TTL).map(|(v, _)| v.clone())
+    }
+
+    fn remember_cap(&self, ino: Ino, value: Option<Vec<u8>>) {
+        let mut caps = self.caps.lock().unwrap_or_else(|p| p.into_inner());
+        if caps.len() >= MAX_CACHED_CAPS {
+            caps.clear();
+        }
+        caps.insert(ino, (value, Instant::now()));
+    }
+
+    /// Forgets what is cached of `ino`'s extended attributes (it changed,
+    /// here or on another mount).
+    pub(crate) fn forget_xattrs(&self, ino: Ino) {
+        self.caps.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
     }
 
     /// Remembers that directory `ino` lives in `parent`.
@@ -760,16 +791,36 @@ impl Filesystem for LocusFs {
         reply: ReplyEmpty,
     ) {
         let op = MetaOp::SetXattr { ino: ino.0, name: name_of(name), value: value.to_vec(), flags: flags as u32 };
+        self.shared.forget_xattrs(ino.0);
         self.empty_op("setxattr", ino.0, op, reply);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name_of(name);
+        let is_cap = name == CAPABILITY_XATTR;
+        if is_cap {
+            match self.shared.cached_cap(ino.0) {
+                Some(Some(v)) => return reply_sized(reply, &v, size),
+                Some(None) => return reply.error(Errno::NO_XATTR),
+                None => {}
+            }
+        }
         self.spawn(move |s| async move {
             match s.meta.read(MetaRead::GetXattr { ino: ino.0, name }).await {
-                Ok(ReadReply::Xattr(v)) => reply_sized(reply, &v, size),
+                Ok(ReadReply::Xattr(v)) => {
+                    if is_cap {
+                        s.remember_cap(ino.0, Some(v.clone()));
+                    }
+                    reply_sized(reply, &v, size)
+                }
                 Ok(other) => reply.error(unexpected("getxattr", &other)),
-                Err(e) => reply.error(fail("getxattr", ino.0, &e)),
+                Err(e) => {
+                    let errno = fail("getxattr", ino.0, &e);
+                    if is_cap && errno == Errno::NO_XATTR {
+                        s.remember_cap(ino.0, None);
+                    }
+                    reply.error(errno)
+                }
             }
         });
     }
@@ -792,6 +843,7 @@ impl Filesystem for LocusFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.shared.forget_xattrs(ino.0);
         self.empty_op("removexattr", ino.0, MetaOp::RemoveXattr { ino: ino.0, name: name_of(name) }, reply);
     }
 

@@ -147,7 +147,11 @@ async fn follow(shared: Arc<Shared>, tx: mpsc::Sender<Inval>) {
 async fn apply(shared: &Shared, tx: &mpsc::Sender<Inval>, change: &Change, in_snapshot: bool) -> bool {
     match change {
         Change::InodeSet(a) => shared.files.invalidate(a.ino),
-        Change::InodeRemoved { ino } => shared.files.invalidate(*ino),
+        Change::InodeRemoved { ino } => {
+            shared.files.invalidate(*ino);
+            shared.forget_xattrs(*ino);
+        }
+        Change::XattrChanged { ino } => shared.forget_xattrs(*ino),
         Change::EntrySet { parent, ino, kind: FileKind::Dir, .. } => shared.note_parent(*ino, *parent),
         _ => {}
     }
