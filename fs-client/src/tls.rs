@@ -303,25 +303,6 @@ pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn issue_and_load() {
-        let d = tempfile::tempdir().unwrap();
-        assert!(init_ca(d.path()).unwrap());
-        assert!(!init_ca(d.path()).unwrap(), "an existing CA is kept");
-        let id = issue(d.path(), "node-1", Role::Node, &["127.0.0.1".parse().unwrap()]).unwrap();
-        server_config(&id, &[b"x"]).unwrap();
-        let admin = issue(d.path(), "admin", Role::Admin, &[]).unwrap();
-        client_config(&admin, b"x").unwrap();
-        let mode = std::fs::metadata(&admin.key).unwrap().permissions();
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(mode.mode() & 0o777, 0o600);
-    }
-}
-
 /// Socket buffer asked for each QUIC endpoint. Bulk transfers send bursts
 /// of large datagrams; with the kernel's default (~208 KiB) a burst
 /// overflows the receiver's buffer, and every dropped datagram costs a
@@ -364,4 +345,23 @@ pub fn bind_endpoint(bind: SocketAddr, server: Option<quinn::ServerConfig>) -> s
     // default, 1472, would cap every path at Ethernet size).
     cfg.max_udp_payload_size(MTU_UPPER_BOUND).map_err(|e| std::io::Error::other(e.to_string()))?;
     quinn::Endpoint::new(cfg, server, socket, runtime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_and_load() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(init_ca(d.path()).unwrap());
+        assert!(!init_ca(d.path()).unwrap(), "an existing CA is kept");
+        let id = issue(d.path(), "node-1", Role::Node, &["127.0.0.1".parse().unwrap()]).unwrap();
+        server_config(&id, &[b"x"]).unwrap();
+        let admin = issue(d.path(), "admin", Role::Admin, &[]).unwrap();
+        client_config(&admin, b"x").unwrap();
+        let mode = std::fs::metadata(&admin.key).unwrap().permissions();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.mode() & 0o777, 0o600);
+    }
 }

@@ -82,8 +82,11 @@ pub struct Shared {
     /// kernel asks for it before every write to a file (to drop
     /// capabilities on change): without this, each write waits for a
     /// metadata round trip first.
-    caps: Mutex<HashMap<Ino, (Option<Vec<u8>>, Instant)>>,
+    caps: Mutex<HashMap<Ino, CachedCap>>,
 }
+
+/// An inode's `security.capability` (`None`: absent) and when it was read.
+type CachedCap = (Option<Vec<u8>>, Instant);
 
 /// The extended attribute the kernel reads before every write.
 const CAPABILITY_XATTR: &[u8] = b"security.capability";
