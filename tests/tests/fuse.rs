@@ -358,6 +358,23 @@ async fn posix_calls_behave_like_a_local_filesystem() {
     assert_eq!(errno_of(getxattr(&b, "user.color", 64)), Some(libc::ENODATA));
     assert_eq!(errno_of(removexattr(&b, "user.color")), Some(libc::ENODATA));
 
+    phase("security.capability: the mount remembers it is absent, yet a set or remove shows at once");
+    // The kernel asks for it before every write; the mount caches it.
+    assert_eq!(errno_of(getxattr(&b, "security.capability", 64)), Some(libc::ENODATA));
+    // VFS_CAP_REVISION_2, CAP_NET_BIND_SERVICE permitted.
+    let mut cap = Vec::new();
+    for word in [0x0200_0000u32, 1 << 10, 0, 0, 0] {
+        cap.extend_from_slice(&word.to_le_bytes());
+    }
+    setxattr(&b, "security.capability", &cap, 0).expect("set a file capability");
+    assert_eq!(getxattr(&b, "security.capability", 64).expect("read the capability back"), cap);
+    // A write by anyone drops the capability (the kernel removes it first).
+    fs::OpenOptions::new().write(true).open(&b).and_then(|mut f| f.write_all(b"x")).expect("write");
+    assert_eq!(errno_of(getxattr(&b, "security.capability", 64)), Some(libc::ENODATA), "a write kept the capability");
+    setxattr(&b, "security.capability", &cap, 0).expect("set it again");
+    removexattr(&b, "security.capability").expect("remove the capability");
+    assert_eq!(errno_of(getxattr(&b, "security.capability", 64)), Some(libc::ENODATA));
+
     phase("statfs reports capacity; fsync succeeds");
     let st = nix::sys::statvfs::statvfs(&m.dir).expect("statvfs");
     assert!(st.blocks() > 0 && st.block_size() > 0, "no capacity reported: {st:?}");
