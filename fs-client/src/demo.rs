@@ -150,20 +150,20 @@ hostname = "analytics-{index}"
 
     say("4. The VMs work: they read the data set and log their progress durably in Locus");
     for v in &running {
-        let path = format!("{}/state.log", vm_dir(DEFAULT_VM_ROOT, "analytics", &v.id));
+        let path = state_log(&v.id);
         let deadline = Instant::now() + STEP_TIMEOUT;
         while read_text(&files, &path).await.map(|t| t.lines().count()).unwrap_or(0) < 5 {
             if Instant::now() > deadline {
-                bail!("{} logged nothing in {STEP_TIMEOUT:?}", v.id);
+                bail!("{} logged fewer than 5 lines in {STEP_TIMEOUT:?}", v.id);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     let victim = running[0].clone();
-    let log_path = format!("{}/state.log", vm_dir(DEFAULT_VM_ROOT, "analytics", &victim.id));
+    let log_path = state_log(&victim.id);
     let before = read_text(&files, &log_path).await?;
     for v in &running {
-        let text = read_text(&files, &format!("{}/state.log", vm_dir(DEFAULT_VM_ROOT, "analytics", &v.id))).await?;
+        let text = read_text(&files, &state_log(&v.id)).await?;
         println!("  {}: {} lines, last: {}", v.id, text.lines().count(), text.lines().last().unwrap_or("-"));
     }
 
@@ -282,6 +282,11 @@ async fn put(files: &FileClient, path: &str, data: &[u8], perm: u32) -> anyhow::
     }
     files.fsync(a.ino).await?;
     Ok(())
+}
+
+/// The progress log a demo VM keeps in its directory in Locus.
+fn state_log(vm: &str) -> String {
+    format!("{}/state.log", vm_dir(DEFAULT_VM_ROOT, "analytics", vm))
 }
 
 async fn read_text(files: &FileClient, path: &str) -> anyhow::Result<String> {

@@ -932,16 +932,10 @@ fn buffer_end(st: &FileState) -> u64 {
 /// together when they are sent.
 fn insert_buffer(st: &mut FileState, offset: u64, data: Bytes, total: &std::sync::atomic::AtomicUsize) {
     let end = offset + data.len() as u64;
-    // Segments do not overlap: only the last one starting at or before
-    // `offset` and those starting inside the write can overlap it.
-    let before = st.buffer.range(..=offset).next_back().map(|(o, _)| *o);
-    let overlapping: Vec<u64> = before
-        .into_iter()
-        .chain(st.buffer.range(offset..end).map(|(o, _)| *o))
-        .filter(|o| st.buffer.get(o).is_some_and(|d| *o + d.len() as u64 > offset && *o < end))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    // Segments do not overlap: only the last one starting before `offset`
+    // (if it reaches past it) and those starting inside the write overlap it.
+    let before = st.buffer.range(..offset).next_back().filter(|(o, d)| **o + d.len() as u64 > offset);
+    let overlapping: Vec<u64> = before.into_iter().chain(st.buffer.range(offset..end)).map(|(o, _)| *o).collect();
     let mut removed = 0usize;
     for o in overlapping {
         let d = st.buffer.remove(&o).expect("key just listed");

@@ -307,7 +307,7 @@ pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 /// of large datagrams; with the kernel's default (~208 KiB) a burst
 /// overflows the receiver's buffer, and every dropped datagram costs a
 /// retransmission and a halved congestion window.
-pub const UDP_BUFFER_BYTES: usize = 8 << 20;
+const UDP_BUFFER_BYTES: usize = 8 << 20;
 
 /// Sets a socket buffer option, past `net.core.{r,w}mem_max` when allowed
 /// (root: the `FORCE` variant), else as large as the limit allows.

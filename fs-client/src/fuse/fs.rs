@@ -111,12 +111,12 @@ impl Shared {
 
     /// The remembered capability of `ino`, if fresh: `Some(None)` = absent.
     fn cached_cap(&self, ino: Ino) -> Option<Option<Vec<u8>>> {
-        let caps = self.caps.lock().unwrap_or_else(|p| p.into_inner());
+        let caps = lock(&self.caps);
         caps.get(&ino).filter(|(_, at)| at.elapsed() < TTL).map(|(v, _)| v.clone())
     }
 
     fn remember_cap(&self, ino: Ino, value: Option<Vec<u8>>) {
-        let mut caps = self.caps.lock().unwrap_or_else(|p| p.into_inner());
+        let mut caps = lock(&self.caps);
         if caps.len() >= MAX_CACHED_CAPS {
             caps.clear();
         }
@@ -126,7 +126,7 @@ impl Shared {
     /// Forgets what is cached of `ino`'s extended attributes (it changed,
     /// here or on another mount).
     pub(crate) fn forget_xattrs(&self, ino: Ino) {
-        self.caps.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
+        lock(&self.caps).remove(&ino);
     }
 
     /// Remembers that directory `ino` lives in `parent`.

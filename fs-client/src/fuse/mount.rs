@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use fuser::{MountOption, Session, SessionACL};
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::fs::{LocusFs, Shared};
+use super::fs::{LocusFs, Shared, MAX_READAHEAD_BYTES};
 use super::{watch, MountArgs, MountError, UmountArgs};
 use crate::chunk::ChunkClient;
 use crate::client::MetaClient;
@@ -116,7 +116,7 @@ async fn serve(args: &MountArgs, dir: &Path, config: &Path, report: &Report) -> 
     tracing::info!(dir = %dir.display(), "mounted");
     let target = dir.to_path_buf();
     let ra = tokio::task::spawn_blocking(move || raise_readahead(&target));
-    if tokio::time::timeout(std::time::Duration::from_secs(2), ra).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), ra).await.is_err() {
         tracing::warn!("setting the mount's readahead timed out");
     }
     report.ready();
@@ -212,13 +212,11 @@ async fn start(
     Ok((shared, session))
 }
 
-/// Readahead of the mount, in KiB. The kernel starts a FUSE mount at its
+/// Raises the mount's readahead to [`MAX_READAHEAD_BYTES`] through its
+/// backing device info in sysfs. The kernel starts a FUSE mount at its
 /// default (128 KiB) whatever `max_readahead` the daemon asks for, so a
 /// sequential reader would wait for one network round trip per 128 KiB.
-const READAHEAD_KB: u32 = 8 << 10;
-
-/// Raises the mount's readahead through its backing device info in sysfs
-/// (root only; best effort: without it reads work, only slower).
+/// Root only; best effort: without it reads work, only slower.
 fn raise_readahead(dir: &Path) {
     use std::os::unix::fs::MetadataExt;
     let dev = match std::fs::metadata(dir) {
@@ -226,8 +224,9 @@ fn raise_readahead(dir: &Path) {
         Err(e) => return tracing::debug!(error = %e, "cannot stat the mount point to set its readahead"),
     };
     let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
-    match std::fs::write(&path, READAHEAD_KB.to_string()) {
-        Ok(()) => tracing::debug!(path, kb = READAHEAD_KB, "readahead set"),
+    let kb = MAX_READAHEAD_BYTES / 1024;
+    match std::fs::write(&path, kb.to_string()) {
+        Ok(()) => tracing::debug!(path, kb, "readahead set"),
         Err(e) => tracing::info!(path, error = %e, "cannot raise the mount's readahead; sequential reads are slower"),
     }
 }
