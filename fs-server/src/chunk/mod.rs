@@ -25,6 +25,7 @@
 //!   memory, bounded), so a late write cannot create it at the old version.
 
 pub mod store;
+mod versions;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

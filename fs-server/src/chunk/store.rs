@@ -25,10 +25,14 @@
 //!                                  <ver> is the version in decimal
 //! <dir>/tmp/                       files being built (creation, import); emptied by open
 //! <dir>/quarantine/                replicas moved aside as corrupt, never read again
+//! <dir>/versions.log              version journal: changes whose renames may not be durable yet
 //! ```
 //!
 //! The version lives only in the file name, so a version change is one
-//! `rename` plus an fsync of the directory: atomic across crashes. If a crash
+//! `rename`: atomic across crashes. It is made durable by a record in the
+//! version journal ([`super::versions`]; one fdatasync for a whole batch)
+//! rather than by an fsync of the directory; `open` finishes any rename the
+//! journal has and the directory lost. If a crash
 //! leaves two versions of one chunk (an import renamed the new one in but did
 //! not unlink the old one yet), `open` keeps the highest and deletes the rest.
 //!
@@ -148,6 +152,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, error, info, warn};
 
+use super::versions::{self, Change, Journal};
+
 // Offsets and lengths inside a chunk (at most MAX_CHUNK_SIZE) are cast to usize.
 const _: () = assert!(usize::BITS >= 64);
 
@@ -191,6 +197,7 @@ const CHUNKS_DIR: &str = "chunks";
 const TMP_DIR: &str = "tmp";
 const QUARANTINE_DIR: &str = "quarantine";
 const LOCK_FILE: &str = "lock";
+const JOURNAL_FILE: &str = "versions.log";
 
 /// Index flag: written since the last fdatasync started.
 const FLAG_DIRTY: u32 = 1;
@@ -827,6 +834,8 @@ pub struct ChunkStore {
     /// Makes temp and quarantine names unique.
     seq: AtomicU64,
     flush_syncs: AtomicU64,
+    /// Makes version changes durable (see [`super::versions`]).
+    journal: Journal,
     #[cfg(test)]
     knobs: TestKnobs,
 }
@@ -856,6 +865,11 @@ impl ChunkStore {
             .map_err(|e| io_err(format!("open {}", lock_path.display()), e))?;
         flock_exclusive(&lock_file).map_err(|e| io_err(format!("lock {} (store in use?)", dir.display()), e))?;
         let root = File::open(dir).map_err(|e| io_err(format!("open {}", dir.display()), e))?;
+        let journal_path = dir.join(JOURNAL_FILE);
+        let (journal, replay) =
+            Journal::open(&journal_path).map_err(|e| io_err(format!("open {}", journal_path.display()), e))?;
+        // The journal's own name must survive a crash.
+        root.sync_all().map_err(|e| io_err(format!("fsync directory {}", dir.display()), e))?;
         let store = ChunkStore {
             dir: dir.to_path_buf(),
             zero_block: vec![0; geo.bs()],
@@ -869,12 +883,14 @@ impl ChunkStore {
             scrub_state: Mutex::new(ScrubState::default()),
             seq: AtomicU64::new(0),
             flush_syncs: AtomicU64::new(0),
+            journal,
             #[cfg(test)]
             knobs: TestKnobs::default(),
         };
         store.clean_tmp()?;
         store.create_subdirs()?;
         store.scan()?;
+        store.replay_journal(&replay)?;
         info!(dir = %dir.display(), chunks = store.len(), used_bytes = store.used_bytes(), "chunk store open");
         Ok(store)
     }
@@ -979,53 +995,37 @@ impl ChunkStore {
     }
 
     /// Changes the version of chunk `id` from `from` to `to` atomically and
-    /// durably (rename, directory fsync). Succeeds if it is already at `to`
-    /// (and then fsyncs the directory again, so a retry after an error is
-    /// durable); `VersionMismatch` if it is at neither.
+    /// durably (rename, then a record in the version journal). Succeeds if
+    /// it is already at `to` (and then journals it again, so a retry after an
+    /// error is durable); `VersionMismatch` if it is at neither.
     pub fn set_version(&self, id: ChunkId, from: u64, to: u64) -> Result<()> {
         self.rename_version(id, from, to)?;
-        fsync_dir(&self.chunk_dir(id))
+        self.journal_changes(&[Change { chunk: id, from, to }])
     }
 
     /// Many [`set_version`](Self::set_version)s: every rename first, then
-    /// one fsync per directory touched (a clone's fences cost a sync per
-    /// directory, not per chunk). One result per change, in order.
+    /// one journal append and one fdatasync for them all (a clone's fences
+    /// cost one sync, not one per chunk directory). One result per change,
+    /// in order.
     pub fn set_versions(&self, changes: &[(ChunkId, u64, u64)]) -> Vec<Result<()>> {
         let mut results = Vec::with_capacity(changes.len());
-        let mut dirs: BTreeMap<PathBuf, Vec<usize>> = BTreeMap::new();
-        for (i, &(id, from, to)) in changes.iter().enumerate() {
+        let mut done = Vec::with_capacity(changes.len());
+        for &(id, from, to) in changes {
             let r = self.rename_version(id, from, to);
             if r.is_ok() {
-                dirs.entry(self.chunk_dir(id)).or_default().push(i);
+                done.push((results.len(), Change { chunk: id, from, to }));
             }
             results.push(r);
         }
-        // Directory syncs in parallel: the filesystem commits concurrent
-        // ones together (one journal commit instead of one per directory).
-        let dirs: Vec<(PathBuf, Vec<usize>)> = dirs.into_iter().collect();
-        let workers = dirs.len().clamp(1, SYNC_THREADS);
-        let next = AtomicU64::new(0);
-        let failed: Mutex<Vec<(usize, ChunkStoreError)>> = Mutex::default();
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(|| loop {
-                    let k = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some((dir, _)) = dirs.get(k) else { return };
-                    if let Err(e) = fsync_dir(dir) {
-                        lock(&failed).push((k, e));
-                    }
-                });
-            }
-        });
-        for (k, e) in failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            let (dir, touched) = &dirs[k];
+        let journaled: Vec<Change> = done.iter().map(|(_, c)| *c).collect();
+        if let Err(e) = self.journal_changes(&journaled) {
             let kind = match &e {
                 ChunkStoreError::Io { source, .. } => source.kind(),
                 _ => io::ErrorKind::Other,
             };
-            for &i in touched {
+            for (i, _) in done {
                 results[i] = Err(ChunkStoreError::Io {
-                    context: format!("fsync directory {}", dir.display()),
+                    context: "version journal".into(),
                     source: io::Error::new(kind, e.to_string()),
                 });
             }
@@ -1033,7 +1033,57 @@ impl ChunkStore {
         results
     }
 
-    /// The rename of [`set_version`](Self::set_version), without the directory fsync.
+    /// Appends `changes` (renamed already) to the version journal, durably.
+    fn journal_changes(&self, changes: &[Change]) -> Result<()> {
+        self.journal
+            .append(changes, |dirs| self.sync_chunk_dirs(dirs))
+            .map_err(|e| io_err(format!("append to {}", self.journal.path().display()), e))
+    }
+
+    /// Fsyncs the chunk directories named by their byte, several at once: the
+    /// filesystem commits concurrent ones together.
+    fn sync_chunk_dirs(&self, dirs: &BTreeSet<u8>) -> io::Result<()> {
+        let dirs: Vec<PathBuf> = dirs.iter().map(|b| self.chunk_dir(u64::from(*b))).collect();
+        let workers = dirs.len().clamp(1, SYNC_THREADS);
+        let next = AtomicU64::new(0);
+        let failed: Mutex<Option<io::Error>> = Mutex::default();
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(dir) = dirs.get(k) else { return };
+                    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+                        let e = io::Error::new(e.kind(), format!("fsync directory {}: {e}", dir.display()));
+                        lock(&failed).get_or_insert(e);
+                    }
+                });
+            }
+        });
+        failed.into_inner().unwrap_or_else(|p| p.into_inner()).map_or(Ok(()), Err)
+    }
+
+    /// Finishes the version changes a crash may have left half done (see
+    /// [`super::versions`]): a chunk still at the `from` of its last journaled
+    /// change is renamed to its `to`; then every directory the journal names
+    /// is synced and the journal emptied.
+    fn replay_journal(&self, changes: &[Change]) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut redone = 0;
+        for c in versions::last_per_chunk(changes).into_values() {
+            if c.from != c.to && self.version(c.chunk) == Some(c.from) {
+                self.rename_version(c.chunk, c.from, c.to)?;
+                redone += 1;
+            }
+        }
+        info!(records = changes.len(), redone, "version journal replayed");
+        self.journal
+            .compact(|dirs| self.sync_chunk_dirs(dirs))
+            .map_err(|e| io_err(format!("compact {}", self.journal.path().display()), e))
+    }
+
+    /// The rename of [`set_version`](Self::set_version), without the journal record.
     fn rename_version(&self, id: ChunkId, from: u64, to: u64) -> Result<()> {
         let locks = self.locks.get(id);
         let _io = write_lock(&locks.io);
@@ -3001,5 +3051,53 @@ mod tests {
         drop(store);
         let store = ChunkStore::open(dir.path(), tiny()).unwrap();
         assert_eq!(store.read(3, 3, 0, 1).unwrap(), vec![3]);
+    }
+
+    /// Goal: a version change is durable through the journal alone: a
+    /// rename a crash lost (the file back at its old name) is redone by
+    /// `open`, including a move back to an older version, and the journal
+    /// is empty afterwards.
+    #[test]
+    fn open_redoes_version_renames_a_crash_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), tiny()).unwrap();
+        store.write(1, 1, 0, b"one", true).unwrap();
+        store.write(2, 1, 0, b"two", true).unwrap();
+        store.write(3, 4, 0, b"three", true).unwrap();
+        assert!(store.set_versions(&[(1, 1, 2), (2, 1, 5)]).iter().all(|r| r.is_ok()));
+        store.set_version(3, 4, 5).unwrap();
+        store.set_version(3, 5, 4).unwrap();
+        assert!(!store.journal.is_empty());
+        let path1 = store.chunk_path(1, 2);
+        let path3 = store.chunk_path(3, 4);
+        drop(store);
+        // What a crash before the directories reached the disk can leave.
+        fs::rename(&path1, path1.with_extension("v1")).unwrap();
+        fs::rename(&path3, path3.with_extension("v5")).unwrap();
+        let store = ChunkStore::open(dir.path(), tiny()).unwrap();
+        assert_eq!((store.version(1), store.version(2), store.version(3)), (Some(2), Some(5), Some(4)));
+        assert_eq!(store.read(1, 2, 0, 3).unwrap(), b"one");
+        assert_eq!(store.read(3, 4, 0, 5).unwrap(), b"three");
+        assert!(store.journal.is_empty(), "replayed and emptied");
+        assert_eq!(fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap().len(), 0);
+    }
+
+    /// Goal: a damaged journal tail is not replayed, and the store opens.
+    #[test]
+    fn open_ignores_a_torn_journal_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), tiny()).unwrap();
+        store.write(1, 1, 0, b"one", true).unwrap();
+        store.set_version(1, 1, 2).unwrap();
+        drop(store);
+        let mut log = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
+        let mut torn = versions::encode(&Change { chunk: 1, from: 2, to: 9 });
+        torn[31] ^= 0xff;
+        log.write_all(&torn).unwrap();
+        log.write_all(&[7u8; 13]).unwrap();
+        drop(log);
+        let store = ChunkStore::open(dir.path(), tiny()).unwrap();
+        assert_eq!(store.version(1), Some(2));
+        assert_eq!(store.read(1, 2, 0, 3).unwrap(), b"one");
     }
 }
