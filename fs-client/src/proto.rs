@@ -192,8 +192,14 @@ pub type ServerId = u64;
 
 /// The chunk size of a cluster made without `--chunk-size`.
 pub const DEFAULT_CHUNK_BYTES: u64 = 64 << 20;
-/// Checksum block size inside chunks.
-pub const DEFAULT_BLOCK_BYTES: u64 = 64 << 10;
+/// Checksum block size inside chunks, for clusters made now. A 4 KiB write
+/// re-reads, re-hashes and rewrites its whole block on every replica, so the
+/// block is small; below 16 KiB, blake3 loses its SIMD width and sequential
+/// I/O pays more per byte.
+pub const DEFAULT_BLOCK_BYTES: u64 = 16 << 10;
+/// Checksum block size of clusters made before the block size was recorded
+/// in the metadata: their chunk files keep it.
+pub const LEGACY_BLOCK_BYTES: u64 = 64 << 10;
 /// Most chunks one layout request covers.
 pub const MAX_LAYOUT_CHUNKS: u64 = 1024;
 

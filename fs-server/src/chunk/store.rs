@@ -230,7 +230,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { chunk_size: 64 << 20, block_size: 64 << 10, max_open_files: 1024, reserved_bytes: 256 << 20 }
+        StoreOptions { chunk_size: 64 << 20, block_size: 16 << 10, max_open_files: 1024, reserved_bytes: 256 << 20 }
     }
 }
 

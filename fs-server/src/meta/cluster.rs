@@ -20,7 +20,7 @@ use fs_client::proto::*;
 use placement::{place_replicas, ReplicaRequest, StorageServer};
 use raft::{KvReadExt, RaftNode};
 
-use super::data::{self, chunk_bytes, load_chunk, load_server};
+use super::data::{self, block_bytes, chunk_bytes, load_chunk, load_server};
 use super::fsm::{dec, enc, ChunkRec, Command, Proposal, ServerRec, SystemOp, SystemReply};
 use super::keys;
 use super::raft_error;
@@ -260,9 +260,10 @@ impl DataManager {
                         chunks: 0,
                     },
                 );
-                let cb = self.raft.reader().with_latest(chunk_bytes).unwrap_or(DEFAULT_CHUNK_BYTES);
+                let geometry = self.raft.reader().with_latest(|kv| Ok::<_, raft::KvError>((chunk_bytes(kv)?, block_bytes(kv)?)));
+                let (cb, bb) = geometry.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
                 tracing::info!(server = id, "chunk server registered");
-                Ok(ServerReply::Registered { id, chunk_bytes: cb, block_bytes: DEFAULT_BLOCK_BYTES })
+                Ok(ServerReply::Registered { id, chunk_bytes: cb, block_bytes: bb })
             }
             ServerMsg::Heartbeat { id, capacity_bytes, available_bytes, used_bytes, chunks } => {
                 let known = self.raft.reader().with_latest(|kv| load_server(kv, id)).ok().flatten().is_some();

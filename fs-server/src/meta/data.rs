@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use fs_client::proto::*;
 use raft::KvError;
 
-use super::fsm::{dec, err, get_counter, writable, ChunkRec, Fail, InodeRec, Plan, ServerRec, Work, CHUNK_BYTES};
+use super::fsm::{dec, err, get_counter, writable, ChunkRec, Fail, InodeRec, Plan, ServerRec, Work, BLOCK_BYTES, CHUNK_BYTES};
 use super::keys;
 
 /// Most inodes a new quota may have to count below its directory. Larger
@@ -26,6 +26,12 @@ pub const MAX_FILE_BYTES: u64 = 1 << 60;
 pub fn chunk_bytes(kv: &dyn raft::KvRead) -> Result<u64, KvError> {
     let c = get_counter(kv, CHUNK_BYTES)?;
     Ok(if c == 0 { DEFAULT_CHUNK_BYTES } else { c })
+}
+
+/// The cluster's checksum block size (what chunk servers format with).
+pub fn block_bytes(kv: &dyn raft::KvRead) -> Result<u64, KvError> {
+    let c = get_counter(kv, BLOCK_BYTES)?;
+    Ok(if c == 0 { LEGACY_BLOCK_BYTES } else { c })
 }
 
 pub fn load_server(kv: &dyn raft::KvRead, id: ServerId) -> Result<Option<ServerRec>, KvError> {

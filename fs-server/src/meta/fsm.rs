@@ -37,6 +37,11 @@ pub enum Command {
     System { now: Timespec, ops: Vec<SystemOp> },
     /// VM desired state: services, hosts, VMs (see [`super::vm`]).
     Vm { now: Timespec, cmds: Vec<super::vm::VmCmd> },
+    /// [`Command::Init`] that also fixes the checksum block size (clusters
+    /// made since it is recorded; older ones read as
+    /// [`LEGACY_BLOCK_BYTES`]). A new variant rather than a new field: the
+    /// log of an older cluster must decode and apply as it did.
+    InitBlocks { now: Timespec, chunk_bytes: u64, block_bytes: u64 },
 }
 
 /// One client operation as proposed by the leader.
@@ -183,6 +188,8 @@ pub const NEXT_INO: &str = "next_ino";
 pub const NEXT_CHUNK: &str = "next_chunk";
 pub const NEXT_SERVER: &str = "next_server";
 pub const CHUNK_BYTES: &str = "chunk_bytes";
+/// Counter: the cluster's checksum block size (0: [`LEGACY_BLOCK_BYTES`]).
+pub const BLOCK_BYTES: &str = "block_bytes";
 pub const INODE_COUNT: &str = "inodes";
 pub const APPLIED: &str = "applied";
 pub const CHANGE_FLOOR: &str = "change_floor";
@@ -1121,13 +1128,17 @@ impl StateMachineLogic for Namespace {
         let now = match &cmd {
             Command::Batch { now, .. }
             | Command::Init { now, .. }
+            | Command::InitBlocks { now, .. }
             | Command::System { now, .. }
             | Command::Vm { now, .. } => *now,
         };
         Self::ensure_root(txn, now, &mut changes)?;
-        if let Command::Init { chunk_bytes, .. } = &cmd {
+        if let Command::Init { chunk_bytes, .. } | Command::InitBlocks { chunk_bytes, .. } = &cmd {
             if get_counter(txn, CHUNK_BYTES)? == 0 && *chunk_bytes > 0 {
                 set_counter(txn, CHUNK_BYTES, *chunk_bytes);
+                if let Command::InitBlocks { block_bytes, .. } = &cmd {
+                    set_counter(txn, BLOCK_BYTES, *block_bytes);
+                }
             }
         }
         if let Command::System { ops, .. } = &cmd {

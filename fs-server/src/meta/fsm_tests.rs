@@ -1132,3 +1132,19 @@ proptest! {
         prop_assert_eq!(fs.tree(), model.tree());
     }
 }
+
+/// Goal: a cluster made now records its checksum block size; one made by
+/// the older `Init` reads as the legacy size its chunk files have; a later
+/// init changes neither.
+#[test]
+fn block_size_is_fixed_at_creation() {
+    let old = Fs::new();
+    assert_eq!(super::data::block_bytes(&old.kv).unwrap(), LEGACY_BLOCK_BYTES);
+    let mut kv = MemKv::new();
+    let now = Timespec { secs: 1, nanos: 0 };
+    apply(&mut kv, 1, &Command::InitBlocks { now, chunk_bytes: 1 << 20, block_bytes: 16 << 10 });
+    assert_eq!(super::data::block_bytes(&kv).unwrap(), 16 << 10);
+    assert_eq!(super::data::chunk_bytes(&kv).unwrap(), 1 << 20);
+    apply(&mut kv, 2, &Command::InitBlocks { now, chunk_bytes: 2 << 20, block_bytes: 4 << 10 });
+    assert_eq!((super::data::chunk_bytes(&kv).unwrap(), super::data::block_bytes(&kv).unwrap()), (1 << 20, 16 << 10));
+}

@@ -567,7 +567,7 @@ async fn init_root(raft: RaftNode, chunk_bytes: u64) {
             return;
         }
         if raft.is_leader() {
-            let cmd = Command::Init { now: Timespec::now(), chunk_bytes };
+            let cmd = Command::InitBlocks { now: Timespec::now(), chunk_bytes, block_bytes: DEFAULT_BLOCK_BYTES };
             if let Err(e) = raft.write(enc(&cmd)).await {
                 tracing::debug!(error = %e, "root init not committed yet");
             }
