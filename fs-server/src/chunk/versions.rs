@@ -159,12 +159,14 @@ impl Journal {
         compact(&mut self.lock(), sync_dirs)
     }
 
-    /// Bytes of records held (for tests and metrics).
+    /// Bytes of records held.
+    #[cfg(test)]
     pub fn len(&self) -> u64 {
         self.lock().len
     }
 
     /// Whether the journal holds no record.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
