@@ -62,18 +62,24 @@ async fn time_clones(
 ) -> anyhow::Result<()> {
     let kind = if snapshot { "snapshot" } else { "clone" };
     let mut times = Vec::with_capacity(runs);
+    let (mut metadata, mut fences) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
     let mut chunks = 0;
     for i in 0..runs {
         let name = format!("{label}-{kind}-{i}");
         let t = Instant::now();
         let out = f.clone_inode(src, ROOT_INO, name.as_bytes(), snapshot).await?;
         times.push(t.elapsed());
+        metadata.push(out.metadata);
+        fences.push(out.fences);
         anyhow::ensure!(out.unfenced.is_empty(), "{} replicas not fenced", out.unfenced.len());
         chunks = out.chunks;
     }
     let (p50, max) = summary(times);
     push(rows, format!("{kind} {label} ({chunks} chunks) p50"), p50, "ms");
     push(rows, format!("{kind} {label} ({chunks} chunks) max"), max, "ms");
+    // Where the time goes: the metadata command, then the fences.
+    push(rows, format!("{kind} {label}: metadata command p50"), summary(metadata).0, "ms");
+    push(rows, format!("{kind} {label}: fence push p50"), summary(fences).0, "ms");
     Ok(())
 }
 

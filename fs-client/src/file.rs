@@ -780,11 +780,14 @@ impl FileClient {
             self.flush(ino).await?;
         }
         let op = MetaOp::Clone { src, parent, name: name.to_vec(), snapshot };
+        let started = Instant::now();
         let reply = match self.meta.op(op).await? {
             OpReply::Cloned(r) => r,
             other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
         };
+        let metadata = started.elapsed();
         let unfenced = self.push_fences(&reply).await;
+        let fences = started.elapsed() - metadata;
         // Copies not written before are now made on every replica that took
         // its fence: where all did, the origin is no longer needed.
         let failed: HashSet<ChunkId> = unfenced.iter().map(|u| u.chunk).collect();
@@ -802,6 +805,8 @@ impl FileClient {
             chunks: reply.chunks,
             fenced: reply.fences.len() as u64,
             unfenced,
+            metadata,
+            fences,
         })
     }
 
@@ -883,6 +888,10 @@ pub struct CloneOutcome {
     /// Chunks whose version was raised.
     pub fenced: u64,
     pub unfenced: Vec<Unfenced>,
+    /// Time in the metadata command (commit included).
+    pub metadata: Duration,
+    /// Time pushing the fences to the replicas.
+    pub fences: Duration,
 }
 
 /// A replica a clone's fence did not reach.
