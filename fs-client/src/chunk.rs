@@ -272,6 +272,25 @@ impl ChunkClient {
         self.chained(head, req, Some(data)).await
     }
 
+    /// Writes several extents of one chunk (`(offset, len)`, sorted, not
+    /// overlapping; `data` is their bytes in order) on every server of
+    /// `chain`, in one request.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn writev(
+        &self,
+        chain: &[String],
+        chunk: ChunkId,
+        version: u64,
+        extents: Vec<(u64, u64)>,
+        data: Bytes,
+        create: bool,
+        origin: Option<(ChunkId, u64)>,
+    ) -> Result<(), ChunkError> {
+        let Some((head, rest)) = chain.split_first() else { return Ok(()) };
+        let req = ChunkRequest::WriteV { chunk, version, extents, chain: rest.to_vec(), create, origin };
+        self.chained(head, req, Some(data)).await
+    }
+
     /// Makes a range read as zeros on every server of `chain`.
     pub async fn zero(
         &self,

@@ -535,9 +535,10 @@ impl FileClient {
             st.locs.insert(loc.index, loc);
         }
         let mut jobs = Vec::new();
-        for (p, bytes) in gather(segments, cb, WRITE_PIECE_BYTES) {
-            let loc = st.locs.get(&p.index).cloned().ok_or_else(|| io_err("chunk not allocated"))?;
-            jobs.push(self.write_piece(ino, p, loc, bytes));
+        for group in group_pieces(gather(segments, cb, WRITE_PIECE_BYTES), WRITE_PIECE_BYTES) {
+            let index = group[0].0.index;
+            let loc = st.locs.get(&index).cloned().ok_or_else(|| io_err("chunk not allocated"))?;
+            jobs.push(self.write_piece(ino, index, loc, group));
         }
         let results = join_all(jobs).await;
         let mut first_err = None;
@@ -604,15 +605,27 @@ impl FileClient {
         }
     }
 
-    /// Writes one piece along its chain; on a replica failure, reports it,
-    /// brings the survivors to the new version and goes on with them.
+    /// Writes pieces of one chunk along its chain (one request, however
+    /// many); on a replica failure, reports it, brings the survivors to the
+    /// new version and goes on with them.
     async fn write_piece(
         &self,
         ino: Ino,
-        p: Piece,
+        index: u64,
         mut loc: ChunkLocation,
-        data: Bytes,
+        group: Vec<(Piece, Bytes)>,
     ) -> Result<ChunkLocation, ClientError> {
+        let extents: Vec<(u64, u64)> = group.iter().map(|(p, _)| (p.offset, p.len)).collect();
+        let data = match group.as_slice() {
+            [(_, one)] => one.clone(),
+            _ => {
+                let mut all = BytesMut::with_capacity(extents.iter().map(|e| e.1 as usize).sum());
+                for (_, b) in &group {
+                    all.extend_from_slice(b);
+                }
+                all.freeze()
+            }
+        };
         let mut last = String::new();
         for attempt in 0..MAX_WRITE_ATTEMPTS {
             if loc.shared {
@@ -623,12 +636,18 @@ impl FileClient {
             if chain.is_empty() {
                 return Err(io_err(format!("chunk {} has no replicas", loc.chunk)));
             }
-            match self.chunks.write(&chain, loc.chunk, loc.version, p.offset, data.clone(), true, loc.origin).await {
+            let (chunk, version, origin) = (loc.chunk, loc.version, loc.origin);
+            let sent = if let [(offset, _)] = extents.as_slice() {
+                self.chunks.write(&chain, chunk, version, *offset, data.clone(), true, origin).await
+            } else {
+                self.chunks.writev(&chain, chunk, version, extents.clone(), data.clone(), true, origin).await
+            };
+            match sent {
                 Ok(()) => return Ok(loc),
                 Err(e) => {
                     last = e.to_string();
                     let before = loc.version;
-                    loc = self.recover(ino, p.index, loc, &e).await?;
+                    loc = self.recover(ino, index, loc, &e).await?;
                     if loc.version == before {
                         // A replica is sealed for a repair copy, or a version
                         // raise is on its way: wait for it.
@@ -968,6 +987,28 @@ fn insert_buffer(st: &mut FileState, offset: u64, data: Bytes, total: &std::sync
     total.fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Write pieces (from [`gather`]: sorted, not overlapping) grouped into
+/// requests: consecutive pieces of one chunk go together while they total
+/// at most `limit` bytes and [`MAX_WRITEV_EXTENTS`] pieces, so buffered
+/// random writes cost one request per chunk and `limit`, not one each.
+fn group_pieces(pieces: Vec<(Piece, Bytes)>, limit: u64) -> Vec<Vec<(Piece, Bytes)>> {
+    let mut groups: Vec<Vec<(Piece, Bytes)>> = Vec::new();
+    let mut bytes = 0u64;
+    for (p, b) in pieces {
+        match groups.last_mut() {
+            Some(g) if g[0].0.index == p.index && g.len() < MAX_WRITEV_EXTENTS && bytes + p.len <= limit => {
+                bytes += p.len;
+                g.push((p, b));
+            }
+            _ => {
+                bytes = p.len;
+                groups.push(vec![(p, b)]);
+            }
+        }
+    }
+    groups
+}
+
 /// Buffered segments (sorted, not overlapping) as write pieces: runs of
 /// adjacent segments cut at chunk boundaries and every `limit` bytes. A
 /// piece inside one segment is a slice of it; one spanning several gets
@@ -1054,6 +1095,36 @@ mod tests {
             got,
             vec![(0, 0, b"aYYY".to_vec()), (0, 4, b"YY".to_vec()), (1, 0, b"Yb".to_vec()), (3, 2, b"z".to_vec()),]
         );
+    }
+
+    /// Goal: small pieces of one chunk share a request up to the byte
+    /// limit; a new chunk or a full group starts another; every piece is
+    /// kept, in order.
+    #[test]
+    fn group_pieces_by_chunk_and_limit() {
+        let segs: Vec<(u64, Bytes)> =
+            [0u64, 10, 20, 30, 95, 105].iter().map(|o| (*o, Bytes::from(vec![*o as u8; 4]))).collect();
+        let groups = group_pieces(gather(&segs, 100, 1000), 8);
+        let shape: Vec<Vec<(u64, u64)>> =
+            groups.iter().map(|g| g.iter().map(|(p, _)| (p.index, p.offset)).collect()).collect();
+        assert_eq!(shape, vec![vec![(0, 0), (0, 10)], vec![(0, 20), (0, 30)], vec![(0, 95)], vec![(1, 5)]]);
+        for g in &groups {
+            let extents: Vec<(u64, u64)> = g.iter().map(|(p, _)| (p.offset, p.len)).collect();
+            assert!(check_extents(&extents, 100).is_ok(), "{extents:?}");
+        }
+    }
+
+    /// Goal: a write's extents are refused when empty, overlapping, out of
+    /// order, outside the chunk, too many or too large.
+    #[test]
+    fn check_extents_refuses_bad_shapes() {
+        assert_eq!(check_extents(&[(0, 4), (8, 4)], 16).unwrap(), 8);
+        for bad in [vec![], vec![(0, 0)], vec![(0, 8), (4, 4)], vec![(8, 4), (0, 4)], vec![(12, 8)], vec![(u64::MAX, 2)]] {
+            assert_eq!(check_extents(&bad, 16).unwrap_err().code, ErrorCode::BadRequest, "{bad:?}");
+        }
+        let many: Vec<(u64, u64)> = (0..=MAX_WRITEV_EXTENTS as u64).map(|i| (i * 2, 1)).collect();
+        assert!(check_extents(&many, 1 << 30).is_err());
+        assert_eq!(check_extents(&[(0, MAX_IO_BYTES + 1)], 1 << 30).unwrap_err().code, ErrorCode::TooBig);
     }
 
     #[test]

@@ -818,6 +818,48 @@ pub enum ChunkRequest {
     SetVersions {
         changes: Vec<VersionChange>,
     },
+    /// Many writes to one chunk in one request (a client's buffered random
+    /// writes): `extents` are `(offset, len)` inside the chunk, sorted and
+    /// not overlapping, at most [`MAX_WRITEV_EXTENTS`] and [`MAX_IO_BYTES`]
+    /// in all (see [`check_extents`]); their bytes follow, concatenated in
+    /// order. Along the chain and answered like [`ChunkRequest::Write`].
+    WriteV {
+        chunk: ChunkId,
+        version: u64,
+        extents: Vec<(u64, u64)>,
+        chain: Vec<String>,
+        create: bool,
+        origin: Option<(ChunkId, u64)>,
+    },
+}
+
+/// Most extents in one [`ChunkRequest::WriteV`].
+pub const MAX_WRITEV_EXTENTS: usize = 4096;
+
+/// Checks the extents of a [`ChunkRequest::WriteV`] against a chunk of
+/// `chunk_bytes`; returns the bytes they cover.
+pub fn check_extents(extents: &[(u64, u64)], chunk_bytes: u64) -> Result<u64, WireError> {
+    let bad = |m: String| Err(WireError::new(ErrorCode::BadRequest, m));
+    if extents.is_empty() || extents.len() > MAX_WRITEV_EXTENTS {
+        return bad(format!("{} extents in one write (1 to {MAX_WRITEV_EXTENTS})", extents.len()));
+    }
+    let mut total = 0u64;
+    let mut end = 0u64;
+    for (i, &(off, len)) in extents.iter().enumerate() {
+        let e = off.checked_add(len).filter(|e| len > 0 && *e <= chunk_bytes);
+        let Some(e) = e else {
+            return bad(format!("extent {i} ({off}, {len}) is empty or outside the chunk of {chunk_bytes} bytes"));
+        };
+        if i > 0 && off < end {
+            return bad(format!("extent {i} at {off} overlaps or precedes the one before (ending at {end})"));
+        }
+        end = e;
+        total += len;
+    }
+    if total > MAX_IO_BYTES {
+        return Err(WireError::new(ErrorCode::TooBig, format!("write of {total} bytes exceeds {MAX_IO_BYTES}")));
+    }
+    Ok(total)
 }
 
 /// One entry of [`ChunkRequest::SetVersions`].

@@ -327,6 +327,7 @@ impl Server {
             ChunkRequest::Export { .. } => "export",
             ChunkRequest::Status => "status",
             ChunkRequest::SetVersions { .. } => "set_versions",
+            ChunkRequest::WriteV { .. } => "writev",
         };
         let fenced = self.fenced.load(Ordering::Relaxed) && !matches!(req, ChunkRequest::Status);
         let result = if fenced {
@@ -349,7 +350,11 @@ impl Server {
                 }
                 ChunkRequest::Write { chunk, version, offset, len, chain, create, origin } => {
                     let at = Place { chunk, version, offset, origin };
-                    self.write(&mut recv, at, len, chain, create).await
+                    self.write(&mut recv, at, vec![(offset, len)], chain, create).await
+                }
+                ChunkRequest::WriteV { chunk, version, extents, chain, create, origin } => {
+                    let at = Place { chunk, version, offset: extents.first().map_or(0, |e| e.0), origin };
+                    self.write(&mut recv, at, extents, chain, create).await
                 }
                 ChunkRequest::Zero { chunk, version, offset, len, chain, origin } => {
                     self.zero(Place { chunk, version, offset, origin }, len, chain).await
@@ -450,17 +455,17 @@ impl Server {
         }
     }
 
+    /// A write of one or more extents (`(offset, len)`, checked by
+    /// [`check_extents`]) of one chunk: their bytes follow in the stream.
     async fn write(
         &self,
         recv: &mut quinn::RecvStream,
         at: Place,
-        len: u64,
+        extents: Vec<(u64, u64)>,
         chain: Vec<String>,
         create: bool,
     ) -> Result<ChunkReply, WireError> {
-        if len > MAX_IO_BYTES {
-            return Err(WireError::new(ErrorCode::TooBig, format!("write of {len} bytes exceeds {MAX_IO_BYTES}")));
-        }
+        let len = check_extents(&extents, self.store.chunk_size())?;
         let data = tokio::time::timeout(REQUEST_TIMEOUT, fs_client::chunk::read_bytes(recv, len as usize))
             .await
             .map_err(|_| WireError::new(ErrorCode::Timeout, "write data did not arrive in time"))?
@@ -469,13 +474,23 @@ impl Server {
         let missing = self.admit(&at, create)?;
         let store = self.store.clone();
         let local_data = data.clone();
-        let Place { chunk, version, offset, origin } = at;
-        let local = tokio::task::spawn_blocking(move || store.write_with(chunk, version, offset, &local_data, missing));
+        let Place { chunk, version, origin, .. } = at;
+        let forward = extents.clone();
+        let local = tokio::task::spawn_blocking(move || {
+            let mut at = 0usize;
+            for (offset, len) in extents {
+                let part = &local_data[at..at + len as usize];
+                store.write_with(chunk, version, offset, part, missing)?;
+                at += len as usize;
+            }
+            Ok::<(), ChunkStoreError>(())
+        });
         let downstream = async {
-            if chain.is_empty() {
-                Ok(())
-            } else {
-                self.peers.write(&chain, chunk, version, offset, data.clone(), create, origin).await
+            match forward.as_slice() {
+                [] => Ok(()),
+                _ if chain.is_empty() => Ok(()),
+                [(offset, _)] => self.peers.write(&chain, chunk, version, *offset, data.clone(), create, origin).await,
+                _ => self.peers.writev(&chain, chunk, version, forward.clone(), data.clone(), create, origin).await,
             }
         };
         let (local, downstream) = tokio::join!(local, downstream);
