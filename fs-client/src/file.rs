@@ -1119,7 +1119,9 @@ mod tests {
     #[test]
     fn check_extents_refuses_bad_shapes() {
         assert_eq!(check_extents(&[(0, 4), (8, 4)], 16).unwrap(), 8);
-        for bad in [vec![], vec![(0, 0)], vec![(0, 8), (4, 4)], vec![(8, 4), (0, 4)], vec![(12, 8)], vec![(u64::MAX, 2)]] {
+        for bad in
+            [vec![], vec![(0, 0)], vec![(0, 8), (4, 4)], vec![(8, 4), (0, 4)], vec![(12, 8)], vec![(u64::MAX, 2)]]
+        {
             assert_eq!(check_extents(&bad, 16).unwrap_err().code, ErrorCode::BadRequest, "{bad:?}");
         }
         let many: Vec<(u64, u64)> = (0..=MAX_WRITEV_EXTENTS as u64).map(|i| (i * 2, 1)).collect();

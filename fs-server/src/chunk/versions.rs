@@ -111,7 +111,10 @@ impl Journal {
         if len > MAX_JOURNAL_BYTES {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{} is {len} bytes, more than a version journal ever holds ({MAX_JOURNAL_BYTES})", path.display()),
+                format!(
+                    "{} is {len} bytes, more than a version journal ever holds ({MAX_JOURNAL_BYTES})",
+                    path.display()
+                ),
             ));
         }
         let mut bytes = vec![0u8; len as usize];

@@ -260,7 +260,8 @@ impl DataManager {
                         chunks: 0,
                     },
                 );
-                let geometry = self.raft.reader().with_latest(|kv| Ok::<_, raft::KvError>((chunk_bytes(kv)?, block_bytes(kv)?)));
+                let geometry =
+                    self.raft.reader().with_latest(|kv| Ok::<_, raft::KvError>((chunk_bytes(kv)?, block_bytes(kv)?)));
                 let (cb, bb) = geometry.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
                 tracing::info!(server = id, "chunk server registered");
                 Ok(ServerReply::Registered { id, chunk_bytes: cb, block_bytes: bb })

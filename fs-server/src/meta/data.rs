@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use fs_client::proto::*;
 use raft::KvError;
 
-use super::fsm::{dec, err, get_counter, writable, ChunkRec, Fail, InodeRec, Plan, ServerRec, Work, BLOCK_BYTES, CHUNK_BYTES};
+use super::fsm::{
+    dec, err, get_counter, writable, ChunkRec, Fail, InodeRec, Plan, ServerRec, Work, BLOCK_BYTES, CHUNK_BYTES,
+};
 use super::keys;
 
 /// Most inodes a new quota may have to count below its directory. Larger
