@@ -6,7 +6,8 @@
 //!   carries out the work the leader returns (copy a chunk from another
 //!   server, drop chunks, raise a version).
 //! - Reports the chunks it holds after registering and periodically; the
-//!   leader answers with what is stale or gone.
+//!   leader answers with what is stale or gone. Until the first report has
+//!   been answered and carried out it serves no I/O (`Unavailable`).
 //! - Fences itself: without a successful heartbeat for `fence_after`, it
 //!   refuses all I/O, so a server the leader has declared dead (after a
 //!   longer time) never serves data that may have moved on.
@@ -86,6 +87,11 @@ struct Server {
     peers: ChunkClient,
     id: Arc<AtomicU64>,
     fenced: Arc<AtomicBool>,
+    /// Whether the replicas found on disk at start have been reported and
+    /// the metadata's answer carried out. Until then nothing is served: a
+    /// replica that missed writes while this server was down would answer
+    /// a reader holding the old layout with old data.
+    checked: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     barriers: Arc<Barriers>,
     marks: Arc<Fences>,
@@ -250,6 +256,7 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
         peers,
         id: Arc::new(AtomicU64::new(id)),
         fenced: Arc::new(AtomicBool::new(false)),
+        checked: Arc::new(AtomicBool::new(false)),
         metrics: metrics.clone(),
         barriers: Arc::default(),
         marks: Arc::default(),
@@ -329,9 +336,13 @@ impl Server {
             ChunkRequest::SetVersions { .. } => "set_versions",
             ChunkRequest::WriteV { .. } => "writev",
         };
-        let fenced = self.fenced.load(Ordering::Relaxed) && !matches!(req, ChunkRequest::Status);
+        let status = matches!(req, ChunkRequest::Status);
+        let fenced = self.fenced.load(Ordering::Relaxed) && !status;
+        let unchecked = !self.checked.load(Ordering::Acquire) && !status;
         let result = if fenced {
             Err(WireError::new(ErrorCode::Unavailable, "fenced: lost contact with the metadata service"))
+        } else if unchecked {
+            Err(WireError::new(ErrorCode::Unavailable, "starting: replicas not yet checked with the metadata service"))
         } else {
             match req {
                 ChunkRequest::Read { chunk, version, offset, len } => {
@@ -841,12 +852,19 @@ impl Server {
                 }
             }
         }
+        if !self.checked.swap(true, Ordering::AcqRel) {
+            tracing::info!(pages = n, "replicas checked with the metadata service; serving I/O");
+        }
     }
 
     async fn report_loop(self) {
         loop {
             self.report().await;
-            tokio::time::sleep(self.cfg.report_every).await;
+            // Until the first report went through nothing is served: retry soon.
+            let unchecked = !self.checked.load(Ordering::Acquire);
+            let wait =
+                if unchecked { self.cfg.report_every.min(Duration::from_secs(1)) } else { self.cfg.report_every };
+            tokio::time::sleep(wait).await;
         }
     }
 
