@@ -39,8 +39,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-/// A chunk id (the store's own alias, repeated to keep this module standalone).
-pub type ChunkId = u64;
+pub use super::store::ChunkId;
 
 /// Bytes per record.
 pub const RECORD_BYTES: usize = 32;
