@@ -339,3 +339,47 @@ async fn gaps_left_by_buffered_writes_read_as_zeros() {
     assert!(got.iter().all(|b| *b == 0));
     assert_eq!(f.size(g).await.unwrap(), 12288);
 }
+
+/// Goal: a vectored write (`WriteV`, what buffered random writes become)
+/// lands every extent on every replica; a malformed one (overlapping or
+/// out-of-order extents, an extent past the chunk) is refused whole, before
+/// any byte changes, on the real chunk servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vectored_writes_land_whole_or_not_at_all() {
+    init_logging();
+    let cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let ino = create(&c, ROOT_INO, "v").await;
+    let mut want = pattern(3, MIB as usize);
+    f.write_through(ino, 0, Bytes::from(want.clone())).await.unwrap();
+    let loc = layout(&c, ino).await.chunks[0].clone();
+    let chain: Vec<String> = loc.replicas.iter().map(|r| r.addr.clone()).collect();
+    let chunks = fs_client::chunk::ChunkClient::new(&cluster.client_config("admin").identity()).unwrap();
+
+    phase("malformed extents are refused and change nothing");
+    let chunk_bytes = layout(&c, ino).await.chunk_bytes;
+    for bad in [vec![(0u64, 8u64), (4, 8)], vec![(100, 8), (0, 8)], vec![(0, 8), (chunk_bytes - 4, 8)]] {
+        let n: u64 = bad.iter().map(|e| e.1).sum();
+        let data = Bytes::from(vec![0xEE; n as usize]);
+        let r = chunks.writev(&chain, loc.chunk, loc.version, bad.clone(), data, false, None).await;
+        assert_eq!(r.expect_err("a malformed write was accepted").code(), ErrorCode::BadRequest, "{bad:?}");
+    }
+    for r in &loc.replicas {
+        let got = chunks.read(&r.addr, loc.chunk, loc.version, 0, MIB).await.unwrap();
+        assert!(got[..] == want[..], "server {} changed by a refused write", r.server);
+    }
+
+    phase("a good one lands on every replica");
+    let extents = vec![(0u64, 4u64), (4096, 8), (MIB - 3, 3)];
+    let data = Bytes::from_static(b"AAAABBBBBBBBCCC");
+    chunks.writev(&chain, loc.chunk, loc.version, extents.clone(), data.clone(), false, None).await.unwrap();
+    let mut at = 0;
+    for (off, len) in &extents {
+        want[*off as usize..(*off + *len) as usize].copy_from_slice(&data[at..at + *len as usize]);
+        at += *len as usize;
+    }
+    for r in &loc.replicas {
+        let got = chunks.read(&r.addr, loc.chunk, loc.version, 0, MIB).await.unwrap();
+        assert!(got[..] == want[..], "server {} does not have the vectored write", r.server);
+    }
+}

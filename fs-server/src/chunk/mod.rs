@@ -361,11 +361,11 @@ impl Server {
                 }
                 ChunkRequest::Write { chunk, version, offset, len, chain, create, origin } => {
                     let at = Place { chunk, version, offset, origin };
-                    self.write(&mut recv, at, vec![(offset, len)], chain, create).await
+                    self.write(&mut recv, at, vec![(offset, len)], chain, create, false).await
                 }
                 ChunkRequest::WriteV { chunk, version, extents, chain, create, origin } => {
                     let at = Place { chunk, version, offset: extents.first().map_or(0, |e| e.0), origin };
-                    self.write(&mut recv, at, extents, chain, create).await
+                    self.write(&mut recv, at, extents, chain, create, true).await
                 }
                 ChunkRequest::Zero { chunk, version, offset, len, chain, origin } => {
                     self.zero(Place { chunk, version, offset, origin }, len, chain).await
@@ -466,8 +466,10 @@ impl Server {
         }
     }
 
-    /// A write of one or more extents (`(offset, len)`, checked by
-    /// [`check_extents`]) of one chunk: their bytes follow in the stream.
+    /// A write of one or more extents (`(offset, len)`) of one chunk: their
+    /// bytes follow in the stream. Several (a `WriteV`) are checked by
+    /// [`check_extents`]; one (a `Write`) only against [`MAX_IO_BYTES`],
+    /// the store checks its range (and an empty one may create the chunk).
     async fn write(
         &self,
         recv: &mut quinn::RecvStream,
@@ -475,8 +477,15 @@ impl Server {
         extents: Vec<(u64, u64)>,
         chain: Vec<String>,
         create: bool,
+        vectored: bool,
     ) -> Result<ChunkReply, WireError> {
-        let len = check_extents(&extents, self.store.chunk_size())?;
+        let len = match extents.as_slice() {
+            _ if vectored => check_extents(&extents, self.store.chunk_size())?,
+            [(_, len)] if *len > MAX_IO_BYTES => {
+                return Err(WireError::new(ErrorCode::TooBig, format!("write of {len} bytes exceeds {MAX_IO_BYTES}")))
+            }
+            _ => extents.iter().map(|e| e.1).sum(),
+        };
         let data = tokio::time::timeout(REQUEST_TIMEOUT, fs_client::chunk::read_bytes(recv, len as usize))
             .await
             .map_err(|_| WireError::new(ErrorCode::Timeout, "write data did not arrive in time"))?
@@ -498,10 +507,12 @@ impl Server {
         });
         let downstream = async {
             match forward.as_slice() {
-                [] => Ok(()),
                 _ if chain.is_empty() => Ok(()),
+                _ if vectored => {
+                    self.peers.writev(&chain, chunk, version, forward.clone(), data.clone(), create, origin).await
+                }
                 [(offset, _)] => self.peers.write(&chain, chunk, version, *offset, data.clone(), create, origin).await,
-                _ => self.peers.writev(&chain, chunk, version, forward.clone(), data.clone(), create, origin).await,
+                _ => Ok(()),
             }
         };
         let (local, downstream) = tokio::join!(local, downstream);
