@@ -55,8 +55,10 @@ async fn read_text(files: &FileClient, path: &str) -> Option<String> {
 /// A cluster with 3 chunk servers and 3 VM hosts, `/t` holding the app, an
 /// image and a data set with `goal` copies at rack level.
 struct World {
-    cluster: Cluster,
+    // Fields drop in this order: the hosts (agents, guards, VMs) must be
+    // gone before the cluster removes the directory they write in.
     hosts: Hosts,
+    cluster: Cluster,
     files: FileClient,
     image: Vec<u8>,
     dataset: Vec<u8>,
