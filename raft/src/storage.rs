@@ -200,14 +200,19 @@ fn sync_write_opts() -> WriteOptions {
 // ---------------------------------------------------------------------------
 // Group commit
 
+/// The thread that syncs the WAL for a batch of appends. It holds the
+/// database: dropping the flusher stops it and waits, so the database is
+/// never still open on a detached thread when the process exits (RocksDB's
+/// static teardown then crashes).
 struct Flusher {
-    tx: Mutex<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    tx: Mutex<Option<mpsc::Sender<LogFlushed<TypeConfig>>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Flusher {
     fn start(db: Arc<DB>) -> Self {
         let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-wal-flush".into())
             .spawn(move || {
                 disable_perf_counters_on_this_thread();
@@ -224,12 +229,23 @@ impl Flusher {
                 }
             })
             .expect("spawn flusher thread");
-        Flusher { tx: Mutex::new(tx) }
+        Flusher { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) }
     }
 
     fn submit(&self, cb: LogFlushed<TypeConfig>) -> Result<(), StorageError> {
         let tx = self.tx.lock().map_err(|_| write_err("flusher lock poisoned"))?;
+        let tx = tx.as_ref().ok_or_else(|| write_err("flusher thread stopped"))?;
         tx.send(cb).map_err(|_| write_err("flusher thread stopped"))
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop; then wait for it.
+        drop(self.tx.get_mut().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(t) = self.thread.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
     }
 }
 
