@@ -479,12 +479,14 @@ impl Server {
         create: bool,
         vectored: bool,
     ) -> Result<ChunkReply, WireError> {
-        let len = match extents.as_slice() {
-            _ if vectored => check_extents(&extents, self.store.chunk_size())?,
-            [(_, len)] if *len > MAX_IO_BYTES => {
-                return Err(WireError::new(ErrorCode::TooBig, format!("write of {len} bytes exceeds {MAX_IO_BYTES}")))
+        let len = if vectored {
+            check_extents(&extents, self.store.chunk_size())?
+        } else {
+            let len: u64 = extents.iter().map(|e| e.1).sum();
+            if len > MAX_IO_BYTES {
+                return Err(WireError::new(ErrorCode::TooBig, format!("write of {len} bytes exceeds {MAX_IO_BYTES}")));
             }
-            _ => extents.iter().map(|e| e.1).sum(),
+            len
         };
         let data = tokio::time::timeout(REQUEST_TIMEOUT, fs_client::chunk::read_bytes(recv, len as usize))
             .await
@@ -494,8 +496,9 @@ impl Server {
         let missing = self.admit(&at, create)?;
         let store = self.store.clone();
         let local_data = data.clone();
-        let Place { chunk, version, origin, .. } = at;
-        let forward = extents.clone();
+        let Place { chunk, version, offset, origin } = at;
+        // What goes down the chain: the same request as came in.
+        let forward = vectored.then(|| extents.clone());
         let local = tokio::task::spawn_blocking(move || {
             let mut at = 0usize;
             for (offset, len) in extents {
@@ -506,13 +509,10 @@ impl Server {
             Ok::<(), ChunkStoreError>(())
         });
         let downstream = async {
-            match forward.as_slice() {
+            match forward {
                 _ if chain.is_empty() => Ok(()),
-                _ if vectored => {
-                    self.peers.writev(&chain, chunk, version, forward.clone(), data.clone(), create, origin).await
-                }
-                [(offset, _)] => self.peers.write(&chain, chunk, version, *offset, data.clone(), create, origin).await,
-                _ => Ok(()),
+                Some(extents) => self.peers.writev(&chain, chunk, version, extents, data.clone(), create, origin).await,
+                None => self.peers.write(&chain, chunk, version, offset, data.clone(), create, origin).await,
             }
         };
         let (local, downstream) = tokio::join!(local, downstream);
