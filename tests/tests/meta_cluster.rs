@@ -478,10 +478,17 @@ async fn change_stream_resumes_and_falls_back_to_snapshot() {
     for i in 0..20 {
         client.op(mkdir(ROOT_INO, &format!("s{i:02}"))).await.unwrap();
     }
+    // Each phase has a deadline, so a stream that only sends Idle (one
+    // that skipped changes) fails the test instead of hanging it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut seen = Vec::new();
     let mut last_index = 0;
     while seen.len() < 20 {
-        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("stream stalled").unwrap() {
+        match tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("stream stalled or skipped changes")
+            .unwrap()
+        {
             Some(StreamItem::Changes { index, changes }) => {
                 assert!(index > last_index, "indexes go forward");
                 last_index = index;
@@ -504,9 +511,14 @@ async fn change_stream_resumes_and_falls_back_to_snapshot() {
         client.op(mkdir(ROOT_INO, &format!("s{i:02}"))).await.unwrap();
     }
     let mut stream = client.subscribe(last_index + 1).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut resumed = Vec::new();
     while resumed.len() < 10 {
-        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("stream stalled").unwrap() {
+        match tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("stream stalled or skipped changes")
+            .unwrap()
+        {
             Some(StreamItem::Changes { changes, .. }) => {
                 for c in changes {
                     if let Change::EntrySet { parent: ROOT_INO, name, .. } = c {
@@ -527,11 +539,12 @@ async fn change_stream_resumes_and_falls_back_to_snapshot() {
         client.op(create(ROOT_INO, &format!("x{i}"))).await.unwrap();
     }
     let mut stream = client.subscribe(1).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let first = tokio::time::timeout_at(deadline, stream.next()).await.expect("no snapshot").unwrap();
     let Some(StreamItem::SnapshotBegin { index }) = first else { panic!("expected a snapshot, got {first:?}") };
     let mut entries = HashSet::new();
     loop {
-        match stream.next().await.unwrap() {
+        match tokio::time::timeout_at(deadline, stream.next()).await.expect("snapshot stalled").unwrap() {
             Some(StreamItem::Changes { changes, .. }) => {
                 for c in changes {
                     if let Change::EntrySet { parent: ROOT_INO, name, .. } = c {
@@ -548,8 +561,13 @@ async fn change_stream_resumes_and_falls_back_to_snapshot() {
     }
     // A follower may serve the stream a moment behind the last acknowledged
     // write: the rest must follow as ordinary changes after the snapshot.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while entries.len() < 30 + 120 {
-        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("stream stalled").unwrap() {
+        match tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("stream stalled or skipped changes")
+            .unwrap()
+        {
             Some(StreamItem::Changes { index: i, changes }) => {
                 assert!(i > index, "changes after the snapshot come after its index");
                 for c in changes {
@@ -563,4 +581,34 @@ async fn change_stream_resumes_and_falls_back_to_snapshot() {
         }
     }
     assert_eq!(entries.len(), 30 + 120, "snapshot plus later changes hold the whole root directory");
+
+    phase("changes made while the stream runs all arrive: none is skipped between a scan and a wake-up");
+    let writer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                client.op(mkdir(ROOT_INO, &format!("w{i:03}"))).await.unwrap();
+            }
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut live = BTreeSet::new();
+    while live.len() < 200 {
+        match tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("stream stalled or skipped changes")
+            .unwrap()
+        {
+            Some(StreamItem::Changes { changes, .. }) => {
+                for c in changes {
+                    if let Change::EntrySet { parent: ROOT_INO, name, .. } = c {
+                        live.insert(String::from_utf8(name).unwrap());
+                    }
+                }
+            }
+            Some(StreamItem::Idle { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    writer.await.unwrap();
 }

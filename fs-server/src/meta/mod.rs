@@ -390,6 +390,11 @@ impl MetaService {
                 next = self.send_snapshot(send).await? + 1;
                 continue;
             }
+            // Read the applied index before the scan: the state machine
+            // writes an entry before it announces it, so the scan sees every
+            // entry up to `applied`. Read after, it could name entries
+            // applied since the scan, and skipping to it would lose them.
+            let applied = *applied_rx.borrow_and_update();
             let start = keys::change(next);
             let end = raft::kv::prefix_end(&[keys::CHANGE]).expect("non-0xFF prefix");
             let rows = reader
@@ -406,7 +411,6 @@ impl MetaService {
                 }
                 continue;
             }
-            let applied = *applied_rx.borrow_and_update();
             if applied >= next {
                 // Entries without changes: nothing to send, move on.
                 next = applied + 1;
