@@ -501,20 +501,20 @@ impl MetaClient {
                     continue;
                 }
             };
-            let (mut send, recv) = match conn.open_bi().await {
-                Ok(s) => s,
-                Err(e) => {
-                    last = e.to_string();
-                    self.forget(addr).await;
-                    continue;
-                }
+            // Bounded like any request: a server at its stream limit, or one
+            // that stopped reading, must not hold the subscriber forever.
+            let open = async {
+                let (mut send, recv) = conn.open_bi().await.map_err(|e| format!("open stream: {e}"))?;
+                frame::write_frame(&mut send, &env).await.map_err(|e| e.to_string())?;
+                let _ = send.finish();
+                Ok::<_, String>(ChangeStream { recv, _send: send })
             };
-            if let Err(e) = frame::write_frame(&mut send, &env).await {
-                last = e.to_string();
-                continue;
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, open).await {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: no answer within {ATTEMPT_TIMEOUT:?}"),
             }
-            let _ = send.finish();
-            return Ok(ChangeStream { recv, _send: send });
+            self.forget(addr).await;
         }
         Err(ClientError::Unavailable { timeout: CONNECT_TIMEOUT, last })
     }
