@@ -24,7 +24,7 @@
 //! done (`CowDone`). A read of a copy no replica has yet reads the origin.
 //! [`FileClient::clone_inode`] makes a clone and pushes its version fences.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,9 @@ pub const MAX_BUFFER_TOTAL: usize = 256 << 20;
 const LAYOUT_TTL: Duration = Duration::from_secs(10);
 /// Chunks fetched ahead of a read.
 const LAYOUT_PREFETCH: u64 = 16;
+/// Reads of one region of a chunk this large go to the same replica (among
+/// equally near ones); the next region may go to another.
+const READ_SPREAD_BYTES: u64 = 1 << 20;
 /// Files whose state is kept at most (clean ones are dropped first).
 const MAX_CACHED_FILES: usize = 4096;
 /// Retries of one piece after replica failures or stale layouts.
@@ -74,6 +77,10 @@ struct FileState {
     size: Option<u64>,
     chunk_bytes: u64,
     locs: BTreeMap<u64, ChunkLocation>,
+    /// Chunk indexes the last layout fetch found without a chunk (holes),
+    /// so reading a sparse region does not ask again each time. Only for
+    /// indexes not in `locs`, and trusted as long as `locs` is.
+    holes: BTreeSet<u64>,
     fetched: Option<Instant>,
     /// Buffered writes: offset -> data, non-overlapping.
     buffer: BTreeMap<u64, Bytes>,
@@ -164,6 +171,7 @@ impl FileClient {
             if let Ok(mut s) = f.try_lock() {
                 s.fetched = None;
                 s.locs.clear();
+                s.holes.clear();
                 if s.buffer.is_empty() && s.pending_size == 0 {
                     s.size = None;
                 }
@@ -210,6 +218,7 @@ impl FileClient {
         let mut fetched_now = false;
         if st.chunk_bytes == 0 || st.size.is_none() || st.fetched.is_none_or(|t| t.elapsed() > LAYOUT_TTL) {
             st.locs.clear();
+            st.holes.clear();
             let cb = if st.chunk_bytes == 0 { DEFAULT_CHUNK_BYTES } else { st.chunk_bytes };
             self.fetch_layout(&mut st, ino, offset / cb, LAYOUT_PREFETCH).await?;
             fetched_now = true;
@@ -227,7 +236,8 @@ impl FileClient {
         let len = len.min(size - offset);
         let cb = st.chunk_bytes;
         let ps = pieces(offset, len, cb);
-        let missing: Vec<u64> = ps.iter().map(|p| p.index).filter(|i| !st.locs.contains_key(i)).collect();
+        let missing: Vec<u64> =
+            ps.iter().map(|p| p.index).filter(|i| !st.locs.contains_key(i) && !st.holes.contains(i)).collect();
         if let (Some(first), Some(last)) = (missing.first(), missing.last()) {
             // Unknown indexes may be holes; one fetch tells.
             self.fetch_layout(&mut st, ino, *first, (last - first + 1).max(LAYOUT_PREFETCH)).await?;
@@ -247,7 +257,7 @@ impl FileClient {
         let Some(mut loc) = loc else { return Ok(Bytes::from(vec![0u8; p.len as usize])) };
         let mut last = String::from("no replicas");
         for attempt in 0..MAX_PIECE_ATTEMPTS {
-            let order = self.nearest_first(&loc);
+            let order = self.nearest_first(&loc, p.offset);
             let mut stale = false;
             let mut not_found = 0;
             for addr in &order {
@@ -301,13 +311,22 @@ impl FileClient {
     }
 
     /// Replicas nearest first; those whose server could not be reached just
-    /// now go last.
-    fn nearest_first(&self, loc: &ChunkLocation) -> Vec<String> {
+    /// now go last. Equally near replicas share the reads by region of
+    /// [`READ_SPREAD_BYTES`]: each region is read from one of them.
+    fn nearest_first(&self, loc: &ChunkLocation, offset: u64) -> Vec<String> {
+        let spread = (loc.chunk ^ (offset / READ_SPREAD_BYTES)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
         let mut order: Vec<String> = match &self.topology {
-            None => loc.replicas.iter().map(|r| r.addr.clone()).collect(),
+            None => {
+                let mut all: Vec<String> = loc.replicas.iter().map(|r| r.addr.clone()).collect();
+                if !all.is_empty() {
+                    let k = (spread % all.len() as u64) as usize;
+                    all.rotate_left(k);
+                }
+                all
+            }
             Some(me) => {
                 let pairs: Vec<(u64, Topology)> = loc.replicas.iter().map(|r| (r.server, r.topology.clone())).collect();
-                placement::pick_read_replica(me, &pairs)
+                placement::pick_read_replica(me, &pairs, spread)
                     .into_iter()
                     .filter_map(|id| loc.replicas.iter().find(|r| r.server == id).map(|r| r.addr.clone()))
                     .collect()
@@ -483,7 +502,7 @@ impl FileClient {
             .iter()
             .flat_map(|(o, d)| pieces(*o, d.len() as u64, cb).into_iter().map(|p| p.index))
             .filter(|i| !st.locs.contains_key(i))
-            .collect::<std::collections::BTreeSet<_>>()
+            .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
         if !needed.is_empty() {
@@ -526,7 +545,7 @@ impl FileClient {
         let shared: Vec<ChunkLocation> = segments
             .iter()
             .flat_map(|(o, d)| pieces(*o, d.len() as u64, cb).into_iter().map(|p| p.index))
-            .collect::<std::collections::BTreeSet<_>>()
+            .collect::<BTreeSet<_>>()
             .into_iter()
             .filter_map(|i| st.locs.get(&i).filter(|l| l.shared).cloned())
             .collect();
@@ -943,10 +962,16 @@ fn absorb(st: &mut FileState, l: Layout, range: Option<(u64, u64)>) {
     st.size = Some(l.attr.size);
     st.fetched = Some(Instant::now());
     if let Some((first, count)) = range {
-        let end = first.saturating_add(count);
+        // The server answers at most MAX_LAYOUT_CHUNKS indexes, and only
+        // those inside the file can hold data.
+        let end = first.saturating_add(count.min(MAX_LAYOUT_CHUNKS));
         st.locs.retain(|i, _| *i < first || *i >= end);
+        st.holes.retain(|i| *i < first || *i >= end);
+        let in_file = l.attr.size.div_ceil(l.chunk_bytes.max(1));
+        st.holes.extend(first..end.min(in_file));
     }
     for c in l.chunks {
+        st.holes.remove(&c.index);
         st.locs.insert(c.index, c);
     }
 }

@@ -282,11 +282,20 @@ fn better_server(a: &StorageServer, b: &StorageServer) -> Ordering {
 }
 
 /// Orders replicas nearest to `client` first: same host, same rack, same
-/// zone, then the rest; lowest id first within a distance.
-pub fn pick_read_replica(client: &Topology, replicas: &[(u64, Topology)]) -> Vec<u64> {
+/// zone, then the rest. Within a distance the ids go ascending, rotated
+/// left by `spread` (modulo their number): readers pass a value that
+/// differs from one region of data to the next, so equally near replicas
+/// share the reads, and one region always goes to the same replica (whose
+/// cache then holds it). `spread` 0 is plain ascending order.
+pub fn pick_read_replica(client: &Topology, replicas: &[(u64, Topology)], spread: u64) -> Vec<u64> {
     let mut order: Vec<(Level, u64)> = replicas.iter().map(|(id, t)| (client.distance(t), *id)).collect();
     order.sort_unstable();
-    order.into_iter().map(|(_, id)| id).collect()
+    let mut out = Vec::with_capacity(order.len());
+    for class in order.chunk_by(|a, b| a.0 == b.0) {
+        let k = (spread % class.len() as u64) as usize;
+        out.extend(class[k..].iter().chain(&class[..k]).map(|(_, id)| *id));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -442,7 +451,7 @@ mod tests {
         );
     }
 
-    /// Goal: reads go to the nearest replica, ids break ties.
+    /// Goal: reads go to the nearest replica; ids, rotated by the spread, break ties.
     #[test]
     fn read_replicas_nearest_first() {
         let client = Topology::new("z1", "r1", "h1");
@@ -453,6 +462,10 @@ mod tests {
             (2, Topology::new("z1", "r1", "h3")),
             (9, Topology::new("z1", "r1", "h1")),
         ];
-        assert_eq!(pick_read_replica(&client, &replicas), vec![9, 2, 4, 5, 7]);
+        assert_eq!(pick_read_replica(&client, &replicas, 0), vec![9, 2, 4, 5, 7]);
+        // The spread rotates each distance's ids: the rack's two hosts swap,
+        // the lone replicas of other distances stay.
+        assert_eq!(pick_read_replica(&client, &replicas, 1), vec![9, 4, 2, 5, 7]);
+        assert_eq!(pick_read_replica(&client, &replicas, 2), vec![9, 2, 4, 5, 7]);
     }
 }

@@ -143,20 +143,30 @@ proptest! {
         prop_assert_eq!(place_replicas(&req, &reversed).expect("valid request"), plan);
     }
 
-    /// Goal: read order is a permutation, nearest first, ids ascending
-    /// within a distance.
+    /// Goal: read order is a permutation, nearest first; within a distance
+    /// the ascending ids rotated by the spread (spread 0: ascending).
     #[test]
     fn read_order_is_nearest_first(
         client in topology(),
         replicas in prop::collection::btree_map(0..50u64, topology(), 0..8),
+        spread in 0..20u64,
     ) {
         let replicas: Vec<(u64, Topology)> = replicas.into_iter().rev().collect();
-        let order = pick_read_replica(&client, &replicas);
-        let key = |id: u64| {
+        let order = pick_read_replica(&client, &replicas, spread);
+        let distance = |id: u64| {
             let t = &replicas.iter().find(|(r, _)| *r == id).expect("listed").1;
-            (client.distance(t), id)
+            client.distance(t)
         };
         prop_assert_eq!(order.len(), replicas.len());
-        prop_assert!(order.windows(2).all(|w| key(w[0]) < key(w[1])));
+        prop_assert!(order.windows(2).all(|w| distance(w[0]) <= distance(w[1])));
+        for class in order.chunk_by(|a, b| distance(*a) == distance(*b)) {
+            let mut ascending = class.to_vec();
+            ascending.sort_unstable();
+            ascending.rotate_left((spread % class.len() as u64) as usize);
+            prop_assert_eq!(class, &ascending[..]);
+        }
+        prop_assert_eq!(pick_read_replica(&client, &replicas, 0).windows(2).all(|w| {
+            (distance(w[0]), w[0]) < (distance(w[1]), w[1])
+        }), true);
     }
 }

@@ -946,6 +946,47 @@ impl ChunkStore {
         Ok(buf)
     }
 
+    /// [`read`](Self::read) if it can be done without waiting: the chunk's
+    /// lock free, its file open and every byte in the page cache
+    /// (`preadv2` with `RWF_NOWAIT`). `Ok(None)` when it would wait; the
+    /// caller then reads on a blocking thread. Lets an async server answer
+    /// cached reads inline, without a hand-off to another thread and back.
+    pub fn try_read_cached(&self, id: ChunkId, version: u64, offset: u64, len: u64) -> Result<Option<Vec<u8>>> {
+        self.check_range(offset, len)?;
+        let locks = self.locks.get(id);
+        let Ok(_io) = locks.io.try_read() else { return Ok(None) };
+        self.checked_entry(id, version)?;
+        if len == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let Some(file) = lock(&self.files).get(id) else { return Ok(None) };
+        let (b0, b1) = self.geo.blocks(offset, len);
+        let n = (b1 - b0) as usize;
+        let mut sums = vec![ZERO_SUM; n];
+        if !pread_nowait(&file, sums.as_flattened_mut(), Geometry::sum_off(b0)) {
+            return Ok(None);
+        }
+        let bs = self.geo.bs();
+        let mut buf = vec![0u8; n * bs];
+        for (s, e) in runs(sums.len(), |i| sums[i] != ZERO_SUM) {
+            if !pread_nowait(&file, &mut buf[s * bs..e * bs], self.geo.block_off(b0 + s as u64)) {
+                return Ok(None);
+            }
+        }
+        for (i, sum) in sums.iter().enumerate() {
+            if *sum != ZERO_SUM && block_sum(id, b0 + i as u64, &buf[i * bs..(i + 1) * bs]) != *sum {
+                return Err(ChunkStoreError::Corrupt { id, block: b0 + i as u64 });
+            }
+        }
+        let head = (offset - b0 * self.geo.block_size) as usize;
+        let len = len as usize;
+        if head != 0 || len != buf.len() {
+            buf.copy_within(head..head + len, 0);
+            buf.truncate(len);
+        }
+        Ok(Some(buf))
+    }
+
     /// Writes `data` at `offset` of chunk `id` at exactly `version`. With
     /// `create`, a missing chunk is created at `version` first. Not durable
     /// until [`flush`](Self::flush).
@@ -1417,6 +1458,19 @@ fn parse_chunk_file_name(name: &str) -> Option<(ChunkId, u64)> {
 
 /// A failed read of a replica: a short file or a media error means the replica
 /// is bad at that place (`Corrupt`), anything else is an I/O error.
+/// Fills `buf` from `off` only if the page cache holds all of it: false if
+/// the read would wait for the disk, came up short, or failed (the caller
+/// then reads the ordinary way, which reports what went wrong).
+fn pread_nowait(file: &File, buf: &mut [u8], off: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(off) = i64::try_from(off) else { return false };
+    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: one iovec over `buf`, which lives and is exclusively borrowed
+    // for the call; the fd is open for as long as `file` is.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    n >= 0 && n as usize == buf.len()
+}
+
 fn read_error(id: ChunkId, block: u64, context: &str, e: io::Error) -> ChunkStoreError {
     if e.kind() == io::ErrorKind::UnexpectedEof || e.raw_os_error() == Some(libc::EIO) {
         ChunkStoreError::Corrupt { id, block }
@@ -2485,6 +2539,34 @@ mod tests {
         assert!(matches!(store.quarantine(6), Err(ChunkStoreError::NotFound(6))));
         assert!(store.is_empty() && store.used_bytes() == 0);
         assert_eq!(count_files(&dir.path().join(QUARANTINE_DIR)), 2);
+    }
+
+    /// Goal: the inline (page-cache only) read returns what the ordinary
+    /// read returns, holes as zeros, checks the same checksums, and checks
+    /// the version; it only declines (None) when it would have to wait.
+    #[test]
+    fn cached_reads_match_ordinary_reads_and_check_sums() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = small();
+        let store = ChunkStore::open(dir.path(), opts.clone()).unwrap();
+        let data = pattern(3, 3 * 64 * KIB as usize);
+        store.write(8, 1, 64 * KIB, &data, true).unwrap();
+        for (off, len) in [(0, 4 * KIB), (64 * KIB, 4 * KIB), (60 * KIB, 8 * KIB), (100 * KIB, 64 * KIB), (0, 0)] {
+            let want = store.read(8, 1, off, len).unwrap();
+            // Just written, so in the page cache: answered inline.
+            let got = store.try_read_cached(8, 1, off, len).unwrap().expect("cached");
+            assert_eq!(got, want, "{off}+{len}");
+        }
+        assert!(matches!(store.try_read_cached(8, 2, 0, 1), Err(ChunkStoreError::VersionMismatch { .. })));
+        assert!(matches!(store.try_read_cached(9, 1, 0, 1), Err(ChunkStoreError::NotFound(9))));
+        assert!(matches!(store.try_read_cached(8, 1, MIB, 1), Err(ChunkStoreError::OutOfRange { .. })));
+        store.flush(&[8]).unwrap();
+        flip_byte(&chunk_file(dir.path(), 8, 1), data_off(&opts) + 2 * 64 * KIB + 7);
+        match store.try_read_cached(8, 1, 2 * 64 * KIB, 10) {
+            Err(ChunkStoreError::Corrupt { id: 8, block: 2 }) | Ok(None) => {}
+            other => panic!("a flipped byte must not be served: {other:?}"),
+        }
+        assert!(matches!(store.read(8, 1, 2 * 64 * KIB, 10), Err(ChunkStoreError::Corrupt { id: 8, block: 2 })));
     }
 
     /// Goal: a torn checksum table entry (crash between data and table write)
