@@ -361,3 +361,73 @@ async fn pending_copies_and_never_written_chunks_are_fenced() {
     }
     wait_no_replica_files(&cluster).await;
 }
+
+/// Goal: a chunk server acknowledges a clone's fences before they reach the
+/// disk, and a crash that loses them is harmless: the server comes back at
+/// the old versions, serves nothing until the metadata service answered
+/// its report, and that answer raises them again, so a writer holding the
+/// pre-clone layout is refused there and the clone keeps the old bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_lost_in_a_crash_is_raised_again_before_serving() {
+    init_logging();
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let src = create(&c, ROOT_INO, "src").await;
+    let before = pattern(11, (3 * MIB) as usize);
+    f.write(src, 0, Bytes::from(before.clone())).await.unwrap();
+    f.fsync(src).await.unwrap();
+    let old = layout(&c, src).await;
+
+    phase("clone: every replica takes the fences (v1 -> v2)");
+    let out = f.clone_inode(src, ROOT_INO, b"clone", false).await.expect("clone");
+    assert!(out.unfenced.is_empty(), "{:?}", out.unfenced);
+    let clone = out.attr.ino;
+
+    phase("kill -9 chunk server 1 and undo its renames and journal, as a crash before the sync can");
+    cluster.kill_chunk(1);
+    let node = cluster.chunk(1);
+    let mut undone = 0;
+    for p in node.chunk_files() {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if let Some(id) = name.strip_suffix(".v2") {
+            std::fs::rename(&p, p.with_file_name(format!("{id}.v1"))).unwrap();
+            undone += 1;
+        }
+    }
+    assert_eq!(undone, 3, "server 1 held the three fenced replicas");
+    std::fs::write(node.data_dir.join("versions.log"), b"").unwrap();
+    let addr = node.addr.to_string();
+    cluster.restart_chunk(1).unwrap();
+
+    phase("once it serves again, it is at v2: a pre-clone write (v1) is refused as stale");
+    let direct = fs_client::chunk::ChunkClient::new(&cluster.client_config("admin").identity()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match direct.read(&addr, old.chunks[0].chunk, old.chunks[0].version + 1, 0, 16).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "server 1 never served the fenced version: {e}\n{}",
+                    cluster.logs_tail()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    for loc in &old.chunks {
+        let e = direct
+            .write(&[addr.clone()], loc.chunk, loc.version, 0, Bytes::from_static(b"stale"), false, None)
+            .await
+            .expect_err("a write at the pre-clone version");
+        assert_eq!(e.code(), ErrorCode::Stale, "{e}");
+    }
+
+    phase("the clone still reads as the source did, on every replica");
+    assert!(read_all(&cluster.files(), clone).await == before);
+    for loc in &layout(&c, clone).await.chunks {
+        let got = replicas_agree(&cluster, loc, MIB).await;
+        let at = (loc.index * MIB) as usize;
+        assert!(got[..] == before[at..at + MIB as usize], "chunk {} of the clone", loc.index);
+    }
+}

@@ -405,11 +405,8 @@ impl Server {
         }
         // Most small reads of hot data are in the page cache: answer those
         // here (large ones would hold this thread hashing for too long).
-        let inline = if len <= INLINE_READ_BYTES {
-            self.store.try_read_cached(chunk, version, offset, len)
-        } else {
-            Ok(None)
-        };
+        let inline =
+            if len <= INLINE_READ_BYTES { self.store.try_read_cached(chunk, version, offset, len) } else { Ok(None) };
         let res = match inline {
             Ok(Some(d)) => Ok(d),
             Ok(None) => {
@@ -632,7 +629,11 @@ impl Server {
         if !raise.is_empty() {
             let store = self.store.clone();
             let list: Vec<(ChunkId, u64, u64)> = raise.iter().map(|(_, c)| *c).collect();
-            let done = tokio::task::spawn_blocking(move || store.set_versions(&list))
+            // Not synced: a fence lost in a crash is raised again before
+            // this server serves anything (the answer to its first report
+            // lists replicas behind the chunk map), so the sync would only
+            // add its milliseconds to every clone.
+            let done = tokio::task::spawn_blocking(move || store.set_versions(&list, false))
                 .await
                 .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
             for ((i, _), r) in raise.iter().zip(done) {

@@ -1041,14 +1041,17 @@ impl ChunkStore {
     /// error is durable); `VersionMismatch` if it is at neither.
     pub fn set_version(&self, id: ChunkId, from: u64, to: u64) -> Result<()> {
         self.rename_version(id, from, to)?;
-        self.journal_changes(&[Change { chunk: id, from, to }])
+        self.journal_changes(&[Change { chunk: id, from, to }], true)
     }
 
     /// Many [`set_version`](Self::set_version)s: every rename first, then
-    /// one journal append and one fdatasync for them all (a clone's fences
-    /// cost one sync, not one per chunk directory). One result per change,
-    /// in order.
-    pub fn set_versions(&self, changes: &[(ChunkId, u64, u64)]) -> Vec<Result<()>> {
+    /// one journal append for them all, and with `durable` one fdatasync (a
+    /// clone's fences would cost one sync, not one per chunk directory).
+    /// Without `durable` a crash may undo the changes (the chunks come back
+    /// at their old versions): for a caller that will be told again, as a
+    /// chunk server is by the answer to its first report. One result per
+    /// change, in order.
+    pub fn set_versions(&self, changes: &[(ChunkId, u64, u64)], durable: bool) -> Vec<Result<()>> {
         let mut results = Vec::with_capacity(changes.len());
         let mut done = Vec::with_capacity(changes.len());
         for &(id, from, to) in changes {
@@ -1059,7 +1062,7 @@ impl ChunkStore {
             results.push(r);
         }
         let journaled: Vec<Change> = done.iter().map(|(_, c)| *c).collect();
-        if let Err(e) = self.journal_changes(&journaled) {
+        if let Err(e) = self.journal_changes(&journaled, durable) {
             let kind = match &e {
                 ChunkStoreError::Io { source, .. } => source.kind(),
                 _ => io::ErrorKind::Other,
@@ -1074,10 +1077,11 @@ impl ChunkStore {
         results
     }
 
-    /// Appends `changes` (renamed already) to the version journal, durably.
-    fn journal_changes(&self, changes: &[Change]) -> Result<()> {
+    /// Appends `changes` (renamed already) to the version journal, synced
+    /// if `durable`.
+    fn journal_changes(&self, changes: &[Change], durable: bool) -> Result<()> {
         self.journal
-            .append(changes, |dirs| self.sync_chunk_dirs(dirs))
+            .append_with(changes, durable, |dirs| self.sync_chunk_dirs(dirs))
             .map_err(|e| io_err(format!("append to {}", self.journal.path().display()), e))
     }
 
@@ -3125,7 +3129,7 @@ mod tests {
         for id in 1..=3 {
             store.write(id, 1, 0, &[id as u8], true).unwrap();
         }
-        let r = store.set_versions(&[(1, 1, 2), (2, 5, 6), (3, 1, 3), (4, 1, 2), (3, 1, 3)]);
+        let r = store.set_versions(&[(1, 1, 2), (2, 5, 6), (3, 1, 3), (4, 1, 2), (3, 1, 3)], true);
         assert!(r[0].is_ok() && r[2].is_ok() && r[4].is_ok(), "{r:?}");
         assert!(matches!(r[1], Err(ChunkStoreError::VersionMismatch { id: 2, .. })));
         assert!(matches!(r[3], Err(ChunkStoreError::NotFound(4))));
@@ -3146,7 +3150,7 @@ mod tests {
         store.write(1, 1, 0, b"one", true).unwrap();
         store.write(2, 1, 0, b"two", true).unwrap();
         store.write(3, 4, 0, b"three", true).unwrap();
-        assert!(store.set_versions(&[(1, 1, 2), (2, 1, 5)]).iter().all(|r| r.is_ok()));
+        assert!(store.set_versions(&[(1, 1, 2), (2, 1, 5)], false).iter().all(|r| r.is_ok()));
         store.set_version(3, 4, 5).unwrap();
         store.set_version(3, 5, 4).unwrap();
         assert!(!store.journal.is_empty());

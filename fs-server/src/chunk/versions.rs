@@ -128,9 +128,24 @@ impl Journal {
     /// has grown past [`COMPACT_BYTES`], `sync_dirs` is called with every
     /// directory renamed in since the last compaction instead, and the
     /// journal is emptied: the renames themselves are then durable.
+    #[cfg(test)]
     pub fn append(
         &self,
         changes: &[Change],
+        sync_dirs: impl FnOnce(&BTreeSet<u8>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.append_with(changes, true, sync_dirs)
+    }
+
+    /// Records `changes` (whose renames are done), compacting instead past
+    /// [`COMPACT_BYTES`] as `append` does. With `sync` the records are
+    /// fdatasynced before this returns; without, they are only written (a
+    /// later synced append or compaction carries them to disk), for changes
+    /// the caller can afford to lose in a crash.
+    pub fn append_with(
+        &self,
+        changes: &[Change],
+        sync: bool,
         sync_dirs: impl FnOnce(&BTreeSet<u8>) -> io::Result<()>,
     ) -> io::Result<()> {
         if changes.is_empty() {
@@ -150,7 +165,9 @@ impl Journal {
         // A failed append leaves the length where it was: the next one
         // overwrites whatever part of this one reached the file.
         st.file.write_all_at(&buf, at)?;
-        st.file.sync_data()?;
+        if sync {
+            st.file.sync_data()?;
+        }
         st.len = at + add;
         Ok(())
     }
