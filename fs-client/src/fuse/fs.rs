@@ -302,7 +302,10 @@ impl Filesystem for LocusFs {
         let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
         // Wanted if the kernel has them; none is required. Not
         // FUSE_WRITEBACK_CACHE: the file client buffers, and the kernel
-        // stays write-through so other mounts see data at close.
+        // stays write-through so other mounts see data at close. (Tried:
+        // with it the kernel trusts its own size and mtime of every regular
+        // file it has cached, dirty or not, so a mount never saw another
+        // mount's rewrite of a file it had read.)
         for cap in [
             InitFlags::FUSE_ASYNC_READ,
             InitFlags::FUSE_BIG_WRITES,
