@@ -505,18 +505,29 @@ impl FileClient {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        if !needed.is_empty() {
-            let (first, last) = (needed[0], needed[needed.len() - 1]);
-            for span_start in (first..=last).step_by(MAX_LAYOUT_CHUNKS as usize) {
-                let span_end = (span_start + MAX_LAYOUT_CHUNKS - 1).min(last);
-                // The written bytes inside this span: the quota check sees
-                // the real end, not the end of the last chunk.
-                let o = lo.max(span_start * cb);
-                let e = hi.min((span_end + 1) * cb);
-                match self.meta.op(MetaOp::PrepareWrite { ino, offset: o, len: e.saturating_sub(o) }).await? {
-                    OpReply::Layout(layout) => absorb(st, layout, None),
-                    other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-                }
+        // One request per run of consecutive chunks, not one over the whole
+        // span: writes at both ends of a sparse file must not allocate every
+        // chunk between them.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for i in needed {
+            match runs.last_mut() {
+                Some((s, e)) if *e + 1 == i && i - *s < MAX_LAYOUT_CHUNKS => *e = i,
+                _ => runs.push((i, i)),
+            }
+        }
+        // Sent together: concurrent operations of one client travel in one
+        // batch (one Raft commit).
+        let prepares = runs.into_iter().map(|(span_start, span_end)| {
+            // The written bytes inside this span: the quota check sees the
+            // real end, not the end of the last chunk.
+            let o = lo.max(span_start * cb);
+            let e = hi.min((span_end + 1) * cb);
+            self.meta.op(MetaOp::PrepareWrite { ino, offset: o, len: e.saturating_sub(o) })
+        });
+        for r in join_all(prepares).await {
+            match r? {
+                OpReply::Layout(layout) => absorb(st, layout, None),
+                other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
             }
         }
         // Data past the current end: zero every gap the segments leave
@@ -742,9 +753,22 @@ impl FileClient {
         if !st.locs.contains_key(&index) {
             self.fetch_layout(st, ino, index, 1).await?;
         }
-        let Some(mut loc) = st.locs.get(&index).cloned() else { return Ok(()) };
         let end = to.min((index + 1) * cb);
-        let (off, len) = (from % cb, end - from);
+        self.zero_in_chunk(st, ino, index, from % cb, end - from).await
+    }
+
+    /// Makes `len` bytes at `off` inside chunk `index` read as zeros on
+    /// every replica (whole checksum blocks are freed there). A hole, or a
+    /// chunk never written, is left alone; a shared chunk is copied first.
+    async fn zero_in_chunk(
+        &self,
+        st: &mut FileState,
+        ino: Ino,
+        index: u64,
+        off: u64,
+        len: u64,
+    ) -> Result<(), ClientError> {
+        let Some(mut loc) = st.locs.get(&index).cloned() else { return Ok(()) };
         for _ in 0..MAX_PIECE_ATTEMPTS {
             if loc.shared {
                 loc = self.cow(ino, &loc).await?;
@@ -764,7 +788,52 @@ impl FileClient {
                 Err(e) => loc = self.recover(ino, index, loc, &e).await?,
             }
         }
-        Err(io_err(format!("could not zero the tail of chunk {}", loc.chunk)))
+        Err(io_err(format!("could not zero a range of chunk {}", loc.chunk)))
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros without writing data,
+    /// and gives the space of whole checksum blocks back on every replica
+    /// (a hole punch: NBD trim and write-zeroes, `fallocate` with
+    /// `FALLOC_FL_PUNCH_HOLE` or `FALLOC_FL_ZERO_RANGE`). The size does not
+    /// change: past the end there is nothing to punch. Buffered writes to
+    /// the range are sent first, so none lands on the zeros later.
+    pub async fn punch(&self, ino: Ino, offset: u64, len: u64) -> Result<(), ClientError> {
+        let f = self.file(ino);
+        let mut st = f.lock().await;
+        if let Some(e) = st.error.clone() {
+            return Err(ClientError::Remote(e));
+        }
+        if st.read_only {
+            return Err(read_only(ino));
+        }
+        let end = offset.saturating_add(len);
+        let overlaps = st.buffer.range(..end).next_back().is_some_and(|(o, d)| o + d.len() as u64 > offset);
+        if overlaps {
+            self.send_buffer(&mut st, ino).await?;
+            self.record_size(&mut st, ino).await?;
+        }
+        if st.chunk_bytes == 0 {
+            self.fetch_layout(&mut st, ino, 0, 1).await?;
+        }
+        let cb = st.chunk_bytes.max(1);
+        // A fresh layout of the range: which chunks exist, and at which
+        // version, as of now.
+        let (first, last) = (offset / cb, end.saturating_sub(1) / cb);
+        let mut at = first;
+        while at <= last && len > 0 {
+            let count = (last - at + 1).min(MAX_LAYOUT_CHUNKS);
+            self.fetch_layout(&mut st, ino, at, count).await?;
+            at += count;
+        }
+        let size = st.size.unwrap_or(0).max(st.pending_size);
+        let end = end.min(size);
+        if offset >= end {
+            return Ok(());
+        }
+        for p in pieces_of(offset, end - offset, st.chunk_bytes, st.chunk_bytes) {
+            self.zero_in_chunk(&mut st, ino, p.index, p.offset, p.len).await?;
+        }
+        Ok(())
     }
 
     /// Records written data in the file's size.

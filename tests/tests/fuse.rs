@@ -268,6 +268,27 @@ async fn posix_calls_behave_like_a_local_filesystem() {
     drop(h);
     assert!(fs::read(&big).expect("read big") == data, "overwrite landed");
 
+    phase("fallocate: punch a hole across a chunk boundary (size kept), zero a range past the end (size grows)");
+    let h = fs::OpenOptions::new().read(true).write(true).open(&big).expect("open big");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&h);
+    let (at, len) = (MIB - 5000, 20_000usize);
+    // SAFETY: plain syscalls on an open descriptor.
+    let r =
+        unsafe { libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, at as i64, len as i64) };
+    assert_eq!(r, 0, "punch hole: {}", std::io::Error::last_os_error());
+    data[at..at + len].fill(0);
+    assert_eq!(fs::metadata(&big).expect("stat").len(), data.len() as u64, "a punch keeps the size");
+    let end = data.len();
+    let r = unsafe { libc::fallocate(fd, libc::FALLOC_FL_ZERO_RANGE, (end - 100) as i64, 4196) };
+    assert_eq!(r, 0, "zero range: {}", std::io::Error::last_os_error());
+    data[end - 100..].fill(0);
+    data.resize(end + 4096, 0);
+    let r = unsafe { libc::fallocate(fd, libc::FALLOC_FL_COLLAPSE_RANGE, 0, 4096) };
+    assert_eq!((r, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::EOPNOTSUPP)));
+    drop(h);
+    assert_eq!(fs::metadata(&big).expect("stat").len(), data.len() as u64, "zero range past the end grows");
+    assert!(fs::read(&big).expect("read big") == data, "punched and zeroed ranges read as zeros, the rest kept");
+
     phase("mkdir, readdir of 300 entries (each once), EEXIST, ENOTEMPTY, ENOENT");
     let d = m.path("dir");
     fs::create_dir(&d).expect("mkdir");

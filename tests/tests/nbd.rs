@@ -251,6 +251,21 @@ async fn qemu_tools_copy_an_image_exactly() {
     let out = qemu_io(&server, "raw", &cmds, &uri);
     assert!(!out.contains("Pattern verification failed"), "{out}");
 
+    phase("discard and write-zeroes punch holes: the ranges read as zeros, their neighbours keep their bytes");
+    let cmds = [
+        "write -P 0x5a 20M 3M",
+        "discard 20M 1M",
+        "write -z 21M 512K",
+        "write -z -u 22M 4096",
+        "read -P 0 20M 1536K",
+        "read -P 0x5a 22016K 512K",
+        "read -P 0 22M 4096",
+        "read -P 0x5a 22532K 1020K",
+        "flush",
+    ];
+    let out = qemu_io(&server, "raw", &cmds, &uri);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+
     phase("block status: untouched ranges are holes, written ones data");
     let map = tool_ok(&server, "nbdinfo", &["--map", &uri]);
     eprintln!("{map}");
@@ -276,7 +291,14 @@ async fn qemu_tools_copy_an_image_exactly() {
     assert!(server.stop().success(), "exit status\n{}", server.log());
     let expected = tmp_path(work.path(), "expected.raw");
     tool_ok(&server, "qemu-img", &["convert", "-f", "qcow2", "-O", "raw", &qcow, &expected]);
-    qemu_io(&server, "raw", &["write -q -P 0xab 0 1M", "write -q -P 0xcd 10485000 2M"], &expected);
+    let ops = [
+        "write -q -P 0xab 0 1M",
+        "write -q -P 0xcd 10485000 2M",
+        "write -q -P 0x5a 20M 3M",
+        "write -q -z 20M 1536K",
+        "write -q -z 22M 4096",
+    ];
+    qemu_io(&server, "raw", &ops, &expected);
     let want = std::fs::read(&expected).expect("expected image");
     let files = cluster.files();
     let got = read_file(&files, file_ino(&cluster, "/disk.img").await).await;

@@ -905,22 +905,41 @@ impl Filesystem for LocusFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match mode {
-            // Space is not reserved ahead (chunks are allocated as they are
-            // written); the size part is what callers rely on.
-            0 => {}
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        const ZERO_KEEP: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        // Space is not reserved ahead (chunks are allocated as they are
+        // written): plain allocation is the size part callers rely on. A
+        // punched or zeroed range reads as zeros, its blocks freed.
+        let (zero, grow) = match mode {
+            0 => (false, true),
             libc::FALLOC_FL_KEEP_SIZE => return reply.ok(),
+            PUNCH | ZERO_KEEP => (true, false),
+            ZERO => (true, true),
             _ => return reply.error(Errno::from_i32(libc::EOPNOTSUPP)),
-        }
+        };
         let Some(end) = offset.checked_add(length) else { return reply.error(Errno::from_i32(libc::EFBIG)) };
         self.spawn(move |s| async move {
-            let size = match s.files.size(ino.0).await {
-                Ok(n) => n,
-                Err(e) => return reply.error(fail("fallocate", ino.0, &e)),
-            };
-            if end > size {
-                if let Err(e) = s.files.truncate(ino.0, end).await {
+            if zero {
+                if let Err(e) = s.files.punch(ino.0, offset, length).await {
                     return reply.error(fail("fallocate", ino.0, &e));
+                }
+                // The data changed: so do mtime and ctime, as on a local
+                // filesystem.
+                let set = SetAttr { mtime: Some(set_time(TimeOrNow::Now)), ..Default::default() };
+                if let Err(e) = s.meta.op_attr(MetaOp::SetAttr { ino: ino.0, set }).await {
+                    return reply.error(fail("fallocate", ino.0, &e));
+                }
+            }
+            if grow {
+                let size = match s.files.size(ino.0).await {
+                    Ok(n) => n,
+                    Err(e) => return reply.error(fail("fallocate", ino.0, &e)),
+                };
+                if end > size {
+                    if let Err(e) = s.files.truncate(ino.0, end).await {
+                        return reply.error(fail("fallocate", ino.0, &e));
+                    }
                 }
             }
             reply.ok()

@@ -127,33 +127,22 @@ impl Backend for LocusFile {
         Ok(self.files.fsync(self.ino).await?)
     }
 
-    async fn trim(&self, _offset: u64, _len: u32, _fua: bool) -> BackendResult<()> {
-        // A hint the spec lets us ignore: without a way to give chunk space
-        // back, writing zeros would cost a full write and free nothing.
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> BackendResult<()> {
+        // The range reads as zeros afterwards (the spec allows anything) and
+        // its whole checksum blocks are freed on every replica.
+        self.files.punch(self.ino, offset, u64::from(len)).await?;
+        if fua {
+            self.files.fsync(self.ino).await?;
+        }
         Ok(())
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fua: bool) -> BackendResult<()> {
         if no_hole {
+            // Asked to keep the space allocated: real zeros.
             self.zero_range(offset, u64::from(len)).await?;
         } else {
-            // Holes already read as zeros: write only where chunks exist.
-            let end = offset + u64::from(len);
-            let mut pos = offset;
-            while pos < end {
-                let extents = self.allocation(pos, (end - pos) as u32).await?;
-                if extents.iter().all(|e| e.len == 0) {
-                    // Nothing known: zero the rest.
-                    self.zero_range(pos, end - pos).await?;
-                    break;
-                }
-                for e in extents {
-                    if e.flags & STATE_ZERO == 0 {
-                        self.zero_range(pos, u64::from(e.len)).await?;
-                    }
-                    pos += u64::from(e.len);
-                }
-            }
+            self.files.punch(self.ino, offset, u64::from(len)).await?;
         }
         if fua {
             self.files.fsync(self.ino).await?;

@@ -16,8 +16,9 @@
 //! What it deliberately does not do: TLS (the option is refused; keep the
 //! export on loopback or a trusted network, or use a Unix socket),
 //! extended headers, resizing, or more than one export per process.
-//! Trims are accepted and ignored (the protocol allows it; there is no
-//! way yet to give chunk space back). Writes are buffered by the file
+//! Trims and write-zeroes (unless `NO_HOLE`) punch holes: the range reads
+//! as zeros and the replicas free its whole checksum blocks, with no data
+//! sent. Writes are buffered by the file
 //! client; a flush or FUA makes them durable on every replica.
 
 pub mod backend;
