@@ -431,3 +431,40 @@ async fn a_fence_lost_in_a_crash_is_raised_again_before_serving() {
         assert!(got[..] == before[at..at + MIB as usize], "chunk {} of the clone", loc.index);
     }
 }
+
+/// Goal: a hole punched into a clone (NBD trim, fallocate) zeroes the
+/// clone's bytes only: the shared chunks are copied first, the source keeps
+/// its data, and ranges past the end or in holes change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_punch_into_a_clone_leaves_the_source_alone() {
+    init_logging();
+    let cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let src = create(&c, ROOT_INO, "src").await;
+    let data = pattern(21, (3 * MIB) as usize);
+    f.write(src, 0, Bytes::from(data.clone())).await.unwrap();
+    f.fsync(src).await.unwrap();
+    let clone = f.clone_inode(src, ROOT_INO, b"clone", false).await.expect("clone").attr.ino;
+
+    phase("punch across the first chunk boundary of the clone, and past its end");
+    let (at, len) = (MIB - 10_000, 50_000u64);
+    f.punch(clone, at, len).await.expect("punch");
+    f.punch(clone, 3 * MIB - 100, 10 * MIB).await.expect("punch past the end");
+    f.fsync(clone).await.unwrap();
+    let mut want = data.clone();
+    want[at as usize..(at + len) as usize].fill(0);
+    want[(3 * MIB - 100) as usize..].fill(0);
+    let fresh = cluster.files();
+    assert_eq!(c.getattr(clone).await.unwrap().size, 3 * MIB, "a punch keeps the size");
+    assert!(read_all(&fresh, clone).await == want, "the clone reads zeros in the punched ranges");
+    assert!(read_all(&fresh, src).await == data, "the source is unchanged");
+    let src_chunks: BTreeSet<ChunkId> = layout(&c, src).await.chunks.iter().map(|x| x.chunk).collect();
+    let l = layout(&c, clone).await;
+    let copied: Vec<u64> = l.chunks.iter().filter(|x| !src_chunks.contains(&x.chunk)).map(|x| x.index).collect();
+    assert_eq!(copied, vec![0, 1, 2], "the punched chunks got their own copies");
+    for loc in &l.chunks {
+        let got = replicas_agree(&cluster, loc, MIB).await;
+        let at = (loc.index * MIB) as usize;
+        assert!(got[..] == want[at..at + MIB as usize], "chunk {} of the clone", loc.index);
+    }
+}
