@@ -466,6 +466,24 @@ async fn bad_input_and_bad_certificates_are_refused() {
 
 /// Goal: the change stream delivers every applied change in order, resumes
 /// from where it stopped, and starts with a snapshot when history is gone.
+
+/// Names the change stream's next item sets in the root directory (none
+/// for `Idle`). Fails at `deadline` (a stream that skipped changes only
+/// idles), at the end of the stream, and on snapshot markers.
+async fn root_names(stream: &mut fs_client::client::ChangeStream, deadline: tokio::time::Instant) -> Vec<String> {
+    match tokio::time::timeout_at(deadline, stream.next()).await.expect("stream stalled or skipped changes").unwrap() {
+        Some(StreamItem::Changes { changes, .. }) => changes
+            .into_iter()
+            .filter_map(|c| match c {
+                Change::EntrySet { parent: ROOT_INO, name, .. } => Some(String::from_utf8(name).unwrap()),
+                _ => None,
+            })
+            .collect(),
+        Some(StreamItem::Idle { .. }) => Vec::new(),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_stream_resumes_and_falls_back_to_snapshot() {
     init_logging();
@@ -514,21 +532,7 @@ async fn change_stream_resumes_and_falls_back_to_snapshot() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut resumed = Vec::new();
     while resumed.len() < 10 {
-        match tokio::time::timeout_at(deadline, stream.next())
-            .await
-            .expect("stream stalled or skipped changes")
-            .unwrap()
-        {
-            Some(StreamItem::Changes { changes, .. }) => {
-                for c in changes {
-                    if let Change::EntrySet { parent: ROOT_INO, name, .. } = c {
-                        resumed.push(String::from_utf8(name).unwrap());
-                    }
-                }
-            }
-            Some(_) => {}
-            None => panic!("stream ended"),
-        }
+        resumed.extend(root_names(&mut stream, deadline).await);
     }
     let want: Vec<String> = (20..30).map(|i| format!("s{i:02}")).collect();
     assert_eq!(resumed, want);
@@ -594,21 +598,7 @@ async fn change_stream_resumes_and_falls_back_to_snapshot() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut live = BTreeSet::new();
     while live.len() < 200 {
-        match tokio::time::timeout_at(deadline, stream.next())
-            .await
-            .expect("stream stalled or skipped changes")
-            .unwrap()
-        {
-            Some(StreamItem::Changes { changes, .. }) => {
-                for c in changes {
-                    if let Change::EntrySet { parent: ROOT_INO, name, .. } = c {
-                        live.insert(String::from_utf8(name).unwrap());
-                    }
-                }
-            }
-            Some(StreamItem::Idle { .. }) => {}
-            other => panic!("unexpected {other:?}"),
-        }
+        live.extend(root_names(&mut stream, deadline).await);
     }
     writer.await.unwrap();
 }
