@@ -464,9 +464,6 @@ async fn bad_input_and_bad_certificates_are_refused() {
     assert_eq!(e.code(), ErrorCode::Unauthorized);
 }
 
-/// Goal: the change stream delivers every applied change in order, resumes
-/// from where it stopped, and starts with a snapshot when history is gone.
-
 /// Names the change stream's next item sets in the root directory (none
 /// for `Idle`). Fails at `deadline` (a stream that skipped changes only
 /// idles), at the end of the stream, and on snapshot markers.
@@ -484,6 +481,8 @@ async fn root_names(stream: &mut fs_client::client::ChangeStream, deadline: toki
     }
 }
 
+/// Goal: the change stream delivers every applied change in order, resumes
+/// from where it stopped, and starts with a snapshot when history is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_stream_resumes_and_falls_back_to_snapshot() {
     init_logging();
