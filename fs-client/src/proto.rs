@@ -195,7 +195,8 @@ pub const DEFAULT_CHUNK_BYTES: u64 = 64 << 20;
 /// Checksum block size inside chunks, for clusters made now. A 4 KiB write
 /// re-reads, re-hashes and rewrites its whole block on every replica, so the
 /// block is small; below 16 KiB, blake3 loses its SIMD width and sequential
-/// I/O pays more per byte.
+/// I/O pays more per byte. (Tried 4 KiB: NBD random writes at QD16 stayed
+/// at 12,300 IOPS and random reads fell from 11,000-14,000 to 6,000-8,300.)
 pub const DEFAULT_BLOCK_BYTES: u64 = 16 << 10;
 /// Checksum block size of clusters made before the block size was recorded
 /// in the metadata: their chunk files keep it.
