@@ -924,26 +924,10 @@ impl ChunkStore {
     /// `version`. Never-written ranges read as zeros. Every touched block is
     /// verified; a mismatch or a media error is `Corrupt` with its block.
     pub fn read(&self, id: ChunkId, version: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
-        self.check_range(offset, len)?;
-        let locks = self.locks.get(id);
-        let _io = read_lock(&locks.io);
-        self.checked_entry(id, version)?;
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let file = self.file(id, version)?;
-        let (b0, b1) = self.geo.blocks(offset, len);
-        let n = (b1 - b0) as usize;
-        let sums = self.read_table(&file, id, b0, n)?;
-        let mut buf = vec![0u8; n * self.geo.bs()];
-        self.read_verified(&file, id, b0, &sums, &mut buf)?;
-        let head = (offset - b0 * self.geo.block_size) as usize;
-        let len = len as usize;
-        if head != 0 || len != buf.len() {
-            buf.copy_within(head..head + len, 0);
-            buf.truncate(len);
-        }
-        Ok(buf)
+        // A read that may wait never declines; were it to, say so rather
+        // than answer with no bytes.
+        self.read_with(id, version, offset, len, Wait::Yes)?
+            .ok_or_else(|| io_err(format!("read of chunk {}", Hex(id)), io::ErrorKind::WouldBlock.into()))
     }
 
     /// [`read`](Self::read) if it can be done without waiting: the chunk's
@@ -952,31 +936,40 @@ impl ChunkStore {
     /// caller then reads on a blocking thread. Lets an async server answer
     /// cached reads inline, without a hand-off to another thread and back.
     pub fn try_read_cached(&self, id: ChunkId, version: u64, offset: u64, len: u64) -> Result<Option<Vec<u8>>> {
+        self.read_with(id, version, offset, len, Wait::No)
+    }
+
+    /// The body of both reads; `None` only with [`Wait::No`], where it
+    /// would have waited.
+    fn read_with(&self, id: ChunkId, version: u64, offset: u64, len: u64, wait: Wait) -> Result<Option<Vec<u8>>> {
         self.check_range(offset, len)?;
         let locks = self.locks.get(id);
-        let Ok(_io) = locks.io.try_read() else { return Ok(None) };
+        let _io = match wait {
+            Wait::Yes => read_lock(&locks.io),
+            Wait::No => match locks.io.try_read() {
+                Ok(g) => g,
+                Err(_) => return Ok(None),
+            },
+        };
         self.checked_entry(id, version)?;
         if len == 0 {
             return Ok(Some(Vec::new()));
         }
-        let Some(file) = lock(&self.files).get(id) else { return Ok(None) };
+        let file = match wait {
+            Wait::Yes => self.file(id, version)?,
+            Wait::No => match lock(&self.files).get(id) {
+                Some(f) => f,
+                None => return Ok(None),
+            },
+        };
         let (b0, b1) = self.geo.blocks(offset, len);
         let n = (b1 - b0) as usize;
         let mut sums = vec![ZERO_SUM; n];
-        if !pread_nowait(&file, sums.as_flattened_mut(), Geometry::sum_off(b0)) {
+        let mut buf = vec![0u8; n * self.geo.bs()];
+        if !self.fill_table(&file, id, b0, &mut sums, wait)?
+            || !self.fill_verified(&file, id, b0, &sums, &mut buf, wait)?
+        {
             return Ok(None);
-        }
-        let bs = self.geo.bs();
-        let mut buf = vec![0u8; n * bs];
-        for (s, e) in runs(sums.len(), |i| sums[i] != ZERO_SUM) {
-            if !pread_nowait(&file, &mut buf[s * bs..e * bs], self.geo.block_off(b0 + s as u64)) {
-                return Ok(None);
-            }
-        }
-        for (i, sum) in sums.iter().enumerate() {
-            if *sum != ZERO_SUM && block_sum(id, b0 + i as u64, &buf[i * bs..(i + 1) * bs]) != *sum {
-                return Err(ChunkStoreError::Corrupt { id, block: b0 + i as u64 });
-            }
         }
         let head = (offset - b0 * self.geo.block_size) as usize;
         let len = len as usize;
@@ -1380,19 +1373,42 @@ impl ChunkStore {
 
     fn read_table(&self, file: &File, id: ChunkId, b0: u64, n: usize) -> Result<Vec<[u8; 32]>> {
         let mut sums = vec![ZERO_SUM; n];
-        file.read_exact_at(sums.as_flattened_mut(), Geometry::sum_off(b0))
-            .map_err(|e| read_error(id, b0, "read checksum table", e))?;
+        self.fill_table(file, id, b0, &mut sums, Wait::Yes)?;
         Ok(sums)
+    }
+
+    /// Fills `sums` with the table entries of blocks `b0..`; false if that
+    /// would have waited (only with [`Wait::No`]).
+    fn fill_table(&self, file: &File, id: ChunkId, b0: u64, sums: &mut [[u8; 32]], wait: Wait) -> Result<bool> {
+        pread(file, sums.as_flattened_mut(), Geometry::sum_off(b0), wait)
+            .map_err(|e| read_error(id, b0, "read checksum table", e))
     }
 
     /// Fills `buf` with blocks `b0..` whose table entries are `sums`,
     /// verifying each written block and zero-filling the others.
     fn read_verified(&self, file: &File, id: ChunkId, b0: u64, sums: &[[u8; 32]], buf: &mut [u8]) -> Result<()> {
+        self.fill_verified(file, id, b0, sums, buf, Wait::Yes).map(|_| ())
+    }
+
+    /// [`read_verified`](Self::read_verified); false if the data would have
+    /// had to wait for the disk (only with [`Wait::No`]; nothing verified).
+    fn fill_verified(
+        &self,
+        file: &File,
+        id: ChunkId,
+        b0: u64,
+        sums: &[[u8; 32]],
+        buf: &mut [u8],
+        wait: Wait,
+    ) -> Result<bool> {
         let bs = self.geo.bs();
         for (s, e) in runs(sums.len(), |i| sums[i] != ZERO_SUM) {
             let block = b0 + s as u64;
-            file.read_exact_at(&mut buf[s * bs..e * bs], self.geo.block_off(block))
+            let done = pread(file, &mut buf[s * bs..e * bs], self.geo.block_off(block), wait)
                 .map_err(|err| read_error(id, block, "read chunk data", err))?;
+            if !done {
+                return Ok(false);
+            }
         }
         for (i, sum) in sums.iter().enumerate() {
             let data = &mut buf[i * bs..(i + 1) * bs];
@@ -1402,7 +1418,7 @@ impl ChunkStore {
                 return Err(ChunkStoreError::Corrupt { id, block: b0 + i as u64 });
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn check_space(&self, need: u64) -> Result<()> {
@@ -1460,21 +1476,32 @@ fn parse_chunk_file_name(name: &str) -> Option<(ChunkId, u64)> {
     (chunk_file_name(id, version) == name).then_some((id, version))
 }
 
-/// A failed read of a replica: a short file or a media error means the replica
-/// is bad at that place (`Corrupt`), anything else is an I/O error.
-/// Fills `buf` from `off` only if the page cache holds all of it: false if
-/// the read would wait for the disk, came up short, or failed (the caller
-/// then reads the ordinary way, which reports what went wrong).
-fn pread_nowait(file: &File, buf: &mut [u8], off: u64) -> bool {
+/// Whether a read may wait for the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    /// Only from the page cache (`preadv2` with `RWF_NOWAIT`).
+    No,
+}
+
+/// Fills `buf` from `off`. With [`Wait::No`] only if the page cache holds
+/// all of it: `Ok(false)` if the read would wait, came up short or failed
+/// (the caller then reads the ordinary way, which reports what went wrong).
+fn pread(file: &File, buf: &mut [u8], off: u64, wait: Wait) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
-    let Ok(off) = i64::try_from(off) else { return false };
+    if wait == Wait::Yes {
+        return file.read_exact_at(buf, off).map(|()| true);
+    }
+    let Ok(off) = i64::try_from(off) else { return Ok(false) };
     let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: one iovec over `buf`, which lives and is exclusively borrowed
     // for the call; the fd is open for as long as `file` is.
     let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
-    n >= 0 && n as usize == buf.len()
+    Ok(n >= 0 && n as usize == buf.len())
 }
 
+/// A failed read of a replica: a short file or a media error means the replica
+/// is bad at that place (`Corrupt`), anything else is an I/O error.
 fn read_error(id: ChunkId, block: u64, context: &str, e: io::Error) -> ChunkStoreError {
     if e.kind() == io::ErrorKind::UnexpectedEof || e.raw_os_error() == Some(libc::EIO) {
         ChunkStoreError::Corrupt { id, block }
