@@ -206,7 +206,7 @@ fn sync_write_opts() -> WriteOptions {
 /// static teardown then crashes).
 struct Flusher {
     tx: Mutex<Option<mpsc::Sender<LogFlushed<TypeConfig>>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Flusher {
@@ -229,7 +229,7 @@ impl Flusher {
                 }
             })
             .expect("spawn flusher thread");
-        Flusher { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) }
+        Flusher { tx: Mutex::new(Some(tx)), thread: Some(thread) }
     }
 
     fn submit(&self, cb: LogFlushed<TypeConfig>) -> Result<(), StorageError> {
@@ -243,7 +243,7 @@ impl Drop for Flusher {
     fn drop(&mut self) {
         // Closing the channel ends the thread's loop; then wait for it.
         drop(self.tx.get_mut().unwrap_or_else(|p| p.into_inner()).take());
-        if let Some(t) = self.thread.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
