@@ -209,8 +209,7 @@ impl FileClient {
         // Read our own buffered writes: send them first if they overlap, or
         // if they extend the file (the gap they leave must read as zeros,
         // and sending is what zeroes it).
-        let overlaps =
-            st.buffer.range(..offset.saturating_add(len)).next_back().is_some_and(|(o, d)| o + d.len() as u64 > offset);
+        let overlaps = buffer_overlaps(&st, offset, offset.saturating_add(len));
         if overlaps || buffer_end(&st) > st.size.unwrap_or(0).max(st.pending_size) {
             self.send_buffer(&mut st, ino).await?;
             self.record_size(&mut st, ino).await?;
@@ -807,8 +806,7 @@ impl FileClient {
             return Err(read_only(ino));
         }
         let end = offset.saturating_add(len);
-        let overlaps = st.buffer.range(..end).next_back().is_some_and(|(o, d)| o + d.len() as u64 > offset);
-        if overlaps {
+        if buffer_overlaps(&st, offset, end) {
             self.send_buffer(&mut st, ino).await?;
             self.record_size(&mut st, ino).await?;
         }
@@ -830,7 +828,7 @@ impl FileClient {
         if offset >= end {
             return Ok(());
         }
-        for p in pieces_of(offset, end - offset, st.chunk_bytes, st.chunk_bytes) {
+        for p in pieces_of(offset, end - offset, cb, cb) {
             self.zero_in_chunk(&mut st, ino, p.index, p.offset, p.len).await?;
         }
         Ok(())
@@ -1043,6 +1041,12 @@ fn absorb(st: &mut FileState, l: Layout, range: Option<(u64, u64)>) {
         st.holes.remove(&c.index);
         st.locs.insert(c.index, c);
     }
+}
+
+/// Whether a buffered write overlaps `[offset, end)`. Segments do not
+/// overlap each other, so only the last one starting before `end` can.
+fn buffer_overlaps(st: &FileState, offset: u64, end: u64) -> bool {
+    st.buffer.range(..end).next_back().is_some_and(|(o, d)| o + d.len() as u64 > offset)
 }
 
 fn buffer_end(st: &FileState) -> u64 {

@@ -128,13 +128,9 @@ impl Backend for LocusFile {
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> BackendResult<()> {
-        // The range reads as zeros afterwards (the spec allows anything) and
-        // its whole checksum blocks are freed on every replica.
-        self.files.punch(self.ino, offset, u64::from(len)).await?;
-        if fua {
-            self.files.fsync(self.ino).await?;
-        }
-        Ok(())
+        // A write-zeroes that may punch: the range reads as zeros afterwards
+        // (the spec allows anything) and its blocks are freed.
+        self.write_zeroes(offset, len, false, fua).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fua: bool) -> BackendResult<()> {
