@@ -775,6 +775,9 @@ impl FileClient {
             let chain: Vec<String> = loc.replicas.iter().map(|r| r.addr.clone()).collect();
             match self.chunks.zero(&chain, loc.chunk, loc.version, off, len, loc.origin).await {
                 Ok(()) => {
+                    // Like a write, durable only once flushed: the next
+                    // fsync (or a FUA) must cover this chunk too.
+                    st.unsynced.insert(loc.chunk, chain);
                     let copied = loc.origin.map(|_| (loc.chunk, index));
                     st.locs.insert(index, loc);
                     self.cow_done(st, copied.into_iter().collect()).await;
