@@ -60,6 +60,8 @@ const MAX_FENCE_MARKS: usize = 1 << 20;
 /// Reads up to this size are tried inline on the async thread when cached
 /// (hashing 64 KiB takes tens of microseconds).
 const INLINE_READ_BYTES: u64 = 64 << 10;
+/// How often the files of fenced chunks are renamed to their new versions.
+const SETTLE_EVERY: Duration = Duration::from_millis(500);
 
 /// Settings of a chunk server.
 #[derive(Debug, Clone)]
@@ -268,6 +270,7 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
     tokio::spawn(srv.clone().heartbeat_loop());
     tokio::spawn(srv.clone().report_loop());
     tokio::spawn(srv.clone().scrub_loop());
+    tokio::spawn(srv.clone().settle_loop());
     if let Some(addr) = cfg.metrics_listen {
         tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve(addr, metrics).await {
@@ -282,7 +285,11 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
     let store = srv.store.clone();
     let ids: Vec<ChunkId> = store.list().into_iter().map(|(c, _)| c).collect();
     // Best effort: what was written reaches the disk before we go.
-    let _ = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(move || store.flush(&ids))).await;
+    let last = move || {
+        store.settle_names();
+        store.flush(&ids)
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(last)).await;
     Ok(())
 }
 
@@ -893,6 +900,21 @@ impl Server {
             let wait =
                 if unchecked { self.cfg.report_every.min(Duration::from_secs(1)) } else { self.cfg.report_every };
             tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Renames the chunk files whose fences moved only the index (see
+    /// [`ChunkStore::set_versions`]), a little after the clone that asked.
+    async fn settle_loop(self) {
+        loop {
+            tokio::time::sleep(SETTLE_EVERY).await;
+            if self.store.lagging_names() == 0 {
+                continue;
+            }
+            let store = self.store.clone();
+            if let Ok(n) = tokio::task::spawn_blocking(move || store.settle_names()).await {
+                tracing::debug!(renamed = n, "fenced chunk files renamed");
+            }
         }
     }
 

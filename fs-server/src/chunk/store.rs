@@ -836,6 +836,10 @@ pub struct ChunkStore {
     flush_syncs: AtomicU64,
     /// Makes version changes durable (see [`super::versions`]).
     journal: Journal,
+    /// Chunks whose version a fence raised in the index only: each with the
+    /// version its file is still named with. [`settle_names`](Self::settle_names)
+    /// renames them later, off the fence's path (see [`set_versions`](Self::set_versions)).
+    lagging: Mutex<HashMap<ChunkId, u64>>,
     #[cfg(test)]
     knobs: TestKnobs,
 }
@@ -884,6 +888,7 @@ impl ChunkStore {
             seq: AtomicU64::new(0),
             flush_syncs: AtomicU64::new(0),
             journal,
+            lagging: Mutex::default(),
             #[cfg(test)]
             knobs: TestKnobs::default(),
         };
@@ -1033,25 +1038,33 @@ impl ChunkStore {
     /// it is already at `to` (and then journals it again, so a retry after an
     /// error is durable); `VersionMismatch` if it is at neither.
     pub fn set_version(&self, id: ChunkId, from: u64, to: u64) -> Result<()> {
-        self.rename_version(id, from, to)?;
-        self.journal_changes(&[Change { chunk: id, from, to }], true)
+        match self.change_version(id, from, to, false)? {
+            Some(change) => self.journal_changes(&[change], true),
+            None => Ok(()),
+        }
     }
 
-    /// Many [`set_version`](Self::set_version)s: every rename first, then
+    /// Many [`set_version`](Self::set_version)s: every change first, then
     /// one journal append for them all, and with `durable` one fdatasync (a
     /// clone's fences would cost one sync, not one per chunk directory).
-    /// Without `durable` a crash may undo the changes (the chunks come back
-    /// at their old versions): for a caller that will be told again, as a
+    ///
+    /// Without `durable` the changes are fences: the index moves at once (a
+    /// write or read at the old version is refused from then on) but the
+    /// files keep their names until [`settle_names`](Self::settle_names)
+    /// renames them, so a clone of a written image does not wait for one
+    /// rename per chunk. A crash may undo them (the chunks come back at
+    /// their old versions): for a caller that will be told again, as a
     /// chunk server is by the answer to its first report. One result per
     /// change, in order.
     pub fn set_versions(&self, changes: &[(ChunkId, u64, u64)], durable: bool) -> Vec<Result<()>> {
         let mut results = Vec::with_capacity(changes.len());
         let mut done = Vec::with_capacity(changes.len());
         for &(id, from, to) in changes {
-            let r = self.rename_version(id, from, to);
-            if r.is_ok() {
-                done.push((results.len(), Change { chunk: id, from, to }));
-            }
+            let r = self.change_version(id, from, to, !durable).map(|change| {
+                if let Some(c) = change {
+                    done.push((results.len(), c));
+                }
+            });
             results.push(r);
         }
         let journaled: Vec<Change> = done.iter().map(|(_, c)| *c).collect();
@@ -1070,11 +1083,48 @@ impl ChunkStore {
         results
     }
 
+    /// Renames the files of the chunks a fence moved (see
+    /// [`set_versions`](Self::set_versions)) to their versions. Not synced:
+    /// their journal records stay until a compaction syncs the directories.
+    /// Returns how many it renamed; a failed rename is logged and tried
+    /// again next time.
+    pub fn settle_names(&self) -> usize {
+        let ids: Vec<ChunkId> = lock(&self.lagging).keys().copied().collect();
+        let mut renamed = 0;
+        for id in ids {
+            let locks = self.locks.get(id);
+            let _io = write_lock(&locks.io);
+            let Some(named) = lock(&self.lagging).get(&id).copied() else { continue };
+            let Some(entry) = self.entry(id) else {
+                lock(&self.lagging).remove(&id);
+                continue;
+            };
+            let (old, new) = (self.chunk_path(id, named), self.chunk_path(id, entry.version));
+            match fs::rename(&old, &new) {
+                Ok(()) => {
+                    lock(&self.lagging).remove(&id);
+                    renamed += 1;
+                }
+                Err(e) => warn!(chunk = %Hex(id), error = %e, path = %old.display(), "cannot rename a fenced chunk"),
+            }
+        }
+        renamed
+    }
+
+    /// Chunks whose file name lags their version.
+    pub fn lagging_names(&self) -> usize {
+        lock(&self.lagging).len()
+    }
+
     /// Appends `changes` (renamed already) to the version journal, synced
     /// if `durable`.
     fn journal_changes(&self, changes: &[Change], durable: bool) -> Result<()> {
         self.journal
-            .append_with(changes, durable, |dirs| self.sync_chunk_dirs(dirs))
+            .append_with(changes, durable, |dirs| {
+                // A compaction drops the records: every name must be right first.
+                self.settle_names();
+                self.sync_chunk_dirs(dirs)
+            })
             .map_err(|e| io_err(format!("append to {}", self.journal.path().display()), e))
     }
 
@@ -1111,7 +1161,7 @@ impl ChunkStore {
         let mut redone = 0;
         for c in versions::last_per_chunk(changes).into_values() {
             if c.from != c.to && self.version(c.chunk) == Some(c.from) {
-                self.rename_version(c.chunk, c.from, c.to)?;
+                self.change_version(c.chunk, c.from, c.to, false)?;
                 redone += 1;
             }
         }
@@ -1121,22 +1171,50 @@ impl ChunkStore {
             .map_err(|e| io_err(format!("compact {}", self.journal.path().display()), e))
     }
 
-    /// The rename of [`set_version`](Self::set_version), without the journal record.
-    fn rename_version(&self, id: ChunkId, from: u64, to: u64) -> Result<()> {
+    /// The version change of [`set_version`](Self::set_version), without
+    /// the journal record: returns that record (the file's name before and
+    /// the new version), or `None` if the chunk is at `to` already. With
+    /// `lazy` only the index moves and the file keeps its name (recorded in
+    /// `lagging`); otherwise the file is renamed.
+    fn change_version(&self, id: ChunkId, from: u64, to: u64, lazy: bool) -> Result<Option<Change>> {
         let locks = self.locks.get(id);
         let _io = write_lock(&locks.io);
         let entry = self.entry(id).ok_or(ChunkStoreError::NotFound(id))?;
         if entry.version == to {
-            return Ok(());
+            return Ok(None);
         }
         if entry.version != from {
             return Err(ChunkStoreError::VersionMismatch { id, have: entry.version, want: from });
         }
-        let (old, new) = (self.chunk_path(id, from), self.chunk_path(id, to));
-        fs::rename(&old, &new).map_err(|e| io_err(format!("rename {}", old.display()), e))?;
+        let named = self.named_version(id, from);
+        // Only a raise is left lazy: a file's name is then never above its
+        // version, so no install or creation can take the name it still has.
+        if lazy && to > named {
+            lock(&self.lagging).insert(id, named);
+        } else {
+            let (old, new) = (self.chunk_path(id, named), self.chunk_path(id, to));
+            fs::rename(&old, &new).map_err(|e| io_err(format!("rename {}", old.display()), e))?;
+            lock(&self.lagging).remove(&id);
+        }
         write_lock(&self.index).insert(id, IndexEntry { version: to, ..entry });
-        debug!(chunk = %Hex(id), from, to, "version changed");
-        Ok(())
+        debug!(chunk = %Hex(id), from, to, lazy, "version changed");
+        Ok(Some(Change { chunk: id, from: named, to }))
+    }
+
+    /// The version chunk `id`'s file is named with, for a chunk the index
+    /// has at `version`: the same unless a fence's rename is still to do.
+    fn named_version(&self, id: ChunkId, version: u64) -> u64 {
+        lock(&self.lagging).get(&id).copied().unwrap_or(version)
+    }
+
+    /// The file of chunk `id`, listed at `version`.
+    fn file_path(&self, id: ChunkId, version: u64) -> PathBuf {
+        self.chunk_path(id, self.named_version(id, version))
+    }
+
+    /// Forgets chunk `id`'s lagging name, once its file is gone or replaced.
+    fn forget_name(&self, id: ChunkId) {
+        lock(&self.lagging).remove(&id);
     }
 
     /// Deletes chunk `id`; a missing chunk is not an error.
@@ -1145,7 +1223,8 @@ impl ChunkStore {
         let _io = write_lock(&locks.io);
         let Some(entry) = self.entry(id) else { return Ok(()) };
         lock(&self.files).remove(id);
-        let path = self.chunk_path(id, entry.version);
+        let path = self.file_path(id, entry.version);
+        self.forget_name(id);
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => warn!(chunk = %Hex(id), "chunk file already gone"),
@@ -1360,7 +1439,7 @@ impl ChunkStore {
         if let Some(f) = lock(&self.files).get(id) {
             return Ok(f);
         }
-        let path = self.chunk_path(id, version);
+        let path = self.file_path(id, version);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -1448,9 +1527,10 @@ impl ChunkStore {
     /// Moves a chunk's file to `quarantine/` and forgets it. Call with its io lock held exclusively.
     fn quarantine_locked(&self, id: ChunkId, entry: IndexEntry, why: &str) -> Result<()> {
         lock(&self.files).remove(id);
-        let path = self.chunk_path(id, entry.version);
+        let path = self.file_path(id, entry.version);
         let dest = self.quarantine_path(&chunk_file_name(id, entry.version));
         fs::rename(&path, &dest).map_err(|e| io_err(format!("quarantine {}", path.display()), e))?;
+        self.forget_name(id);
         write_lock(&self.index).remove(id);
         warn!(chunk = %Hex(id), version = entry.version, to = %dest.display(), why, "chunk replica quarantined");
         // Best effort: if it fails the replica may reappear after a crash and is caught again.
@@ -2009,7 +2089,8 @@ impl ChunkStore {
         let old = self.entry(id);
         if let Some(old) = old {
             lock(&self.files).remove(id);
-            let old_path = self.chunk_path(id, old.version);
+            let old_path = self.file_path(id, old.version);
+            self.forget_name(id);
             // If this fails both versions stay on disk; the next open keeps the newer.
             if let Err(e) = fs::remove_file(&old_path) {
                 warn!(chunk = %Hex(id), error = %e, "could not delete replaced version");
@@ -3180,6 +3261,7 @@ mod tests {
         assert!(store.set_versions(&[(1, 1, 2), (2, 1, 5)], false).iter().all(|r| r.is_ok()));
         store.set_version(3, 4, 5).unwrap();
         store.set_version(3, 5, 4).unwrap();
+        assert_eq!(store.settle_names(), 2);
         assert!(!store.journal.is_empty());
         let path1 = store.chunk_path(1, 2);
         let path3 = store.chunk_path(3, 4);
@@ -3193,6 +3275,57 @@ mod tests {
         assert_eq!(store.read(3, 4, 0, 5).unwrap(), b"three");
         assert!(store.journal.is_empty(), "replayed and emptied");
         assert_eq!(fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap().len(), 0);
+    }
+
+    /// Goal: a fence (a version change without `durable`) moves the index
+    /// at once and leaves the rename for later: the old version is refused
+    /// and the new one served before the file is renamed; two fences in a
+    /// row, a reopen before the rename (the journal redoes it), a durable
+    /// change, a delete and a quarantine of a chunk whose name lags all
+    /// find the file; a compaction renames what lags before it drops records.
+    #[test]
+    fn a_fence_renames_later_and_every_path_finds_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), tiny()).unwrap();
+        for id in 1..=5 {
+            store.write(id, 1, 0, &[id as u8; 3], true).unwrap();
+        }
+        let all: Vec<(ChunkId, u64, u64)> = (1..=5).map(|id| (id, 1, 2)).collect();
+        assert!(store.set_versions(&all, false).iter().all(|r| r.is_ok()));
+        assert!(store.chunk_path(1, 1).exists() && !store.chunk_path(1, 2).exists(), "rename left for later");
+        assert_eq!(store.lagging_names(), 5);
+        assert!(matches!(store.read(1, 1, 0, 3), Err(ChunkStoreError::VersionMismatch { .. })));
+        assert!(matches!(store.write(1, 1, 0, b"x", false), Err(ChunkStoreError::VersionMismatch { .. })));
+        assert_eq!(store.read(1, 2, 0, 3).unwrap(), [1; 3]);
+        store.write(2, 2, 1, b"w", true).unwrap();
+        assert!(store.set_versions(&[(1, 2, 3)], false)[0].is_ok());
+        store.set_version(3, 2, 4).unwrap();
+        assert!(store.chunk_path(3, 4).exists() && !store.chunk_path(3, 1).exists());
+        store.delete(4).unwrap();
+        assert!(!store.chunk_path(4, 1).exists());
+        store.quarantine(5).unwrap();
+        assert!(!store.chunk_path(5, 1).exists());
+        assert_eq!(store.lagging_names(), 2, "chunks 1 and 2");
+        // A crash of the process: the journal's records are in the page cache.
+        drop(store);
+        let store = ChunkStore::open(dir.path(), tiny()).unwrap();
+        assert_eq!((store.version(1), store.version(2), store.version(3)), (Some(3), Some(2), Some(4)));
+        assert_eq!(store.read(1, 3, 0, 3).unwrap(), [1; 3]);
+        assert_eq!(store.read(2, 2, 0, 3).unwrap(), [2, b'w', 2]);
+        assert!(store.chunk_path(1, 3).exists() && store.chunk_path(2, 2).exists());
+        assert_eq!((store.version(4), store.version(5)), (None, None));
+        // Fences until the journal compacts: nothing lags after it.
+        let mut v = 3;
+        for _ in 0..=(versions::COMPACT_BYTES as usize / versions::RECORD_BYTES) {
+            assert!(store.set_versions(&[(1, v, v + 1)], false)[0].is_ok());
+            v += 1;
+        }
+        assert_eq!(store.lagging_names(), 0, "the compaction renamed first");
+        assert!(store.chunk_path(1, v).exists());
+        assert_eq!(store.read(1, v, 0, 3).unwrap(), [1; 3]);
+        assert!(store.set_versions(&[(1, v, v + 1)], false)[0].is_ok());
+        assert_eq!(store.settle_names(), 1);
+        assert!(store.chunk_path(1, v + 1).exists() && !store.chunk_path(1, v).exists());
     }
 
     /// Goal: a damaged journal tail is not replayed, and the store opens.

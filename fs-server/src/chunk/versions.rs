@@ -8,7 +8,11 @@
 //! 10 GiB image fences 160 chunks spread over up to 160 of the store's 256
 //! directories. With it, the renames are made, then one record per change is
 //! appended here and the file fdatasynced once; the rename itself may still
-//! be in the page cache when the call returns.
+//! be in the page cache when the call returns. A clone's fences go further:
+//! the store records them here without a sync and renames the files later
+//! (see `ChunkStore::set_versions`), so a record's `from` is the version the
+//! file is named with, which may be older than the chunk's version before
+//! the change.
 //!
 //! After a crash, [`ChunkStore::open`](super::store::ChunkStore::open) scans
 //! the chunk files, then replays the journal: for each chunk, its **last**
