@@ -187,11 +187,12 @@ impl ChunkClient {
         let conn = self.connection(addr).await?;
         let res = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
-            frame::write_frame(&mut send, req).await.map_err(|e| transport(e.to_string()))?;
-            if let Some(d) = data {
+            match data {
                 // Handed over whole: quinn sends from these bytes, no copy.
-                send.write_chunk(d).await.map_err(|e| transport(e.to_string()))?;
+                Some(d) => frame::write_frame_with(&mut send, req, d).await,
+                None => frame::write_frame(&mut send, req).await,
             }
+            .map_err(|e| transport(e.to_string()))?;
             let _ = send.finish();
             let resp: ChunkResponse = frame::read_frame(&mut recv).await.map_err(|e| transport(e.to_string()))?;
             match resp {

@@ -5,6 +5,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use fs_client::cli::{self, Cli};
 
+// As in the servers: the data path allocates a buffer or two per request,
+// and glibc's malloc was a tenth of an NBD export's CPU under 4 KiB I/O.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()

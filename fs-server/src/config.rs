@@ -251,10 +251,18 @@ pub struct ChunkSettings {
     /// Background verification rate (0 turns the scrubber off).
     #[arg(long)]
     pub scrub_mib_per_sec: Option<u64>,
+    /// Memory for verified blocks served to repeated reads (default 256; 0 turns it off).
+    #[arg(long)]
+    pub read_cache_mib: Option<u64>,
     /// TCP address of the Prometheus endpoint.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
 }
+
+/// A chunk server's block cache unless configured.
+pub const DEFAULT_READ_CACHE_MIB: u64 = 256;
+/// The largest block cache accepted (1 TiB): a bigger number is a typo.
+const MAX_READ_CACHE_MIB: u64 = 1 << 20;
 
 impl ChunkSettings {
     pub fn merge(self, over: ChunkSettings) -> ChunkSettings {
@@ -273,6 +281,7 @@ impl ChunkSettings {
             fence_after_ms: over.fence_after_ms.or(self.fence_after_ms),
             report_every_ms: over.report_every_ms.or(self.report_every_ms),
             scrub_mib_per_sec: over.scrub_mib_per_sec.or(self.scrub_mib_per_sec),
+            read_cache_mib: over.read_cache_mib.or(self.read_cache_mib),
             metrics_listen: over.metrics_listen.or(self.metrics_listen),
         }
     }
@@ -328,6 +337,13 @@ impl ChunkSettings {
                 reason: format!("{fence_after_ms} must be at least twice heartbeat_ms ({heartbeat_ms})"),
             });
         }
+        let read_cache_mib = self.read_cache_mib.unwrap_or(DEFAULT_READ_CACHE_MIB);
+        if read_cache_mib > MAX_READ_CACHE_MIB {
+            return Err(ConfigError::Invalid {
+                field: "read_cache_mib",
+                reason: format!("{read_cache_mib} is more than {MAX_READ_CACHE_MIB}"),
+            });
+        }
         let name = self.cert_name.unwrap_or_else(|| "chunk-1".into());
         Ok(crate::chunk::ChunkConfig {
             listen,
@@ -341,6 +357,7 @@ impl ChunkSettings {
             fence_after: Duration::from_millis(fence_after_ms),
             report_every: Duration::from_millis(self.report_every_ms.unwrap_or(60_000).max(100)),
             scrub_bytes_per_sec: self.scrub_mib_per_sec.unwrap_or(16) << 20,
+            read_cache_bytes: read_cache_mib << 20,
             metrics_listen: self.metrics_listen,
         })
     }

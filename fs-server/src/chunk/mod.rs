@@ -25,6 +25,7 @@
 //!   of the chain. A raise of a chunk this server lacks is remembered (in
 //!   memory, bounded), so a late write cannot create it at the old version.
 
+mod cache;
 pub mod store;
 mod versions;
 
@@ -44,7 +45,7 @@ use fs_client::proto::*;
 use fs_client::tls::{self, Identity};
 use fs_client::{ClientConfig, MetaClient};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, OpLabels};
 use store::{ChunkStore, ChunkStoreError, Missing, StoreOptions};
 
 /// How long a request header may take to arrive.
@@ -80,6 +81,8 @@ pub struct ChunkConfig {
     pub fence_after: Duration,
     pub report_every: Duration,
     pub scrub_bytes_per_sec: u64,
+    /// Bytes of verified blocks kept for reads (0: none).
+    pub read_cache_bytes: u64,
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -243,7 +246,13 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
     // Keep some of the disk free for the filesystem itself: 5%, at most
     // 256 MiB (small test disks would otherwise be all reserve).
     let reserved_bytes = (fs_stats(&dir).0 / 20).min(StoreOptions::default().reserved_bytes);
-    let opts = StoreOptions { chunk_size: chunk_bytes, block_size: block_bytes, reserved_bytes, ..Default::default() };
+    let opts = StoreOptions {
+        chunk_size: chunk_bytes,
+        block_size: block_bytes,
+        reserved_bytes,
+        cache_bytes: cfg.read_cache_bytes,
+        ..Default::default()
+    };
     let store = tokio::task::spawn_blocking(move || ChunkStore::open(&dir, opts))
         .await
         .context("open store")?
@@ -359,9 +368,7 @@ impl Server {
                     match self.read(chunk, version, offset, len).await {
                         Ok(data) => {
                             let hdr: ChunkResponse = Ok(ChunkReply::Data { len: data.len() as u64 });
-                            if frame::write_frame(&mut send, &hdr).await.is_ok() {
-                                let _ = send.write_chunk(Bytes::from(data)).await;
-                            }
+                            let _ = frame::write_frame_with(&mut send, &hdr, Bytes::from(data)).await;
                             let _ = send.finish();
                             self.metrics.observe(op, started.elapsed(), None);
                             return;
@@ -824,6 +831,14 @@ impl Server {
         loop {
             tokio::time::sleep(self.cfg.heartbeat).await;
             let (capacity_bytes, available_bytes, used_bytes) = self.stats();
+            let cache = self.store.cache_stats();
+            for (name, v) in [
+                ("read_cache_hits", cache.hits),
+                ("read_cache_misses", cache.misses),
+                ("read_cache_bytes", cache.bytes),
+            ] {
+                self.metrics.gauges.get_or_create(&OpLabels { op: name.into() }).set(v as i64);
+            }
             let msg = ServerMsg::Heartbeat {
                 id: self.id.load(Ordering::Relaxed),
                 capacity_bytes,

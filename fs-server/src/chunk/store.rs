@@ -152,6 +152,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, error, info, warn};
 
+use super::cache::{BlockCache, CacheStats};
 use super::versions::{self, Change, Journal};
 
 // Offsets and lengths inside a chunk (at most MAX_CHUNK_SIZE) are cast to usize.
@@ -200,7 +201,7 @@ const LOCK_FILE: &str = "lock";
 const JOURNAL_FILE: &str = "versions.log";
 
 /// Index flag: written since the last fdatasync started.
-const FLAG_DIRTY: u32 = 1;
+const FLAG_DIRTY: u8 = 1;
 
 /// What a write or zero does to a chunk this store does not have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -226,11 +227,20 @@ pub struct StoreOptions {
     /// Writes that allocate space fail with `NoSpace` when the filesystem
     /// would have less than this many bytes available afterwards.
     pub reserved_bytes: u64,
+    /// Bytes of verified blocks kept in memory for reads (0: none); see
+    /// [`super::cache`].
+    pub cache_bytes: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { chunk_size: 64 << 20, block_size: 16 << 10, max_open_files: 1024, reserved_bytes: 256 << 20 }
+        StoreOptions {
+            chunk_size: 64 << 20,
+            block_size: 16 << 10,
+            max_open_files: 1024,
+            reserved_bytes: 256 << 20,
+            cache_bytes: 256 << 20,
+        }
     }
 }
 
@@ -566,9 +576,12 @@ fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct IndexEntry {
     version: u64,
+    /// This incarnation of the chunk's file, for the block cache (see
+    /// [`super::cache`]): new at every creation, import and open.
+    gen: u64,
     /// Allocated size of the file in 512-byte sectors, for `used_bytes`.
     sectors: u32,
-    flags: u32,
+    flags: u8,
 }
 
 #[derive(Default)]
@@ -840,6 +853,10 @@ pub struct ChunkStore {
     /// version its file is still named with. [`settle_names`](Self::settle_names)
     /// renames them later, off the fence's path (see [`set_versions`](Self::set_versions)).
     lagging: Mutex<HashMap<ChunkId, u64>>,
+    /// Verified blocks for reads.
+    cache: BlockCache,
+    /// The next [`IndexEntry::gen`].
+    next_gen: AtomicU64,
     #[cfg(test)]
     knobs: TestKnobs,
 }
@@ -852,6 +869,7 @@ impl ChunkStore {
     /// different chunk or block size than `opts`.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<ChunkStore> {
         let geo = Geometry::new(opts.chunk_size, opts.block_size).map_err(ChunkStoreError::BadInput)?;
+        let cache = BlockCache::new(opts.cache_bytes, geo.bs());
         if opts.max_open_files == 0 {
             return Err(ChunkStoreError::BadInput("max_open_files must be at least 1".into()));
         }
@@ -889,6 +907,8 @@ impl ChunkStore {
             flush_syncs: AtomicU64::new(0),
             journal,
             lagging: Mutex::default(),
+            cache,
+            next_gen: AtomicU64::new(1),
             #[cfg(test)]
             knobs: TestKnobs::default(),
         };
@@ -956,9 +976,14 @@ impl ChunkStore {
                 Err(_) => return Ok(None),
             },
         };
-        self.checked_entry(id, version)?;
+        let entry = self.checked_entry(id, version)?;
         if len == 0 {
             return Ok(Some(Vec::new()));
+        }
+        let (b0, b1) = self.geo.blocks(offset, len);
+        let head = (offset - b0 * self.geo.block_size) as usize;
+        if let Some(hit) = self.cache.read(entry.gen, b0, head, len as usize) {
+            return Ok(Some(hit));
         }
         let file = match wait {
             Wait::Yes => self.file(id, version)?,
@@ -967,7 +992,6 @@ impl ChunkStore {
                 None => return Ok(None),
             },
         };
-        let (b0, b1) = self.geo.blocks(offset, len);
         let n = (b1 - b0) as usize;
         let mut sums = vec![ZERO_SUM; n];
         let mut buf = vec![0u8; n * self.geo.bs()];
@@ -976,7 +1000,7 @@ impl ChunkStore {
         {
             return Ok(None);
         }
-        let head = (offset - b0 * self.geo.block_size) as usize;
+        self.cache.fill(entry.gen, b0, &buf, |i| sums[i] != ZERO_SUM);
         let len = len as usize;
         if head != 0 || len != buf.len() {
             buf.copy_within(head..head + len, 0);
@@ -1417,6 +1441,15 @@ impl ChunkStore {
         read_lock(&self.index).get(id)
     }
 
+    fn new_gen(&self) -> u64 {
+        self.next_gen.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Hits and misses of the block cache, and the bytes it holds.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
     fn checked_entry(&self, id: ChunkId, version: u64) -> Result<IndexEntry> {
         match self.entry(id) {
             None => Err(ChunkStoreError::NotFound(id)),
@@ -1618,6 +1651,11 @@ impl ChunkStore {
         let bs = g.bs();
         let (b0, b1) = g.blocks(offset, len);
         let n = (b1 - b0) as usize;
+        // Before any byte changes, and with the lock held exclusively: no
+        // read can put the old blocks back (see `super::cache`).
+        if let Some(e) = self.entry(id) {
+            self.cache.forget(e.gen, b0, b1);
+        }
         let old = self.read_table(&file, id, b0, n)?;
         let head = (offset - b0 * g.block_size) as usize;
         let end = head + len as usize;
@@ -1844,7 +1882,7 @@ impl ChunkStore {
             return Err(e);
         }
         let sectors = sectors_of(&file).unwrap_or(0);
-        write_lock(&self.index).insert(id, IndexEntry { version, sectors, flags: 0 });
+        write_lock(&self.index).insert(id, IndexEntry { version, gen: self.new_gen(), sectors, flags: 0 });
         let file = Arc::new(file);
         lock(&self.files).insert(id, file.clone());
         Ok(file)
@@ -2097,7 +2135,7 @@ impl ChunkStore {
             }
         }
         let sectors = sectors_of(&file).unwrap_or(0);
-        write_lock(&self.index).insert(id, IndexEntry { version, sectors, flags: 0 });
+        write_lock(&self.index).insert(id, IndexEntry { version, gen: self.new_gen(), sectors, flags: 0 });
         lock(&self.files).insert(id, Arc::new(file));
         // A sync failure of the replica this one replaces does not concern it.
         lock(&locks.flush).failed = None;
@@ -2273,7 +2311,7 @@ impl ChunkStore {
                 let stale = match index.get(id) {
                     Some(kept) if kept.version > version => version,
                     other => {
-                        index.insert(id, IndexEntry { version, sectors, flags: 0 });
+                        index.insert(id, IndexEntry { version, gen: self.new_gen(), sectors, flags: 0 });
                         match other {
                             Some(kept) => kept.version,
                             None => continue,
@@ -2353,12 +2391,18 @@ mod tests {
 
     /// 16 blocks of 4 KiB: small enough to cover every alignment quickly.
     fn tiny() -> StoreOptions {
-        StoreOptions { chunk_size: 64 * KIB, block_size: 4 * KIB, max_open_files: 8, reserved_bytes: 0 }
+        StoreOptions {
+            chunk_size: 64 * KIB,
+            block_size: 4 * KIB,
+            max_open_files: 8,
+            reserved_bytes: 0,
+            cache_bytes: MIB,
+        }
     }
 
     /// 16 blocks of 64 KiB.
     fn small() -> StoreOptions {
-        StoreOptions { chunk_size: MIB, block_size: 64 * KIB, max_open_files: 8, reserved_bytes: 0 }
+        StoreOptions { chunk_size: MIB, block_size: 64 * KIB, max_open_files: 8, reserved_bytes: 0, cache_bytes: MIB }
     }
 
     /// Deterministic pseudo-random bytes (xorshift), never all zero for long.
@@ -2659,7 +2703,8 @@ mod tests {
     #[test]
     fn cached_reads_match_ordinary_reads_and_check_sums() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = small();
+        // Without the block cache, which would answer the second read.
+        let opts = StoreOptions { cache_bytes: 0, ..small() };
         let store = ChunkStore::open(dir.path(), opts.clone()).unwrap();
         let data = pattern(3, 3 * 64 * KIB as usize);
         store.write(8, 1, 64 * KIB, &data, true).unwrap();
@@ -2679,6 +2724,54 @@ mod tests {
             other => panic!("a flipped byte must not be served: {other:?}"),
         }
         assert!(matches!(store.read(8, 1, 2 * 64 * KIB, 10), Err(ChunkStoreError::Corrupt { id: 8, block: 2 })));
+    }
+
+    /// Goal: the block cache serves what was verified and nothing older than
+    /// the last change: a byte flipped on disk after a read is not seen
+    /// (the cached copy passed its check; the scrubber still finds the
+    /// damage), a write or zeroing is seen at once, a chunk deleted and made
+    /// again at the same id and version reads its new bytes, a fence keeps
+    /// the cache, and long reads do not fill it.
+    #[test]
+    fn block_cache_serves_verified_bytes_and_forgets_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = small();
+        let store = ChunkStore::open(dir.path(), opts.clone()).unwrap();
+        let data = pattern(5, 4 * 64 * KIB as usize);
+        store.write(8, 1, 0, &data, true).unwrap();
+        store.flush(&[8]).unwrap();
+        assert_eq!(store.read(8, 1, 4 * KIB, 4 * KIB).unwrap(), &data[4 * KIB as usize..8 * KIB as usize]);
+        let hits = store.cache_stats().hits;
+        flip_byte(&chunk_file(dir.path(), 8, 1), data_off(&opts) + 5 * KIB);
+        assert_eq!(store.read(8, 1, 5 * KIB, 16).unwrap(), &data[5 * KIB as usize..5 * KIB as usize + 16]);
+        assert_eq!(store.cache_stats().hits, hits + 1, "answered from the cache");
+        assert_eq!(store.try_read_cached(8, 1, 0, 64 * KIB).unwrap().unwrap(), &data[..64 * KIB as usize]);
+        assert_eq!(store.scrub(u64::MAX).corrupt, vec![8], "the damage on disk is still found");
+        assert!(store.is_empty(), "and the replica quarantined");
+
+        store.write(9, 1, 0, &data, true).unwrap();
+        assert_eq!(store.read(9, 1, 0, 100).unwrap(), &data[..100]);
+        store.write(9, 1, 10, b"new bytes", false).unwrap();
+        assert_eq!(&store.read(9, 1, 0, 100).unwrap()[10..19], b"new bytes");
+        store.zero(9, 1, 0, 64 * KIB).unwrap();
+        assert_eq!(store.read(9, 1, 0, 100).unwrap(), vec![0; 100]);
+        assert_eq!(store.read(9, 1, 64 * KIB, 8).unwrap(), &data[64 * KIB as usize..64 * KIB as usize + 8]);
+        assert!(store.set_versions(&[(9, 1, 2)], false)[0].is_ok());
+        let hits = store.cache_stats().hits;
+        assert_eq!(store.read(9, 2, 64 * KIB, 8).unwrap(), &data[64 * KIB as usize..64 * KIB as usize + 8]);
+        assert_eq!(store.cache_stats().hits, hits + 1, "a fence keeps the cached blocks");
+        assert!(matches!(store.read(9, 1, 64 * KIB, 8), Err(ChunkStoreError::VersionMismatch { .. })));
+        store.delete(9).unwrap();
+        store.write(9, 2, 64 * KIB, b"again", true).unwrap();
+        assert_eq!(&store.read(9, 2, 64 * KIB, 8).unwrap()[..], b"again\0\0\0");
+
+        let misses = store.cache_stats().misses;
+        let long = pattern(6, (crate::chunk::cache::MAX_FILL_BLOCKS + 1) * 64 * KIB as usize);
+        store.write(10, 1, 0, &long, true).unwrap();
+        for _ in 0..2 {
+            assert_eq!(store.read(10, 1, 0, long.len() as u64).unwrap(), long);
+        }
+        assert_eq!(store.cache_stats().misses, misses + 2, "a long read neither fills nor hits");
     }
 
     /// Goal: a torn checksum table entry (crash between data and table write)
@@ -2999,7 +3092,8 @@ mod tests {
     fn index_heap_per_entry() {
         let mut index = Index::default();
         for i in 0..1_000_000u64 {
-            index.insert(i.wrapping_mul(0x9E37_79B9_7F4A_7C15), IndexEntry { version: i, sectors: 8, flags: 0 });
+            index
+                .insert(i.wrapping_mul(0x9E37_79B9_7F4A_7C15), IndexEntry { version: i, gen: i, sectors: 8, flags: 0 });
         }
         let per_entry = index.heap_bytes() as f64 / 1e6;
         println!(
