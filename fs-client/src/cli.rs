@@ -407,6 +407,42 @@ pub(crate) fn file_client(meta: &MetaClient, cfg: &ClientConfig) -> CliResult<Fi
 /// How much `put`, `get` and `cat` move per request.
 const COPY_PIECE: u64 = 4 << 20;
 
+/// Granule of zero detection in `put` and `get`: runs of zeros shorter
+/// than this are copied as data.
+const ZERO_GRANULE: usize = 64 << 10;
+
+/// The runs of `buf` that hold a non-zero byte, at [`ZERO_GRANULE`]
+/// granularity: `(offset in buf, bytes)`, in order, adjacent granules merged.
+fn nonzero_runs(buf: &[u8]) -> Vec<(usize, &[u8])> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, g) in buf.chunks(ZERO_GRANULE).enumerate() {
+        if g.iter().all(|b| *b == 0) {
+            continue;
+        }
+        let (start, end) = (i * ZERO_GRANULE, i * ZERO_GRANULE + g.len());
+        match runs.last_mut() {
+            Some((_, e)) if *e == start => *e = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs.into_iter().map(|(s, e)| (s, &buf[s..e])).collect()
+}
+
+/// Reads until `buf` is full or the end: a short read from a pipe or a
+/// network filesystem would otherwise shift the zero granules.
+fn read_full(file: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 fn progress(total: u64, quiet: bool, what: &str) -> indicatif::ProgressBar {
     if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return indicatif::ProgressBar::hidden();
@@ -429,7 +465,6 @@ async fn data(f: &FileClient, cmd: FsCmd, json: bool) -> CliResult {
     let c = f.meta();
     match cmd {
         FsCmd::Put { local, remote, quiet } => {
-            use std::io::Read;
             let mut file = std::fs::File::open(&local).map_err(|e| local_err(&local, e))?;
             let total = file.metadata().map_err(|e| local_err(&local, e))?.len();
             let path = abs(&remote);
@@ -446,16 +481,23 @@ async fn data(f: &FileClient, cmd: FsCmd, json: bool) -> CliResult {
             let mut off = 0u64;
             let mut buf = vec![0u8; COPY_PIECE as usize];
             loop {
-                let n = file.read(&mut buf).map_err(|e| local_err(&local, e))?;
+                let n = read_full(&mut file, &mut buf).map_err(|e| local_err(&local, e))?;
                 if n == 0 {
                     break;
                 }
-                f.write(attr.ino, off, bytes::Bytes::copy_from_slice(&buf[..n]))
-                    .await
-                    .map_err(|e| CliError::from_client(&show(&path), e))?;
+                // Zeros are not sent: the new file reads as zeros there, and
+                // a sparse disk image stays sparse (its unwritten chunks are
+                // never allocated).
+                for (at, run) in nonzero_runs(&buf[..n]) {
+                    f.write(attr.ino, off + at as u64, bytes::Bytes::copy_from_slice(run))
+                        .await
+                        .map_err(|e| CliError::from_client(&show(&path), e))?;
+                }
                 off += n as u64;
                 pb.set_position(off);
             }
+            f.flush(attr.ino).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+            f.truncate(attr.ino, off).await.map_err(|e| CliError::from_client(&show(&path), e))?;
             f.fsync(attr.ino).await.map_err(|e| CliError::from_client(&show(&path), e))?;
             pb.finish_and_clear();
             if json {
@@ -474,6 +516,7 @@ async fn data(f: &FileClient, cmd: FsCmd, json: bool) -> CliResult {
                     message: format!("{}: not a regular file", show(&path)),
                 });
             }
+            use std::io::{Seek, SeekFrom};
             let mut out = std::fs::File::create(&local).map_err(|e| local_err(&local, e))?;
             let pb = progress(attr.size, quiet || json, "get");
             let mut off = 0u64;
@@ -483,10 +526,19 @@ async fn data(f: &FileClient, cmd: FsCmd, json: bool) -> CliResult {
                 if data.is_empty() {
                     break;
                 }
-                out.write_all(&data).map_err(|e| local_err(&local, e))?;
+                // Runs of zeros become holes in the local file, as `cp
+                // --sparse` makes them; the length is set at the end.
+                let mut at = 0;
+                for (start, run) in nonzero_runs(&data) {
+                    out.seek(SeekFrom::Current((start - at) as i64)).map_err(|e| local_err(&local, e))?;
+                    out.write_all(run).map_err(|e| local_err(&local, e))?;
+                    at = start + run.len();
+                }
+                out.seek(SeekFrom::Current((data.len() - at) as i64)).map_err(|e| local_err(&local, e))?;
                 off += data.len() as u64;
                 pb.set_position(off);
             }
+            out.set_len(off).map_err(|e| local_err(&local, e))?;
             out.sync_all().map_err(|e| local_err(&local, e))?;
             pb.finish_and_clear();
             if json {
@@ -1313,5 +1365,28 @@ async fn cluster(c: &MetaClient, cmd: ClusterCmd, json: bool) -> CliResult {
             c.admin(AdminOp::Snapshot).await.map_err(|e| CliError::from_client("snapshot", e))?;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Goal: zero detection finds exactly the granules holding a non-zero
+    /// byte, merges neighbours, and keeps a short tail.
+    #[test]
+    fn nonzero_runs_skip_zero_granules() {
+        let g = ZERO_GRANULE;
+        let mut buf = vec![0u8; 5 * g + 10];
+        assert!(nonzero_runs(&buf).is_empty());
+        buf[g + 1] = 1;
+        buf[2 * g + g - 1] = 2;
+        buf[5 * g + 9] = 3;
+        let runs: Vec<(usize, usize)> = nonzero_runs(&buf).iter().map(|(s, r)| (*s, r.len())).collect();
+        assert_eq!(runs, vec![(g, 2 * g), (5 * g, 10)]);
+        let mut from = std::io::Cursor::new(vec![7u8; 3 * g]);
+        let mut into = vec![0u8; 2 * g];
+        assert_eq!(read_full(&mut from, &mut into).unwrap(), 2 * g);
+        assert_eq!(read_full(&mut from, &mut into).unwrap(), g);
     }
 }

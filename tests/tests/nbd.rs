@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use fs_client::file::FileClient;
 use fs_client::proto::*;
-use locus_tests::files::pattern;
+use locus_tests::files::{layout, pattern};
 use locus_tests::{bin, init_logging, locus_cli, phase, Cluster, ClusterOptions};
 
 const MIB: u64 = 1 << 20;
@@ -706,4 +706,48 @@ async fn read_only_export_refuses_writes() {
     assert!(!sock.exists(), "the socket file is removed at exit");
     let got = read_file(&cluster.files(), ino).await;
     assert!(got == known, "a read-only export changed the file");
+}
+
+/// Goal: a sparse disk image stays sparse through `locus fs put` and `locus
+/// fs get`: put allocates only the chunks that hold data, block status
+/// shows the rest as holes, the size survives trailing zeros, and get
+/// writes the same bytes into a local file with holes where the zeros were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_and_get_keep_a_sparse_image_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let (cluster, config) = start_cluster().await;
+    let work = tempfile::tempdir().expect("work dir");
+    let src = work.path().join("sparse.raw");
+    let size = 64 * MIB;
+    let mut image = vec![0u8; size as usize];
+    // Data in chunks 10 and 11 (1 MiB chunks here), one byte in chunk 40,
+    // and zeros to the end, which only the size records.
+    image[(10 * MIB + 5) as usize..(11 * MIB + 77) as usize].fill(0xab);
+    image[(40 * MIB + 123) as usize] = 1;
+    std::fs::write(&src, &image).expect("write image");
+
+    phase("put: only the chunks with data are allocated");
+    let (code, out, err) = locus_cli(&config, &["fs", "put", &src.to_string_lossy(), "/sparse.raw", "--quiet"], None);
+    assert_eq!(code, 0, "put: {out}{err}");
+    let ino = file_ino(&cluster, "/sparse.raw").await;
+    let l = layout(&cluster.client(), ino).await;
+    assert_eq!(l.attr.size, size, "the size survives trailing zeros");
+    let mut indexes: Vec<u64> = l.chunks.iter().map(|c| c.index).collect();
+    indexes.sort_unstable();
+    assert_eq!(indexes, vec![10, 11, 40], "allocated chunks");
+    assert!(read_file(&cluster.files(), ino).await == image, "the file reads back as the image");
+
+    phase("block status through an export: holes where nothing was written");
+    let server = NbdServer::start(&config, "/sparse.raw", &["--listen", "127.0.0.1:0"], work.path().join("server.log"));
+    let map = tool_ok(&server, "nbdinfo", &["--map", &server.uri]);
+    assert!(map.lines().any(|l| l.contains("hole")), "{map}");
+    drop(server);
+
+    phase("get: the same bytes, with holes");
+    let dst = work.path().join("back.raw");
+    let (code, out, err) = locus_cli(&config, &["fs", "get", "/sparse.raw", &dst.to_string_lossy(), "--quiet"], None);
+    assert_eq!(code, 0, "get: {out}{err}");
+    assert!(std::fs::read(&dst).expect("read back") == image, "get returns the image");
+    let allocated = std::fs::metadata(&dst).expect("stat").blocks() * 512;
+    assert!(allocated < 8 * MIB, "{allocated} bytes allocated for 2 MiB of data");
 }
