@@ -13,9 +13,11 @@
 //! and is never reused, so a chunk deleted, quarantined or replaced can
 //! never be served from the cache again: its blocks become unreachable and
 //! age out. A write or zeroing forgets the blocks it covers, with the
-//! chunk's lock held exclusively, and reads insert only with the lock held
-//! shared, so no read can put back a block older than a write that
-//! finished. A version change keeps the generation (the bytes are the
+//! chunk's lock held exclusively, before it changes a byte, and puts the
+//! new blocks in (a small write's) once they are written; reads insert
+//! only with the lock held shared, so no read can put back a block older
+//! than a write that finished. A partial-block write takes the block's old
+//! bytes from the cache when it can. A version change keeps the generation (the bytes are the
 //! same); the version is checked against the index before the cache.
 //!
 //! The policy is quick_cache's (S3-FIFO like: a scan does not flush the hot
@@ -91,6 +93,17 @@ impl BlockCache {
         }
         self.hits.fetch_add(1, Ordering::Relaxed);
         Some(out)
+    }
+
+    /// Copies block `block` of generation `gen` into `out` (one block
+    /// long) if it is cached. Call with the chunk's lock held.
+    pub fn copy_block(&self, gen: u64, block: u64, out: &mut [u8]) -> bool {
+        let Some(data) = self.cache.as_ref().and_then(|c| c.get(&(gen, block))) else { return false };
+        if data.len() != out.len() {
+            return false;
+        }
+        out.copy_from_slice(&data);
+        true
     }
 
     /// Caches the verified blocks `data` (whole blocks from `b0` on) of

@@ -1651,11 +1651,7 @@ impl ChunkStore {
         let bs = g.bs();
         let (b0, b1) = g.blocks(offset, len);
         let n = (b1 - b0) as usize;
-        // Before any byte changes, and with the lock held exclusively: no
-        // read can put the old blocks back (see `super::cache`).
-        if let Some(e) = self.entry(id) {
-            self.cache.forget(e.gen, b0, b1);
-        }
+        let gen = self.entry(id).map(|e| e.gen);
         let old = self.read_table(&file, id, b0, n)?;
         let head = (offset - b0 * g.block_size) as usize;
         let end = head + len as usize;
@@ -1665,12 +1661,12 @@ impl ChunkStore {
                 let mut buf = vec![0u8; n * bs];
                 // Partial first and last blocks keep their bytes outside the range.
                 if head != 0 {
-                    self.load_block(&file, id, b0, &old[0], &mut buf[..bs])?;
+                    self.load_block(&file, id, gen, b0, &old[0], &mut buf[..bs])?;
                 }
                 let tail_partial = !end.is_multiple_of(bs);
                 let tail_is_loaded_head = n == 1 && head != 0;
                 if tail_partial && !tail_is_loaded_head {
-                    self.load_block(&file, id, b1 - 1, &old[n - 1], &mut buf[(n - 1) * bs..])?;
+                    self.load_block(&file, id, gen, b1 - 1, &old[n - 1], &mut buf[(n - 1) * bs..])?;
                 }
                 match src {
                     Src::Data(d) => buf[head..end].copy_from_slice(d),
@@ -1694,6 +1690,12 @@ impl ChunkStore {
         // disk were not read (whole-block overwrite) and may be the corrupt
         // copy this write is meant to heal.
         let is_data = |i: usize| new[i] != ZERO_SUM;
+        // Before any byte changes, with the lock held exclusively, so no
+        // read can put the old blocks back (see `super::cache`); the new
+        // ones go in once they are written.
+        if let Some(g) = gen {
+            self.cache.forget(g, b0, b1);
+        }
         let allocate = runs(n, |i| is_data(i) && old[i] == ZERO_SUM);
         if !allocate.is_empty() {
             let blocks: usize = allocate.iter().map(|(s, e)| e - s).sum();
@@ -1721,14 +1723,31 @@ impl ChunkStore {
                 break;
             }
         }
+        if let Some(g) = gen {
+            // A small write's blocks are what the next read or partial
+            // write of them wants; their sums were just computed from them.
+            self.cache.fill(g, b0, &content, is_data);
+        }
         self.note_modified(id, &file);
         Ok(())
     }
 
-    /// Reads and verifies one block into `buf`; a never-written block is zeros.
-    fn load_block(&self, file: &File, id: ChunkId, block: u64, sum: &[u8; 32], buf: &mut [u8]) -> Result<()> {
+    /// Reads and verifies one block into `buf` (from the block cache when
+    /// it holds it); a never-written block is zeros.
+    fn load_block(
+        &self,
+        file: &File,
+        id: ChunkId,
+        gen: Option<u64>,
+        block: u64,
+        sum: &[u8; 32],
+        buf: &mut [u8],
+    ) -> Result<()> {
         if *sum == ZERO_SUM {
             buf.fill(0);
+            return Ok(());
+        }
+        if gen.is_some_and(|g| self.cache.copy_block(g, block, buf)) {
             return Ok(());
         }
         file.read_exact_at(buf, self.geo.block_off(block)).map_err(|e| read_error(id, block, "read chunk data", e))?;
@@ -2210,7 +2229,7 @@ impl ChunkStore {
         let file = self.file(id, version)?;
         let recheck = self.verify_header(&file, id).and_then(|()| {
             let sums = self.read_table(&file, id, block, 1)?;
-            self.load_block(&file, id, block, &sums[0], &mut vec![0u8; self.geo.bs()])
+            self.load_block(&file, id, None, block, &sums[0], &mut vec![0u8; self.geo.bs()])
         });
         match recheck {
             Err(ChunkStoreError::Corrupt { .. }) => {}
@@ -2752,7 +2771,20 @@ mod tests {
         store.write(9, 1, 0, &data, true).unwrap();
         assert_eq!(store.read(9, 1, 0, 100).unwrap(), &data[..100]);
         store.write(9, 1, 10, b"new bytes", false).unwrap();
+        let hits = store.cache_stats().hits;
         assert_eq!(&store.read(9, 1, 0, 100).unwrap()[10..19], b"new bytes");
+        assert_eq!(store.cache_stats().hits, hits + 1, "a small write leaves its blocks cached");
+        // A partial write takes the old bytes of its block from the cache: a
+        // byte damaged on disk since is not copied into the new block.
+        store.flush(&[9]).unwrap();
+        flip_byte(&chunk_file(dir.path(), 9, 1), data_off(&opts) + 30);
+        store.write(9, 1, 20, b"more", false).unwrap();
+        let mut want = data[..64 * KIB as usize].to_vec();
+        want[10..19].copy_from_slice(b"new bytes");
+        want[20..24].copy_from_slice(b"more");
+        store.flush(&[9]).unwrap();
+        assert_eq!(store.read(9, 1, 0, 64 * KIB).unwrap(), want);
+        assert!(store.scrub(u64::MAX).corrupt.is_empty(), "the write healed the damaged block");
         store.zero(9, 1, 0, 64 * KIB).unwrap();
         assert_eq!(store.read(9, 1, 0, 100).unwrap(), vec![0; 100]);
         assert_eq!(store.read(9, 1, 64 * KIB, 8).unwrap(), &data[64 * KIB as usize..64 * KIB as usize + 8]);
