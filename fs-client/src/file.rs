@@ -101,6 +101,90 @@ impl FileState {
     }
 }
 
+/// One file's state, and the writes taken while its buffer is being sent.
+///
+/// Sending a full buffer holds the state's lock for the whole round trip
+/// to the chunk servers. Writes arriving meanwhile do not wait for it: they
+/// are kept in `incoming` (up to [`MAX_BUFFER_PER_FILE`] bytes) and
+/// acknowledged, and whoever takes the lock next merges them into the
+/// buffer first ([`FileHandle::lock`]). They are newer than everything in
+/// the buffer, so merging them in arrival order keeps the last write of
+/// every byte on top; and they are sent after the send in flight, so they
+/// land after it.
+#[derive(Default)]
+struct FileHandle {
+    state: Mutex<FileState>,
+    incoming: std::sync::Mutex<Incoming>,
+    /// Wakes writers waiting for the state when a send starts: they can
+    /// be taken into `incoming` instead.
+    send_started: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Incoming {
+    /// A send of the buffer is under way (its sender holds the state).
+    sending: bool,
+    /// Writes taken meanwhile, oldest first.
+    writes: Vec<(u64, Bytes)>,
+    bytes: usize,
+}
+
+impl FileHandle {
+    /// The state, locked, with the writes taken during a send merged in.
+    async fn lock(&self, total: &std::sync::atomic::AtomicUsize) -> tokio::sync::MutexGuard<'_, FileState> {
+        let mut st = self.state.lock().await;
+        self.merge(&mut st, total);
+        st
+    }
+
+    fn merge(&self, st: &mut FileState, total: &std::sync::atomic::AtomicUsize) {
+        let writes = {
+            let mut inc = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
+            inc.bytes = 0;
+            std::mem::take(&mut inc.writes)
+        };
+        for (offset, data) in writes {
+            insert_buffer(st, offset, data, total);
+        }
+    }
+
+    /// Takes a write without the state's lock if a send holds it and there
+    /// is room; `Err` gives the data back to be buffered the usual way.
+    fn take_while_sending(&self, offset: u64, data: Bytes) -> Result<(), Bytes> {
+        let mut inc = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
+        if !inc.sending || inc.bytes + data.len() > MAX_BUFFER_PER_FILE {
+            return Err(data);
+        }
+        inc.bytes += data.len();
+        inc.writes.push((offset, data));
+        Ok(())
+    }
+
+    /// Whether anything is buffered, unsynced or pending (or the state is busy).
+    fn is_dirty(&self) -> bool {
+        let incoming = !self.incoming.lock().unwrap_or_else(|p| p.into_inner()).writes.is_empty();
+        incoming || self.state.try_lock().map(|s| !s.is_clean()).unwrap_or(true)
+    }
+}
+
+/// Marks a file's buffer as being sent, until dropped (also when the send
+/// is cancelled midway).
+struct Sending<'a>(&'a FileHandle);
+
+impl<'a> Sending<'a> {
+    fn start(f: &'a FileHandle) -> Sending<'a> {
+        f.incoming.lock().unwrap_or_else(|p| p.into_inner()).sending = true;
+        f.send_started.notify_waiters();
+        Sending(f)
+    }
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        self.0.incoming.lock().unwrap_or_else(|p| p.into_inner()).sending = false;
+    }
+}
+
 /// Reads and writes file data. Cheap to clone; share one per mount.
 #[derive(Clone)]
 pub struct FileClient {
@@ -108,7 +192,7 @@ pub struct FileClient {
     chunks: ChunkClient,
     /// Where this client runs, for nearest-replica reads.
     topology: Option<Topology>,
-    files: Arc<std::sync::Mutex<HashMap<Ino, Arc<Mutex<FileState>>>>>,
+    files: Arc<std::sync::Mutex<HashMap<Ino, Arc<FileHandle>>>>,
     buffered_total: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -155,11 +239,11 @@ impl FileClient {
         &self.meta
     }
 
-    fn file(&self, ino: Ino) -> Arc<Mutex<FileState>> {
+    fn file(&self, ino: Ino) -> Arc<FileHandle> {
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         if files.len() >= MAX_CACHED_FILES && !files.contains_key(&ino) {
             // Drop state of files nobody is using; dirty ones stay.
-            files.retain(|_, f| Arc::strong_count(f) > 1 || f.try_lock().map(|s| !s.is_clean()).unwrap_or(true));
+            files.retain(|_, f| Arc::strong_count(f) > 1 || f.is_dirty());
         }
         files.entry(ino).or_default().clone()
     }
@@ -168,7 +252,7 @@ impl FileClient {
     pub fn invalidate(&self, ino: Ino) {
         let f = self.files.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).cloned();
         if let Some(f) = f {
-            if let Ok(mut s) = f.try_lock() {
+            if let Ok(mut s) = f.state.try_lock() {
                 s.fetched = None;
                 s.locs.clear();
                 s.holes.clear();
@@ -192,7 +276,7 @@ impl FileClient {
     /// The file's size as this client knows it (its own buffered writes included).
     pub async fn size(&self, ino: Ino) -> Result<u64, ClientError> {
         let f = self.file(ino);
-        let mut st = f.lock().await;
+        let mut st = f.lock(&self.buffered_total).await;
         if st.size.is_none() || st.fetched.is_none_or(|t| t.elapsed() > LAYOUT_TTL) {
             self.fetch_layout(&mut st, ino, 0, 1).await?;
         }
@@ -202,7 +286,7 @@ impl FileClient {
     /// Reads up to `len` bytes at `offset`; shorter at the end of the file.
     pub async fn read(&self, ino: Ino, offset: u64, len: u64) -> Result<Bytes, ClientError> {
         let f = self.file(ino);
-        let mut st = f.lock().await;
+        let mut st = f.lock(&self.buffered_total).await;
         if let Some(e) = st.error.clone() {
             return Err(ClientError::Remote(e));
         }
@@ -211,7 +295,7 @@ impl FileClient {
         // and sending is what zeroes it).
         let overlaps = buffer_overlaps(&st, offset, offset.saturating_add(len));
         if overlaps || buffer_end(&st) > st.size.unwrap_or(0).max(st.pending_size) {
-            self.send_buffer(&mut st, ino).await?;
+            self.send_buffer(&mut st, &f, ino).await?;
             self.record_size(&mut st, ino).await?;
         }
         let mut fetched_now = false;
@@ -294,7 +378,7 @@ impl FileClient {
                 other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
             };
             let f = self.file(ino);
-            absorb(&mut *f.lock().await, fresh.clone(), Some((p.index, 1)));
+            absorb(&mut *f.lock(&self.buffered_total).await, fresh.clone(), Some((p.index, 1)));
             match fresh.chunks.into_iter().find(|c| c.index == p.index) {
                 Some(c) if c.chunk != loc.chunk || c.version != loc.version || stale => loc = c,
                 Some(c) => {
@@ -345,7 +429,23 @@ impl FileClient {
             ClientError::Remote(WireError::new(ErrorCode::TooBig, "write past the largest file size"))
         })?;
         let f = self.file(ino);
-        let mut st = f.lock().await;
+        // While the file's buffer is being sent the write is taken without
+        // waiting; a writer already waiting for the state is woken when a
+        // send starts, to be taken too.
+        let mut data = data;
+        let mut st = loop {
+            let started = f.send_started.notified();
+            tokio::pin!(started);
+            started.as_mut().enable();
+            match f.take_while_sending(offset, data) {
+                Ok(()) => return Ok(()),
+                Err(d) => data = d,
+            }
+            tokio::select! {
+                st = f.lock(&self.buffered_total) => break st,
+                () = &mut started => {}
+            }
+        };
         if let Some(e) = st.error.take() {
             return Err(ClientError::Remote(e));
         }
@@ -355,7 +455,7 @@ impl FileClient {
         insert_buffer(&mut st, offset, data, &self.buffered_total);
         let over_total = self.buffered_total.load(std::sync::atomic::Ordering::Relaxed) > MAX_BUFFER_TOTAL;
         if st.buffered >= MAX_BUFFER_PER_FILE || over_total {
-            self.send_buffer(&mut st, ino).await?;
+            self.send_buffer(&mut st, &f, ino).await?;
         }
         Ok(())
     }
@@ -369,11 +469,11 @@ impl FileClient {
     /// Sends buffered writes and records the new size.
     pub async fn flush(&self, ino: Ino) -> Result<(), ClientError> {
         let f = self.file(ino);
-        let mut st = f.lock().await;
+        let mut st = f.lock(&self.buffered_total).await;
         if let Some(e) = st.error.take() {
             return Err(ClientError::Remote(e));
         }
-        self.send_buffer(&mut st, ino).await?;
+        self.send_buffer(&mut st, &f, ino).await?;
         self.record_size(&mut st, ino).await
     }
 
@@ -381,7 +481,7 @@ impl FileClient {
     pub async fn fsync(&self, ino: Ino) -> Result<(), ClientError> {
         self.flush(ino).await?;
         let f = self.file(ino);
-        let mut st = f.lock().await;
+        let mut st = f.lock(&self.buffered_total).await;
         let unsynced: Vec<(ChunkId, Vec<String>)> = st.unsynced.drain().collect();
         drop(st);
         let mut by_server: HashMap<String, Vec<ChunkId>> = HashMap::new();
@@ -409,7 +509,7 @@ impl FileClient {
         }
         for (addr, chunks, e) in dead {
             let mut locs: Vec<ChunkLocation> = {
-                let st = f.lock().await;
+                let st = f.lock(&self.buffered_total).await;
                 st.locs.values().filter(|l| chunks.contains(&l.chunk)).cloned().collect()
             };
             if locs.len() < chunks.len() {
@@ -445,7 +545,7 @@ impl FileClient {
     pub async fn truncate(&self, ino: Ino, size: u64) -> Result<Attr, ClientError> {
         self.flush(ino).await?;
         let f = self.file(ino);
-        let mut st = f.lock().await;
+        let mut st = f.lock(&self.buffered_total).await;
         self.fetch_layout(&mut st, ino, 0, 0).await?;
         let old = st.size.unwrap_or(0);
         if size > old {
@@ -465,14 +565,18 @@ impl FileClient {
     }
 
     /// Writes buffered data to the chunk servers.
-    async fn send_buffer(&self, st: &mut FileState, ino: Ino) -> Result<(), ClientError> {
+    async fn send_buffer(&self, st: &mut FileState, f: &FileHandle, ino: Ino) -> Result<(), ClientError> {
         if st.buffer.is_empty() {
             return Ok(());
         }
         // The buffer stays until the chunk servers have it: a caller that
         // gives up midway (a cancelled request) loses nothing acknowledged.
         let segments: Vec<(u64, Bytes)> = st.buffer.iter().map(|(o, d)| (*o, d.clone())).collect();
+        // Writes may go on meanwhile, unless this may be a snapshot (not
+        // known before the first layout): those must be refused, not taken.
+        let sending = (st.size.is_some() && !st.read_only).then(|| Sending::start(f));
         let res = self.write_segments(st, ino, &segments).await;
+        drop(sending);
         match &res {
             Ok(()) => {
                 st.buffer.clear();
@@ -481,6 +585,8 @@ impl FileClient {
             }
             Err(e) => tracing::warn!(ino, error = %e, "write-back failed; the data stays buffered"),
         }
+        // What arrived meanwhile is newer than what was sent.
+        f.merge(st, &self.buffered_total);
         res
     }
 
@@ -801,7 +907,7 @@ impl FileClient {
     /// the range are sent first, so none lands on the zeros later.
     pub async fn punch(&self, ino: Ino, offset: u64, len: u64) -> Result<(), ClientError> {
         let f = self.file(ino);
-        let mut st = f.lock().await;
+        let mut st = f.lock(&self.buffered_total).await;
         if let Some(e) = st.error.clone() {
             return Err(ClientError::Remote(e));
         }
@@ -810,7 +916,7 @@ impl FileClient {
         }
         let end = offset.saturating_add(len);
         if buffer_overlaps(&st, offset, end) {
-            self.send_buffer(&mut st, ino).await?;
+            self.send_buffer(&mut st, &f, ino).await?;
             self.record_size(&mut st, ino).await?;
         }
         if st.chunk_bytes == 0 {
@@ -852,7 +958,7 @@ impl FileClient {
     pub fn forget(&self, ino: Ino) {
         let f = self.files.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
         if let Some(f) = f {
-            if let Ok(s) = f.try_lock() {
+            if let Ok(s) = f.state.try_lock() {
                 self.buffered_total.fetch_sub(s.buffered, std::sync::atomic::Ordering::Relaxed);
             }
         }
@@ -861,7 +967,7 @@ impl FileClient {
     /// Inodes with buffered or unsynced data.
     pub fn dirty_files(&self) -> HashSet<Ino> {
         let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        files.iter().filter(|(_, f)| f.try_lock().map(|s| !s.is_clean()).unwrap_or(true)).map(|(i, _)| *i).collect()
+        files.iter().filter(|(_, f)| f.is_dirty()).map(|(i, _)| *i).collect()
     }
 
     /// Clones (or, with `snapshot`, snapshots) inode `src` (a file or a
@@ -1165,6 +1271,33 @@ mod tests {
         assert_eq!((p[1].index, p[1].offset, p[1].len, p[1].at), (1, 0, 144, 156));
         let big = pieces(0, 3 * MAX_IO_BYTES, 64 << 20);
         assert_eq!(big.len(), 3);
+    }
+
+    /// Goal: a file takes writes without its lock only while a send holds
+    /// it, up to a buffer's worth; the mark goes when the send ends (or is
+    /// dropped), and merging puts the newer writes on top of the buffer.
+    #[tokio::test]
+    async fn writes_during_a_send_are_taken_and_merged_newest_on_top() {
+        let total = std::sync::atomic::AtomicUsize::new(0);
+        let f = FileHandle::default();
+        assert!(f.take_while_sending(0, Bytes::from_static(b"x")).is_err(), "no send: the usual way");
+        {
+            let mut st = f.lock(&total).await;
+            insert_buffer(&mut st, 0, Bytes::from_static(b"aaaa"), &total);
+            let sending = Sending::start(&f);
+            assert!(f.take_while_sending(1, Bytes::from_static(b"bb")).is_ok());
+            assert!(f.take_while_sending(2, Bytes::from_static(b"c")).is_ok());
+            assert!(f.is_dirty());
+            let big = Bytes::from(vec![0u8; MAX_BUFFER_PER_FILE]);
+            assert!(f.take_while_sending(8, big).is_err(), "over a buffer's worth: wait");
+            drop(sending);
+            assert!(f.take_while_sending(3, Bytes::from_static(b"d")).is_err(), "the send is over");
+        }
+        let st = f.lock(&total).await;
+        let flat: Vec<u8> = st.buffer.values().flat_map(|d| d.to_vec()).collect();
+        assert_eq!(flat, b"abca");
+        assert_eq!(st.buffered, 4);
+        assert_eq!(total.load(std::sync::atomic::Ordering::Relaxed), 4);
     }
 
     #[test]

@@ -383,3 +383,59 @@ async fn vectored_writes_land_whole_or_not_at_all() {
         assert!(got[..] == want[..], "server {} does not have the vectored write", r.server);
     }
 }
+
+/// Goal: writes that arrive while the file's buffer is being sent are taken
+/// at once and land after the send, newest on top: 16 writers each rewrite
+/// their own 4 KiB blocks of one file several times (far more than a
+/// buffer's worth), and the file ends with every block's last version, read
+/// through the writing client and through a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_a_send_land_in_order() {
+    init_logging();
+    let cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let ino = create(&c, ROOT_INO, "busy").await;
+    const WRITERS: u64 = 16;
+    // 32 MiB of blocks (two buffers' worth), written 3 times.
+    const BLOCKS: u64 = 8192;
+    const ROUNDS: u64 = 3;
+    let block = |idx: u64, round: u64| -> Bytes {
+        let mut b = vec![0u8; 4096];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (idx.wrapping_mul(31) ^ round.wrapping_mul(131) ^ i as u64) as u8;
+        }
+        b[..16].copy_from_slice(&[idx.to_le_bytes(), round.to_le_bytes()].concat());
+        Bytes::from(b)
+    };
+    let tasks = (0..WRITERS).map(|w| {
+        let f = f.clone();
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(w);
+            for round in 0..ROUNDS {
+                let mut mine: Vec<u64> = (0..BLOCKS).filter(|b| b % WRITERS == w).collect();
+                // A different order each round, so blocks meet the sends at
+                // different points.
+                for i in (1..mine.len()).rev() {
+                    mine.swap(i, rng.gen_range(0..=i));
+                }
+                for idx in mine {
+                    f.write(ino, idx * 4096, block(idx, round)).await.expect("write");
+                }
+            }
+        })
+    });
+    for t in futures::future::join_all(tasks).await {
+        t.expect("writer");
+    }
+    f.fsync(ino).await.expect("fsync");
+    let want: Vec<u8> = (0..BLOCKS).flat_map(|idx| block(idx, ROUNDS - 1).to_vec()).collect();
+    assert_eq!(f.size(ino).await.unwrap(), BLOCKS * 4096);
+    let mut through_writer = Vec::with_capacity(want.len());
+    while (through_writer.len() as u64) < BLOCKS * 4096 {
+        let d = f.read(ino, through_writer.len() as u64, 1 << 20).await.expect("read");
+        assert!(!d.is_empty(), "short file at {}", through_writer.len());
+        through_writer.extend_from_slice(&d);
+    }
+    assert!(through_writer == want, "the writing client reads the last versions");
+    assert!(read_all(&cluster.files(), ino).await == want, "a fresh client reads the last versions");
+}
