@@ -518,6 +518,9 @@ async fn data(f: &FileClient, cmd: FsCmd, json: bool) -> CliResult {
             }
             use std::io::{Seek, SeekFrom};
             let mut out = std::fs::File::create(&local).map_err(|e| local_err(&local, e))?;
+            // Holes only in a regular file: a pipe cannot seek, and a device
+            // keeps its old bytes where nothing is written.
+            let sparse = out.metadata().map_err(|e| local_err(&local, e))?.file_type().is_file();
             let pb = progress(attr.size, quiet || json, "get");
             let mut off = 0u64;
             loop {
@@ -528,6 +531,12 @@ async fn data(f: &FileClient, cmd: FsCmd, json: bool) -> CliResult {
                 }
                 // Runs of zeros become holes in the local file, as `cp
                 // --sparse` makes them; the length is set at the end.
+                if !sparse {
+                    out.write_all(&data).map_err(|e| local_err(&local, e))?;
+                    off += data.len() as u64;
+                    pb.set_position(off);
+                    continue;
+                }
                 let mut at = 0;
                 for (start, run) in nonzero_runs(&data) {
                     out.seek(SeekFrom::Current((start - at) as i64)).map_err(|e| local_err(&local, e))?;
@@ -538,8 +547,14 @@ async fn data(f: &FileClient, cmd: FsCmd, json: bool) -> CliResult {
                 off += data.len() as u64;
                 pb.set_position(off);
             }
-            out.set_len(off).map_err(|e| local_err(&local, e))?;
-            out.sync_all().map_err(|e| local_err(&local, e))?;
+            if sparse {
+                out.set_len(off).map_err(|e| local_err(&local, e))?;
+            }
+            match out.sync_all() {
+                // A pipe or terminal cannot be synced: nothing to make durable.
+                Err(e) if !sparse && e.kind() == std::io::ErrorKind::InvalidInput => {}
+                r => r.map_err(|e| local_err(&local, e))?,
+            }
             pb.finish_and_clear();
             if json {
                 print_json(&serde_json::json!({"path": show(&path), "bytes": off}));

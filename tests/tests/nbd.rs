@@ -750,4 +750,15 @@ async fn put_and_get_keep_a_sparse_image_sparse() {
     assert!(std::fs::read(&dst).expect("read back") == image, "get returns the image");
     let allocated = std::fs::metadata(&dst).expect("stat").blocks() * 512;
     assert!(allocated < 8 * MIB, "{allocated} bytes allocated for 2 MiB of data");
+
+    phase("get into a pipe: every byte, zeros included");
+    let out = Command::new(bin("locus"))
+        .arg("--config")
+        .arg(&config)
+        .args(["fs", "get", "/sparse.raw", "/dev/stdout", "--quiet"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run locus fs get");
+    assert!(out.status.success(), "get to a pipe: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout == image, "{} bytes through the pipe", out.stdout.len());
 }

@@ -1064,7 +1064,16 @@ impl ChunkStore {
     pub fn set_version(&self, id: ChunkId, from: u64, to: u64) -> Result<()> {
         match self.change_version(id, from, to, false)? {
             Some(change) => self.journal_changes(&[change], true),
-            None => Ok(()),
+            // At `to` already, maybe by a change not yet durable (a fence, or
+            // a first try whose sync failed): make it durable now.
+            None => {
+                let named = self.named_version(id, to);
+                if named != to {
+                    self.journal_changes(&[Change { chunk: id, from: named, to }], true)
+                } else {
+                    fsync_dir(&self.chunk_dir(id))
+                }
+            }
         }
     }
 
@@ -1147,6 +1156,12 @@ impl ChunkStore {
             .append_with(changes, durable, |dirs| {
                 // A compaction drops the records: every name must be right first.
                 self.settle_names();
+                let lagging = self.lagging_names();
+                if lagging > 0 {
+                    return Err(io::Error::other(format!(
+                        "{lagging} fenced chunk files could not be renamed; their journal records are kept"
+                    )));
+                }
                 self.sync_chunk_dirs(dirs)
             })
             .map_err(|e| io_err(format!("append to {}", self.journal.path().display()), e))
@@ -1248,12 +1263,12 @@ impl ChunkStore {
         let Some(entry) = self.entry(id) else { return Ok(()) };
         lock(&self.files).remove(id);
         let path = self.file_path(id, entry.version);
-        self.forget_name(id);
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => warn!(chunk = %Hex(id), "chunk file already gone"),
             Err(e) => return Err(io_err(format!("delete {}", path.display()), e)),
         }
+        self.forget_name(id);
         write_lock(&self.index).remove(id);
         debug!(chunk = %Hex(id), version = entry.version, "chunk deleted");
         Ok(())
@@ -2018,9 +2033,14 @@ impl ChunkStore {
                 st.started += 1;
                 let seq = st.started;
                 // Cleared before the sync starts: a write finishing later sets it again.
-                if let Some(mut e) = self.entry(id) {
-                    e.flags &= !FLAG_DIRTY;
-                    write_lock(&self.index).insert(id, e);
+                // In place, under one lock: a fence or an import may change
+                // the entry meanwhile (flushes take no chunk lock).
+                {
+                    let mut index = write_lock(&self.index);
+                    if let Some(mut e) = index.get(id) {
+                        e.flags &= !FLAG_DIRTY;
+                        index.insert(id, e);
+                    }
                 }
                 drop(st);
                 let result = file.sync_data();
