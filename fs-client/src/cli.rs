@@ -496,7 +496,7 @@ async fn data(f: &FileClient, cmd: FsCmd, json: bool) -> CliResult {
                 off += n as u64;
                 pb.set_position(off);
             }
-            f.flush(attr.ino).await.map_err(|e| CliError::from_client(&show(&path), e))?;
+            // Sends what is buffered first.
             f.truncate(attr.ino, off).await.map_err(|e| CliError::from_client(&show(&path), e))?;
             f.fsync(attr.ino).await.map_err(|e| CliError::from_client(&show(&path), e))?;
             pb.finish_and_clear();
@@ -529,21 +529,19 @@ async fn data(f: &FileClient, cmd: FsCmd, json: bool) -> CliResult {
                 if data.is_empty() {
                     break;
                 }
-                // Runs of zeros become holes in the local file, as `cp
-                // --sparse` makes them; the length is set at the end.
-                if !sparse {
+                if sparse {
+                    // Runs of zeros become holes, as `cp --sparse` makes
+                    // them; the length is set at the end.
+                    let mut at = 0;
+                    for (start, run) in nonzero_runs(&data) {
+                        out.seek(SeekFrom::Current((start - at) as i64)).map_err(|e| local_err(&local, e))?;
+                        out.write_all(run).map_err(|e| local_err(&local, e))?;
+                        at = start + run.len();
+                    }
+                    out.seek(SeekFrom::Current((data.len() - at) as i64)).map_err(|e| local_err(&local, e))?;
+                } else {
                     out.write_all(&data).map_err(|e| local_err(&local, e))?;
-                    off += data.len() as u64;
-                    pb.set_position(off);
-                    continue;
                 }
-                let mut at = 0;
-                for (start, run) in nonzero_runs(&data) {
-                    out.seek(SeekFrom::Current((start - at) as i64)).map_err(|e| local_err(&local, e))?;
-                    out.write_all(run).map_err(|e| local_err(&local, e))?;
-                    at = start + run.len();
-                }
-                out.seek(SeekFrom::Current((data.len() - at) as i64)).map_err(|e| local_err(&local, e))?;
                 off += data.len() as u64;
                 pb.set_position(off);
             }

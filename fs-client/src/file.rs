@@ -137,9 +137,13 @@ impl FileHandle {
         st
     }
 
+    fn incoming(&self) -> std::sync::MutexGuard<'_, Incoming> {
+        self.incoming.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn merge(&self, st: &mut FileState, total: &std::sync::atomic::AtomicUsize) {
         let writes = {
-            let mut inc = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
+            let mut inc = self.incoming();
             inc.bytes = 0;
             std::mem::take(&mut inc.writes)
         };
@@ -151,7 +155,7 @@ impl FileHandle {
     /// Takes a write without the state's lock if a send holds it and there
     /// is room; `Err` gives the data back to be buffered the usual way.
     fn take_while_sending(&self, offset: u64, data: Bytes) -> Result<(), Bytes> {
-        let mut inc = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inc = self.incoming();
         if !inc.sending || inc.bytes + data.len() > MAX_BUFFER_PER_FILE {
             return Err(data);
         }
@@ -162,7 +166,7 @@ impl FileHandle {
 
     /// Whether anything is buffered, unsynced or pending (or the state is busy).
     fn is_dirty(&self) -> bool {
-        let incoming = !self.incoming.lock().unwrap_or_else(|p| p.into_inner()).writes.is_empty();
+        let incoming = !self.incoming().writes.is_empty();
         incoming || self.state.try_lock().map(|s| !s.is_clean()).unwrap_or(true)
     }
 }
@@ -173,7 +177,7 @@ struct Sending<'a>(&'a FileHandle);
 
 impl<'a> Sending<'a> {
     fn start(f: &'a FileHandle) -> Sending<'a> {
-        f.incoming.lock().unwrap_or_else(|p| p.into_inner()).sending = true;
+        f.incoming().sending = true;
         f.send_started.notify_waiters();
         Sending(f)
     }
@@ -181,7 +185,7 @@ impl<'a> Sending<'a> {
 
 impl Drop for Sending<'_> {
     fn drop(&mut self) {
-        self.0.incoming.lock().unwrap_or_else(|p| p.into_inner()).sending = false;
+        self.0.incoming().sending = false;
     }
 }
 
@@ -421,7 +425,7 @@ impl FileClient {
 
     /// Buffers a write; it is sent when the buffer fills, on `flush` or
     /// `fsync`. An earlier write-back failure is reported here.
-    pub async fn write(&self, ino: Ino, offset: u64, data: Bytes) -> Result<(), ClientError> {
+    pub async fn write(&self, ino: Ino, offset: u64, mut data: Bytes) -> Result<(), ClientError> {
         if data.is_empty() {
             return Ok(());
         }
@@ -432,7 +436,6 @@ impl FileClient {
         // While the file's buffer is being sent the write is taken without
         // waiting; a writer already waiting for the state is woken when a
         // send starts, to be taken too.
-        let mut data = data;
         let mut st = loop {
             let started = f.send_started.notified();
             tokio::pin!(started);

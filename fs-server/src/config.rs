@@ -259,8 +259,6 @@ pub struct ChunkSettings {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-/// A chunk server's block cache unless configured.
-pub const DEFAULT_READ_CACHE_MIB: u64 = 256;
 /// The largest block cache accepted (1 TiB): a bigger number is a typo.
 const MAX_READ_CACHE_MIB: u64 = 1 << 20;
 
@@ -337,7 +335,8 @@ impl ChunkSettings {
                 reason: format!("{fence_after_ms} must be at least twice heartbeat_ms ({heartbeat_ms})"),
             });
         }
-        let read_cache_mib = self.read_cache_mib.unwrap_or(DEFAULT_READ_CACHE_MIB);
+        let read_cache_mib =
+            self.read_cache_mib.unwrap_or(crate::chunk::store::StoreOptions::default().cache_bytes >> 20);
         if read_cache_mib > MAX_READ_CACHE_MIB {
             return Err(ConfigError::Invalid {
                 field: "read_cache_mib",

@@ -27,6 +27,16 @@ async fn wait_no_replica_files(cluster: &Cluster) {
 }
 
 /// Reads a chunk at one version straight from every replica: all the same.
+/// A 3 MiB file `name` in the root holding `pattern(seed)`, synced.
+async fn written_file(cluster: &Cluster, name: &str, seed: u64) -> (Ino, Vec<u8>) {
+    let (c, f) = (cluster.client(), cluster.files());
+    let ino = create(&c, ROOT_INO, name).await;
+    let data = pattern(seed, (3 * MIB) as usize);
+    f.write(ino, 0, Bytes::from(data.clone())).await.unwrap();
+    f.fsync(ino).await.unwrap();
+    (ino, data)
+}
+
 async fn replicas_agree(cluster: &Cluster, loc: &ChunkLocation, len: u64) -> Vec<u8> {
     let direct = fs_client::chunk::ChunkClient::new(&cluster.client_config("admin").identity()).unwrap();
     let mut first: Option<Vec<u8>> = None;
@@ -107,11 +117,8 @@ async fn clone_a_file_and_write_into_the_clone() {
 async fn a_snapshot_is_read_only_and_fences_stale_writers() {
     init_logging();
     let cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
-    let (c, f) = (cluster.client(), cluster.files());
-    let ino = create(&c, ROOT_INO, "disk.img").await;
-    let before = pattern(2, (3 * MIB) as usize);
-    f.write(ino, 0, Bytes::from(before.clone())).await.unwrap();
-    f.fsync(ino).await.unwrap();
+    let c = cluster.client();
+    let (ino, before) = written_file(&cluster, "disk.img", 2).await;
 
     phase("a writer caches the layout (writes once), then the CLI takes a snapshot");
     let writer = cluster.files();
@@ -372,10 +379,7 @@ async fn a_fence_lost_in_a_crash_is_raised_again_before_serving() {
     init_logging();
     let mut cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
     let (c, f) = (cluster.client(), cluster.files());
-    let src = create(&c, ROOT_INO, "src").await;
-    let before = pattern(11, (3 * MIB) as usize);
-    f.write(src, 0, Bytes::from(before.clone())).await.unwrap();
-    f.fsync(src).await.unwrap();
+    let (src, before) = written_file(&cluster, "src", 11).await;
     let old = layout(&c, src).await;
 
     phase("clone: every replica takes the fences (v1 -> v2)");
@@ -443,10 +447,7 @@ async fn a_punch_into_a_clone_leaves_the_source_alone() {
     init_logging();
     let cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
     let (c, f) = (cluster.client(), cluster.files());
-    let src = create(&c, ROOT_INO, "src").await;
-    let data = pattern(21, (3 * MIB) as usize);
-    f.write(src, 0, Bytes::from(data.clone())).await.unwrap();
-    f.fsync(src).await.unwrap();
+    let (src, data) = written_file(&cluster, "src", 21).await;
     let clone = f.clone_inode(src, ROOT_INO, b"clone", false).await.expect("clone").attr.ino;
 
     phase("punch across the first chunk boundary of the clone, and past its end");

@@ -1132,13 +1132,9 @@ impl ChunkStore {
                 lock(&self.lagging).remove(&id);
                 continue;
             };
-            let (old, new) = (self.chunk_path(id, named), self.chunk_path(id, entry.version));
-            match fs::rename(&old, &new) {
-                Ok(()) => {
-                    lock(&self.lagging).remove(&id);
-                    renamed += 1;
-                }
-                Err(e) => warn!(chunk = %Hex(id), error = %e, path = %old.display(), "cannot rename a fenced chunk"),
+            match self.rename_file(id, named, entry.version) {
+                Ok(()) => renamed += 1,
+                Err(e) => warn!(chunk = %Hex(id), error = %e, "cannot rename a fenced chunk"),
             }
         }
         renamed
@@ -1231,13 +1227,21 @@ impl ChunkStore {
         if lazy && to > named {
             lock(&self.lagging).insert(id, named);
         } else {
-            let (old, new) = (self.chunk_path(id, named), self.chunk_path(id, to));
-            fs::rename(&old, &new).map_err(|e| io_err(format!("rename {}", old.display()), e))?;
-            lock(&self.lagging).remove(&id);
+            self.rename_file(id, named, to)?;
         }
         write_lock(&self.index).insert(id, IndexEntry { version: to, ..entry });
         debug!(chunk = %Hex(id), from, to, lazy, "version changed");
         Ok(Some(Change { chunk: id, from: named, to }))
+    }
+
+    /// Renames chunk `id`'s file from version `named` to `to`, which is
+    /// then its name: nothing lags any more. Call with its io lock held
+    /// exclusively.
+    fn rename_file(&self, id: ChunkId, named: u64, to: u64) -> Result<()> {
+        let (old, new) = (self.chunk_path(id, named), self.chunk_path(id, to));
+        fs::rename(&old, &new).map_err(|e| io_err(format!("rename {}", old.display()), e))?;
+        self.forget_name(id);
+        Ok(())
     }
 
     /// The version chunk `id`'s file is named with, for a chunk the index
