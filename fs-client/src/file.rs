@@ -198,6 +198,8 @@ pub struct FileClient {
     topology: Option<Topology>,
     files: Arc<std::sync::Mutex<HashMap<Ino, Arc<FileHandle>>>>,
     buffered_total: Arc<std::sync::atomic::AtomicUsize>,
+    /// The cluster's chunk size, once a layout has told it (0 before).
+    chunk_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One piece of an I/O: a range inside one chunk.
@@ -236,7 +238,14 @@ fn pieces_of(offset: u64, len: u64, cb: u64, limit: u64) -> Vec<Piece> {
 
 impl FileClient {
     pub fn new(meta: MetaClient, chunks: ChunkClient, topology: Option<Topology>) -> Self {
-        FileClient { meta, chunks, topology, files: Arc::default(), buffered_total: Arc::default() }
+        FileClient {
+            meta,
+            chunks,
+            topology,
+            files: Arc::default(),
+            buffered_total: Arc::default(),
+            chunk_bytes: Arc::default(),
+        }
     }
 
     pub fn meta(&self) -> &MetaClient {
@@ -270,10 +279,32 @@ impl FileClient {
     async fn fetch_layout(&self, st: &mut FileState, ino: Ino, first: u64, count: u64) -> Result<(), ClientError> {
         match self.meta.read(MetaRead::Layout { ino, first, count }).await? {
             ReadReply::Layout(l) => {
+                self.chunk_bytes.store(l.chunk_bytes, std::sync::atomic::Ordering::Relaxed);
                 absorb(st, l, Some((first, count)));
                 Ok(())
             }
             other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// A file this client has just created, never changed since: its layout
+    /// is known without asking (size 0, no chunks, not in a snapshot), so
+    /// its first write-back does not read it first. Nothing is known
+    /// before some layout has told the cluster's chunk size.
+    pub async fn created(&self, a: &Attr) {
+        let cb = self.chunk_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if cb == 0 || a.kind != FileKind::File || !is_pristine(a) {
+            return;
+        }
+        let f = self.file(a.ino);
+        let mut st = f.lock(&self.buffered_total).await;
+        if st.size.is_none() {
+            st.size = Some(0);
+            st.chunk_bytes = cb;
+            st.read_only = false;
+            st.fetched = Some(Instant::now());
+            st.locs.clear();
+            st.holes.clear();
         }
     }
 
@@ -634,7 +665,10 @@ impl FileClient {
         });
         for r in join_all(prepares).await {
             match r? {
-                OpReply::Layout(layout) => absorb(st, layout, None),
+                OpReply::Layout(layout) => {
+                    self.chunk_bytes.store(layout.chunk_bytes, std::sync::atomic::Ordering::Relaxed);
+                    absorb(st, layout, None)
+                }
                 other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
             }
         }
@@ -1135,6 +1169,13 @@ fn clone_chunk_err(e: &ChunkError) -> ChunkError {
 
 /// Takes a layout into the file state. `range` marks the indexes the
 /// layout fully describes (absent ones there are holes).
+/// Never changed since it was made: empty, with no chunks and no extended
+/// attributes (setting one changes the ctime). A snapshot's copy of such a
+/// file passes too; its first write-back is refused all the same.
+pub fn is_pristine(a: &Attr) -> bool {
+    a.size == 0 && a.mtime == a.crtime && a.ctime == a.crtime
+}
+
 fn absorb(st: &mut FileState, l: Layout, range: Option<(u64, u64)>) {
     st.chunk_bytes = l.chunk_bytes;
     st.read_only = l.read_only;

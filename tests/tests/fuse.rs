@@ -460,6 +460,31 @@ async fn two_mounts_see_each_others_changes() {
     within("create", Box::new(|| b.path("mode").exists()));
     fs::set_permissions(a.path("mode"), fs::Permissions::from_mode(0o600)).expect("chmod");
     within("chmod in A, stat in B", Box::new(|| fs::metadata(b.path("mode")).is_ok_and(|m| m.mode() & 0o777 == 0o600)));
+
+    phase("close-to-open: B opens right after A's close and reads A's size and bytes, no waiting");
+    // B keeps the file's attributes cached between rounds (it reads it each
+    // time), so only the open's check can make B see the new size at once.
+    for round in 0..60u64 {
+        let data = pattern(round, 1000 + (round as usize * 7919) % 20_000);
+        if round % 3 == 2 {
+            // Shrink in place: a truncate B's cache knows nothing of.
+            let f = fs::OpenOptions::new().write(true).open(a.path("c2o")).expect("open in A");
+            f.set_len(data.len() as u64 / 2).expect("truncate in A");
+        } else {
+            fs::write(a.path("c2o"), &data).expect("write in A");
+        }
+        let want = if round % 3 == 2 { None } else { Some(data) };
+        let mut f = fs::File::open(b.path("c2o")).expect("open in B");
+        let size = f.metadata().expect("fstat in B").len();
+        let mut got = Vec::new();
+        f.read_to_end(&mut got).expect("read in B");
+        let a_size = fs::metadata(a.path("c2o")).expect("stat in A").len();
+        assert_eq!(size, a_size, "round {round}: B's open sees A's size\n{}", b.log());
+        assert_eq!(got.len() as u64, a_size, "round {round}: B reads the whole file");
+        if let Some(want) = want {
+            assert!(got == want, "round {round}: B reads A's bytes");
+        }
+    }
 }
 
 /// Goal: ordinary tools work on the mount and lose nothing.

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -29,9 +29,11 @@ use fuser::{
 };
 use futures::future::join_all;
 use tokio::runtime::Handle;
+use tokio::sync::mpsc;
 
 use super::attr::{errno, errno_of, file_attr, file_type, is_expected, set_time, timespec};
 use super::dir::{DirStream, Slot};
+use super::watch::{Inval, Notice};
 use crate::client::{ClientError, MetaClient};
 use crate::file::FileClient;
 use crate::proto::*;
@@ -83,7 +85,21 @@ pub struct Shared {
     /// capabilities on change): without this, each write waits for a
     /// metadata round trip first.
     caps: Mutex<HashMap<Ino, CachedCap>>,
+    /// What the kernel was last told of each regular file (size and
+    /// times), so an open can tell whether its cached attributes are
+    /// stale (close-to-open consistency). Starts over when full.
+    told: Mutex<HashMap<Ino, Told>>,
+    /// The notifier thread's queue, once the change watcher runs.
+    pub(crate) notices: OnceLock<mpsc::Sender<Notice>>,
 }
+
+/// The attributes of a regular file an open compares: size, mtime, ctime.
+type Told = (u64, Timespec, Timespec);
+
+/// Regular files whose reported attributes are remembered.
+const MAX_TOLD: usize = 65_536;
+/// How long an open waits for the kernel to drop stale attributes.
+const OPEN_INVAL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// An inode's `security.capability` (`None`: absent) and when it was read.
 type CachedCap = (Option<Vec<u8>>, Instant);
@@ -106,7 +122,50 @@ impl Shared {
             parents: Mutex::default(),
             inflight: AtomicUsize::new(0),
             caps: Mutex::default(),
+            told: Mutex::default(),
+            notices: OnceLock::new(),
         })
+    }
+
+    /// `a` as the kernel gets it, remembered for [`Shared::revalidate`].
+    fn kernel_attr(&self, a: &Attr) -> fuser::FileAttr {
+        if a.kind == FileKind::File {
+            let mut told = lock(&self.told);
+            if told.len() >= MAX_TOLD && !told.contains_key(&a.ino) {
+                told.clear();
+            }
+            told.insert(a.ino, (a.size, a.mtime, a.ctime));
+        }
+        file_attr(a)
+    }
+
+    /// Close-to-open consistency: the change stream tells other mounts'
+    /// changes a moment after they commit, so an open just after another
+    /// mount's close could still see the old size. An open with no writer
+    /// here reads the inode's attributes from the service (a linearizable
+    /// read) and, when they are not what the kernel was told, has the
+    /// kernel drop its copy before the open returns; the kernel drops the
+    /// file's pages at every open anyway.
+    async fn revalidate(&self, ino: Ino) -> Result<(), ClientError> {
+        let a = self.meta.getattr(ino).await?;
+        if a.kind != FileKind::File {
+            return Ok(());
+        }
+        let fresh = lock(&self.told).get(&ino) == Some(&(a.size, a.mtime, a.ctime));
+        if fresh {
+            return Ok(());
+        }
+        tracing::debug!(ino, size = a.size, "attributes changed since the kernel got them; invalidating at open");
+        self.files.invalidate(ino);
+        let Some(tx) = self.notices.get() else { return Ok(()) };
+        let (done, delivered) = tokio::sync::oneshot::channel();
+        let notice = Notice { inval: Inval::Inode { ino, data: false }, done: Some(done) };
+        if tx.send(notice).await.is_ok() {
+            // Bounded: a notifier stuck on a page lock must not hang opens.
+            let _ = tokio::time::timeout(OPEN_INVAL_TIMEOUT, delivered).await;
+        }
+        lock(&self.told).remove(&ino);
+        Ok(())
     }
 
     /// The remembered capability of `ino`, if fresh: `Some(None)` = absent.
@@ -259,7 +318,7 @@ impl LocusFs {
                     if a.kind == FileKind::Dir {
                         s.note_parent(a.ino, parent);
                     }
-                    reply.entry(&TTL, &file_attr(&a), Generation(a.generation))
+                    reply.entry(&TTL, &s.kernel_attr(&a), Generation(a.generation))
                 }
                 Err(e) => reply.error(fail(op_name, parent, &e)),
             }
@@ -330,7 +389,7 @@ impl Filesystem for LocusFs {
                         s.note_parent(a.ino, parent.0);
                     }
                     let a = s.local_view(a).await;
-                    reply.entry(&TTL, &file_attr(&a), Generation(a.generation))
+                    reply.entry(&TTL, &s.kernel_attr(&a), Generation(a.generation))
                 }
                 Err(e) => reply.error(fail("lookup", parent.0, &e)),
             }
@@ -347,7 +406,7 @@ impl Filesystem for LocusFs {
             match s.meta.getattr(ino.0).await {
                 Ok(a) => {
                     let a = s.local_view(a).await;
-                    reply.attr(&TTL, &file_attr(&a))
+                    reply.attr(&TTL, &s.kernel_attr(&a))
                 }
                 Err(e) => reply.error(fail("getattr", ino.0, &e)),
             }
@@ -413,7 +472,7 @@ impl Filesystem for LocusFs {
                 },
             };
             let a = s.local_view(a).await;
-            reply.attr(&TTL, &file_attr(&a))
+            reply.attr(&TTL, &s.kernel_attr(&a))
         });
     }
 
@@ -501,8 +560,19 @@ impl Filesystem for LocusFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // No FOPEN_KEEP_CACHE: the kernel drops its page cache of the file
         // at every open, so an open sees what other mounts wrote and closed.
-        let fh = self.shared.add_handle(ino.0, flags.0);
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        // A writer here knows better than the service (it may have
+        // buffered data): nothing to check.
+        if self.shared.has_writers(ino.0) {
+            let fh = self.shared.add_handle(ino.0, flags.0);
+            return reply.opened(FileHandle(fh), FopenFlags::empty());
+        }
+        self.spawn(move |s| async move {
+            if let Err(e) = s.revalidate(ino.0).await {
+                return reply.error(fail("open", ino.0, &e));
+            }
+            let fh = s.add_handle(ino.0, flags.0);
+            reply.opened(FileHandle(fh), FopenFlags::empty())
+        });
     }
 
     fn read(
@@ -725,7 +795,7 @@ impl Filesystem for LocusFs {
                                 p + 1,
                                 OsStr::from_bytes(&e.name),
                                 &TTL,
-                                &file_attr(&a),
+                                &s.kernel_attr(&a),
                                 Generation(a.generation),
                             )
                         }
@@ -890,8 +960,15 @@ impl Filesystem for LocusFs {
                     Err(e) => return reply.error(fail("create", a.ino, &e)),
                 }
             }
+            if crate::file::is_pristine(&a) {
+                // Made just now (or never touched): no extended attributes
+                // for the kernel to ask about, and a layout known without
+                // asking.
+                s.remember_cap(a.ino, None);
+                s.files.created(&a).await;
+            }
             let fh = s.add_handle(a.ino, flags);
-            reply.created(&TTL, &file_attr(&a), Generation(a.generation), FileHandle(fh), FopenFlags::empty())
+            reply.created(&TTL, &s.kernel_attr(&a), Generation(a.generation), FileHandle(fh), FopenFlags::empty())
         });
     }
 

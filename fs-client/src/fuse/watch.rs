@@ -60,17 +60,26 @@ pub fn invalidations(change: &Change) -> Vec<Inval> {
     }
 }
 
+/// An invalidation queued for the notifier thread; `done` hears when it
+/// was written to the kernel.
+#[derive(Debug)]
+pub struct Notice {
+    pub inval: Inval,
+    pub done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
 /// Starts the notifier thread and the stream reader; both end when the
 /// session's notifier stops working or the runtime shuts down.
 pub fn start(shared: Arc<Shared>, notifier: Notifier) -> std::io::Result<()> {
     let (tx, rx) = mpsc::channel(MAX_QUEUED_INVALIDATIONS);
     std::thread::Builder::new().name("locus-notify".into()).spawn(move || notify_loop(notifier, rx))?;
+    let _ = shared.notices.set(tx.clone());
     tokio::spawn(follow(shared, tx));
     Ok(())
 }
 
-fn notify_loop(notifier: Notifier, mut rx: mpsc::Receiver<Inval>) {
-    while let Some(inval) = rx.blocking_recv() {
+fn notify_loop(notifier: Notifier, mut rx: mpsc::Receiver<Notice>) {
+    while let Some(Notice { inval, done }) = rx.blocking_recv() {
         let r = match &inval {
             Inval::Inode { ino, data } => notifier.inval_inode(INodeNo(*ino), if *data { 0 } else { -1 }, 0),
             Inval::Entry { parent, name } => notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
@@ -81,11 +90,14 @@ fn notify_loop(notifier: Notifier, mut rx: mpsc::Receiver<Inval>) {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV) | Some(libc::EBADF)) => return,
             Err(e) => tracing::debug!(?inval, error = %e, "invalidation not delivered"),
         }
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
     }
 }
 
 /// Reads the change stream forever, resubscribing after errors.
-async fn follow(shared: Arc<Shared>, tx: mpsc::Sender<Inval>) {
+async fn follow(shared: Arc<Shared>, tx: mpsc::Sender<Notice>) {
     let mut backoff = RESUBSCRIBE_MIN;
     // Start at the present: the kernel has cached nothing older.
     let mut next = loop {
@@ -144,7 +156,7 @@ async fn follow(shared: Arc<Shared>, tx: mpsc::Sender<Inval>) {
 }
 
 /// Applies one change; false when the notifier thread is gone.
-async fn apply(shared: &Shared, tx: &mpsc::Sender<Inval>, change: &Change, in_snapshot: bool) -> bool {
+async fn apply(shared: &Shared, tx: &mpsc::Sender<Notice>, change: &Change, in_snapshot: bool) -> bool {
     match change {
         Change::InodeSet(a) => shared.files.invalidate(a.ino),
         Change::InodeRemoved { ino } => {
@@ -159,7 +171,7 @@ async fn apply(shared: &Shared, tx: &mpsc::Sender<Inval>, change: &Change, in_sn
         return true;
     }
     for inval in invalidations(change) {
-        if tx.send(inval).await.is_err() {
+        if tx.send(Notice { inval, done: None }).await.is_err() {
             return false;
         }
     }

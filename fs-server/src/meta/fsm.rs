@@ -185,6 +185,9 @@ pub(super) fn set_counter(txn: &mut Txn<'_>, name: &str, v: u64) {
 }
 
 pub const NEXT_INO: &str = "next_ino";
+/// The index of the oldest dedup log not yet collected (where the next
+/// collection starts).
+pub const DEDUP_FLOOR: &str = "dedup_floor";
 pub const NEXT_CHUNK: &str = "next_chunk";
 pub const NEXT_SERVER: &str = "next_server";
 pub const CHUNK_BYTES: &str = "chunk_bytes";
@@ -1096,8 +1099,14 @@ impl Namespace {
     }
 
     fn gc_dedup(txn: &mut Txn<'_>, now: Timespec) -> Result<(), KvError> {
-        let start = vec![keys::DEDUP_EXPIRY];
+        // From where the last collection stopped, not from the start of the
+        // keyspace: the logs deleted before are tombstones until RocksDB
+        // compacts them, and a scan walks every one (with a scan from the
+        // start, each command's apply slowed down as the service aged).
+        let floor = get_counter(txn, DEDUP_FLOOR)?;
+        let start = keys::dedup_log(floor);
         let end = vec![keys::DEDUP_EXPIRY + 1];
+        let mut next = floor;
         // Oldest commands first; stop at the first that has not expired.
         for (k, v) in txn.scan_collect(&start, &end, DEDUP_GC_PER_COMMAND)? {
             let log: DedupLog = dec(&v)?;
@@ -1107,7 +1116,11 @@ impl Namespace {
             for id in &log.ids {
                 txn.delete(keys::dedup(id));
             }
+            next = keys::dedup_log_index(&k).map_or(next, |i| i + 1);
             txn.delete(k);
+        }
+        if next != floor {
+            set_counter(txn, DEDUP_FLOOR, next);
         }
         Ok(())
     }

@@ -135,6 +135,14 @@ pub fn dedup_log(index: u64) -> Vec<u8> {
     k
 }
 
+/// The command index of a [`dedup_log`] key.
+pub fn dedup_log_index(k: &[u8]) -> Option<u64> {
+    match k {
+        [DEDUP_EXPIRY, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
+}
+
 pub fn change(index: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(9);
     k.push(CHANGE);
