@@ -203,6 +203,11 @@ impl ChunkClient {
         .await;
         if matches!(res, Err(ChunkError::Transport { .. })) {
             self.forget(addr).await;
+            // The peer went silent (killed, stopped, cut off): retries
+            // fail at once for a while instead of each waiting for a dial.
+            if matches!(conn.close_reason(), Some(quinn::ConnectionError::TimedOut)) {
+                self.mark_down(addr, true);
+            }
         }
         res
     }

@@ -21,10 +21,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 /// The DNS name every node certificate carries and clients verify.
 pub const SERVER_NAME: &str = "locus";
 /// A connection that hears nothing for this long is closed (a peer that
-/// died without closing it is noticed within this time).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// died without closing it, or was stopped, is noticed within this time).
+/// As long as the metadata service takes to call a chunk server dead: a
+/// write to a killed replica stalls this long before the chain drops it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keep-alive on open connections, well under [`IDLE_TIMEOUT`].
-pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// Concurrent requests one connection may have open.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
