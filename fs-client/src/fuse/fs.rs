@@ -85,16 +85,14 @@ pub struct Shared {
     /// capabilities on change): without this, each write waits for a
     /// metadata round trip first.
     caps: Mutex<HashMap<Ino, CachedCap>>,
-    /// What the kernel was last told of each regular file (size and
-    /// times), so an open can tell whether its cached attributes are
-    /// stale (close-to-open consistency). Starts over when full.
-    told: Mutex<HashMap<Ino, Told>>,
+    /// What the kernel was last told of each regular file, so an open can
+    /// tell whether its cached attributes are stale (close-to-open
+    /// consistency), and the change stream which changes it has already.
+    /// Starts over when full.
+    told: Mutex<HashMap<Ino, Attr>>,
     /// The notifier thread's queue, once the change watcher runs.
     pub(crate) notices: OnceLock<mpsc::Sender<Notice>>,
 }
-
-/// The attributes of a regular file an open compares: size, mtime, ctime.
-type Told = (u64, Timespec, Timespec);
 
 /// Regular files whose reported attributes are remembered.
 const MAX_TOLD: usize = 65_536;
@@ -134,9 +132,17 @@ impl Shared {
             if told.len() >= MAX_TOLD && !told.contains_key(&a.ino) {
                 told.clear();
             }
-            told.insert(a.ino, (a.size, a.mtime, a.ctime));
+            told.insert(a.ino, a.clone());
         }
         file_attr(a)
+    }
+
+    /// Whether the kernel was last told exactly `a`: a change the stream
+    /// reports that the kernel already has (this mount's own, coming back)
+    /// needs no invalidation. Another mount's change of a file's bytes or
+    /// attributes changes its ctime or something else here.
+    pub(crate) fn kernel_has(&self, a: &Attr) -> bool {
+        a.kind == FileKind::File && lock(&self.told).get(&a.ino) == Some(a)
     }
 
     /// Close-to-open consistency: the change stream tells other mounts'
@@ -151,7 +157,7 @@ impl Shared {
         if a.kind != FileKind::File {
             return Ok(());
         }
-        let fresh = lock(&self.told).get(&ino) == Some(&(a.size, a.mtime, a.ctime));
+        let fresh = lock(&self.told).get(&ino) == Some(&a);
         if fresh {
             return Ok(());
         }

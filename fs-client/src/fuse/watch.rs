@@ -158,6 +158,9 @@ async fn follow(shared: Arc<Shared>, tx: mpsc::Sender<Notice>) {
 /// Applies one change; false when the notifier thread is gone.
 async fn apply(shared: &Shared, tx: &mpsc::Sender<Notice>, change: &Change, in_snapshot: bool) -> bool {
     match change {
+        // This mount's own change coming back: the kernel and the file
+        // client have it already.
+        Change::InodeSet(a) if shared.kernel_has(a) => return true,
         Change::InodeSet(a) => shared.files.invalidate(a.ino),
         Change::InodeRemoved { ino } => {
             shared.files.invalidate(*ino);
