@@ -573,8 +573,13 @@ impl Filesystem for LocusFs {
             return reply.opened(FileHandle(fh), FopenFlags::empty());
         }
         self.spawn(move |s| async move {
-            if let Err(e) = s.revalidate(ino.0).await {
-                return reply.error(fail("open", ino.0, &e));
+            match s.revalidate(ino.0).await {
+                Ok(()) => {}
+                // Removed meanwhile (another mount's unlink, not yet seen).
+                Err(e) if e.code() == ErrorCode::NotFound => return reply.error(fail("open", ino.0, &e)),
+                // The service is unreachable: open on what the kernel has
+                // (the change stream catches up later), rather than fail.
+                Err(e) => tracing::warn!(ino = ino.0, error = %e, "cannot check attributes at open"),
             }
             let fh = s.add_handle(ino.0, flags.0);
             reply.opened(FileHandle(fh), FopenFlags::empty())
