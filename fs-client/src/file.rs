@@ -1167,8 +1167,6 @@ fn clone_chunk_err(e: &ChunkError) -> ChunkError {
     }
 }
 
-/// Takes a layout into the file state. `range` marks the indexes the
-/// layout fully describes (absent ones there are holes).
 /// Never changed since it was made: empty, with no chunks and no extended
 /// attributes (setting one changes the ctime). A snapshot's copy of such a
 /// file passes too; its first write-back is refused all the same.
@@ -1176,6 +1174,8 @@ pub fn is_pristine(a: &Attr) -> bool {
     a.size == 0 && a.mtime == a.crtime && a.ctime == a.crtime
 }
 
+/// Takes a layout into the file state. `range` marks the indexes the
+/// layout fully describes (absent ones there are holes).
 fn absorb(st: &mut FileState, l: Layout, range: Option<(u64, u64)>) {
     st.chunk_bytes = l.chunk_bytes;
     st.read_only = l.read_only;

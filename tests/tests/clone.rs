@@ -26,7 +26,6 @@ async fn wait_no_replica_files(cluster: &Cluster) {
     }
 }
 
-/// Reads a chunk at one version straight from every replica: all the same.
 /// A 3 MiB file `name` in the root holding `pattern(seed)`, synced.
 async fn written_file(cluster: &Cluster, name: &str, seed: u64) -> (Ino, Vec<u8>) {
     let (c, f) = (cluster.client(), cluster.files());
@@ -37,6 +36,7 @@ async fn written_file(cluster: &Cluster, name: &str, seed: u64) -> (Ino, Vec<u8>
     (ino, data)
 }
 
+/// Reads a chunk at one version straight from every replica: all the same.
 async fn replicas_agree(cluster: &Cluster, loc: &ChunkLocation, len: u64) -> Vec<u8> {
     let direct = fs_client::chunk::ChunkClient::new(&cluster.client_config("admin").identity()).unwrap();
     let mut first: Option<Vec<u8>> = None;

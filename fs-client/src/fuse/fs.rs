@@ -58,6 +58,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Inserts into a map that starts over when it holds `max` other keys
+/// (the caches here are hints: losing them costs a round trip).
+fn insert_bounded<V>(map: &Mutex<HashMap<Ino, V>>, max: usize, key: Ino, value: V) {
+    let mut m = lock(map);
+    if m.len() >= max && !m.contains_key(&key) {
+        m.clear();
+    }
+    m.insert(key, value);
+}
+
 /// An open file.
 struct OpenFile {
     ino: Ino,
@@ -128,11 +138,7 @@ impl Shared {
     /// `a` as the kernel gets it, remembered for [`Shared::revalidate`].
     fn kernel_attr(&self, a: &Attr) -> fuser::FileAttr {
         if a.kind == FileKind::File {
-            let mut told = lock(&self.told);
-            if told.len() >= MAX_TOLD && !told.contains_key(&a.ino) {
-                told.clear();
-            }
-            told.insert(a.ino, a.clone());
+            insert_bounded(&self.told, MAX_TOLD, a.ino, a.clone());
         }
         file_attr(a)
     }
@@ -154,11 +160,7 @@ impl Shared {
     /// file's pages at every open anyway.
     async fn revalidate(&self, ino: Ino) -> Result<(), ClientError> {
         let a = self.meta.getattr(ino).await?;
-        if a.kind != FileKind::File {
-            return Ok(());
-        }
-        let fresh = lock(&self.told).get(&ino) == Some(&a);
-        if fresh {
+        if a.kind != FileKind::File || self.kernel_has(&a) {
             return Ok(());
         }
         tracing::debug!(ino, size = a.size, "attributes changed since the kernel got them; invalidating at open");
@@ -181,11 +183,7 @@ impl Shared {
     }
 
     fn remember_cap(&self, ino: Ino, value: Option<Vec<u8>>) {
-        let mut caps = lock(&self.caps);
-        if caps.len() >= MAX_CACHED_CAPS {
-            caps.clear();
-        }
-        caps.insert(ino, (value, Instant::now()));
+        insert_bounded(&self.caps, MAX_CACHED_CAPS, ino, (value, Instant::now()));
     }
 
     /// Forgets what is cached of `ino`'s extended attributes (it changed,
@@ -196,11 +194,7 @@ impl Shared {
 
     /// Remembers that directory `ino` lives in `parent`.
     pub(crate) fn note_parent(&self, ino: Ino, parent: Ino) {
-        let mut p = lock(&self.parents);
-        if p.len() >= MAX_DIR_PARENTS && !p.contains_key(&ino) {
-            p.clear();
-        }
-        p.insert(ino, parent);
+        insert_bounded(&self.parents, MAX_DIR_PARENTS, ino, parent);
     }
 
     fn parent_of(&self, ino: Ino) -> Ino {

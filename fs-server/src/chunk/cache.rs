@@ -17,8 +17,9 @@
 //! new blocks in (a small write's) once they are written; reads insert
 //! only with the lock held shared, so no read can put back a block older
 //! than a write that finished. A partial-block write takes the block's old
-//! bytes from the cache when it can. A version change keeps the generation (the bytes are the
-//! same); the version is checked against the index before the cache.
+//! bytes from the cache when it can. A version change keeps the generation
+//! (the bytes are the same); the version is checked against the index
+//! before the cache.
 //!
 //! The policy is quick_cache's (S3-FIFO like: a scan does not flush the hot
 //! set), bounded in bytes.

@@ -1460,8 +1460,10 @@ impl ChunkStore {
         read_lock(&self.index).get(id)
     }
 
-    fn new_gen(&self) -> u64 {
-        self.next_gen.fetch_add(1, Ordering::Relaxed)
+    /// The index entry of a chunk file just made, imported or found at
+    /// open: a new generation, so the block cache holds nothing of it.
+    fn new_entry(&self, version: u64, sectors: u32) -> IndexEntry {
+        IndexEntry { version, gen: self.next_gen.fetch_add(1, Ordering::Relaxed), sectors, flags: 0 }
     }
 
     /// Hits and misses of the block cache, and the bytes it holds.
@@ -1920,7 +1922,7 @@ impl ChunkStore {
             return Err(e);
         }
         let sectors = sectors_of(&file).unwrap_or(0);
-        write_lock(&self.index).insert(id, IndexEntry { version, gen: self.new_gen(), sectors, flags: 0 });
+        write_lock(&self.index).insert(id, self.new_entry(version, sectors));
         let file = Arc::new(file);
         lock(&self.files).insert(id, file.clone());
         Ok(file)
@@ -2178,7 +2180,7 @@ impl ChunkStore {
             }
         }
         let sectors = sectors_of(&file).unwrap_or(0);
-        write_lock(&self.index).insert(id, IndexEntry { version, gen: self.new_gen(), sectors, flags: 0 });
+        write_lock(&self.index).insert(id, self.new_entry(version, sectors));
         lock(&self.files).insert(id, Arc::new(file));
         // A sync failure of the replica this one replaces does not concern it.
         lock(&locks.flush).failed = None;
@@ -2360,7 +2362,7 @@ impl ChunkStore {
                 let stale = match index.get(id) {
                     Some(kept) if kept.version > version => version,
                     other => {
-                        index.insert(id, IndexEntry { version, gen: self.new_gen(), sectors, flags: 0 });
+                        index.insert(id, self.new_entry(version, sectors));
                         match other {
                             Some(kept) => kept.version,
                             None => continue,

@@ -41,6 +41,14 @@ fn tag_u64(tag: u8, v: u64) -> Vec<u8> {
     k
 }
 
+/// The number of a [`tag_u64`] key with tag `tag`.
+fn u64_of_tag(tag: u8, k: &[u8]) -> Option<u64> {
+    match k {
+        [t, rest @ ..] if *t == tag => rest.try_into().ok().map(u64::from_be_bytes),
+        _ => None,
+    }
+}
+
 /// Chunk `index` of file `ino`.
 pub fn file_chunk(ino: Ino, index: u64) -> Vec<u8> {
     let mut k = tag_u64(FILE_CHUNK, ino);
@@ -63,7 +71,7 @@ pub fn chunk(id: u64) -> Vec<u8> {
 }
 
 pub fn chunk_id(k: &[u8]) -> Option<u64> {
-    (k.len() == 9 && k[0] == CHUNK).then(|| u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")))
+    u64_of_tag(CHUNK, k)
 }
 
 pub fn server(id: u64) -> Vec<u8> {
@@ -71,14 +79,11 @@ pub fn server(id: u64) -> Vec<u8> {
 }
 
 pub fn inode(ino: Ino) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9);
-    k.push(INODE);
-    k.extend_from_slice(&ino.to_be_bytes());
-    k
+    tag_u64(INODE, ino)
 }
 
 pub fn inode_from_key(k: &[u8]) -> Option<Ino> {
-    (k.len() == 9 && k[0] == INODE).then(|| u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")))
+    u64_of_tag(INODE, k)
 }
 
 pub fn dentry(parent: Ino, name: &[u8]) -> Vec<u8> {
@@ -129,29 +134,20 @@ pub fn dedup(id: &RequestId) -> Vec<u8> {
 
 /// The dedup records one command created, by its log index.
 pub fn dedup_log(index: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9);
-    k.push(DEDUP_EXPIRY);
-    k.extend_from_slice(&index.to_be_bytes());
-    k
+    tag_u64(DEDUP_EXPIRY, index)
 }
 
 /// The command index of a [`dedup_log`] key.
 pub fn dedup_log_index(k: &[u8]) -> Option<u64> {
-    match k {
-        [DEDUP_EXPIRY, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
-        _ => None,
-    }
+    u64_of_tag(DEDUP_EXPIRY, k)
 }
 
 pub fn change(index: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9);
-    k.push(CHANGE);
-    k.extend_from_slice(&index.to_be_bytes());
-    k
+    tag_u64(CHANGE, index)
 }
 
 pub fn change_index(k: &[u8]) -> Option<u64> {
-    (k.len() == 9 && k[0] == CHANGE).then(|| u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")))
+    u64_of_tag(CHANGE, k)
 }
 
 #[cfg(test)]
@@ -167,6 +163,8 @@ mod tests {
         assert!(dedup_log(2) < dedup_log(256));
         assert!(dedup(&RequestId { client: 1, seq: 9 }) < dedup(&RequestId { client: 2, seq: 0 }));
         assert_eq!(change_index(&change(42)), Some(42));
+        assert_eq!(dedup_log_index(&dedup_log(9)), Some(9));
+        assert_eq!((chunk_id(&inode(3)), chunk_id(&chunk(3)[..5])), (None, None), "another tag, or short");
         assert_eq!(file_chunk_index(&file_chunk(7, 300)), Some(300));
         assert!(file_chunk(7, u64::MAX) < file_chunk(8, 0));
         assert_eq!(chunk_id(&chunk(99)), Some(99));
