@@ -180,6 +180,11 @@ impl MetaClient {
         })
     }
 
+    /// This client's id: its requests carry it, and a lease names it.
+    pub fn client_id(&self) -> u128 {
+        self.inner.client_id
+    }
+
     pub fn timeout(&self) -> Duration {
         self.inner.timeout
     }

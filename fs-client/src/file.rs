@@ -93,6 +93,8 @@ struct FileState {
     error: Option<WireError>,
     /// Part of a snapshot (as its layout says): never written.
     read_only: bool,
+    /// The write lease on the file, as the last layout said.
+    lease: Option<Lease>,
 }
 
 impl FileState {
@@ -634,6 +636,7 @@ impl FileClient {
         if st.read_only {
             return Err(read_only(ino));
         }
+        self.check_lease(st.lease.as_ref(), ino)?;
         // Allocate (and learn) every chunk the writes touch, in one request
         // per span of chunks.
         let cb = st.chunk_bytes;
@@ -862,6 +865,8 @@ impl FileClient {
                 other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
             },
         };
+        // A lease taken since the layout was fetched is what fenced us.
+        self.check_lease(layout.lease.as_ref(), ino)?;
         let new = layout
             .chunks
             .into_iter()
@@ -911,6 +916,7 @@ impl FileClient {
         len: u64,
     ) -> Result<(), ClientError> {
         let Some(mut loc) = st.locs.get(&index).cloned() else { return Ok(()) };
+        self.check_lease(st.lease.as_ref(), ino)?;
         for _ in 0..MAX_PIECE_ATTEMPTS {
             if loc.shared {
                 loc = self.cow(ino, &loc).await?;
@@ -1007,6 +1013,54 @@ impl FileClient {
         files.iter().filter(|(_, f)| f.is_dirty()).map(|(i, _)| *i).collect()
     }
 
+    /// Refuses (`Busy`) to write file `ino` while another client's lease
+    /// on it binds.
+    fn check_lease(&self, lease: Option<&Lease>, ino: Ino) -> Result<(), ClientError> {
+        match lease {
+            Some(l) if l.excludes(self.meta.client_id(), Timespec::now()) => Err(ClientError::Remote(WireError::new(
+                ErrorCode::Busy,
+                format!("inode {ino} is leased for writing by another client (an NBD export)"),
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes or renews (`ttl` > 0) or releases (`ttl` = 0) this client's
+    /// write lease on `ino` (see [`MetaOp::Lease`]). A lease taken afresh
+    /// comes with fences, pushed here before this returns: from then on a
+    /// writer holding an older layout is refused by the chunk servers.
+    /// Replicas that could not be told are in [`Leased::unfenced`].
+    pub async fn lease(&self, ino: Ino, ttl: Duration) -> Result<Leased, ClientError> {
+        let op = MetaOp::Lease { ino, ttl_ms: ttl.as_millis().min(u64::MAX as u128) as u64 };
+        let reply = match self.meta.op(op).await? {
+            OpReply::Leased(r) => r,
+            other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        };
+        let fenced = reply.fences.len() as u64;
+        let unfenced = self.fence(&reply.fences, &reply.servers).await;
+        if fenced > 0 {
+            self.invalidate(ino);
+        }
+        Ok(Leased { lease: reply.lease, fenced, unfenced })
+    }
+
+    /// Pushes version fences and reports the copies they made; returns the
+    /// replicas that could not be told.
+    async fn fence(&self, fences: &[ChunkFence], servers: &[(ServerId, String)]) -> Vec<Unfenced> {
+        let unfenced = self.push_fences(fences, servers).await;
+        // Copies not written before are now made on every replica that took
+        // its fence: where all did, the origin is no longer needed.
+        let failed: HashSet<ChunkId> = unfenced.iter().map(|u| u.chunk).collect();
+        let made = fences.iter().filter(|f| f.origin.is_some() && !failed.contains(&f.chunk));
+        let done = made.map(|f| self.meta.op(MetaOp::CowDone { chunk: f.chunk }));
+        for r in join_all(done).await {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "copy-on-write completion not recorded");
+            }
+        }
+        unfenced
+    }
+
     /// Clones (or, with `snapshot`, snapshots) inode `src` (a file or a
     /// whole directory tree) to `name` in `parent`: one metadata command
     /// that shares every chunk, then the version fences pushed to every
@@ -1037,18 +1091,8 @@ impl FileClient {
             other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
         };
         let metadata = started.elapsed();
-        let unfenced = self.push_fences(&reply).await;
+        let unfenced = self.fence(&reply.fences, &reply.servers).await;
         let fences = started.elapsed() - metadata;
-        // Copies not written before are now made on every replica that took
-        // its fence: where all did, the origin is no longer needed.
-        let failed: HashSet<ChunkId> = unfenced.iter().map(|u| u.chunk).collect();
-        let made = reply.fences.iter().filter(|f| f.origin.is_some() && !failed.contains(&f.chunk));
-        let done = made.map(|f| self.meta.op(MetaOp::CowDone { chunk: f.chunk }));
-        for r in join_all(done).await {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "copy-on-write completion not recorded");
-            }
-        }
         self.invalidate(src);
         Ok(CloneOutcome {
             attr: reply.attr,
@@ -1061,16 +1105,16 @@ impl FileClient {
         })
     }
 
-    /// Pushes a clone's fences: first to each chunk's write-chain head
+    /// Pushes fences: first to each chunk's write-chain head
     /// (which then refuses older writes before forwarding them), then to
     /// the other replicas; one request per server and batch, servers in
     /// parallel. Returns the replicas that could not be told.
-    async fn push_fences(&self, reply: &CloneReply) -> Vec<Unfenced> {
-        let addrs: HashMap<ServerId, &str> = reply.servers.iter().map(|(id, a)| (*id, a.as_str())).collect();
+    async fn push_fences(&self, fences: &[ChunkFence], servers: &[(ServerId, String)]) -> Vec<Unfenced> {
+        let addrs: HashMap<ServerId, &str> = servers.iter().map(|(id, a)| (*id, a.as_str())).collect();
         let mut failed = Vec::new();
         for heads in [true, false] {
             let mut by_server: BTreeMap<ServerId, Vec<VersionChange>> = BTreeMap::new();
-            for f in &reply.fences {
+            for f in fences {
                 let targets =
                     if heads { &f.replicas[..f.replicas.len().min(1)] } else { f.replicas.get(1..).unwrap_or(&[]) };
                 for s in targets {
@@ -1128,6 +1172,16 @@ impl FileClient {
 /// Tries per batch of fences to one server.
 const FENCE_ATTEMPTS: u32 = 4;
 
+/// What [`FileClient::lease`] did.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    /// The lease now (`None` after a release).
+    pub lease: Option<Lease>,
+    /// Chunks whose version the lease raised.
+    pub fenced: u64,
+    pub unfenced: Vec<Unfenced>,
+}
+
 /// What [`FileClient::clone_inode`] made.
 #[derive(Debug, Clone)]
 pub struct CloneOutcome {
@@ -1179,6 +1233,7 @@ pub fn is_pristine(a: &Attr) -> bool {
 fn absorb(st: &mut FileState, l: Layout, range: Option<(u64, u64)>) {
     st.chunk_bytes = l.chunk_bytes;
     st.read_only = l.read_only;
+    st.lease = l.lease;
     st.size = Some(l.attr.size);
     st.fetched = Some(Instant::now());
     if let Some((first, count)) = range {

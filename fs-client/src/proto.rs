@@ -289,7 +289,32 @@ pub struct Layout {
     /// The file is part of a snapshot: clients must not write its chunks
     /// (the chunk servers do not know; the metadata refuses the rest).
     pub read_only: bool,
+    /// A client's write lease on the file (see [`MetaOp::Lease`]), as
+    /// stored: it binds until `expires`.
+    pub lease: Option<Lease>,
 }
+
+/// An exclusive write lease on a file: until `expires` (the leader's
+/// clock) only `holder` may write it. The metadata service refuses other
+/// clients' size and allocation changes; clients check it before they
+/// write chunks, and taking a lease raises every chunk's version so a
+/// writer holding an older layout is refused and learns of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The holder's client id (as in its [`RequestId`]s).
+    pub holder: u128,
+    pub expires: Timespec,
+}
+
+impl Lease {
+    /// Whether it forbids `client` to write at `now`.
+    pub fn excludes(&self, client: u128, now: Timespec) -> bool {
+        self.holder != client && self.expires > now
+    }
+}
+
+/// Longest lease one [`MetaOp::Lease`] grants.
+pub const MAX_LEASE_TTL_MS: u64 = 120_000;
 
 /// Namespace changes. Each goes through Raft; the leader stamps the time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -423,6 +448,16 @@ pub enum MetaOp {
         parent: Ino,
         name: Vec<u8>,
     },
+    /// Takes, renews (`ttl_ms` > 0, at most [`MAX_LEASE_TTL_MS`]) or
+    /// releases (`ttl_ms` = 0) the calling client's write [`Lease`] on a
+    /// regular file. Refused (`Busy`) while another client's lease binds.
+    /// A lease taken afresh raises the version of every chunk of the file;
+    /// the caller pushes the fences ([`LeaseReply::fences`]) before it
+    /// writes or trusts anything it caches.
+    Lease {
+        ino: Ino,
+        ttl_ms: u64,
+    },
 }
 
 impl MetaOp {
@@ -449,6 +484,8 @@ impl MetaOp {
             MetaOp::CowChunk { .. } => "cow_chunk",
             MetaOp::CowDone { .. } => "cow_done",
             MetaOp::DropSnapshot { .. } => "drop_snapshot",
+            MetaOp::Lease { ttl_ms: 0, .. } => "release_lease",
+            MetaOp::Lease { .. } => "lease",
         }
     }
 }
@@ -461,6 +498,18 @@ pub enum OpReply {
     Done,
     Layout(Layout),
     Cloned(CloneReply),
+    Leased(LeaseReply),
+}
+
+/// What [`MetaOp::Lease`] returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseReply {
+    /// The lease now (`None` after a release).
+    pub lease: Option<Lease>,
+    /// Version raises to push (only when the lease was taken afresh).
+    pub fences: Vec<ChunkFence>,
+    /// Addresses of the servers the fences name.
+    pub servers: Vec<(ServerId, String)>,
 }
 
 /// Most inodes one [`MetaOp::Clone`] (or [`MetaOp::DropSnapshot`]) covers.

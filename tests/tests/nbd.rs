@@ -317,10 +317,12 @@ async fn nbdcopy_and_fio_move_data_through_the_export() {
     let (code, out, err) = locus_cli(&config, &["fs", "mkdir", "-p", "/vm"], None);
     assert_eq!(code, 0, "mkdir /vm: {out}{err}");
     make_image(&config, "/vm/disk.raw", "32M");
+    // No read cache: the second verification must read the replicas (and
+    // fail over), not memory.
     let mut server = NbdServer::start(
         &config,
         "/vm/disk.raw",
-        &["--listen", "127.0.0.1:0", "--name", "vm disk"],
+        &["--listen", "127.0.0.1:0", "--name", "vm disk", "--cache-mib", "0"],
         cluster.path().join("nbd.log"),
     );
     let uri = server.uri.clone();
@@ -761,4 +763,80 @@ async fn put_and_get_keep_a_sparse_image_sparse() {
         .expect("run locus fs get");
     assert!(out.status.success(), "get to a pipe: {}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout == image, "{} bytes through the pipe", out.stdout.len());
+}
+
+/// Goal: a writable export holds its image's write lease, so that it may
+/// cache reads: while it serves, other writers are refused (a library
+/// client whose layout predates the lease, a truncate, a second export),
+/// and what is read through the cache is always what was last written;
+/// after a kill -9 a new export takes the lease over once it lapses and
+/// finds every flushed write; after SIGTERM the lease is given back at once.
+/// Method: 16 MiB image, 1 MiB written by the library before the export
+/// starts; refused writes and their errors; qemu-io rounds that read a
+/// region (filling the cache), write into it across block boundaries and
+/// verify; fio random writes with crc32c verification over a cached
+/// image; kill -9, a new export, verified reads; SIGTERM, a library write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_leases_its_image_and_its_cache_stays_true() {
+    let (cluster, config) = start_cluster().await;
+    make_image(&config, "/disk.img", "16M");
+    let files = cluster.files();
+    let ino = file_ino(&cluster, "/disk.img").await;
+    let first = pattern(3, MIB as usize);
+    files.write(ino, 0, first.clone().into()).await.expect("write");
+    files.fsync(ino).await.expect("fsync");
+    let server = NbdServer::start(&config, "/disk.img", &["--listen", "127.0.0.1:0"], cluster.path().join("nbd.log"));
+    let uri = server.uri.clone();
+
+    phase("other writers are refused while the export holds the lease");
+    files.write(ino, 4096, vec![0xEE; 4096].into()).await.expect("buffered");
+    let e = files.fsync(ino).await.expect_err("a write under another client's lease");
+    assert_eq!(e.code(), ErrorCode::Busy, "{e}");
+    files.forget(ino);
+    let (code, out, err) = locus_cli(&config, &["fs", "truncate", "/disk.img", "32M"], None);
+    assert_ne!(code, 0, "truncate under a lease: {out}{err}");
+    assert!(err.contains("leased"), "{err}");
+    let second = ["nbd", "serve", "/disk.img", "--listen", "127.0.0.1:0", "--lease-wait", "0"];
+    let (code, out, err) = locus_cli(&config, &second, None);
+    assert_eq!(code, 1, "a second export: {out}{err}");
+    assert!(err.contains("cannot take the write lease"), "{err}");
+    // Nothing of the refused write reached the image.
+    let out = qemu_io(&server, "raw", &["read -v 4096 16"], &uri);
+    let expect: String = first[4096..4112].iter().map(|b| format!("{b:02x} ")).collect();
+    assert!(out.contains(expect.trim()), "{out}");
+
+    phase("reads through the cache see each write: read a region, write into it, verify");
+    for round in 0..12u64 {
+        let v = 0x20 + round;
+        // Unaligned, across 64 KiB cache blocks.
+        let (off, len) = (round * 200_000 + 512, 70_000 + round * 1000);
+        let cmds = [
+            format!("read {} {}", off - 512, 256 * 1024),
+            format!("write -P {v} {off} {len}"),
+            format!("read -P {v} {off} {len}"),
+        ];
+        let cmds: Vec<&str> = cmds.iter().map(|c| c.as_str()).collect();
+        let out = qemu_io(&server, "raw", &cmds, &uri);
+        assert!(!out.contains("Pattern verification failed"), "round {round}: {out}");
+    }
+    qemu_io(&server, "raw", &["read 0 16M"], &uri);
+    let job = fio_randwrite(&server, &uri, "--do_verify=1");
+    assert!(job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 16 * MIB, "fio verified 16 MiB: {job}");
+
+    phase("kill -9 the export; a new one waits for the lease to lapse and finds every flushed write");
+    qemu_io(&server, "raw", &["write -P 0x77 2M 1M", "flush"], &uri);
+    drop(server);
+    let killed = Instant::now();
+    let mut server =
+        NbdServer::start(&config, "/disk.img", &["--listen", "127.0.0.1:0"], cluster.path().join("nbd2.log"));
+    let waited = killed.elapsed();
+    assert!(waited > Duration::from_secs(4), "the new export waited for the lease ({waited:?})");
+    let out = qemu_io(&server, "raw", &["read -P 0x77 2M 1M"], &server.uri.clone());
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+
+    phase("SIGTERM gives the lease back: the library writes at once");
+    assert!(server.stop().success(), "exit status\n{}", server.log());
+    files.write(ino, 0, first.clone().into()).await.expect("write");
+    files.fsync(ino).await.expect("a write once the lease is released");
+    assert!(read_file(&files, ino).await[..MIB as usize] == first[..]);
 }

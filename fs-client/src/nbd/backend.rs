@@ -4,9 +4,12 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
+use super::cache::BlockCache;
+use super::lease::LeaseKeeper;
 use super::wire::{Extent, EINVAL, EIO, ENOSPC, EPERM, STATE_HOLE, STATE_ZERO};
 use crate::client::ClientError;
 use crate::file::FileClient;
@@ -24,7 +27,8 @@ pub struct BackendError {
 impl From<ClientError> for BackendError {
     fn from(e: ClientError) -> Self {
         let errno = match e.code() {
-            ErrorCode::NotPermitted | ErrorCode::PermissionDenied | ErrorCode::Unauthorized => EPERM,
+            // Busy: another client holds the image's write lease.
+            ErrorCode::NotPermitted | ErrorCode::PermissionDenied | ErrorCode::Unauthorized | ErrorCode::Busy => EPERM,
             // The spec asks for EDQUOT and EFBIG to become ENOSPC.
             ErrorCode::NoSpace | ErrorCode::QuotaExceeded | ErrorCode::TooBig => ENOSPC,
             ErrorCode::Invalid | ErrorCode::Range => EINVAL,
@@ -76,11 +80,83 @@ pub struct LocusFile {
     zeros: Bytes,
     /// The cluster's chunk size, learnt from the first layout (0: not yet).
     chunk_bytes: AtomicU64,
+    /// Reads are cached while `lease` is held.
+    cache: Option<(Arc<BlockCache>, Arc<LeaseKeeper>)>,
 }
 
 impl LocusFile {
     pub fn new(files: FileClient, ino: Ino) -> Self {
-        LocusFile { files, ino, zeros: Bytes::from(vec![0u8; ZERO_PIECE]), chunk_bytes: AtomicU64::new(0) }
+        LocusFile { files, ino, zeros: Bytes::from(vec![0u8; ZERO_PIECE]), chunk_bytes: AtomicU64::new(0), cache: None }
+    }
+
+    /// Caches reads in `cache` whenever `lease` is held.
+    pub fn with_cache(mut self, cache: Arc<BlockCache>, lease: Arc<LeaseKeeper>) -> Self {
+        self.cache = Some((cache, lease));
+        self
+    }
+
+    /// The cache, if the lease is held now.
+    fn live_cache(&self) -> Option<&BlockCache> {
+        self.cache.as_ref().filter(|(_, l)| l.valid()).map(|(c, _)| &**c)
+    }
+
+    /// Runs a change of `[offset, offset + len)`, dropping the cached
+    /// blocks it touches before and once it has landed (see [`super::cache`]).
+    async fn changing<T>(&self, offset: u64, len: u64, change: impl Future<Output = T>) -> T {
+        let Some((cache, _)) = &self.cache else { return change.await };
+        cache.invalidate(offset, len);
+        let out = change.await;
+        cache.invalidate(offset, len);
+        out
+    }
+
+    /// A read through the cache: hits from memory, the span of missing
+    /// blocks in one fetch (then kept).
+    async fn cached_read(&self, cache: &BlockCache, offset: u64, len: u32) -> BackendResult<Bytes> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let bs = cache.block_bytes();
+        let end = offset + u64::from(len);
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let found = cache.lookup(first, last);
+        let mut blocks = found.blocks;
+        let missing_first = blocks.iter().position(|b| b.is_none());
+        let missing_last = blocks.iter().rposition(|b| b.is_none());
+        if let (Some(a), Some(z)) = (missing_first, missing_last) {
+            let from = (first + a as u64) * bs;
+            let data = self.files.read(self.ino, from, (z - a + 1) as u64 * bs).await?;
+            let mut fetched = Vec::with_capacity(z - a + 1);
+            for (k, slot) in blocks[a..=z].iter_mut().enumerate() {
+                let s = (k as u64 * bs) as usize;
+                let piece =
+                    if s < data.len() { data.slice(s..(s + bs as usize).min(data.len())) } else { Bytes::new() };
+                if slot.is_none() {
+                    *slot = Some(piece.clone());
+                    fetched.push((first + a as u64 + k as u64, piece));
+                }
+            }
+            cache.fill(found.since, fetched);
+        }
+        // One block holding the whole range: a slice, no copy.
+        if let [Some(b)] = blocks.as_slice() {
+            let s = (offset - first * bs) as usize;
+            if s + len as usize <= b.len() {
+                return Ok(b.slice(s..s + len as usize));
+            }
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        for (k, b) in blocks.iter().enumerate() {
+            let b = b.as_ref().expect("every block found or fetched");
+            let start = (first + k as u64) * bs;
+            let s = offset.max(start) - start;
+            let e = end.min(start + bs) - start;
+            let have = (b.len() as u64).clamp(s, e);
+            out.extend_from_slice(&b[s as usize..have as usize]);
+            // Past the data's end: zeros.
+            out.resize(out.len() + (e - have) as usize, 0);
+        }
+        Ok(out.freeze())
     }
 
     pub fn files(&self) -> &FileClient {
@@ -112,11 +188,21 @@ impl LocusFile {
 
 impl Backend for LocusFile {
     async fn read(&self, offset: u64, len: u32) -> BackendResult<Bytes> {
-        Ok(self.files.read(self.ino, offset, u64::from(len)).await?)
+        match self.live_cache() {
+            Some(cache) => self.cached_read(cache, offset, len).await,
+            None => {
+                if let Some((cache, _)) = &self.cache {
+                    // Not held now: what is cached may be out of date.
+                    cache.clear();
+                }
+                Ok(self.files.read(self.ino, offset, u64::from(len)).await?)
+            }
+        }
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BackendResult<()> {
-        self.files.write(self.ino, offset, data).await?;
+        let len = data.len() as u64;
+        self.changing(offset, len, self.files.write(self.ino, offset, data)).await?;
         if fua {
             self.files.fsync(self.ino).await?;
         }
@@ -134,11 +220,13 @@ impl Backend for LocusFile {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fua: bool) -> BackendResult<()> {
+        let n = u64::from(len);
         if no_hole {
             // Asked to keep the space allocated: real zeros.
-            self.zero_range(offset, u64::from(len)).await?;
+            self.changing(offset, n, self.zero_range(offset, n)).await?;
         } else {
-            self.files.punch(self.ino, offset, u64::from(len)).await?;
+            self.changing(offset, n, async { Ok::<_, BackendError>(self.files.punch(self.ino, offset, n).await?) })
+                .await?;
         }
         if fua {
             self.files.fsync(self.ino).await?;

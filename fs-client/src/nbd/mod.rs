@@ -22,8 +22,10 @@
 //! client; a flush or FUA makes them durable on every replica.
 
 pub mod backend;
+pub mod cache;
 pub mod conn;
 pub mod handshake;
+pub mod lease;
 pub mod request;
 pub mod server;
 pub mod wire;
@@ -31,6 +33,7 @@ pub mod wire;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
@@ -38,7 +41,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::file::FileClient;
 use crate::proto::Ino;
 use backend::LocusFile;
+use cache::BlockCache;
 use handshake::ExportInfo;
+use lease::LeaseKeeper;
 use server::{Listen, Listener};
 
 /// The IANA port of NBD.
@@ -68,7 +73,23 @@ pub struct ServeArgs {
     /// Refuse writes.
     #[arg(long)]
     pub read_only: bool,
+    /// Let other clients write the file while it is served: no write
+    /// lease, and no read cache. Without it a writable export holds the
+    /// file's lease: other writers get EBUSY, a second export waits for
+    /// it.
+    #[arg(long, conflicts_with = "read_only")]
+    pub shared: bool,
+    /// How long to wait at start for another client's lease on the file
+    /// to lapse (one whose export died), in seconds.
+    #[arg(long, default_value_t = lease::ACQUIRE_WAIT.as_secs(), value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub lease_wait: u64,
+    /// Read cache in MiB (used while the lease is held; 0: none).
+    #[arg(long, default_value_t = DEFAULT_CACHE_MIB, value_parser = clap::value_parser!(u64).range(0..=65536))]
+    pub cache_mib: u64,
 }
+
+/// Default read cache of a writable export.
+pub const DEFAULT_CACHE_MIB: u64 = 256;
 
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +102,9 @@ pub enum NbdError {
     /// The final flush failed: writes may not be durable.
     #[error("{0}")]
     Flush(String),
+    /// The write lease could not be taken.
+    #[error("{0}")]
+    Lease(String),
 }
 
 /// The file to serve, resolved by the caller.
@@ -112,6 +136,25 @@ pub async fn serve(args: &ServeArgs, target: Target, files: FileClient, json: bo
         _ => return Err(NbdError::Signals("cannot install signal handlers".into())),
     };
     let listener = Listener::bind(&at).await?;
+    // The lease before the URI: a client that connects finds the image
+    // fenced against other writers.
+    let lease = if args.read_only || args.shared {
+        None
+    } else {
+        let cache =
+            (args.cache_mib > 0).then(|| Arc::new(BlockCache::new(args.cache_mib << 20, cache::CACHE_BLOCK_BYTES)));
+        let keeper =
+            LeaseKeeper::acquire(files.clone(), target.ino, cache.clone(), Duration::from_secs(args.lease_wait))
+                .await
+                .map_err(|e| {
+                    NbdError::Lease(format!(
+                        "{}: cannot take the write lease: {e} (another export or writer holds it; \
+                 serve it --read-only, or --shared to allow other writers)",
+                        target.path
+                    ))
+                })?;
+        Some((keeper.clone(), keeper.spawn_renewals(), cache))
+    };
     let uri = listener.uri(&name);
     {
         let mut out = std::io::stdout().lock();
@@ -125,7 +168,11 @@ pub async fn serve(args: &ServeArgs, target: Target, files: FileClient, json: bo
         let _ = out.flush();
     }
     tracing::info!(%uri, path = %target.path, size = target.size, read_only = args.read_only, "serving");
-    let backend = Arc::new(LocusFile::new(files.clone(), target.ino));
+    let mut backend = LocusFile::new(files.clone(), target.ino);
+    if let Some((keeper, _, Some(cache))) = &lease {
+        backend = backend.with_cache(cache.clone(), keeper.clone());
+    }
+    let backend = Arc::new(backend);
     let (stop_tx, stop_rx) = tokio::sync::mpsc::channel(2);
     let signals = tokio::spawn(async move {
         loop {
@@ -140,7 +187,15 @@ pub async fn serve(args: &ServeArgs, target: Target, files: FileClient, json: bo
     });
     server::run(listener, export, backend, stop_rx).await;
     signals.abort();
-    files.fsync(target.ino).await.map_err(|e| NbdError::Flush(format!("{}: final flush failed: {e}", target.path)))?;
+    let flushed = files.fsync(target.ino).await;
+    if let Some((keeper, renewals, cache)) = lease {
+        renewals.abort();
+        keeper.release().await;
+        if let Some((bytes, hits, misses)) = cache.map(|c| c.stats()) {
+            tracing::info!(cached_bytes = bytes, hits, misses, "read cache");
+        }
+    }
+    flushed.map_err(|e| NbdError::Flush(format!("{}: final flush failed: {e}", target.path)))?;
     tracing::info!(path = %target.path, "stopped; every write is durable");
     Ok(())
 }

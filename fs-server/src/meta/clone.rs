@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use fs_client::proto::*;
 use raft::{KvError, KvReadExt};
 
-use super::data::{self, chunk_bytes, load_server, must_file, planned_location, release_chunk};
+use super::data::{self, chunk_bytes, must_file, planned_location, release_chunk};
 use super::fsm::{
     check_name, dec, err, touch_dir, writable, ChunkRec, DentryRec, Fail, InodeRec, Namespace, Plan, Stamp, Work,
 };
@@ -188,25 +188,9 @@ pub(super) fn clone_tree(
     w.put_inode(p);
     data::charge(w, c.realm, c.bytes as i64, c.inodes as i64, true)?;
 
-    let mut fences = Vec::with_capacity(c.fenced.len());
-    let mut servers = BTreeSet::new();
-    for (&chunk, &from) in &c.fenced {
-        let rec = w.chunk(chunk)?.ok_or_else(|| Fail::Store(KvError(format!("chunk {chunk} is missing"))))?;
-        let origin = match rec.origin {
-            Some(o) => w.chunk(o)?.map(|oc| (o, oc.version)),
-            None => None,
-        };
-        servers.extend(rec.replicas.iter().copied());
-        fences.push(ChunkFence { chunk, from, to: rec.version, replicas: rec.replicas, origin });
-    }
-    let mut addrs = Vec::with_capacity(servers.len());
-    for s in servers {
-        if let Some(srv) = load_server(w.kv, s)? {
-            addrs.push((s, srv.addr));
-        }
-    }
+    let (fences, servers) = data::fences_of(w, &c.fenced)?;
     let attr = w.must_inode(root)?.attr;
-    Ok(CloneReply { attr, inodes: c.inodes, chunks: c.chunks, fences, servers: addrs })
+    Ok(CloneReply { attr, inodes: c.inodes, chunks: c.chunks, fences, servers })
 }
 
 /// [`MetaOp::CowChunk`].
@@ -238,7 +222,13 @@ pub(super) fn cow_chunk(w: &mut Work<'_>, ino: Ino, index: u64, chunk: ChunkId, 
         // Copied already (by another writer), or no longer shared.
         planned_location(w, index, cur, &c)?
     };
-    Ok(OpReply::Layout(Layout { attr: rec.attr, chunk_bytes: cb, chunks: vec![loc], read_only: rec.immutable }))
+    Ok(OpReply::Layout(Layout {
+        lease: w.lease(ino)?,
+        attr: rec.attr,
+        chunk_bytes: cb,
+        chunks: vec![loc],
+        read_only: rec.immutable,
+    }))
 }
 
 /// [`MetaOp::CowDone`]. Idempotent.

@@ -40,6 +40,10 @@ pub fn load_server(kv: &dyn raft::KvRead, id: ServerId) -> Result<Option<ServerR
     kv.get(&keys::server(id))?.map(|b| dec(&b)).transpose()
 }
 
+pub fn load_lease(kv: &dyn raft::KvRead, ino: Ino) -> Result<Option<Lease>, KvError> {
+    kv.get(&keys::lease(ino))?.map(|b| dec(&b)).transpose()
+}
+
 pub fn load_chunk(kv: &dyn raft::KvRead, id: ChunkId) -> Result<Option<ChunkRec>, KvError> {
     kv.get(&keys::chunk(id))?.map(|b| dec(&b)).transpose()
 }
@@ -118,7 +122,13 @@ pub fn layout(kv: &dyn raft::KvRead, rec: &InodeRec, first: u64, count: u64) -> 
             chunks.push(location(kv, index, id, &c)?);
         }
     }
-    Ok(Layout { attr: rec.attr.clone(), chunk_bytes: chunk_bytes(kv)?, chunks, read_only: rec.immutable })
+    Ok(Layout {
+        attr: rec.attr.clone(),
+        chunk_bytes: chunk_bytes(kv)?,
+        chunks,
+        read_only: rec.immutable,
+        lease: load_lease(kv, rec.attr.ino)?,
+    })
 }
 
 /// The directory whose quota new inodes in `parent` are charged to.
@@ -231,6 +241,7 @@ pub(super) fn prepare_write(
             chunk_bytes: cb,
             chunks: Vec::new(),
             read_only: rec.immutable,
+            lease: w.lease(ino)?,
         }));
     }
     let end = offset
@@ -284,7 +295,13 @@ pub(super) fn prepare_write(
         let c = w.chunk(id)?.ok_or_else(|| Fail::Store(KvError(format!("chunk {id} of inode {ino} is missing"))))?;
         chunks.push(planned_location(w, index, id, &c)?);
     }
-    Ok(OpReply::Layout(Layout { attr: rec.attr, chunk_bytes: cb, chunks, read_only: rec.immutable }))
+    Ok(OpReply::Layout(Layout {
+        lease: w.lease(ino)?,
+        attr: rec.attr,
+        chunk_bytes: cb,
+        chunks,
+        read_only: rec.immutable,
+    }))
 }
 
 /// [`MetaOp::ExtendSize`].
@@ -341,6 +358,7 @@ pub(super) fn replica_failed(
             chunk_bytes: cb,
             chunks: Vec::new(),
             read_only: rec.immutable,
+            lease: w.lease(ino)?,
         }));
     };
     let mut c = w.chunk(id)?.ok_or_else(|| Fail::Store(KvError(format!("chunk {id} of inode {ino} is missing"))))?;
@@ -355,7 +373,13 @@ pub(super) fn replica_failed(
         w.p.chunks.insert(id, Some(c.clone()));
     }
     let loc = planned_location(w, index, id, &c)?;
-    Ok(OpReply::Layout(Layout { attr: rec.attr, chunk_bytes: cb, chunks: vec![loc], read_only: rec.immutable }))
+    Ok(OpReply::Layout(Layout {
+        lease: w.lease(ino)?,
+        attr: rec.attr,
+        chunk_bytes: cb,
+        chunks: vec![loc],
+        read_only: rec.immutable,
+    }))
 }
 
 /// [`MetaOp::SetGoal`].
@@ -469,4 +493,75 @@ pub fn file_chunk_map(kv: &dyn raft::KvRead, ino: Ino) -> Result<BTreeMap<u64, C
         return Err(KvError(format!("bad chunk entry of inode {ino}")));
     }
     Ok(out)
+}
+
+/// Version raises for the caller to push, and the addresses of the
+/// servers they name.
+pub(super) type Fences = (Vec<ChunkFence>, Vec<(ServerId, String)>);
+
+/// The [`Fences`] of `fenced` (chunk -> version before the raise).
+pub(super) fn fences_of(w: &mut Work<'_>, fenced: &BTreeMap<ChunkId, u64>) -> Plan<Fences> {
+    let mut fences = Vec::with_capacity(fenced.len());
+    let mut servers = BTreeSet::new();
+    for (&chunk, &from) in fenced {
+        let rec = w.chunk(chunk)?.ok_or_else(|| Fail::Store(KvError(format!("chunk {chunk} is missing"))))?;
+        let origin = match rec.origin {
+            Some(o) => w.chunk(o)?.map(|oc| (o, oc.version)),
+            None => None,
+        };
+        servers.extend(rec.replicas.iter().copied());
+        fences.push(ChunkFence { chunk, from, to: rec.version, replicas: rec.replicas, origin });
+    }
+    let mut addrs = Vec::with_capacity(servers.len());
+    for s in servers {
+        if let Some(srv) = load_server(w.kv, s)? {
+            addrs.push((s, srv.addr));
+        }
+    }
+    Ok((fences, addrs))
+}
+
+/// [`MetaOp::Lease`]: takes, renews or releases `client`'s write lease on
+/// file `ino`. Taken afresh (no lease, another's that lapsed, or this
+/// client's own that lapsed), it raises every chunk's version: writes
+/// from anyone holding an older layout are refused from the moment the
+/// caller has pushed the fences.
+pub(super) fn lease(w: &mut Work<'_>, ino: Ino, client: Option<u128>, ttl_ms: u64, now: Timespec) -> Plan<OpReply> {
+    let Some(client) = client else {
+        return Err(Fail::Op(err(ErrorCode::Invalid, "a lease needs a client id")));
+    };
+    if ttl_ms > MAX_LEASE_TTL_MS {
+        return Err(Fail::Op(err(
+            ErrorCode::Invalid,
+            format!("a lease lasts at most {MAX_LEASE_TTL_MS} ms, not {ttl_ms}"),
+        )));
+    }
+    let rec = must_file(w, ino)?;
+    let current = w.lease(ino)?;
+    if ttl_ms == 0 {
+        if current.is_some_and(|l| l.holder == client) {
+            w.p.leases.insert(ino, None);
+        }
+        return Ok(OpReply::Leased(LeaseReply { lease: None, fences: Vec::new(), servers: Vec::new() }));
+    }
+    writable(&rec)?;
+    w.check_lease(ino, Some(client), now)?;
+    let afresh = current.is_none_or(|l| l.holder != client || l.expires <= now);
+    let lease = Lease { holder: client, expires: Timespec::from_nanos(now.as_nanos() + ttl_ms as i128 * 1_000_000) };
+    w.p.leases.insert(ino, Some(lease));
+    let mut fenced = BTreeMap::new();
+    if afresh {
+        for (_, id) in w.all_file_chunks(ino)? {
+            if fenced.contains_key(&id) {
+                continue;
+            }
+            let mut c =
+                w.chunk(id)?.ok_or_else(|| Fail::Store(KvError(format!("chunk {id} of inode {ino} is missing"))))?;
+            fenced.insert(id, c.version);
+            c.version += 1;
+            w.p.chunks.insert(id, Some(c));
+        }
+    }
+    let (fences, servers) = fences_of(w, &fenced)?;
+    Ok(OpReply::Leased(LeaseReply { lease: Some(lease), fences, servers }))
 }

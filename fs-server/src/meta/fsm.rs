@@ -238,6 +238,8 @@ pub(super) struct Planned {
     pub(super) next_chunk: Option<u64>,
     pub(super) servers: BTreeMap<ServerId, ServerRec>,
     pub(super) next_server: Option<u64>,
+    /// Write leases set (`None`: released).
+    pub(super) leases: BTreeMap<Ino, Option<Lease>>,
 }
 
 /// Plans one operation over a read view.
@@ -332,6 +334,29 @@ impl<'k> Work<'k> {
             };
         }
         Ok(out)
+    }
+
+    pub(super) fn lease(&mut self, ino: Ino) -> Plan<Option<Lease>> {
+        if let Some(v) = self.p.leases.get(&ino) {
+            return Ok(*v);
+        }
+        Ok(super::data::load_lease(self.kv, ino)?)
+    }
+
+    /// Refuses (`Busy`) a change to file `ino`'s data or size by `client`
+    /// while another client's lease on it binds.
+    pub(super) fn check_lease(&mut self, ino: Ino, client: Option<u128>, now: Timespec) -> Plan<()> {
+        match self.lease(ino)? {
+            Some(l) if l.excludes(client.unwrap_or(0), now) => Err(Fail::Op(err(
+                ErrorCode::Busy,
+                format!(
+                    "inode {ino} is leased for writing by client {:032x} (an NBD export) for {} ms more",
+                    l.holder,
+                    (l.expires.as_nanos() - now.as_nanos()) / 1_000_000
+                ),
+            ))),
+            _ => Ok(()),
+        }
     }
 
     pub(super) fn alloc_chunk(&mut self) -> Plan<ChunkId> {
@@ -438,6 +463,12 @@ impl Planned {
         }
         for (id, rec) in self.servers {
             txn.put(keys::server(id), enc(&rec));
+        }
+        for (ino, l) in self.leases {
+            match l {
+                Some(l) => txn.put(keys::lease(ino), enc(&l)),
+                None => txn.delete(keys::lease(ino)),
+            }
         }
         if let Some(n) = self.next_server {
             set_counter(txn, NEXT_SERVER, n);
@@ -568,6 +599,9 @@ impl Namespace {
         let bytes = if rec.attr.kind == FileKind::File { rec.attr.size } else { 0 };
         if rec.attr.kind == FileKind::File {
             data::drop_chunks(w, rec.attr.ino, 0)?;
+            if w.lease(rec.attr.ino)?.is_some() {
+                w.p.leases.insert(rec.attr.ino, None);
+            }
         }
         // A directory with its own quota counted itself in the realm above.
         data::charge(w, rec.qdir, -(bytes as i64), -1, false)?;
@@ -785,6 +819,7 @@ impl Namespace {
 
     fn plan(w: &mut Work<'_>, prop: &Proposal, now: Timespec, index: u64) -> Plan<OpReply> {
         let op = &prop.op;
+        let client = prop.id.map(|id| id.client);
         match op {
             MetaOp::Mkdir { parent, name, perm, caller } => {
                 Self::make_node(w, *parent, name, FileKind::Dir, *perm, *caller, Stamp { now, index })
@@ -924,6 +959,7 @@ impl Namespace {
                     rec.attr.gid = gid;
                 }
                 if let Some(size) = set.size {
+                    w.check_lease(*ino, client, now)?;
                     match rec.attr.kind {
                         FileKind::File => {}
                         FileKind::Dir => return Err(Fail::Op(err(ErrorCode::IsDir, "cannot truncate a directory"))),
@@ -992,9 +1028,13 @@ impl Namespace {
                 Ok(OpReply::Done)
             }
             MetaOp::PrepareWrite { ino, offset, len } => {
+                w.check_lease(*ino, client, now)?;
                 data::prepare_write(w, *ino, *offset, *len, &prop.placement, now)
             }
-            MetaOp::ExtendSize { ino, size } => data::extend_size(w, *ino, *size, now),
+            MetaOp::ExtendSize { ino, size } => {
+                w.check_lease(*ino, client, now)?;
+                data::extend_size(w, *ino, *size, now)
+            }
             MetaOp::ReplicaFailed { ino, index, chunk, version, server } => {
                 data::replica_failed(w, *ino, *index, *chunk, *version, *server)
             }
@@ -1003,9 +1043,13 @@ impl Namespace {
             MetaOp::Clone { src, parent, name, snapshot } => {
                 clone::clone_tree(w, *src, *parent, name, *snapshot, Stamp { now, index }).map(OpReply::Cloned)
             }
-            MetaOp::CowChunk { ino, index, chunk } => clone::cow_chunk(w, *ino, *index, *chunk, now),
+            MetaOp::CowChunk { ino, index, chunk } => {
+                w.check_lease(*ino, client, now)?;
+                clone::cow_chunk(w, *ino, *index, *chunk, now)
+            }
             MetaOp::CowDone { chunk } => clone::cow_done(w, *chunk),
             MetaOp::DropSnapshot { parent, name } => clone::drop_snapshot(w, *parent, name, now),
+            MetaOp::Lease { ino, ttl_ms } => data::lease(w, *ino, client, *ttl_ms, now),
         }
     }
 

@@ -1152,3 +1152,77 @@ fn block_size_is_fixed_at_creation() {
     apply(&mut kv, 2, &Command::InitBlocks { now, chunk_bytes: 2 << 20, block_bytes: 4 << 10 });
     assert_eq!((super::data::chunk_bytes(&kv).unwrap(), super::data::block_bytes(&kv).unwrap()), (1 << 20, 16 << 10));
 }
+
+fn leased(r: OpResult) -> LeaseReply {
+    match r {
+        Ok(OpReply::Leased(l)) => l,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Goal: a write lease keeps every other client from changing the file's
+/// data or size until it lapses; taken afresh it fences every chunk once;
+/// renewals fence nothing; a release or the file's removal drops it.
+#[test]
+fn a_write_lease_excludes_other_writers_until_it_lapses() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let f = fs.file_with_chunks(ROOT_INO, "img", 2);
+    let a = |seq| Some(RequestId { client: 0xA, seq });
+    let b = |seq| Some(RequestId { client: 0xB, seq });
+    let lease = |ttl_ms| MetaOp::Lease { ino: f, ttl_ms };
+
+    // Client A takes it for 10 s (the test clock moves 1 s per command).
+    let r = leased(fs.op_with_id(a(1), lease(10_000)));
+    let l = r.lease.expect("granted");
+    assert_eq!(l.holder, 0xA);
+    assert_eq!(r.fences.len(), 2, "every chunk fenced");
+    assert!(r.fences.iter().all(|x| x.from == 1 && x.to == 2));
+    assert_eq!(fs.layout_of(f).lease, Some(l), "layouts tell every client");
+    assert!(fs.layout_of(f).chunks.iter().all(|c| c.version == 2));
+
+    // B may not take it, nor change the size or allocate, nor copy-on-write.
+    assert_eq!(code(&fs.op_with_id(b(1), lease(10_000))), Some(ErrorCode::Busy));
+    let set = SetAttr { size: Some(1), ..Default::default() };
+    assert_eq!(code(&fs.op_with_id(b(2), MetaOp::SetAttr { ino: f, set: set.clone() })), Some(ErrorCode::Busy));
+    assert_eq!(code(&fs.op_with_id(b(3), MetaOp::ExtendSize { ino: f, size: 5 * CB })), Some(ErrorCode::Busy));
+    let p = Proposal {
+        id: b(4),
+        op: MetaOp::PrepareWrite { ino: f, offset: 2 * CB, len: 1 },
+        placement: vec![(2, vec![1, 2, 3])],
+    };
+    assert_eq!(code(&fs.proposal(p)), Some(ErrorCode::Busy));
+    // Other changes (attributes, names) go on.
+    fs.op_with_id(b(5), MetaOp::SetAttr { ino: f, set: SetAttr { mode: Some(0o600), ..Default::default() } }).unwrap();
+
+    // A itself writes; its renewal fences nothing.
+    fs.op_with_id(a(2), MetaOp::ExtendSize { ino: f, size: 2 * CB + 7 }).unwrap();
+    let r = leased(fs.op_with_id(a(3), lease(10_000)));
+    assert!(r.fences.is_empty(), "a renewal is not a new lease");
+
+    // Once it lapses B writes again, and may take it (fencing afresh).
+    for _ in 0..11 {
+        fs.op(MetaOp::SetAttr { ino: ROOT_INO, set: SetAttr::default() }).unwrap();
+    }
+    fs.op_with_id(b(6), MetaOp::SetAttr { ino: f, set }).unwrap();
+    let r = leased(fs.op_with_id(b(7), lease(5_000)));
+    assert_eq!(r.lease.map(|l| l.holder), Some(0xB));
+    assert!(r.fences.iter().all(|x| x.from == 2 && x.to == 3));
+    assert_eq!(code(&fs.op_with_id(a(4), MetaOp::ExtendSize { ino: f, size: 9 })), Some(ErrorCode::Busy));
+
+    // A release by a non-holder does nothing; the holder's frees it.
+    leased(fs.op_with_id(a(5), lease(0)));
+    assert!(fs.layout_of(f).lease.is_some());
+    leased(fs.op_with_id(b(8), lease(0)));
+    assert_eq!(fs.layout_of(f).lease, None);
+
+    // Bounds and kinds: too long, no client id, a directory.
+    assert_eq!(code(&fs.op_with_id(a(6), lease(MAX_LEASE_TTL_MS + 1))), Some(ErrorCode::Invalid));
+    assert_eq!(code(&fs.op(lease(1_000))), Some(ErrorCode::Invalid));
+    assert_eq!(code(&fs.op_with_id(a(7), MetaOp::Lease { ino: ROOT_INO, ttl_ms: 1_000 })), Some(ErrorCode::IsDir));
+
+    // Removing the file drops its lease record.
+    leased(fs.op_with_id(a(8), lease(10_000)));
+    fs.op(MetaOp::Unlink { parent: ROOT_INO, name: b"img".to_vec() }).unwrap();
+    assert!(!fs.kv.map.keys().any(|k| k[0] == b'L'), "no lease left for a removed file");
+}

@@ -13,6 +13,7 @@
 //! | `F`    | ino, chunk index            | chunk id (8 bytes)         |
 //! | `K`    | chunk id                    | [`ChunkRec`]               |
 //! | `V`    | server id                   | [`ServerRec`]              |
+//! | `L`    | ino                         | [`Lease`]                  |
 //!
 //! [`InodeRec`]: super::fsm::InodeRec
 //! [`DentryRec`]: super::fsm::DentryRec
@@ -20,6 +21,7 @@
 //! [`DedupLog`]: super::fsm::DedupLog
 //! [`ChunkRec`]: super::fsm::ChunkRec
 //! [`ServerRec`]: super::fsm::ServerRec
+//! [`Lease`]: fs_client::proto::Lease
 
 use fs_client::proto::{Ino, RequestId};
 
@@ -33,6 +35,7 @@ pub const CHANGE: u8 = b'E';
 pub const FILE_CHUNK: u8 = b'F';
 pub const CHUNK: u8 = b'K';
 pub const SERVER: u8 = b'V';
+pub const LEASE: u8 = b'L';
 
 fn tag_u64(tag: u8, v: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(17);
@@ -76,6 +79,11 @@ pub fn chunk_id(k: &[u8]) -> Option<u64> {
 
 pub fn server(id: u64) -> Vec<u8> {
     tag_u64(SERVER, id)
+}
+
+/// The write lease on file `ino`.
+pub fn lease(ino: Ino) -> Vec<u8> {
+    tag_u64(LEASE, ino)
 }
 
 pub fn inode(ino: Ino) -> Vec<u8> {
