@@ -2,7 +2,11 @@
 //! with nbdkit serving a plain local file (the no-distribution limit).
 //!
 //! - Locus: 3 meta nodes, 3 chunk servers (64 MiB chunks, goal 3) on
-//!   loopback; `locus nbd serve` of a file on a unix socket.
+//!   loopback; `locus nbd serve` of a file on a unix socket, first as it
+//!   runs by default ("locus nbd": it holds the image's write lease and
+//!   caches reads, 256 MiB, which here holds the whole image, as the page
+//!   cache does for nbdkit), then with `--cache-mib 0` ("locus nocache":
+//!   every read from a replica).
 //! - nbdkit: the `file` plugin on a local file of the same size, unix socket.
 //!
 //! Per target, in order: sequential write of the whole image (1 MiB, QD 4;
@@ -117,18 +121,27 @@ pub async fn run(size_mib: u64, secs: u64) -> anyhow::Result<Vec<Row>> {
         Ok(())
     };
     locus(&["fs", "truncate", "/disk.raw", &format!("{size_mib}M")])?;
-    let sock = work.path().join("locus.sock");
-    let child = Command::new(bin("locus"))
-        .arg("--config")
-        .arg(&cfg)
-        .args(["nbd", "serve", "/disk.raw", "--unix"])
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let server = Killed(child);
-    wait_socket(&sock)?;
-    suite("locus nbd", &format!("nbd+unix:///?socket={}", sock.display()), size_mib, secs, &mut rows)?;
-    drop(server);
+    // The export as it runs by default (holding the image's lease, reads
+    // cached), then without its read cache: the replicas' own speed.
+    for (target, sock, extra) in
+        [("locus nbd", "locus.sock", &[][..]), ("locus nocache", "locus-nocache.sock", &["--cache-mib", "0"][..])]
+    {
+        let sock = work.path().join(sock);
+        let child = Command::new(bin("locus"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["nbd", "serve", "/disk.raw", "--unix"])
+            .arg(&sock)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut server = Killed(child);
+        wait_socket(&sock)?;
+        suite(target, &format!("nbd+unix:///?socket={}", sock.display()), size_mib, secs, &mut rows)?;
+        // SIGTERM: the export flushes and gives the lease back.
+        let _ = Command::new("kill").arg(server.0.id().to_string()).status();
+        let _ = server.0.wait();
+    }
     Ok(rows)
 }
