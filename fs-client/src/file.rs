@@ -488,6 +488,7 @@ impl FileClient {
         if st.read_only {
             return Err(read_only(ino));
         }
+        self.check_lease(st.lease.as_ref(), ino)?;
         insert_buffer(&mut st, offset, data, &self.buffered_total);
         let over_total = self.buffered_total.load(std::sync::atomic::Ordering::Relaxed) > MAX_BUFFER_TOTAL;
         if st.buffered >= MAX_BUFFER_PER_FILE || over_total {
@@ -613,17 +614,26 @@ impl FileClient {
         let sending = (st.size.is_some() && !st.read_only).then(|| Sending::start(f));
         let res = self.write_segments(st, ino, &segments).await;
         drop(sending);
+        // Refused writes (a snapshot, another client's lease) must not land
+        // later, once a retry would be let through: they go with the error.
+        let refused = res.as_ref().is_err_and(|e| matches!(e.code(), ErrorCode::ReadOnly | ErrorCode::Busy));
         match &res {
-            Ok(()) => {
-                st.buffer.clear();
-                self.buffered_total.fetch_sub(st.buffered, std::sync::atomic::Ordering::Relaxed);
-                st.buffered = 0;
+            Ok(()) => self.drop_buffer(st),
+            Err(e) if refused => {
+                tracing::warn!(ino, error = %e, "write-back refused; the buffered writes are dropped");
+                self.drop_buffer(st);
             }
             Err(e) => tracing::warn!(ino, error = %e, "write-back failed; the data stays buffered"),
         }
         // What arrived meanwhile is newer than what was sent.
         f.merge(st, &self.buffered_total);
         res
+    }
+
+    fn drop_buffer(&self, st: &mut FileState) {
+        st.buffer.clear();
+        self.buffered_total.fetch_sub(st.buffered, std::sync::atomic::Ordering::Relaxed);
+        st.buffered = 0;
     }
 
     async fn write_segments(&self, st: &mut FileState, ino: Ino, segments: &[(u64, Bytes)]) -> Result<(), ClientError> {

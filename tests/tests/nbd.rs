@@ -792,7 +792,6 @@ async fn an_export_leases_its_image_and_its_cache_stays_true() {
     files.write(ino, 4096, vec![0xEE; 4096].into()).await.expect("buffered");
     let e = files.fsync(ino).await.expect_err("a write under another client's lease");
     assert_eq!(e.code(), ErrorCode::Busy, "{e}");
-    files.forget(ino);
     let (code, out, err) = locus_cli(&config, &["fs", "truncate", "/disk.img", "32M"], None);
     assert_ne!(code, 0, "truncate under a lease: {out}{err}");
     assert!(err.contains("leased"), "{err}");
@@ -834,8 +833,11 @@ async fn an_export_leases_its_image_and_its_cache_stays_true() {
     let out = qemu_io(&server, "raw", &["read -P 0x77 2M 1M"], &server.uri.clone());
     assert!(!out.contains("Pattern verification failed"), "{out}");
 
-    phase("SIGTERM gives the lease back: the library writes at once");
+    phase("SIGTERM gives the lease back: the library writes at once; its refused write stays refused");
     assert!(server.stop().success(), "exit status\n{}", server.log());
+    files.fsync(ino).await.expect("nothing left to send");
+    let at = files.read(ino, 4096, 4096).await.expect("read");
+    assert!(at.iter().any(|b| *b != 0xEE), "the write refused under the lease landed later");
     files.write(ino, 0, first.clone().into()).await.expect("write");
     files.fsync(ino).await.expect("a write once the lease is released");
     assert!(read_file(&files, ino).await[..MIB as usize] == first[..]);

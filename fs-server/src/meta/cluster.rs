@@ -91,6 +91,12 @@ struct State {
     repairs: HashMap<ChunkId, Repair>,
     /// Report pages received so far, per server.
     partial_reports: HashMap<ServerId, Vec<(ChunkId, u64)>>,
+    /// Servers registered with this leader whose report it has not
+    /// reconciled yet: never repair targets. A server back from the dead
+    /// holds leftovers of the chunks being repaired; as a target its
+    /// report would keep them (the copy replaces them), and once its
+    /// report was answered it would serve them at their old versions.
+    unreconciled: HashSet<ServerId>,
     /// Chunks to repair first (VMs waiting for them).
     priority: BTreeSet<ChunkId>,
     corrupt_reported: u64,
@@ -250,7 +256,9 @@ impl DataManager {
                     Some(Err(e)) => return Err(e.clone()),
                     _ => return Err(WireError::new(ErrorCode::Internal, "registration gave no id")),
                 };
-                self.state().live.insert(
+                let mut st = self.state();
+                st.unreconciled.insert(id);
+                st.live.insert(
                     id,
                     Live {
                         last_seen: Instant::now(),
@@ -260,6 +268,7 @@ impl DataManager {
                         chunks: 0,
                     },
                 );
+                drop(st);
                 let geometry =
                     self.raft.reader().with_latest(|kv| Ok::<_, raft::KvError>((chunk_bytes(kv)?, block_bytes(kv)?)));
                 let (cb, bb) = geometry.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
@@ -292,7 +301,9 @@ impl DataManager {
                     }
                     st.partial_reports.remove(&id).unwrap_or_default()
                 };
-                Ok(ServerReply::Commands(self.reconcile(id, all).await))
+                let cmds = self.reconcile(id, all).await;
+                self.state().unreconciled.remove(&id);
+                Ok(ServerReply::Commands(cmds))
             }
             ServerMsg::Corrupt { id, chunk, version } => {
                 tracing::warn!(server = id, chunk, version, "replica reported corrupt");
@@ -607,7 +618,7 @@ impl DataManager {
                     copies: (live.len() + 1).min(Goal::MAX_COPIES as usize) as u8,
                     spread: rec.goal.level,
                     existing: live.clone(),
-                    exclude: rec.replicas.iter().copied().chain(busy).collect(),
+                    exclude: rec.replicas.iter().copied().chain(busy).chain(st.unreconciled.iter().copied()).collect(),
                     bytes: cb,
                 };
                 let Ok(plan) = place_replicas(&req, &servers) else { continue };
