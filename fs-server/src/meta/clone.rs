@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use fs_client::proto::*;
 use raft::{KvError, KvReadExt};
 
-use super::data::{self, chunk_bytes, must_file, planned_location, release_chunk};
+use super::data::{self, chunk_bytes, layout_reply, must_file, planned_location, release_chunk};
 use super::fsm::{
     check_name, dec, err, touch_dir, writable, ChunkRec, DentryRec, Fail, InodeRec, Namespace, Plan, Stamp, Work,
 };
@@ -222,13 +222,7 @@ pub(super) fn cow_chunk(w: &mut Work<'_>, ino: Ino, index: u64, chunk: ChunkId, 
         // Copied already (by another writer), or no longer shared.
         planned_location(w, index, cur, &c)?
     };
-    Ok(OpReply::Layout(Layout {
-        lease: w.lease(ino)?,
-        attr: rec.attr,
-        chunk_bytes: cb,
-        chunks: vec![loc],
-        read_only: rec.immutable,
-    }))
+    layout_reply(w, rec, cb, vec![loc])
 }
 
 /// [`MetaOp::CowDone`]. Idempotent.

@@ -131,6 +131,12 @@ pub fn layout(kv: &dyn raft::KvRead, rec: &InodeRec, first: u64, count: u64) -> 
     })
 }
 
+/// An operation's answer: the file's layout with `chunks`, as planned.
+pub(super) fn layout_reply(w: &mut Work<'_>, rec: InodeRec, cb: u64, chunks: Vec<ChunkLocation>) -> Plan<OpReply> {
+    let lease = w.lease(rec.attr.ino)?;
+    Ok(OpReply::Layout(Layout { attr: rec.attr, chunk_bytes: cb, chunks, read_only: rec.immutable, lease }))
+}
+
 /// The directory whose quota new inodes in `parent` are charged to.
 pub(super) fn realm_of(parent: &InodeRec) -> Ino {
     if parent.quota.is_some() {
@@ -236,13 +242,7 @@ pub(super) fn prepare_write(
     writable(&rec)?;
     let cb = chunk_bytes(w.kv)?;
     if len == 0 {
-        return Ok(OpReply::Layout(Layout {
-            attr: rec.attr,
-            chunk_bytes: cb,
-            chunks: Vec::new(),
-            read_only: rec.immutable,
-            lease: w.lease(ino)?,
-        }));
+        return layout_reply(w, rec, cb, Vec::new());
     }
     let end = offset
         .checked_add(len)
@@ -295,13 +295,7 @@ pub(super) fn prepare_write(
         let c = w.chunk(id)?.ok_or_else(|| Fail::Store(KvError(format!("chunk {id} of inode {ino} is missing"))))?;
         chunks.push(planned_location(w, index, id, &c)?);
     }
-    Ok(OpReply::Layout(Layout {
-        lease: w.lease(ino)?,
-        attr: rec.attr,
-        chunk_bytes: cb,
-        chunks,
-        read_only: rec.immutable,
-    }))
+    layout_reply(w, rec, cb, chunks)
 }
 
 /// [`MetaOp::ExtendSize`].
@@ -353,13 +347,7 @@ pub(super) fn replica_failed(
     let rec = must_file(w, ino)?;
     let cb = chunk_bytes(w.kv)?;
     let Some(id) = w.file_chunk(ino, index)? else {
-        return Ok(OpReply::Layout(Layout {
-            attr: rec.attr,
-            chunk_bytes: cb,
-            chunks: Vec::new(),
-            read_only: rec.immutable,
-            lease: w.lease(ino)?,
-        }));
+        return layout_reply(w, rec, cb, Vec::new());
     };
     let mut c = w.chunk(id)?.ok_or_else(|| Fail::Store(KvError(format!("chunk {id} of inode {ino} is missing"))))?;
     if id == chunk && c.version == version && c.replicas.contains(&server) {
@@ -373,13 +361,7 @@ pub(super) fn replica_failed(
         w.p.chunks.insert(id, Some(c.clone()));
     }
     let loc = planned_location(w, index, id, &c)?;
-    Ok(OpReply::Layout(Layout {
-        lease: w.lease(ino)?,
-        attr: rec.attr,
-        chunk_bytes: cb,
-        chunks: vec![loc],
-        read_only: rec.immutable,
-    }))
+    layout_reply(w, rec, cb, vec![loc])
 }
 
 /// [`MetaOp::SetGoal`].
