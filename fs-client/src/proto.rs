@@ -458,7 +458,28 @@ pub enum MetaOp {
         ino: Ino,
         ttl_ms: u64,
     },
+    /// `op` (an `Unlink` or a `Rename`), except that a regular file in
+    /// `open` (files the caller has open, at most [`MAX_KEEP_OPEN`]) whose
+    /// last link `op` removes is kept, with no name and `nlink` 0, as an
+    /// orphan the caller holds for `ttl_ms` (at most [`MAX_LEASE_TTL_MS`]):
+    /// it can still be read and written by inode, as POSIX wants of an open
+    /// file. Replies [`OpReply::Orphans`] with the files kept.
+    KeepOpen {
+        open: Vec<Ino>,
+        ttl_ms: u64,
+        op: Box<MetaOp>,
+    },
+    /// Renews (`ttl_ms` > 0) the caller's hold on orphans, or releases it
+    /// (`ttl_ms` = 0): a released orphan is removed. Orphans held by
+    /// others, or gone, are left alone. At most [`MAX_KEEP_OPEN`].
+    HoldOrphans {
+        inos: Vec<Ino>,
+        ttl_ms: u64,
+    },
 }
+
+/// Most open files one [`MetaOp::KeepOpen`] or [`MetaOp::HoldOrphans`] names.
+pub const MAX_KEEP_OPEN: usize = 4096;
 
 impl MetaOp {
     pub fn name(&self) -> &'static str {
@@ -486,6 +507,8 @@ impl MetaOp {
             MetaOp::DropSnapshot { .. } => "drop_snapshot",
             MetaOp::Lease { ttl_ms: 0, .. } => "release_lease",
             MetaOp::Lease { .. } => "lease",
+            MetaOp::KeepOpen { op, .. } => op.name(),
+            MetaOp::HoldOrphans { .. } => "hold_orphans",
         }
     }
 }
@@ -499,6 +522,8 @@ pub enum OpReply {
     Layout(Layout),
     Cloned(CloneReply),
     Leased(LeaseReply),
+    /// The open files [`MetaOp::KeepOpen`] kept as orphans.
+    Orphans(Vec<Ino>),
 }
 
 /// What [`MetaOp::Lease`] returns.

@@ -954,3 +954,85 @@ async fn random_operations_match_a_model() {
     fsx.apply(FsxOp::Check);
     eprintln!("{} operations; final size {}", fsx.log.len(), fsx.model.len());
 }
+
+/// Goal: a file that is open keeps working after its last name goes, as
+/// on a local filesystem (unlink, or a rename over it): reads and writes
+/// through the open descriptor, fstat shows nlink 0; and the file is
+/// freed when the last descriptor closes (its inode is gone, its chunks
+/// with it). A truncate sets mtime even when the size stays.
+/// Method: one mount; a 2 MiB file (two chunks) opened twice, unlinked,
+/// read, written and fsynced through one descriptor, read through the
+/// other; closed; the inode is asked for by number. The same for a file
+/// replaced by a rename. Then truncate(2) and O_TRUNC of an empty file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_files_outlive_their_names() {
+    if !fuse_available() {
+        return;
+    }
+    let (cluster, config, logs) = start_cluster().await;
+    let m = Mount::start(&config, &logs);
+    use std::os::unix::fs::FileExt;
+
+    phase("unlink while open twice: read, write, fsync through the descriptors");
+    let p = m.path("tmp.bin");
+    let data = pattern(21, 2 * MIB);
+    fs::write(&p, &data).expect("write");
+    let rw = fs::OpenOptions::new().read(true).write(true).open(&p).expect("open rw");
+    let ro = fs::File::open(&p).expect("open ro");
+    let ino = rw.metadata().expect("fstat").ino();
+    fs::remove_file(&p).expect("unlink");
+    assert!(!p.exists(), "the name is gone");
+    assert_eq!(rw.metadata().expect("fstat").nlink(), 0);
+    let mut buf = vec![0u8; 4096];
+    rw.read_exact_at(&mut buf, MIB as u64 - 100).expect("read after unlink");
+    assert!(buf[..] == data[MIB - 100..MIB - 100 + 4096]);
+    rw.write_all_at(b"still here", 5).expect("write after unlink");
+    rw.sync_all().expect("fsync after unlink");
+    let mut head = [0u8; 15];
+    ro.read_exact_at(&mut head, 0).expect("read through the other descriptor");
+    let want: Vec<u8> = data[..5].iter().chain(b"still here").copied().collect();
+    assert_eq!(&head[..], &want[..]);
+    let client = cluster.client();
+    assert!(client.getattr(ino).await.is_ok(), "kept while open");
+    drop(rw);
+    assert!(client.getattr(ino).await.is_ok(), "kept while the other descriptor is open");
+    drop(ro);
+    assert!(freed(&client, ino).await, "inode {ino} freed after the last close\n{}", m.log());
+
+    phase("a rename over an open file: the old contents stay readable through it");
+    let (a, b) = (m.path("a"), m.path("b"));
+    fs::write(&a, b"new contents").expect("write a");
+    fs::write(&b, b"old contents").expect("write b");
+    let old = fs::File::open(&b).expect("open b");
+    let old_ino = old.metadata().expect("fstat").ino();
+    fs::rename(&a, &b).expect("rename over");
+    assert_eq!(fs::read(&b).expect("read b"), b"new contents");
+    let mut got = [0u8; 12];
+    old.read_exact_at(&mut got, 0).expect("read the replaced file");
+    assert_eq!(&got, b"old contents");
+    assert_eq!(old.metadata().expect("fstat").nlink(), 0);
+    drop(old);
+    assert!(freed(&client, old_ino).await, "the replaced inode is freed after its last close");
+
+    phase("truncate(2) to the same size, and O_TRUNC of an empty file, set mtime");
+    let t = m.path("t");
+    fs::write(&t, b"").expect("create");
+    let m0 = fs::metadata(&t).expect("stat");
+    let before = m0.mtime() * 1_000_000_000 + m0.mtime_nsec();
+    std::thread::sleep(Duration::from_millis(20));
+    fs::OpenOptions::new().write(true).truncate(true).open(&t).expect("O_TRUNC");
+    let after = fs::metadata(&t).expect("stat");
+    assert!(after.mtime() * 1_000_000_000 + after.mtime_nsec() > before, "O_TRUNC of an empty file sets mtime");
+}
+
+/// Whether inode `ino` is gone (NotFound) within 10 s.
+async fn freed(client: &fs_client::client::MetaClient, ino: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match client.getattr(ino).await {
+            Err(e) if e.code() == fs_client::proto::ErrorCode::NotFound => return true,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    false
+}

@@ -11,7 +11,7 @@
 //! have writers here (their size may be ahead of the service's until a
 //! flush), and the parent of directories it has seen (for `..`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
@@ -102,7 +102,15 @@ pub struct Shared {
     told: Mutex<HashMap<Ino, Attr>>,
     /// The notifier thread's queue, once the change watcher runs.
     pub(crate) notices: OnceLock<mpsc::Sender<Notice>>,
+    /// Files open here that lost their last name (unlinked or renamed
+    /// over): orphans this mount holds until their last handle closes.
+    orphans: Mutex<HashSet<Ino>>,
 }
+
+/// How long the cluster keeps an orphan whose mount stopped renewing.
+pub const ORPHAN_TTL: Duration = Duration::from_secs(60);
+/// How often the mount renews its orphans.
+pub const ORPHAN_RENEW: Duration = Duration::from_secs(15);
 
 /// Regular files whose reported attributes are remembered.
 const MAX_TOLD: usize = 65_536;
@@ -132,7 +140,78 @@ impl Shared {
             caps: Mutex::default(),
             told: Mutex::default(),
             notices: OnceLock::new(),
+            orphans: Mutex::default(),
         })
+    }
+
+    /// Regular files open here (at most [`MAX_KEEP_OPEN`]).
+    fn open_files(&self) -> Vec<Ino> {
+        let set: HashSet<Ino> = lock(&self.open).values().map(|f| f.ino).collect();
+        set.into_iter().take(MAX_KEEP_OPEN).collect()
+    }
+
+    /// `op` (an unlink or a rename), keeping files open here that lose
+    /// their last name as orphans of this mount.
+    async fn removing(&self, op: MetaOp) -> Result<(), ClientError> {
+        let open = self.open_files();
+        if open.is_empty() {
+            return self.meta.op(op).await.map(|_| ());
+        }
+        let ttl_ms = ORPHAN_TTL.as_millis() as u64;
+        match self.meta.op(MetaOp::KeepOpen { open, ttl_ms, op: Box::new(op) }).await? {
+            OpReply::Orphans(kept) => {
+                let mut o = lock(&self.orphans);
+                o.extend(kept.iter().copied());
+                drop(o);
+                // A handle may have closed meanwhile.
+                for ino in kept {
+                    self.release_orphan_if_closed(ino);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Lets the cluster remove orphan `ino` once no handle here has it open.
+    fn release_orphan_if_closed(&self, ino: Ino) {
+        if lock(&self.open).values().any(|f| f.ino == ino) || !lock(&self.orphans).remove(&ino) {
+            return;
+        }
+        let (meta, files) = (self.meta.clone(), self.files.clone());
+        self.rt.spawn(async move {
+            files.forget(ino);
+            if let Err(e) = meta.op(MetaOp::HoldOrphans { inos: vec![ino], ttl_ms: 0 }).await {
+                tracing::warn!(ino, error = %e, "cannot release an unlinked file; it goes when its hold lapses");
+            }
+        });
+    }
+
+    /// Renews this mount's orphans every [`ORPHAN_RENEW`], until the mount ends.
+    pub fn spawn_orphan_renewals(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        self.rt.spawn(async move {
+            loop {
+                tokio::time::sleep(ORPHAN_RENEW).await;
+                let Some(s) = me.upgrade() else { return };
+                let held: Vec<Ino> = lock(&s.orphans).iter().copied().take(MAX_KEEP_OPEN).collect();
+                if held.is_empty() {
+                    continue;
+                }
+                let op = MetaOp::HoldOrphans { inos: held, ttl_ms: ORPHAN_TTL.as_millis() as u64 };
+                if let Err(e) = s.meta.op(op).await {
+                    tracing::warn!(error = %e, "cannot renew the hold on unlinked open files");
+                }
+            }
+        });
+    }
+
+    /// At unmount: every orphan held here goes.
+    pub async fn release_orphans(&self) {
+        let held: Vec<Ino> = lock(&self.orphans).drain().take(MAX_KEEP_OPEN).collect();
+        if !held.is_empty() {
+            let _ = self.meta.op(MetaOp::HoldOrphans { inos: held, ttl_ms: 0 }).await;
+        }
     }
 
     /// `a` as the kernel gets it, remembered for [`Shared::revalidate`].
@@ -503,7 +582,13 @@ impl Filesystem for LocusFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.empty_op("unlink", parent.0, MetaOp::Unlink { parent: parent.0, name: name_of(name) }, reply);
+        let op = MetaOp::Unlink { parent: parent.0, name: name_of(name) };
+        self.spawn(move |s| async move {
+            match s.removing(op).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail("unlink", parent.0, &e)),
+            }
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -549,7 +634,12 @@ impl Filesystem for LocusFs {
             new_name: name_of(newname),
             flags: wire,
         };
-        self.empty_op("rename", parent.0, op, reply);
+        self.spawn(move |s| async move {
+            match s.removing(op).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail("rename", parent.0, &e)),
+            }
+        });
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
@@ -654,6 +744,7 @@ impl Filesystem for LocusFs {
     ) {
         let Some(f) = lock(&self.shared.open).remove(&fh.0) else { return reply.ok() };
         if !f.writable {
+            self.shared.release_orphan_if_closed(f.ino);
             return reply.ok();
         }
         self.spawn(move |s| async move {
@@ -661,6 +752,7 @@ impl Filesystem for LocusFs {
             let r = s.files.flush(f.ino).await;
             // Only now: until the data is sent, the local size is the true one.
             s.drop_writer(f.ino);
+            s.release_orphan_if_closed(f.ino);
             match r {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fail("release", ino.0, &e)),

@@ -103,6 +103,7 @@ async fn serve(args: &MountArgs, dir: &Path, config: &Path, report: &Report) -> 
         Err(e) => return Err(report.failed(e)),
     };
     let notifier = session.notifier();
+    shared.spawn_orphan_renewals();
     if let Err(e) = watch::start(shared.clone(), notifier) {
         tracing::warn!(error = %e, "cannot follow changes; other mounts' changes show after the cache TTL");
     }
@@ -164,6 +165,7 @@ async fn serve(args: &MountArgs, dir: &Path, config: &Path, report: &Report) -> 
         tracing::warn!("requests still running after {DRAIN_TIMEOUT:?}; flushing anyway");
     }
     let failed = shared.flush_dirty().await;
+    shared.release_orphans().await;
     tracing::info!(dir = %dir.display(), "unmounted");
     if failed > 0 {
         return Err(MountError::Failed(format!("{failed} files could not be flushed at unmount (see the log)")));

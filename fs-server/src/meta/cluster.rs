@@ -53,6 +53,8 @@ impl Default for DataConfig {
 
 /// How often the repair loop wakes up.
 const TICK: Duration = Duration::from_millis(500);
+/// How often the leader looks for orphans whose hold lapsed.
+const REAP_EVERY: Duration = Duration::from_secs(10);
 /// Replica changes per Raft command at most.
 const SYSTEM_OPS_PER_COMMAND: usize = 512;
 /// Commands queued for one server at most (older ones are dropped; the
@@ -97,6 +99,8 @@ struct State {
     /// report would keep them (the copy replaces them), and once its
     /// report was answered it would serve them at their old versions.
     unreconciled: HashSet<ServerId>,
+    /// When lapsed orphans were last looked for.
+    last_reap: Option<Instant>,
     /// Chunks to repair first (VMs waiting for them).
     priority: BTreeSet<ChunkId>,
     corrupt_reported: u64,
@@ -513,6 +517,36 @@ impl DataManager {
             }
             if let Err(e) = self.tick().await {
                 tracing::warn!(error = %e, "repair pass failed");
+            }
+            let reap_due = {
+                let mut st = self.state();
+                let due = st.last_reap.is_none_or(|t| t.elapsed() >= REAP_EVERY);
+                if due {
+                    st.last_reap = Some(Instant::now());
+                }
+                due
+            };
+            if reap_due {
+                self.reap_orphans().await;
+            }
+        }
+    }
+
+    /// Removes orphans whose holders stopped renewing (a mount that died
+    /// with unlinked files open).
+    async fn reap_orphans(&self) {
+        let now = Timespec::now();
+        let lapsed = self.raft.reader().with_latest(|kv| {
+            let mut any = false;
+            kv.scan(&[keys::ORPHAN], &[keys::ORPHAN + 1], &mut |_, v| {
+                any = dec::<Lease>(v).is_ok_and(|l| l.expires <= now);
+                !any
+            })?;
+            Ok::<_, raft::KvError>(any)
+        });
+        if lapsed.unwrap_or(false) {
+            if let Err(e) = self.system(vec![SystemOp::ReapOrphans]).await {
+                tracing::warn!(error = %e, "could not remove lapsed orphans");
             }
         }
     }

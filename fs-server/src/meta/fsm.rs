@@ -71,7 +71,13 @@ pub enum SystemOp {
     AddReplica { chunk: ChunkId, version: u64, server: ServerId, drop: Vec<ServerId> },
     /// Forget one replica (dead server replaced, corrupt, stale).
     RemoveReplica { chunk: ChunkId, server: ServerId },
+    /// Removes orphans whose hold lapsed (their holder died), at most
+    /// [`MAX_REAP_PER_COMMAND`].
+    ReapOrphans,
 }
+
+/// Most orphans one [`SystemOp::ReapOrphans`] removes.
+pub const MAX_REAP_PER_COMMAND: usize = 256;
 
 /// What a [`SystemOp`] returns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,17 +246,35 @@ pub(super) struct Planned {
     pub(super) next_server: Option<u64>,
     /// Write leases set (`None`: released).
     pub(super) leases: BTreeMap<Ino, Option<Lease>>,
+    /// Holds on orphans set (`None`: dropped).
+    pub(super) orphans: BTreeMap<Ino, Option<Lease>>,
+}
+
+/// What a [`MetaOp::KeepOpen`] keeps: files of `open` losing their last
+/// link become orphans held by `hold`.
+pub(super) struct Keep {
+    pub(super) open: std::collections::BTreeSet<Ino>,
+    pub(super) hold: Lease,
+    pub(super) kept: Vec<Ino>,
 }
 
 /// Plans one operation over a read view.
 pub(super) struct Work<'k> {
     pub(super) kv: &'k dyn KvRead,
     pub(super) p: Planned,
+    pub(super) keep: Option<Keep>,
 }
 
 impl<'k> Work<'k> {
     pub(super) fn new(kv: &'k dyn KvRead) -> Self {
-        Work { kv, p: Planned::default() }
+        Work { kv, p: Planned::default(), keep: None }
+    }
+
+    pub(super) fn orphan(&mut self, ino: Ino) -> Plan<Option<Lease>> {
+        if let Some(v) = self.p.orphans.get(&ino) {
+            return Ok(*v);
+        }
+        Ok(self.kv.get(&keys::orphan(ino))?.map(|b| dec(&b)).transpose()?)
     }
 
     pub(super) fn inode(&mut self, ino: Ino) -> Plan<Option<InodeRec>> {
@@ -470,6 +494,12 @@ impl Planned {
                 None => txn.delete(keys::lease(ino)),
             }
         }
+        for (ino, l) in self.orphans {
+            match l {
+                Some(l) => txn.put(keys::orphan(ino), enc(&l)),
+                None => txn.delete(keys::orphan(ino)),
+            }
+        }
         if let Some(n) = self.next_server {
             set_counter(txn, NEXT_SERVER, n);
         }
@@ -479,6 +509,21 @@ impl Planned {
         }
         Ok(())
     }
+}
+
+/// The hold a [`MetaOp::KeepOpen`] or [`MetaOp::HoldOrphans`] of `client`
+/// gives, checked.
+fn orphan_hold(client: Option<u128>, count: usize, ttl_ms: u64, now: Timespec) -> Plan<Lease> {
+    let Some(holder) = client else {
+        return Err(Fail::Op(err(ErrorCode::Invalid, "holding orphans needs a client id")));
+    };
+    if count > MAX_KEEP_OPEN {
+        return Err(Fail::Op(err(ErrorCode::TooBig, format!("at most {MAX_KEEP_OPEN} open files per request"))));
+    }
+    if ttl_ms > MAX_LEASE_TTL_MS {
+        return Err(Fail::Op(err(ErrorCode::Invalid, format!("a hold lasts at most {MAX_LEASE_TTL_MS} ms"))));
+    }
+    Ok(Lease { holder, expires: Timespec::from_nanos(now.as_nanos() + ttl_ms as i128 * 1_000_000) })
 }
 
 pub(super) fn check_name(name: &[u8]) -> Plan<()> {
@@ -602,6 +647,9 @@ impl Namespace {
             if w.lease(rec.attr.ino)?.is_some() {
                 w.p.leases.insert(rec.attr.ino, None);
             }
+            if w.orphan(rec.attr.ino)?.is_some() {
+                w.p.orphans.insert(rec.attr.ino, None);
+            }
         }
         // A directory with its own quota counted itself in the realm above.
         data::charge(w, rec.qdir, -(bytes as i64), -1, false)?;
@@ -616,7 +664,15 @@ impl Namespace {
             return Self::remove_inode(w, &rec);
         }
         rec.attr.nlink = rec.attr.nlink.saturating_sub(1);
-        if rec.attr.nlink == 0 {
+        let kept = w.keep.as_mut().filter(|k| rec.attr.kind == FileKind::File && k.open.contains(&ino));
+        if let (0, Some(k)) = (rec.attr.nlink, kept) {
+            // Open at the caller: it lives on, nameless, until released.
+            k.kept.push(ino);
+            let hold = k.hold;
+            rec.attr.ctime = now;
+            w.p.orphans.insert(ino, Some(hold));
+            w.put_inode(rec);
+        } else if rec.attr.nlink == 0 {
             Self::remove_inode(w, &rec)?;
         } else {
             rec.attr.ctime = now;
@@ -883,6 +939,9 @@ impl Namespace {
                 if rec.attr.kind == FileKind::Dir {
                     return Err(Fail::Op(err(ErrorCode::NotPermitted, "cannot hard-link a directory")));
                 }
+                if rec.attr.nlink == 0 {
+                    return Err(Fail::Op(err(ErrorCode::NotFound, format!("inode {ino} has no name left"))));
+                }
                 writable(&rec)?;
                 if rec.attr.nlink >= MAX_LINKS {
                     return Err(Fail::Op(err(ErrorCode::TooManyLinks, "too many links")));
@@ -968,8 +1027,11 @@ impl Namespace {
                     if size != rec.attr.size {
                         data::resize(w, &rec, size)?;
                         rec.attr.size = size;
-                        rec.attr.mtime = now;
                     }
+                    // Like Linux's local filesystems: a truncate (and an
+                    // open with O_TRUNC) sets mtime even when the size
+                    // stays; an mtime given as well wins below.
+                    rec.attr.mtime = now;
                 }
                 let pick = |t: SetTime| match t {
                     SetTime::Now => now,
@@ -1050,11 +1112,65 @@ impl Namespace {
             MetaOp::CowDone { chunk } => clone::cow_done(w, *chunk),
             MetaOp::DropSnapshot { parent, name } => clone::drop_snapshot(w, *parent, name, now),
             MetaOp::Lease { ino, ttl_ms } => data::lease(w, *ino, client, *ttl_ms, now),
+            MetaOp::KeepOpen { open, ttl_ms, op: inner } => {
+                if !matches!(**inner, MetaOp::Unlink { .. } | MetaOp::Rename { .. }) {
+                    return Err(Fail::Op(err(ErrorCode::Invalid, "only an unlink or a rename keeps open files")));
+                }
+                let hold = orphan_hold(client, open.len(), *ttl_ms, now)?;
+                w.keep = Some(Keep { open: open.iter().copied().collect(), hold, kept: Vec::new() });
+                let inner = Proposal { id: prop.id, op: (**inner).clone(), placement: Vec::new() };
+                Self::plan(w, &inner, now, index)?;
+                Ok(OpReply::Orphans(w.keep.take().map(|k| k.kept).unwrap_or_default()))
+            }
+            MetaOp::HoldOrphans { inos, ttl_ms } => {
+                let hold = orphan_hold(client, inos.len(), (*ttl_ms).max(1), now)?;
+                let mut kept = Vec::new();
+                for &ino in inos {
+                    match w.orphan(ino)? {
+                        Some(o) if o.holder == hold.holder => {}
+                        _ => continue,
+                    }
+                    if *ttl_ms == 0 {
+                        Self::drop_orphan(w, ino)?;
+                    } else {
+                        w.p.orphans.insert(ino, Some(hold));
+                        kept.push(ino);
+                    }
+                }
+                Ok(OpReply::Orphans(kept))
+            }
         }
     }
 
-    fn plan_system(w: &mut Work<'_>, op: &SystemOp) -> Plan<SystemReply> {
+    /// Removes orphan `ino`: its hold goes, and the inode too unless a
+    /// link came back.
+    fn drop_orphan(w: &mut Work<'_>, ino: Ino) -> Plan<()> {
+        w.p.orphans.insert(ino, None);
+        match w.inode(ino)? {
+            Some(rec) if rec.attr.nlink == 0 => Self::remove_inode(w, &rec),
+            _ => Ok(()),
+        }
+    }
+
+    fn plan_system(w: &mut Work<'_>, op: &SystemOp, now: Timespec) -> Plan<SystemReply> {
         match op {
+            SystemOp::ReapOrphans => {
+                let start = vec![keys::ORPHAN];
+                let end = vec![keys::ORPHAN + 1];
+                let mut lapsed = Vec::new();
+                w.kv.scan(&start, &end, &mut |k, v| {
+                    if let (Some(ino), Ok(l)) = (keys::orphan_ino(k), dec::<Lease>(v)) {
+                        if l.expires <= now {
+                            lapsed.push(ino);
+                        }
+                    }
+                    lapsed.len() < MAX_REAP_PER_COMMAND
+                })?;
+                for ino in lapsed {
+                    Self::drop_orphan(w, ino)?;
+                }
+                Ok(SystemReply::Done)
+            }
             SystemOp::RegisterServer { id, addr, topology } => {
                 if addr.is_empty() {
                     return Err(Fail::Op(err(ErrorCode::Invalid, "a chunk server needs an address")));
@@ -1203,7 +1319,7 @@ impl StateMachineLogic for Namespace {
             for op in ops {
                 let (outcome, planned) = {
                     let mut w = Work::new(&*txn);
-                    let outcome = Self::plan_system(&mut w, op);
+                    let outcome = Self::plan_system(&mut w, op, now);
                     (outcome, w.p)
                 };
                 replies.push(match outcome {

@@ -1226,3 +1226,63 @@ fn a_write_lease_excludes_other_writers_until_it_lapses() {
     fs.op(MetaOp::Unlink { parent: ROOT_INO, name: b"img".to_vec() }).unwrap();
     assert!(!fs.kv.map.keys().any(|k| k[0] == b'L'), "no lease left for a removed file");
 }
+
+/// Goal: an unlink or rename that drops the last link of a file its
+/// caller has open keeps the file as an orphan (nlink 0, readable by
+/// inode, no name); the holder's release removes it, and so does the
+/// leader's reaping once the hold lapsed; others cannot release it.
+#[test]
+fn open_files_losing_their_last_name_are_kept_until_released() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let f = fs.file_with_chunks(ROOT_INO, "f", 2);
+    let g = fs.file_with_chunks(ROOT_INO, "g", 1);
+    let id = |client, seq| Some(RequestId { client, seq });
+    let unlink = |name: &str| MetaOp::Unlink { parent: ROOT_INO, name: name.as_bytes().to_vec() };
+    let keep = |open: Vec<Ino>, op| MetaOp::KeepOpen { open, ttl_ms: 5_000, op: Box::new(op) };
+
+    // Not open at the caller: removed as usual.
+    assert_eq!(fs.op_with_id(id(1, 1), keep(vec![f], unlink("g"))).unwrap(), OpReply::Orphans(vec![]));
+    assert!(fs.read(MetaRead::GetAttr { ino: g }).is_err());
+    // Open: kept, nameless, with its chunks.
+    assert_eq!(fs.op_with_id(id(1, 2), keep(vec![f], unlink("f"))).unwrap(), OpReply::Orphans(vec![f]));
+    assert!(fs.resolve("/f").is_err());
+    match fs.read(MetaRead::GetAttr { ino: f }).unwrap() {
+        ReadReply::Attr(a) => assert_eq!((a.nlink, a.size), (0, 2 * CB)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fs.layout_of(f).chunks.len(), 2);
+    // No new name for it; only an unlink or a rename may keep.
+    let link = MetaOp::Link { ino: f, new_parent: ROOT_INO, new_name: b"back".to_vec() };
+    assert_eq!(code(&fs.op(link)), Some(ErrorCode::NotFound));
+    assert_eq!(code(&fs.op_with_id(id(1, 3), keep(vec![f], mkdir(ROOT_INO, "d")))), Some(ErrorCode::Invalid));
+    // Another client's release does nothing; the holder's removes it.
+    let release = |inos| MetaOp::HoldOrphans { inos, ttl_ms: 0 };
+    assert_eq!(fs.op_with_id(id(2, 1), release(vec![f])).unwrap(), OpReply::Orphans(vec![]));
+    assert!(fs.read(MetaRead::GetAttr { ino: f }).is_ok());
+    fs.op_with_id(id(1, 4), release(vec![f])).unwrap();
+    assert!(fs.read(MetaRead::GetAttr { ino: f }).is_err());
+    assert!(!fs.kv.map.keys().any(|k| k[0] == b'O' || k[0] == b'F'), "hold and chunk entries gone");
+
+    // A rename over an open file keeps it; an unrenewed hold is reaped.
+    let a = fs.file_with_chunks(ROOT_INO, "a", 1);
+    let b = fs.file_with_chunks(ROOT_INO, "b", 1);
+    let rename = MetaOp::Rename {
+        parent: ROOT_INO,
+        name: b"a".to_vec(),
+        new_parent: ROOT_INO,
+        new_name: b"b".to_vec(),
+        flags: 0,
+    };
+    assert_eq!(fs.op_with_id(id(1, 5), keep(vec![a, b], rename)).unwrap(), OpReply::Orphans(vec![b]));
+    let renew = MetaOp::HoldOrphans { inos: vec![b], ttl_ms: 5_000 };
+    assert_eq!(fs.op_with_id(id(1, 6), renew).unwrap(), OpReply::Orphans(vec![b]));
+    assert_eq!(fs.system(vec![SystemOp::ReapOrphans]), vec![Ok(SystemReply::Done)]);
+    assert!(fs.read(MetaRead::GetAttr { ino: b }).is_ok(), "held: not reaped");
+    for _ in 0..6 {
+        fs.op(MetaOp::SetAttr { ino: ROOT_INO, set: SetAttr::default() }).unwrap();
+    }
+    fs.system(vec![SystemOp::ReapOrphans]);
+    assert!(fs.read(MetaRead::GetAttr { ino: b }).is_err(), "lapsed: reaped");
+    assert!(!fs.kv.map.keys().any(|k| k[0] == b'O'));
+}

@@ -14,6 +14,7 @@
 //! | `K`    | chunk id                    | [`ChunkRec`]               |
 //! | `V`    | server id                   | [`ServerRec`]              |
 //! | `L`    | ino                         | [`Lease`]                  |
+//! | `O`    | ino                         | [`Lease`]: an orphan's hold |
 //!
 //! [`InodeRec`]: super::fsm::InodeRec
 //! [`DentryRec`]: super::fsm::DentryRec
@@ -36,6 +37,7 @@ pub const FILE_CHUNK: u8 = b'F';
 pub const CHUNK: u8 = b'K';
 pub const SERVER: u8 = b'V';
 pub const LEASE: u8 = b'L';
+pub const ORPHAN: u8 = b'O';
 
 fn tag_u64(tag: u8, v: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(17);
@@ -84,6 +86,15 @@ pub fn server(id: u64) -> Vec<u8> {
 /// The write lease on file `ino`.
 pub fn lease(ino: Ino) -> Vec<u8> {
     tag_u64(LEASE, ino)
+}
+
+/// The hold on orphan `ino` (open somewhere, no name left).
+pub fn orphan(ino: Ino) -> Vec<u8> {
+    tag_u64(ORPHAN, ino)
+}
+
+pub fn orphan_ino(k: &[u8]) -> Option<Ino> {
+    u64_of_tag(ORPHAN, k)
 }
 
 pub fn inode(ino: Ino) -> Vec<u8> {
