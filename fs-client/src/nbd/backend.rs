@@ -46,6 +46,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Exactly `len` bytes at `offset` (shorter only past the backing
     /// data's end; the caller pads with zeros).
     fn read(&self, offset: u64, len: u32) -> impl Future<Output = BackendResult<Bytes>> + Send;
+    /// The bytes `read` would give, if they are at hand without waiting
+    /// (a cache hit); `None` otherwise.
+    fn read_now(&self, _offset: u64, _len: u32) -> Option<Bytes> {
+        None
+    }
     /// With `fua`, durable before it returns.
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = BackendResult<()>> + Send;
     /// Makes every completed write durable.
@@ -138,25 +143,8 @@ impl LocusFile {
             }
             cache.fill(found.since, fetched);
         }
-        // One block holding the whole range: a slice, no copy.
-        if let [Some(b)] = blocks.as_slice() {
-            let s = (offset - first * bs) as usize;
-            if s + len as usize <= b.len() {
-                return Ok(b.slice(s..s + len as usize));
-            }
-        }
-        let mut out = BytesMut::with_capacity(len as usize);
-        for (k, b) in blocks.iter().enumerate() {
-            let b = b.as_ref().expect("every block found or fetched");
-            let start = (first + k as u64) * bs;
-            let s = offset.max(start) - start;
-            let e = end.min(start + bs) - start;
-            let have = (b.len() as u64).clamp(s, e);
-            out.extend_from_slice(&b[s as usize..have as usize]);
-            // Past the data's end: zeros.
-            out.resize(out.len() + (e - have) as usize, 0);
-        }
-        Ok(out.freeze())
+        let blocks: Vec<Bytes> = blocks.into_iter().map(|b| b.expect("every block found or fetched")).collect();
+        Ok(assemble(&blocks, first * bs, bs, offset, len))
     }
 
     pub fn files(&self) -> &FileClient {
@@ -186,7 +174,40 @@ impl LocusFile {
     }
 }
 
+/// `[offset, offset + len)` out of consecutive cache blocks of `bs` bytes,
+/// the first starting at `start` (a block shorter than `bs` ends at the
+/// data's end: zeros after it).
+fn assemble(blocks: &[Bytes], start: u64, bs: u64, offset: u64, len: u32) -> Bytes {
+    let end = offset + u64::from(len);
+    // One block holding the whole range: a slice, no copy.
+    if let [b] = blocks {
+        let s = (offset - start) as usize;
+        if s + len as usize <= b.len() {
+            return b.slice(s..s + len as usize);
+        }
+    }
+    let mut out = BytesMut::with_capacity(len as usize);
+    for (k, b) in blocks.iter().enumerate() {
+        let at = start + k as u64 * bs;
+        let s = offset.max(at) - at;
+        let e = end.min(at + bs) - at;
+        let have = (b.len() as u64).clamp(s, e);
+        out.extend_from_slice(&b[s as usize..have as usize]);
+        // Past the data's end: zeros.
+        out.resize(out.len() + (e - have) as usize, 0);
+    }
+    out.freeze()
+}
+
 impl Backend for LocusFile {
+    fn read_now(&self, offset: u64, len: u32) -> Option<Bytes> {
+        let cache = self.live_cache()?;
+        let bs = cache.block_bytes();
+        let (first, last) = (offset / bs, (offset + u64::from(len) - 1) / bs);
+        let blocks = cache.lookup_all(first, last)?;
+        Some(assemble(&blocks, first * bs, bs, offset, len))
+    }
+
     async fn read(&self, offset: u64, len: u32) -> BackendResult<Bytes> {
         match self.live_cache() {
             Some(cache) => self.cached_read(cache, offset, len).await,

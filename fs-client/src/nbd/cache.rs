@@ -80,6 +80,17 @@ impl BlockCache {
         Lookup { blocks, since: g.seq }
     }
 
+    /// Blocks `first..=last` if every one is cached (a hit; a miss counts
+    /// nothing: the read goes on through [`BlockCache::lookup`]).
+    pub fn lookup_all(&self, first: u64, last: u64) -> Option<Vec<Bytes>> {
+        let mut g = self.lock();
+        let blocks: Option<Vec<Bytes>> = (first..=last).map(|b| g.blocks.get(&b).cloned()).collect();
+        if let Some(b) = &blocks {
+            g.hits += b.len() as u64;
+        }
+        blocks
+    }
+
     /// Keeps fetched blocks (index, bytes) that no change since `since`
     /// touched.
     pub fn fill(&self, since: u64, fetched: impl IntoIterator<Item = (u64, Bytes)>) {

@@ -198,6 +198,17 @@ where
             },
         };
         let Ok(slot) = slots.clone().acquire_owned().await else { break Ok(()) };
+        // A read the backend has at hand (a cache hit) is answered here:
+        // no task, and the reply follows the ones before it.
+        if let Command::Read { offset, len, df } = cmd {
+            if let Some(data) = (len > 0).then(|| backend.read_now(offset, len)).flatten() {
+                let bufs = read_reply(req.cookie, offset, data, len, df, &neg);
+                if tx.send(Reply { bufs, _slot: slot, _bytes: None }).await.is_err() {
+                    break Ok(());
+                }
+                continue;
+            }
+        }
         let held = match cmd {
             Command::Read { len, .. } | Command::Write { len, .. } if len > 0 => {
                 let Ok(p) = budget.clone().acquire_many_owned(len).await else { break Ok(()) };
@@ -298,14 +309,7 @@ async fn execute<B: Backend>(backend: &B, cmd: Command, payload: Bytes, cookie: 
                 return if neg.structured { vec![none_chunk(cookie)] } else { ok() };
             }
             match backend.read(offset, len).await {
-                Ok(data) => {
-                    let data = exact_len(data, len as usize);
-                    return if neg.structured {
-                        read_reply_chunks(cookie, &read_contents(offset, &data, df))
-                    } else {
-                        vec![simple_reply(cookie, 0), data]
-                    };
-                }
+                Ok(data) => return read_reply(cookie, offset, data, len, df, neg),
                 Err(e) => Err(e),
             }
         }
@@ -344,6 +348,16 @@ async fn execute<B: Backend>(backend: &B, cmd: Command, payload: Bytes, cookie: 
 
 /// `data` cut or padded with zeros to `len` bytes (reads past the end of
 /// the backing data, e.g. after someone shrank the file).
+/// The reply to a read that got `data`.
+fn read_reply(cookie: u64, offset: u64, data: Bytes, len: u32, df: bool, neg: &Negotiated) -> Vec<Bytes> {
+    let data = exact_len(data, len as usize);
+    if neg.structured {
+        read_reply_chunks(cookie, &read_contents(offset, &data, df))
+    } else {
+        vec![simple_reply(cookie, 0), data]
+    }
+}
+
 fn exact_len(data: Bytes, len: usize) -> Bytes {
     if data.len() == len {
         return data;
