@@ -1023,6 +1023,20 @@ async fn open_files_outlive_their_names() {
     fs::OpenOptions::new().write(true).truncate(true).open(&t).expect("O_TRUNC");
     let after = fs::metadata(&t).expect("stat");
     assert!(after.mtime() * 1_000_000_000 + after.mtime_nsec() > before, "O_TRUNC of an empty file sets mtime");
+
+    phase("locus umount returns once the daemon has synced and exited");
+    for i in 0..20 {
+        fs::write(m.path(&format!("last{i}")), b"unsynced until the unmount").expect("write");
+    }
+    let out = locus_umount(&m.dir);
+    assert!(out.status.success(), "locus umount: {}", stderr(&out));
+    let running = Command::new("pgrep").arg("-f").arg(format!("mount {}", m.dir.display())).output().expect("pgrep");
+    assert!(
+        running.stdout.is_empty(),
+        "the mount daemon outlived locus umount: {}",
+        String::from_utf8_lossy(&running.stdout)
+    );
+    assert!(m.log().contains("unmounted"), "{}", m.log());
 }
 
 /// Whether inode `ino` is gone (NotFound) within 10 s.

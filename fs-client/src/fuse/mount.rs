@@ -121,6 +121,15 @@ async fn serve(args: &MountArgs, dir: &Path, config: &Path, report: &Report) -> 
         tracing::warn!("setting the mount's readahead timed out");
     }
     report.ready();
+    // `locus umount` waits for this process (its final flush) by this file.
+    let pid_file = pid_path(dir);
+    let written = pid_file
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&pid_file, std::process::id().to_string()));
+    if let Err(e) = written {
+        tracing::warn!(file = %pid_file.display(), error = %e, "cannot write the pid file; umount will not wait for the final flush");
+    }
 
     let (mut term, mut int, _hup) = match (
         signal(SignalKind::terminate()),
@@ -166,6 +175,7 @@ async fn serve(args: &MountArgs, dir: &Path, config: &Path, report: &Report) -> 
     }
     let failed = shared.flush_dirty().await;
     shared.release_orphans().await;
+    let _ = std::fs::remove_file(pid_path(dir));
     tracing::info!(dir = %dir.display(), "unmounted");
     if failed > 0 {
         return Err(MountError::Failed(format!("{failed} files could not be flushed at unmount (see the log)")));
@@ -312,6 +322,22 @@ pub fn log_path(dir: &Path) -> PathBuf {
     base.join(format!("mount-{}.log", log_name(dir)))
 }
 
+/// `~/.locus/run/mount-<dir>.pid`: the running mount daemon's pid.
+fn pid_path(dir: &Path) -> PathBuf {
+    default_data_dir().join("run").join(format!("mount-{}.pid", log_name(dir)))
+}
+
+/// How long `locus umount` waits for the daemon's final flush.
+const UMOUNT_WAIT: Duration = Duration::from_secs(120);
+
+/// The mount daemon of `dir`, if its pid file names a live `locus mount`.
+fn daemon_pid(dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_path(dir)).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    words.iter().any(|w| *w == b"mount").then_some(pid)
+}
+
 /// A file name for a mount point: `/mnt/a b` becomes `mnt-a_b`.
 fn log_name(dir: &Path) -> String {
     let s: String = dir
@@ -413,7 +439,24 @@ pub fn umount(args: &UmountArgs) -> Result<(), MountError> {
     if !is_mounted(&real) {
         return Err(MountError::NotMounted(format!("{}: not mounted", dir.display())));
     }
-    unmount_dir(&real, args.lazy)
+    let daemon = daemon_pid(&real);
+    unmount_dir(&real, args.lazy)?;
+    // Like a kernel filesystem's umount: return once what was written is
+    // synced, which the daemon does after the kernel lets go.
+    if let (Some(pid), false) = (daemon, args.lazy) {
+        let deadline = Instant::now() + UMOUNT_WAIT;
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            if Instant::now() > deadline {
+                eprintln!(
+                    "locus: the mount daemon (pid {pid}) is still syncing after {UMOUNT_WAIT:?}; see {}",
+                    log_path(&real).display()
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
 }
 
 /// Unmounts: umount2 as root, fusermount3 otherwise.
