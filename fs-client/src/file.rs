@@ -646,7 +646,7 @@ impl FileClient {
         if st.read_only {
             return Err(read_only(ino));
         }
-        self.check_lease(st.lease.as_ref(), ino)?;
+        self.check_lease_fresh(st, ino).await?;
         // Allocate (and learn) every chunk the writes touch, in one request
         // per span of chunks.
         let cb = st.chunk_bytes;
@@ -926,7 +926,7 @@ impl FileClient {
         len: u64,
     ) -> Result<(), ClientError> {
         let Some(mut loc) = st.locs.get(&index).cloned() else { return Ok(()) };
-        self.check_lease(st.lease.as_ref(), ino)?;
+        self.check_lease_fresh(st, ino).await?;
         for _ in 0..MAX_PIECE_ATTEMPTS {
             if loc.shared {
                 loc = self.cow(ino, &loc).await?;
@@ -1033,6 +1033,17 @@ impl FileClient {
             ))),
             _ => Ok(()),
         }
+    }
+
+    /// [`Self::check_lease`] on a known lease: one that looks lapsed in
+    /// the cached layout may have been renewed since (renewals fence
+    /// nothing), so the layout is read again first.
+    async fn check_lease_fresh(&self, st: &mut FileState, ino: Ino) -> Result<(), ClientError> {
+        let me = self.meta.client_id();
+        if st.lease.is_some_and(|l| l.holder != me && !l.excludes(me, Timespec::now())) {
+            self.fetch_layout(st, ino, 0, 0).await?;
+        }
+        self.check_lease(st.lease.as_ref(), ino)
     }
 
     /// Takes or renews (`ttl` > 0) or releases (`ttl` = 0) this client's

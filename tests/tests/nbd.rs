@@ -822,6 +822,19 @@ async fn an_export_leases_its_image_and_its_cache_stays_true() {
     let job = fio_randwrite(&server, &uri, "--do_verify=1");
     assert!(job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 16 * MIB, "fio verified 16 MiB: {job}");
 
+    phase("past the expiry a client saw, the renewed lease still refuses it");
+    // A client with the current layout (versions and lease); renewals
+    // raise no versions, so only the lease keeps it out once the expiry
+    // it knows has passed.
+    let other = cluster.files();
+    other.read(ino, 0, 10).await.expect("read: learn the layout");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    other.write(ino, 8192, vec![0xDD; 4096].into()).await.expect("buffered");
+    let e = other.fsync(ino).await.expect_err("a write under a renewed lease");
+    assert_eq!(e.code(), ErrorCode::Busy, "{e}");
+    let now = cluster.files().read(ino, 8192, 4096).await.expect("read");
+    assert!(now.iter().any(|b| *b != 0xDD), "the refused write reached the chunks");
+
     phase("kill -9 the export; a new one waits for the lease to lapse and finds every flushed write");
     qemu_io(&server, "raw", &["write -P 0x77 2M 1M", "flush"], &uri);
     drop(server);
