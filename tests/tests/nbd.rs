@@ -828,7 +828,13 @@ async fn an_export_leases_its_image_and_its_cache_stays_true() {
     // it knows has passed.
     let other = cluster.files();
     other.read(ino, 0, 10).await.expect("read: learn the layout");
-    tokio::time::sleep(Duration::from_secs(11)).await;
+    // Until the expiry it saw has passed (a later look sees a later one).
+    let seen = layout(&cluster.client(), ino).await.lease.expect("the export's lease").expires;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Timespec::now() <= seen {
+        assert!(Instant::now() < deadline, "the lease's expiry {seen:?} never passed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     other.write(ino, 8192, vec![0xDD; 4096].into()).await.expect("buffered");
     let e = other.fsync(ino).await.expect_err("a write under a renewed lease");
     assert_eq!(e.code(), ErrorCode::Busy, "{e}");

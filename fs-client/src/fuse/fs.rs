@@ -107,8 +107,8 @@ pub struct Shared {
     orphans: Mutex<HashSet<Ino>>,
 }
 
-/// How long the cluster keeps an orphan whose mount stopped renewing.
-pub const ORPHAN_TTL: Duration = Duration::from_secs(60);
+/// How long the cluster keeps an orphan whose mount stopped renewing (ms).
+pub const ORPHAN_TTL_MS: u64 = 60_000;
 /// How often the mount renews its orphans.
 pub const ORPHAN_RENEW: Duration = Duration::from_secs(15);
 
@@ -157,8 +157,7 @@ impl Shared {
         if open.is_empty() {
             return self.meta.op(op).await.map(|_| ());
         }
-        let ttl_ms = ORPHAN_TTL.as_millis() as u64;
-        match self.meta.op(MetaOp::KeepOpen { open, ttl_ms, op: Box::new(op) }).await? {
+        match self.meta.op(MetaOp::KeepOpen { open, ttl_ms: ORPHAN_TTL_MS, op: Box::new(op) }).await? {
             OpReply::Orphans(kept) => {
                 let mut o = lock(&self.orphans);
                 o.extend(kept.iter().copied());
@@ -198,7 +197,7 @@ impl Shared {
                 if held.is_empty() {
                     continue;
                 }
-                let op = MetaOp::HoldOrphans { inos: held, ttl_ms: ORPHAN_TTL.as_millis() as u64 };
+                let op = MetaOp::HoldOrphans { inos: held, ttl_ms: ORPHAN_TTL_MS };
                 if let Err(e) = s.meta.op(op).await {
                     tracing::warn!(error = %e, "cannot renew the hold on unlinked open files");
                 }
@@ -404,6 +403,17 @@ impl LocusFs {
         });
     }
 
+    /// [`Self::empty_op`] for an unlink or a rename: files open here
+    /// that lose their last name are kept ([`Shared::removing`]).
+    fn removing_op(&self, op_name: &'static str, ino: Ino, op: MetaOp, reply: ReplyEmpty) {
+        self.spawn(move |s| async move {
+            match s.removing(op).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail(op_name, ino, &e)),
+            }
+        });
+    }
+
     fn empty_op(&self, op_name: &'static str, ino: Ino, op: MetaOp, reply: ReplyEmpty) {
         self.spawn(move |s| async move {
             match s.meta.op(op).await {
@@ -582,13 +592,7 @@ impl Filesystem for LocusFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let op = MetaOp::Unlink { parent: parent.0, name: name_of(name) };
-        self.spawn(move |s| async move {
-            match s.removing(op).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(fail("unlink", parent.0, &e)),
-            }
-        });
+        self.removing_op("unlink", parent.0, MetaOp::Unlink { parent: parent.0, name: name_of(name) }, reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -634,12 +638,7 @@ impl Filesystem for LocusFs {
             new_name: name_of(newname),
             flags: wire,
         };
-        self.spawn(move |s| async move {
-            match s.removing(op).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(fail("rename", parent.0, &e)),
-            }
-        });
+        self.removing_op("rename", parent.0, op, reply);
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
