@@ -75,6 +75,76 @@ pub async fn read_bytes(recv: &mut quinn::RecvStream, n: usize) -> Result<Bytes,
     Ok(out.freeze())
 }
 
+/// The reply frame of a chunk request: the reply, or the server's error.
+async fn read_reply(addr: &str, recv: &mut quinn::RecvStream) -> Result<ChunkReply, ChunkError> {
+    let resp: ChunkResponse = frame::read_frame(recv)
+        .await
+        .map_err(|e| ChunkError::Transport { addr: addr.to_string(), message: e.to_string() })?;
+    resp.map_err(|error| ChunkError::Remote { addr: addr.to_string(), error })
+}
+
+/// A chained write under way (see [`ChunkClient::start_write`]): its
+/// request frame leaves with the first bytes, so a small write is still
+/// one datagram.
+pub struct WriteStream {
+    client: ChunkClient,
+    addr: String,
+    conn: quinn::Connection,
+    header: Option<Bytes>,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl WriteStream {
+    /// Sends the next bytes of the write (quinn sends from them, no copy).
+    pub async fn push(&mut self, data: Bytes) -> Result<(), ChunkError> {
+        let res = match self.header.take() {
+            Some(h) => self.send.write_all_chunks(&mut [h, data]).await,
+            None => self.send.write_chunk(data).await,
+        };
+        let res = res.map_err(|e| ChunkError::Transport { addr: self.addr.clone(), message: e.to_string() });
+        self.client.after(&self.addr, &self.conn, &res).await;
+        res
+    }
+
+    /// Ends the write (every byte was pushed) and waits for the chain's
+    /// answer, as [`ChunkClient::write`] does.
+    pub async fn finish(mut self) -> Result<(), ChunkError> {
+        let addr = self.addr.clone();
+        let client = self.client.clone();
+        client
+            .timed(&addr, async {
+                if let Some(h) = self.header.take() {
+                    // A write of no bytes: the request alone.
+                    self.send
+                        .write_chunk(h)
+                        .await
+                        .map_err(|e| ChunkError::Transport { addr: addr.clone(), message: e.to_string() })?;
+                }
+                let _ = self.send.finish();
+                let res = read_reply(&addr, &mut self.recv).await;
+                self.client.after(&addr, &self.conn, &res).await;
+                chain_reply(&addr, res?)
+            })
+            .await
+    }
+
+    /// Gives the write up: the stream is reset, so the server never takes
+    /// the bytes already sent for a whole write.
+    pub fn abort(mut self) {
+        let _ = self.send.reset(0u32.into());
+    }
+}
+
+/// What a chained request's reply says of the chain.
+fn chain_reply(head: &str, reply: ChunkReply) -> Result<(), ChunkError> {
+    match reply {
+        ChunkReply::Done => Ok(()),
+        ChunkReply::ChainBroken { at, error } => Err(ChunkError::ChainFailed { addr: at, error }),
+        other => Err(ChunkError::Transport { addr: head.into(), message: format!("unexpected reply {other:?}") }),
+    }
+}
+
 /// Connections to chunk servers. Cheap to clone.
 #[derive(Clone)]
 pub struct ChunkClient {
@@ -194,13 +264,16 @@ impl ChunkClient {
             }
             .map_err(|e| transport(e.to_string()))?;
             let _ = send.finish();
-            let resp: ChunkResponse = frame::read_frame(&mut recv).await.map_err(|e| transport(e.to_string()))?;
-            match resp {
-                Ok(r) => Ok((r, recv)),
-                Err(error) => Err(ChunkError::Remote { addr: addr.to_string(), error }),
-            }
+            read_reply(addr, &mut recv).await.map(|r| (r, recv))
         }
         .await;
+        self.after(addr, &conn, &res).await;
+        res
+    }
+
+    /// After a request to `addr` over `conn` ended: a broken transport
+    /// forgets the connection.
+    async fn after<T>(&self, addr: &str, conn: &quinn::Connection, res: &Result<T, ChunkError>) {
         if matches!(res, Err(ChunkError::Transport { .. })) {
             self.forget(addr).await;
             // The peer went silent (killed, stopped, cut off): retries
@@ -209,7 +282,26 @@ impl ChunkClient {
                 self.mark_down(addr, true);
             }
         }
-        res
+    }
+
+    /// Starts a chained `Write` or `WriteV` to `head` whose bytes are
+    /// handed over as they come ([`WriteStream::push`]): a chunk server
+    /// passes a write on down its chain while the bytes still arrive
+    /// (cut-through), so every hop of the chain is busy at once instead of
+    /// each waiting for the one before to have the whole piece.
+    pub async fn start_write(&self, head: &str, req: &ChunkRequest) -> Result<WriteStream, ChunkError> {
+        let transport = |m: String| ChunkError::Transport { addr: head.to_string(), message: m };
+        let header = Bytes::from(frame::encode(req).map_err(|e| transport(e.to_string()))?);
+        let opened = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let conn = self.connection(head).await?;
+            let res = conn.open_bi().await.map_err(|e| transport(e.to_string()));
+            self.after(head, &conn, &res).await;
+            res.map(|(send, recv)| (conn, send, recv))
+        })
+        .await
+        .map_err(|_| transport("timed out opening a stream".into()))??;
+        let (conn, send, recv) = opened;
+        Ok(WriteStream { client: self.clone(), addr: head.to_string(), conn, header: Some(header), send, recv })
     }
 
     async fn timed<T>(
@@ -313,16 +405,7 @@ impl ChunkClient {
     }
 
     async fn chained(&self, head: &str, req: ChunkRequest, data: Option<Bytes>) -> Result<(), ChunkError> {
-        self.timed(head, async {
-            match self.exchange(head, &req, data).await?.0 {
-                ChunkReply::Done => Ok(()),
-                ChunkReply::ChainBroken { at, error } => Err(ChunkError::ChainFailed { addr: at, error }),
-                other => {
-                    Err(ChunkError::Transport { addr: head.into(), message: format!("unexpected reply {other:?}") })
-                }
-            }
-        })
-        .await
+        self.timed(head, async { chain_reply(head, self.exchange(head, &req, data).await?.0) }).await
     }
 
     /// Makes earlier writes to `chunks` durable on one server.

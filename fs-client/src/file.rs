@@ -115,7 +115,7 @@ impl FileState {
 /// land after it.
 #[derive(Default)]
 struct FileHandle {
-    state: Mutex<FileState>,
+    state: Arc<Mutex<FileState>>,
     incoming: std::sync::Mutex<Incoming>,
     /// Wakes writers waiting for the state when a send starts: they can
     /// be taken into `incoming` instead.
@@ -133,8 +133,8 @@ struct Incoming {
 
 impl FileHandle {
     /// The state, locked, with the writes taken during a send merged in.
-    async fn lock(&self, total: &std::sync::atomic::AtomicUsize) -> tokio::sync::MutexGuard<'_, FileState> {
-        let mut st = self.state.lock().await;
+    async fn lock(&self, total: &std::sync::atomic::AtomicUsize) -> tokio::sync::OwnedMutexGuard<FileState> {
+        let mut st = self.state.clone().lock_owned().await;
         self.merge(&mut st, total);
         st
     }
@@ -175,17 +175,17 @@ impl FileHandle {
 
 /// Marks a file's buffer as being sent, until dropped (also when the send
 /// is cancelled midway).
-struct Sending<'a>(&'a FileHandle);
+struct Sending<F: std::ops::Deref<Target = FileHandle>>(F);
 
-impl<'a> Sending<'a> {
-    fn start(f: &'a FileHandle) -> Sending<'a> {
+impl<F: std::ops::Deref<Target = FileHandle>> Sending<F> {
+    fn start(f: F) -> Sending<F> {
         f.incoming().sending = true;
         f.send_started.notify_waiters();
         Sending(f)
     }
 }
 
-impl Drop for Sending<'_> {
+impl<F: std::ops::Deref<Target = FileHandle>> Drop for Sending<F> {
     fn drop(&mut self) {
         self.0.incoming().sending = false;
     }
@@ -492,9 +492,32 @@ impl FileClient {
         insert_buffer(&mut st, offset, data, &self.buffered_total);
         let over_total = self.buffered_total.load(std::sync::atomic::Ordering::Relaxed) > MAX_BUFFER_TOTAL;
         if st.buffered >= MAX_BUFFER_PER_FILE || over_total {
-            self.send_buffer(&mut st, &f, ino).await?;
+            if st.size.is_some() && !st.read_only {
+                // The writer goes on while the buffer is sent: its next
+                // writes fill `incoming`, so the chain never waits for the
+                // application (a FUSE write or a single-threaded writer
+                // would otherwise stop and wait for every send).
+                self.send_in_background(st, f, ino);
+            } else {
+                self.send_buffer(&mut st, &f, ino).await?;
+            }
         }
         Ok(())
+    }
+
+    /// Sends a full buffer from a task of its own, holding the file's
+    /// state (and so its place in the order of writes) until it is done.
+    /// A failure is kept in the state and reported by the next write,
+    /// read, flush or fsync of the file; data the cluster did not refuse
+    /// stays buffered for them to send again.
+    fn send_in_background(&self, mut st: tokio::sync::OwnedMutexGuard<FileState>, f: Arc<FileHandle>, ino: Ino) {
+        let sending = Sending::start(f.clone());
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.send_marked(&mut st, &f, ino, Some(sending)).await {
+                st.error = Some(WireError::new(e.code(), e.to_string()));
+            }
+        });
     }
 
     /// Writes `data` at `offset` now, without buffering.
@@ -606,12 +629,29 @@ impl FileClient {
         if st.buffer.is_empty() {
             return Ok(());
         }
-        // The buffer stays until the chunk servers have it: a caller that
-        // gives up midway (a cancelled request) loses nothing acknowledged.
-        let segments: Vec<(u64, Bytes)> = st.buffer.iter().map(|(o, d)| (*o, d.clone())).collect();
         // Writes may go on meanwhile, unless this may be a snapshot (not
         // known before the first layout): those must be refused, not taken.
         let sending = (st.size.is_some() && !st.read_only).then(|| Sending::start(f));
+        self.send_marked(st, f, ino, sending).await
+    }
+
+    /// [`Self::send_buffer`] once the send is marked (`sending`), so that
+    /// writes meanwhile go to `incoming`.
+    async fn send_marked<F: std::ops::Deref<Target = FileHandle>>(
+        &self,
+        st: &mut FileState,
+        f: &FileHandle,
+        ino: Ino,
+        sending: Option<Sending<F>>,
+    ) -> Result<(), ClientError> {
+        if st.buffer.is_empty() {
+            drop(sending);
+            f.merge(st, &self.buffered_total);
+            return Ok(());
+        }
+        // The buffer stays until the chunk servers have it: a caller that
+        // gives up midway (a cancelled request) loses nothing acknowledged.
+        let segments: Vec<(u64, Bytes)> = st.buffer.iter().map(|(o, d)| (*o, d.clone())).collect();
         let res = self.write_segments(st, ino, &segments).await;
         drop(sending);
         // Refused writes (a snapshot, another client's lease) must not land

@@ -515,34 +515,49 @@ impl Server {
             }
             len
         };
-        let data = tokio::time::timeout(REQUEST_TIMEOUT, fs_client::chunk::read_bytes(recv, len as usize))
-            .await
-            .map_err(|_| WireError::new(ErrorCode::Timeout, "write data did not arrive in time"))?
-            .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("write data: {e}")))?;
-        let _barrier = self.barriers.shared(at.chunk).await;
-        let missing = self.admit(&at, create)?;
-        let store = self.store.clone();
-        let local_data = data.clone();
+        // Refused before anything moves down the chain; checked again under
+        // the barrier, which is not held while the bytes arrive (a stalled
+        // client must not hold up version changes).
+        self.admit(&at, create)?;
         let Place { chunk, version, offset, origin } = at;
-        // What goes down the chain: the same request as came in.
-        let forward = vectored.then(|| extents.clone());
+        // Cut-through: the bytes go on down the chain as they arrive.
+        let mut downstream = Downstream::Done;
+        if let Some((head, rest)) = chain.split_first() {
+            let rest = rest.to_vec();
+            let req = if vectored {
+                ChunkRequest::WriteV { chunk, version, extents: extents.clone(), chain: rest, create, origin }
+            } else {
+                ChunkRequest::Write { chunk, version, offset, len, chain: rest, create, origin }
+            };
+            downstream = match self.peers.start_write(head, &req).await {
+                Ok(w) => Downstream::Streaming(w),
+                Err(e) => Downstream::Failed(e),
+            };
+        }
+        let data = match tokio::time::timeout(REQUEST_TIMEOUT, receive(recv, len as usize, &mut downstream)).await {
+            Ok(Ok(d)) => d,
+            failed => {
+                // The next server must not take part of a write.
+                downstream.abort();
+                return Err(match failed {
+                    Ok(Err(e)) => WireError::new(ErrorCode::BadRequest, format!("write data: {e}")),
+                    _ => WireError::new(ErrorCode::Timeout, "write data did not arrive in time"),
+                });
+            }
+        };
+        let _barrier = self.barriers.shared(chunk).await;
+        let missing = self.admit(&Place { chunk, version, offset, origin }, create)?;
+        let store = self.store.clone();
         let local = tokio::task::spawn_blocking(move || {
             let mut at = 0usize;
             for (offset, len) in extents {
-                let part = &local_data[at..at + len as usize];
+                let part = &data[at..at + len as usize];
                 store.write_with(chunk, version, offset, part, missing)?;
                 at += len as usize;
             }
             Ok::<(), ChunkStoreError>(())
         });
-        let downstream = async {
-            match forward {
-                _ if chain.is_empty() => Ok(()),
-                Some(extents) => self.peers.writev(&chain, chunk, version, extents, data.clone(), create, origin).await,
-                None => self.peers.write(&chain, chunk, version, offset, data.clone(), create, origin).await,
-            }
-        };
-        let (local, downstream) = tokio::join!(local, downstream);
+        let (local, downstream) = tokio::join!(local, downstream.finish());
         let local = local.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
         local.map_err(|e| copy_error(&e, missing))?;
         if missing != Missing::Fail {
@@ -974,6 +989,63 @@ struct Place {
     version: u64,
     offset: u64,
     origin: Option<(ChunkId, u64)>,
+}
+
+/// Where a write stands with the rest of its chain.
+enum Downstream {
+    /// No chain, or nothing more to send.
+    Done,
+    Streaming(fs_client::chunk::WriteStream),
+    /// The next server could not be reached or broke off midway; this
+    /// server still takes the write and reports the break.
+    Failed(ChunkError),
+}
+
+impl Downstream {
+    async fn push(&mut self, data: &Bytes) {
+        if let Downstream::Streaming(w) = self {
+            if let Err(e) = w.push(data.clone()).await {
+                *self = Downstream::Failed(e);
+            }
+        }
+    }
+
+    async fn finish(self) -> Result<(), ChunkError> {
+        match self {
+            Downstream::Done => Ok(()),
+            Downstream::Streaming(w) => w.finish().await,
+            Downstream::Failed(e) => Err(e),
+        }
+    }
+
+    fn abort(self) {
+        if let Downstream::Streaming(w) = self {
+            w.abort();
+        }
+    }
+}
+
+/// Reads a write's `n` bytes, passing each piece down the chain as it
+/// arrives. A large write is gathered into aligned memory, which the store
+/// writes around the page cache ([`store::DIRECT_MIN_BYTES`]); a small one
+/// that comes in one of quinn's chunks is that chunk, not copied.
+async fn receive(recv: &mut quinn::RecvStream, n: usize, downstream: &mut Downstream) -> Result<Bytes, String> {
+    let mut out: Option<store::AlignedBuf> = None;
+    let mut got = 0;
+    while got < n {
+        let chunk = recv
+            .read_chunk(n - got, true)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("stream ended after {got} of {n} bytes"))?;
+        downstream.push(&chunk.bytes).await;
+        if got == 0 && chunk.bytes.len() == n && n < store::DIRECT_MIN_BYTES {
+            return Ok(chunk.bytes);
+        }
+        got += chunk.bytes.len();
+        out.get_or_insert_with(|| store::aligned_buffer(n)).extend_from_slice(&chunk.bytes);
+    }
+    Ok(out.map(store::AlignedBuf::freeze).unwrap_or_default())
 }
 
 /// The reply to a chained write or zero, from the downstream outcome.
