@@ -433,3 +433,49 @@ async fn writes_during_a_send_land_in_order() {
     assert!(read_all(&f, ino).await == want, "the writing client reads the last versions");
     assert!(read_all(&cluster.files(), ino).await == want, "a fresh client reads the last versions");
 }
+
+/// Goal: a write-back that fails after the writer moved on (a full buffer is
+/// sent in the background) is reported to the application: by a later
+/// write or by the flush, never swallowed. A directory quota makes the
+/// cluster refuse the sends; what it took stays within the quota, and the
+/// file reads back as a prefix of what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_write_back_failure_is_reported() {
+    init_logging();
+    let cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let dir = c
+        .op_attr(MetaOp::Mkdir { parent: ROOT_INO, name: "capped".into(), perm: 0o755, caller: Caller::ROOT })
+        .await
+        .expect("mkdir")
+        .ino;
+    const QUOTA: u64 = 6 * MIB;
+    let limits = QuotaLimits { max_bytes: Some(QUOTA), max_inodes: None };
+    c.op(MetaOp::SetQuota { ino: dir, limits }).await.expect("set quota");
+    let ino = create(&c, dir, "big").await;
+    let data = pattern(77, (64 * MIB) as usize);
+
+    // The file's layout known, a full buffer goes in the background.
+    assert_eq!(f.size(ino).await.expect("size"), 0);
+    phase("write 64 MiB in 1 MiB writes past a 6 MiB quota");
+    let mut failed_at = None;
+    for (i, piece) in data.chunks(MIB as usize).enumerate() {
+        if let Err(e) = f.write(ino, i as u64 * MIB, Bytes::copy_from_slice(piece)).await {
+            assert_eq!(e.code(), ErrorCode::QuotaExceeded, "the refusal reaches a later write: {e}");
+            failed_at = Some(i);
+            break;
+        }
+    }
+    // 64 MiB is four buffers: a refused send is reported before the end.
+    let i = failed_at.expect("no write reported the refused write-back");
+    assert!(i >= 16, "writes are buffered: the first refusal comes after a buffer (at {i})");
+    let flushed = f.fsync(ino).await.map_err(|e| e.code());
+    assert_eq!(flushed, Err(ErrorCode::QuotaExceeded), "the fsync reports it too: the data was not stored");
+
+    phase("what the cluster took is within the quota and a prefix of the data");
+    let fresh = cluster.files();
+    let size = fresh.size(ino).await.expect("size");
+    assert!(size <= QUOTA, "{size} bytes stored past a {QUOTA}-byte quota");
+    let got = read_all(&fresh, ino).await;
+    assert!(got == data[..got.len()], "the stored bytes are what was written");
+}
