@@ -100,6 +100,30 @@ pub struct RaftTransport {
     client_config: quinn::ClientConfig,
     server_name: String,
     conns: Arc<Mutex<HashMap<String, quinn::Connection>>>,
+    acks: LeaderAcks,
+}
+
+/// For each peer, the leader vote it last accepted in an `AppendEntries`
+/// and when that request was *sent*: the ground of this node's read lease
+/// (see [`crate::node::RaftNode::read_barrier`]). Counting from the send,
+/// not the answer, keeps the lease short of the peer's own promise.
+#[derive(Clone, Default)]
+pub struct LeaderAcks(Arc<std::sync::Mutex<HashMap<NodeId, (Vote, std::time::Instant)>>>);
+
+impl LeaderAcks {
+    fn record(&self, peer: NodeId, vote: Vote, sent: std::time::Instant) {
+        let mut acks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let e = acks.entry(peer).or_insert((vote, sent));
+        if e.0 != vote || e.1 < sent {
+            *e = (vote, sent);
+        }
+    }
+
+    /// Peers that accepted `vote` in a request sent after `since`.
+    pub fn accepted_since(&self, vote: &Vote, since: std::time::Instant) -> Vec<NodeId> {
+        let acks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        acks.iter().filter(|(_, (v, t))| v == vote && *t >= since).map(|(id, _)| *id).collect()
+    }
 }
 
 impl RaftTransport {
@@ -109,7 +133,19 @@ impl RaftTransport {
         client_config: quinn::ClientConfig,
         server_name: String,
     ) -> Self {
-        RaftTransport { node_id, endpoint, client_config, server_name, conns: Arc::default() }
+        RaftTransport {
+            node_id,
+            endpoint,
+            client_config,
+            server_name,
+            conns: Arc::default(),
+            acks: LeaderAcks::default(),
+        }
+    }
+
+    /// What the peers accepted of this node's leadership (shared).
+    pub fn acks(&self) -> LeaderAcks {
+        self.acks.clone()
     }
 
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, Unreachable> {
@@ -208,8 +244,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        let (vote, sent) = (rpc.vote, std::time::Instant::now());
         match self.call(&PeerRequest::Append(rpc), option.hard_ttl()).await {
-            Ok(PeerResponse::Append(Ok(r))) => Ok(r),
+            Ok(PeerResponse::Append(Ok(r))) => {
+                // Anything but a higher vote means the peer took us as its leader.
+                if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
+                    self.transport.acks.record(self.target, vote, sent);
+                }
+                Ok(r)
+            }
             Ok(PeerResponse::Append(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             Ok(PeerResponse::Refused(m)) => Err(self.unexpected(&format!("refused: {m}"))),
             Ok(_) => Err(self.unexpected("mismatched response")),

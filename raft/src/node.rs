@@ -9,7 +9,7 @@ use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::network::{serve_peer, RaftTransport};
+use crate::network::{serve_peer, LeaderAcks, RaftTransport};
 use crate::storage::{self, KvReader, StoreOpenError};
 use crate::types::{Command, NodeId, Raft, RaftMetrics};
 use crate::StateMachineLogic;
@@ -99,6 +99,10 @@ struct Inner {
     applied: watch::Receiver<u64>,
     incoming_dir: PathBuf,
     reads: mpsc::Sender<oneshot::Sender<Result<(), RaftNodeError>>>,
+    acks: LeaderAcks,
+    /// How long a quorum's acceptance of this node's leadership lets it
+    /// answer reads without asking again (see [`RaftNode::read_barrier`]).
+    read_lease: Duration,
 }
 
 impl RaftNode {
@@ -109,6 +113,12 @@ impl RaftNode {
         transport: RaftTransport,
     ) -> Result<Self, RaftNodeError> {
         let (log_store, sm) = storage::open(&cfg.data_dir, logic)?;
+        let acks = transport.acks();
+        // Well inside the time a follower that heard from this leader
+        // refuses to vote for another (openraft's leader lease is the
+        // election timeout's upper bound, and no follower even starts an
+        // election before its lower bound).
+        let read_lease = Duration::from_millis(cfg.election_timeout_min_ms / 2);
         let reader = sm.reader();
         let applied = sm.applied_watch();
         let config = Config {
@@ -138,6 +148,8 @@ impl RaftNode {
                 applied,
                 incoming_dir: cfg.data_dir.join("snapshots").join("incoming"),
                 reads: reads_tx,
+                acks,
+                read_lease,
             }),
         })
     }
@@ -174,10 +186,45 @@ impl RaftNode {
     /// Waits until this node is the leader of a quorum and has applied
     /// everything committed before the call: reads after it are
     /// linearizable. Concurrent callers share one round of heartbeats.
+    ///
+    /// A leader that a quorum accepted (in `AppendEntries` sent within the
+    /// last [`Inner::read_lease`], half the election timeout's lower
+    /// bound) and that has applied an entry of its own term answers at
+    /// once: no other leader can have been elected meanwhile, since each
+    /// of those peers refuses votes for the election timeout after it
+    /// heard from this one, and everything acknowledged to any client is
+    /// applied here. Otherwise it confirms with a round of heartbeats.
     pub async fn read_barrier(&self) -> Result<(), RaftNodeError> {
+        if self.holds_read_lease() {
+            return Ok(());
+        }
         let (tx, rx) = oneshot::channel();
         self.inner.reads.send(tx).await.map_err(|_| RaftNodeError::Stopped("read-index loop stopped".into()))?;
         rx.await.map_err(|_| RaftNodeError::Stopped("read-index loop stopped".into()))?
+    }
+
+    /// Whether this node is the leader under a lease (see [`Self::read_barrier`]).
+    fn holds_read_lease(&self) -> bool {
+        let now = std::time::Instant::now();
+        let Some(since) = now.checked_sub(self.inner.read_lease) else { return false };
+        let m = self.metrics();
+        if m.state != ServerState::Leader || m.current_leader != Some(self.inner.id) {
+            return false;
+        }
+        // Entries of earlier terms are applied once one of this term is.
+        if m.last_applied.is_none_or(|l| l.leader_id.term != m.current_term) {
+            return false;
+        }
+        let membership = m.membership_config.membership();
+        let configs = membership.get_joint_config();
+        if configs.len() != 1 {
+            return false;
+        }
+        let voters = &configs[0];
+        let mut accepted = self.inner.acks.accepted_since(&m.vote, since);
+        accepted.push(self.inner.id);
+        let votes = voters.iter().filter(|v| accepted.contains(v)).count();
+        votes > voters.len() / 2
     }
 
     /// Reads of the applied state.

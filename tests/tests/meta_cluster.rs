@@ -256,6 +256,11 @@ async fn partitioned_minority_accepts_no_writes() {
     assert_ne!(code, 0, "the minority accepted a write: {err}");
     eprintln!("minority write refused (exit {code}): {}", err.trim());
 
+    phase("a read through the cut-off old leader is refused, never answered from its stale state");
+    let (code, out, err) = locus_cli(&cfg, &["fs", "ls", "/"], Some(&net.ns(idx)));
+    assert!(code != 0 || out.contains("majority"), "stale read from the old leader: {out}");
+    eprintln!("minority read refused (exit {code}): {}", err.trim());
+
     phase("heal: one history remains, with the majority's write and without the minority's");
     net.heal(idx).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
