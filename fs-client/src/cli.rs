@@ -374,7 +374,12 @@ async fn nbd_serve(files: &FileClient, args: &crate::nbd::ServeArgs, json: bool)
         });
     }
     let size = files.size(attr.ino).await.map_err(|e| CliError::from_client(&show(&path), e))?;
-    let target = crate::nbd::Target { ino: attr.ino, path: show(&path), size };
+    let layout = MetaRead::Layout { ino: attr.ino, first: 0, count: 0 };
+    let snapshot = match files.meta().read(layout).await.map_err(|e| CliError::from_client(&show(&path), e))? {
+        ReadReply::Layout(l) => l.read_only,
+        _ => false,
+    };
+    let target = crate::nbd::Target { ino: attr.ino, path: show(&path), size, snapshot };
     crate::nbd::serve(args, target, files.clone(), json).await.map_err(|e| CliError {
         exit: 1,
         code: matches!(e, crate::nbd::NbdError::Flush(_)).then_some(ErrorCode::Io),

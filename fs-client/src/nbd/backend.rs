@@ -85,8 +85,16 @@ pub struct LocusFile {
     zeros: Bytes,
     /// The cluster's chunk size, learnt from the first layout (0: not yet).
     chunk_bytes: AtomicU64,
-    /// Reads are cached while `lease` is held.
-    cache: Option<(Arc<BlockCache>, Arc<LeaseKeeper>)>,
+    /// Reads are cached while they can be trusted.
+    cache: Option<(Arc<BlockCache>, CacheGuard)>,
+}
+
+/// What keeps an export's cached blocks true.
+enum CacheGuard {
+    /// The image's write lease, while it is held: only this export writes.
+    Lease(Arc<LeaseKeeper>),
+    /// A snapshot: nobody writes it, ever.
+    Immutable,
 }
 
 impl LocusFile {
@@ -96,13 +104,28 @@ impl LocusFile {
 
     /// Caches reads in `cache` whenever `lease` is held.
     pub fn with_cache(mut self, cache: Arc<BlockCache>, lease: Arc<LeaseKeeper>) -> Self {
-        self.cache = Some((cache, lease));
+        self.cache = Some((cache, CacheGuard::Lease(lease)));
         self
     }
 
-    /// The cache, if the lease is held now.
+    /// Caches reads of a snapshot (its chunks never change), with no lease.
+    pub fn with_snapshot_cache(mut self, cache: Arc<BlockCache>) -> Self {
+        self.cache = Some((cache, CacheGuard::Immutable));
+        self
+    }
+
+    /// The cache, if it can be trusted now.
     fn live_cache(&self) -> Option<&BlockCache> {
-        self.cache.as_ref().filter(|(_, l)| l.valid()).map(|(c, _)| &**c)
+        let (cache, guard) = self.cache.as_ref()?;
+        match guard {
+            CacheGuard::Lease(l) if !l.valid() => None,
+            _ => Some(cache),
+        }
+    }
+
+    /// The cache's hit and miss counts, if it has one.
+    pub fn cache_stats(&self) -> Option<(u64, u64, u64)> {
+        self.cache.as_ref().map(|(c, _)| c.stats())
     }
 
     /// Runs a change of `[offset, offset + len)`, dropping the cached

@@ -83,7 +83,8 @@ pub struct ServeArgs {
     /// to lapse (one whose export died), in seconds.
     #[arg(long, default_value_t = lease::ACQUIRE_WAIT.as_secs(), value_parser = clap::value_parser!(u64).range(0..=600))]
     pub lease_wait: u64,
-    /// Read cache in MiB (used while the lease is held; 0: none).
+    /// Read cache in MiB (used while the lease is held, or always for a
+    /// `--read-only` export of a snapshot; 0: none).
     #[arg(long, default_value_t = DEFAULT_CACHE_MIB, value_parser = clap::value_parser!(u64).range(0..=65536))]
     pub cache_mib: u64,
 }
@@ -113,6 +114,8 @@ pub struct Target {
     /// Its path, for the description.
     pub path: String,
     pub size: u64,
+    /// Part of a snapshot (read-only for good).
+    pub snapshot: bool,
 }
 
 /// Serves `target` until SIGTERM or SIGINT, then makes every write durable.
@@ -171,8 +174,13 @@ pub async fn serve(args: &ServeArgs, target: Target, files: FileClient, json: bo
     let mut backend = LocusFile::new(files.clone(), target.ino);
     if let Some((keeper, _, Some(cache))) = &lease {
         backend = backend.with_cache(cache.clone(), keeper.clone());
+    } else if args.read_only && args.cache_mib > 0 && target.snapshot {
+        // A snapshot never changes: its blocks can be kept with no lease.
+        backend =
+            backend.with_snapshot_cache(Arc::new(BlockCache::new(args.cache_mib << 20, cache::CACHE_BLOCK_BYTES)));
     }
     let backend = Arc::new(backend);
+    let snapshot_cache = lease.is_none().then(|| backend.clone());
     let (stop_tx, stop_rx) = tokio::sync::mpsc::channel(2);
     let signals = tokio::spawn(async move {
         loop {
@@ -188,6 +196,9 @@ pub async fn serve(args: &ServeArgs, target: Target, files: FileClient, json: bo
     server::run(listener, export, backend, stop_rx).await;
     signals.abort();
     let flushed = files.fsync(target.ino).await;
+    if let Some((bytes, hits, misses)) = snapshot_cache.and_then(|b| b.cache_stats()) {
+        tracing::info!(cached_bytes = bytes, hits, misses, "read cache (snapshot)");
+    }
     if let Some((keeper, renewals, cache)) = lease {
         renewals.abort();
         keeper.release().await;
