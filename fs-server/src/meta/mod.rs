@@ -59,6 +59,8 @@ struct PendingOps {
 #[derive(Clone)]
 pub struct MetaService {
     raft: RaftNode,
+    /// The cluster's chunk and block size are recorded (see [`init_root`]).
+    initialized: Arc<std::sync::atomic::AtomicBool>,
     ops: mpsc::Sender<PendingOps>,
     data: cluster::DataManager,
     sched: sched::Scheduler,
@@ -102,7 +104,23 @@ impl MetaService {
         let sched = sched::Scheduler::start(raft.clone(), data.clone(), sched_cfg);
         tokio::spawn(batch_loop(raft.clone(), rx, metrics.clone(), data.clone()));
         tokio::spawn(init_root(raft.clone(), chunk_bytes));
-        MetaService { raft, ops: tx, data, sched, metrics }
+        MetaService { raft, initialized: Arc::default(), ops: tx, data, sched, metrics }
+    }
+
+    /// Whether the cluster's geometry is in the applied state. Until it
+    /// is, nothing but status and pings is answered: a chunk server that
+    /// registered earlier would format its store with another block size,
+    /// and a file written earlier would be cut into other chunks.
+    fn initialized(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.initialized.load(Ordering::Relaxed) {
+            return true;
+        }
+        let set = self.raft.reader().with_latest(|kv| fsm::get_counter(kv, fsm::CHUNK_BYTES)).is_ok_and(|c| c != 0);
+        if set {
+            self.initialized.store(true, Ordering::Relaxed);
+        }
+        set
     }
 
     pub fn raft(&self) -> &RaftNode {
@@ -131,6 +149,10 @@ impl MetaService {
     }
 
     async fn dispatch(&self, role: Role, request: Request) -> Response {
+        let exempt = matches!(request, Request::Ping | Request::Admin(AdminOp::Status));
+        if !exempt && !self.initialized() {
+            return Err(WireError::new(ErrorCode::Unavailable, "the cluster is initializing; retry shortly"));
+        }
         match request {
             Request::Ping => Ok(Reply::Pong { node_id: self.raft.id() }),
             Request::Op { id, op } => self.write(Some(id), op).await.map(Reply::Op),
@@ -563,15 +585,33 @@ async fn propose(raft: &RaftNode, data: &cluster::DataManager, batch: Vec<Pendin
     }
 }
 
-/// Creates the root directory once this node leads a fresh cluster.
+/// Records the cluster's chunk and block size (and creates the root) once
+/// this node leads a cluster that has none. A cluster that got chunk
+/// servers or chunks before either was recorded (registration could win
+/// that race before requests waited for it) keeps the sizes they were
+/// made with: the defaults of the time.
 async fn init_root(raft: RaftNode, chunk_bytes: u64) {
     loop {
-        let have_root = raft.reader().with_latest(|kv| fsm::load_inode(kv, ROOT_INO)).ok().flatten().is_some();
-        if have_root {
+        let geometry = raft.reader().with_latest(|kv| {
+            let recorded = fsm::get_counter(kv, fsm::CHUNK_BYTES)? != 0;
+            let in_use = !kv.scan_collect(&[keys::SERVER], &[keys::SERVER + 1], 1)?.is_empty()
+                || !kv.scan_collect(&[keys::CHUNK], &[keys::CHUNK + 1], 1)?.is_empty();
+            Ok::<_, raft::KvError>((recorded, in_use))
+        });
+        let (recorded, in_use) = match geometry {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster's geometry");
+                (false, true)
+            }
+        };
+        if recorded {
             return;
         }
         if raft.is_leader() {
-            let cmd = Command::InitBlocks { now: Timespec::now(), chunk_bytes, block_bytes: DEFAULT_BLOCK_BYTES };
+            let (chunk_bytes, block_bytes) =
+                if in_use { (DEFAULT_CHUNK_BYTES, LEGACY_BLOCK_BYTES) } else { (chunk_bytes, DEFAULT_BLOCK_BYTES) };
+            let cmd = Command::InitBlocks { now: Timespec::now(), chunk_bytes, block_bytes };
             if let Err(e) = raft.write(enc(&cmd)).await {
                 tracing::debug!(error = %e, "root init not committed yet");
             }
