@@ -77,6 +77,9 @@ const ZERO_PIECE: usize = 1 << 20;
 /// `MAX_LAYOUT_CHUNKS` chunks); a longer range gets a shorter answer.
 const MAX_LAYOUT_FETCHES: u64 = 4;
 
+/// Reads at least this long that find nothing cached bypass the cache.
+const STREAM_READ_BYTES: u32 = 256 << 10;
+
 /// A Locus file as an export. All connections of a process share one, so
 /// a flush on any connection covers the writes of all of them.
 pub struct LocusFile {
@@ -148,6 +151,12 @@ impl LocusFile {
         let end = offset + u64::from(len);
         let (first, last) = (offset / bs, (end - 1) / bs);
         let found = cache.lookup(first, last);
+        // A large read of nothing cached is a stream (a copy, a backup, a
+        // guest's sequential scan): read it through, without pushing the
+        // hot blocks out or copying it into and out of the cache.
+        if len >= STREAM_READ_BYTES && found.blocks.iter().all(Option::is_none) {
+            return Ok(self.files.read(self.ino, offset, u64::from(len)).await?);
+        }
         let mut blocks = found.blocks;
         let missing_first = blocks.iter().position(|b| b.is_none());
         let missing_last = blocks.iter().rposition(|b| b.is_none());
