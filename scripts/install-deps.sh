@@ -8,6 +8,8 @@ PKGS=(
   build-essential clang libclang-dev pkg-config libfuse3-dev librocksdb-dev
   # run: FUSE mounts, QEMU guests and images, NBD userspace clients
   fuse3 qemu-system-x86 qemu-utils libnbd-bin nbdkit fio genisoimage
+  # tests: a client with a skewed clock
+  faketime
   # tests: network namespaces, sqlite, rsync, git, busybox initramfs
   iproute2 sqlite3 rsync git busybox-static cpio procps psmisc
   # benchmarks: the peers we measure against side by side

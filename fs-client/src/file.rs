@@ -1067,23 +1067,34 @@ impl FileClient {
     /// on it binds.
     fn check_lease(&self, lease: Option<&Lease>, ino: Ino) -> Result<(), ClientError> {
         match lease {
-            Some(l) if l.excludes(self.meta.client_id(), Timespec::now()) => Err(ClientError::Remote(WireError::new(
-                ErrorCode::Busy,
-                format!("inode {ino} is leased for writing by another client (an NBD export)"),
-            ))),
+            Some(l) if l.excludes(self.meta.client_id(), Timespec::now()) => Err(leased(ino)),
             _ => Ok(()),
         }
     }
 
-    /// [`Self::check_lease`] on a known lease: one that looks lapsed in
-    /// the cached layout may have been renewed since (renewals fence
-    /// nothing), so the layout is read again first.
+    /// [`Self::check_lease`] before chunks are written, by the leader's
+    /// clock: another client's lease that looks lapsed in the cached layout
+    /// may have been renewed since (renewals fence nothing), so the layout
+    /// is read again; and whether it still binds is asked of the leader,
+    /// which stamped its expiry, so a client whose clock runs ahead never
+    /// writes under a live lease (nor one whose clock lags waits past it).
     async fn check_lease_fresh(&self, st: &mut FileState, ino: Ino) -> Result<(), ClientError> {
         let me = self.meta.client_id();
-        if st.lease.is_some_and(|l| l.holder != me && !l.excludes(me, Timespec::now())) {
+        if !st.lease.is_some_and(|l| l.holder != me) {
+            return Ok(());
+        }
+        if st.lease.is_some_and(|l| !l.excludes(me, Timespec::now())) {
             self.fetch_layout(st, ino, 0, 0).await?;
         }
-        self.check_lease(st.lease.as_ref(), ino)
+        let Some(lease) = st.lease.filter(|l| l.holder != me) else { return Ok(()) };
+        let now = match self.meta.read(MetaRead::Now).await? {
+            ReadReply::Now(t) => t,
+            other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        };
+        match lease.excludes(me, now) {
+            true => Err(leased(ino)),
+            false => Ok(()),
+        }
     }
 
     /// Takes or renews (`ttl` > 0) or releases (`ttl` = 0) this client's
@@ -1280,6 +1291,14 @@ fn clone_chunk_err(e: &ChunkError) -> ChunkError {
         }
         ChunkError::ChainFailed { addr, error } => ChunkError::ChainFailed { addr: addr.clone(), error: error.clone() },
     }
+}
+
+/// `Busy`: another client holds the file's write lease.
+fn leased(ino: Ino) -> ClientError {
+    ClientError::Remote(WireError::new(
+        ErrorCode::Busy,
+        format!("inode {ino} is leased for writing by another client (an NBD export)"),
+    ))
 }
 
 /// Never changed since it was made: empty, with no chunks and no extended

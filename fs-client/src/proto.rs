@@ -617,6 +617,8 @@ pub enum MetaRead {
     },
     /// Chunk servers, capacity, replication state (leader's view).
     Health,
+    /// The leader's clock: leases are judged by it, not by a client's own.
+    Now,
 }
 
 /// Filesystem totals.
@@ -643,6 +645,7 @@ pub enum ReadReply {
     Goal(Goal),
     Quota(Option<QuotaUsage>),
     Health(ClusterHealth),
+    Now(Timespec),
 }
 
 /// A chunk server as the leader sees it.

@@ -34,8 +34,22 @@ struct NbdServer {
 impl NbdServer {
     /// Starts serving `file` and waits for the URI on stdout.
     fn start(config: &Path, file: &str, args: &[&str], log: PathBuf) -> NbdServer {
+        Self::start_under(&[], config, file, args, log)
+    }
+
+    /// [`Self::start`] under a wrapper command (`faketime -f +60s`).
+    fn start_under(wrapper: &[&str], config: &Path, file: &str, args: &[&str], log: PathBuf) -> NbdServer {
         let log_file = std::fs::File::create(&log).expect("server log");
-        let mut child = Command::new(bin("locus"))
+        let locus = bin("locus");
+        let mut cmd = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(&locus);
+                c
+            }
+            None => Command::new(&locus),
+        };
+        let mut child = cmd
             .arg("--config")
             .arg(config)
             .args(["nbd", "serve", file])
@@ -840,6 +854,24 @@ async fn an_export_leases_its_image_and_its_cache_stays_true() {
     assert_eq!(e.code(), ErrorCode::Busy, "{e}");
     let now = cluster.files().read(ino, 8192, 4096).await.expect("read");
     assert!(now.iter().any(|b| *b != 0xDD), "the refused write reached the chunks");
+
+    phase("a client whose clock runs a minute ahead is refused too: the leader's clock judges");
+    // A --shared export takes no lease; under faketime every lease looks
+    // lapsed to it, so only the leader's clock keeps its writes out.
+    require_tool("faketime");
+    let skewed = NbdServer::start_under(
+        &["faketime", "-f", "+60s"],
+        &config,
+        "/disk.img",
+        &["--listen", "127.0.0.1:0", "--shared"],
+        cluster.path().join("nbd-skewed.log"),
+    );
+    let skewed_uri = skewed.uri.clone();
+    let o = tool("qemu-io", &["-f", "raw", "-c", "write -P 0xCC 12288 4096", "-c", "flush", &skewed_uri]);
+    eprintln!("skewed client: {}", text(&o));
+    drop(skewed);
+    let now = cluster.files().read(ino, 12288, 4096).await.expect("read");
+    assert!(now.iter().any(|b| *b != 0xCC), "a client with a fast clock wrote under the live lease");
 
     phase("kill -9 the export; a new one waits for the lease to lapse and finds every flushed write");
     qemu_io(&server, "raw", &["write -P 0x77 2M 1M", "flush"], &uri);

@@ -244,11 +244,14 @@ impl MetaService {
 
     /// Answers reads from one point-in-time view (after a read barrier).
     fn query_many(&self, reads: &[MetaRead]) -> Vec<Result<ReadReply, WireError>> {
-        if reads.iter().any(|r| matches!(r, MetaRead::Health)) {
+        if reads.iter().any(|r| matches!(r, MetaRead::Health | MetaRead::Now)) {
             return reads
                 .iter()
                 .map(|r| match r {
                     MetaRead::Health => Ok(ReadReply::Health(self.data.health())),
+                    // The leader's clock (reads are answered by the leader),
+                    // the one that stamps lease expiries.
+                    MetaRead::Now => Ok(ReadReply::Now(Timespec::now())),
                     other => self
                         .query_many(std::slice::from_ref(other))
                         .pop()
@@ -513,6 +516,7 @@ fn read_name(r: &MetaRead) -> &'static str {
         MetaRead::GetGoal { .. } => "get_goal",
         MetaRead::GetQuota { .. } => "get_quota",
         MetaRead::Health => "health",
+        MetaRead::Now => "now",
     }
 }
 

@@ -134,7 +134,9 @@ pub fn query(kv: &dyn KvRead, read: &MetaRead, cap: Capacity) -> Result<ReadResu
             ReadReply::Quota(rec.quota)
         }
         // Answered from the leader's live state, not the namespace.
-        MetaRead::Health => return Ok(Err(WireError::new(ErrorCode::BadRequest, "health is answered by the service"))),
+        MetaRead::Health | MetaRead::Now => {
+            return Ok(Err(WireError::new(ErrorCode::BadRequest, "answered by the service, not the state")))
+        }
     }))
 }
 
