@@ -1080,7 +1080,7 @@ impl FileClient {
     /// writes under a live lease (nor one whose clock lags waits past it).
     async fn check_lease_fresh(&self, st: &mut FileState, ino: Ino) -> Result<(), ClientError> {
         let me = self.meta.client_id();
-        if !st.lease.is_some_and(|l| l.holder != me) {
+        if st.lease.is_none_or(|l| l.holder == me) {
             return Ok(());
         }
         if st.lease.is_some_and(|l| !l.excludes(me, Timespec::now())) {
