@@ -13,6 +13,7 @@
 //!
 //! Start reading at [`client::MetaClient`].
 
+pub mod alloc;
 pub mod chunk;
 pub mod cli;
 pub mod client;

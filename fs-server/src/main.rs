@@ -57,6 +57,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    fs_client::alloc::tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))

@@ -103,6 +103,9 @@ struct Server {
     metrics: Arc<Metrics>,
     barriers: Arc<Barriers>,
     marks: Arc<Fences>,
+    /// Client reads and writes served so far: the scrubber slows down
+    /// while this moves.
+    served: Arc<AtomicU64>,
 }
 
 /// Per-chunk barriers between chained writes (shared, held until the
@@ -274,6 +277,7 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         barriers: Arc::default(),
         marks: Arc::default(),
+        served: Arc::default(),
     };
     tokio::spawn(srv.clone().accept_loop(endpoint.clone()));
     tokio::spawn(srv.clone().heartbeat_loop());
@@ -356,6 +360,9 @@ impl Server {
             ChunkRequest::WriteV { .. } => "writev",
         };
         let status = matches!(req, ChunkRequest::Status);
+        if matches!(req, ChunkRequest::Read { .. } | ChunkRequest::Write { .. } | ChunkRequest::WriteV { .. }) {
+            self.served.fetch_add(1, Ordering::Relaxed);
+        }
         let fenced = self.fenced.load(Ordering::Relaxed) && !status;
         let unchecked = !self.checked.load(Ordering::Acquire) && !status;
         let result = if fenced {
@@ -952,10 +959,16 @@ impl Server {
         if self.cfg.scrub_bytes_per_sec == 0 {
             return;
         }
+        let mut seen = self.served.load(Ordering::Relaxed);
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let store = self.store.clone();
-            let budget = self.cfg.scrub_bytes_per_sec;
+            // Clients come first: while they read or write, the scrubber
+            // goes at a fraction of its rate (and still finishes its passes).
+            let served = self.served.load(Ordering::Relaxed);
+            let busy = served != seen;
+            seen = served;
+            let budget = scrub_budget(self.cfg.scrub_bytes_per_sec, busy);
             let Ok(report) = tokio::task::spawn_blocking(move || store.scrub(budget)).await else { continue };
             for chunk in report.corrupt {
                 let version = self.store.version(chunk).unwrap_or(0);
@@ -968,6 +981,19 @@ impl Server {
         }
     }
 }
+
+/// Bytes the scrubber may read in the next second: its configured rate,
+/// or an eighth of it (at least one MiB) while clients are served.
+fn scrub_budget(rate: u64, busy: bool) -> u64 {
+    if busy {
+        (rate / SCRUB_BUSY_DIVISOR).max(1 << 20).min(rate)
+    } else {
+        rate
+    }
+}
+
+/// How much slower the scrubber goes while clients read or write.
+const SCRUB_BUSY_DIVISOR: u64 = 8;
 
 /// A local write's error. A copy-on-write copy that failed on a bad block
 /// of the origin is this replica's trouble (`Unavailable`): the client
@@ -1115,5 +1141,20 @@ impl std::io::Read for ChannelReader {
         out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scrubber_slows_down_while_clients_are_served() {
+        let rate = 16 << 20;
+        assert_eq!(scrub_budget(rate, false), rate);
+        assert_eq!(scrub_budget(rate, true), 2 << 20);
+        // Never below a MiB a second, never above the configured rate.
+        assert_eq!(scrub_budget(4 << 20, true), 1 << 20);
+        assert_eq!(scrub_budget(512 << 10, true), 512 << 10);
     }
 }
