@@ -289,6 +289,30 @@ impl FileClient {
         }
     }
 
+    /// Where the chunks `wanted` are now, from the metadata (not the cache):
+    /// those of them still in the file. `None` if the file is gone.
+    async fn current_locations(
+        &self,
+        ino: Ino,
+        wanted: &HashSet<ChunkId>,
+    ) -> Result<Option<Vec<ChunkLocation>>, ClientError> {
+        let mut out = Vec::new();
+        let mut first = 0;
+        loop {
+            let l = match self.meta.read(MetaRead::Layout { ino, first, count: MAX_LAYOUT_CHUNKS }).await {
+                Ok(ReadReply::Layout(l)) => l,
+                Ok(other) => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+                Err(e) if e.code() == ErrorCode::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            out.extend(l.chunks.into_iter().filter(|c| wanted.contains(&c.chunk)));
+            first += MAX_LAYOUT_CHUNKS;
+            if l.chunk_bytes == 0 || first.saturating_mul(l.chunk_bytes) >= l.attr.size || out.len() == wanted.len() {
+                return Ok(Some(out));
+            }
+        }
+    }
+
     /// A file this client has just created, never changed since: its layout
     /// is known without asking (size 0, no chunks, not in a snapshot), so
     /// its first write-back does not read it first. Nothing is known
@@ -558,36 +582,50 @@ impl FileClient {
         // failed write would drop it: the version rises, so its copy is
         // never served again, and the survivors hold the data durably. Only
         // a chunk left with no replica that flushed fails the fsync.
-        let mut dead: Vec<(String, Vec<ChunkId>, ChunkError)> = Vec::new();
+        //
+        // A server may also no longer have a chunk written since the last
+        // fsync: the chunk left the file (truncated, punched, replaced by a
+        // copy-on-write copy, the file deleted) or left the server (repair
+        // moved the replica, the server dropped a stale copy). Nothing of
+        // it is to be made durable there; the layout tells which.
+        let mut failed: Vec<(String, Vec<ChunkId>, ChunkError)> = Vec::new();
         let mut flushed: HashSet<(String, ChunkId)> = HashSet::new();
         for (addr, chunks, r) in join_all(flushes).await {
             match r {
                 Ok(_) => flushed.extend(chunks.into_iter().map(|c| (addr.clone(), c))),
-                Err(e @ ChunkError::Transport { .. }) => dead.push((addr, chunks, e)),
+                Err(e @ ChunkError::Transport { .. }) => failed.push((addr, chunks, e)),
+                Err(e @ ChunkError::Remote { .. }) if is_not_found(&e) => failed.push((addr, chunks, e)),
                 Err(e) => return Err(from_chunk(e)),
             }
         }
-        for (addr, chunks, e) in dead {
-            let mut locs: Vec<ChunkLocation> = {
-                let st = f.lock(&self.buffered_total).await;
-                st.locs.values().filter(|l| chunks.contains(&l.chunk)).cloned().collect()
-            };
-            if locs.len() < chunks.len() {
-                // Not all cached: ask where the file's chunks are.
-                locs = match self.meta.read(MetaRead::Layout { ino, first: 0, count: MAX_LAYOUT_CHUNKS }).await? {
-                    ReadReply::Layout(l) => l.chunks.into_iter().filter(|c| chunks.contains(&c.chunk)).collect(),
-                    other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-                };
-            }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let wanted: HashSet<ChunkId> = failed.iter().flat_map(|(_, c, _)| c.iter().copied()).collect();
+        let Some(locs) = self.current_locations(ino, &wanted).await? else {
+            // The file is gone, and its chunks with it.
+            return Ok(());
+        };
+        for (addr, chunks, e) in failed {
             for chunk in &chunks {
-                let Some(loc) = locs.iter().find(|l| l.chunk == *chunk) else {
-                    return Err(from_chunk(clone_chunk_err(&e)));
-                };
-                let survivor =
-                    loc.replicas.iter().any(|r| r.addr != addr && flushed.contains(&(r.addr.clone(), *chunk)));
+                let Some(loc) = locs.iter().find(|l| l.chunk == *chunk) else { continue };
                 let Some(server) = loc.replicas.iter().find(|r| r.addr == addr).map(|r| r.server) else {
                     continue;
                 };
+                if is_not_found(&e) {
+                    // The server answered for the whole batch: find out
+                    // whether this chunk is the one it lacks.
+                    match self.chunks.flush(&addr, vec![*chunk]).await {
+                        Ok(()) => {
+                            flushed.insert((addr.clone(), *chunk));
+                            continue;
+                        }
+                        Err(e) if is_not_found(&e) || matches!(e, ChunkError::Transport { .. }) => {}
+                        Err(e) => return Err(from_chunk(e)),
+                    }
+                }
+                let survivor =
+                    loc.replicas.iter().any(|r| r.addr != addr && flushed.contains(&(r.addr.clone(), *chunk)));
                 if !survivor {
                     return Err(from_chunk(clone_chunk_err(&e)));
                 }
@@ -1281,6 +1319,11 @@ pub struct Unfenced {
 
 fn read_only(ino: Ino) -> ClientError {
     ClientError::Remote(WireError::new(ErrorCode::ReadOnly, format!("inode {ino} is part of a snapshot")))
+}
+
+/// A chunk server's answer that it has no such chunk.
+fn is_not_found(e: &ChunkError) -> bool {
+    matches!(e, ChunkError::Remote { error, .. } if error.code == ErrorCode::NotFound)
 }
 
 fn clone_chunk_err(e: &ChunkError) -> ChunkError {
