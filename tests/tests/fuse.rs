@@ -250,6 +250,21 @@ async fn posix_calls_behave_like_a_local_filesystem() {
     assert_eq!(fs::read(&f).expect("read"), b"hello\0\0\0");
     drop(h);
 
+    phase("a root mount is open to other users, and the kernel checks their permissions");
+    let as_nobody = |script: &str| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", script])
+            .output()
+            .expect("setpriv")
+    };
+    let read = as_nobody(&format!("cat {}", f.display()));
+    assert!(read.status.success(), "another user reads a 0644 file: {}", String::from_utf8_lossy(&read.stderr));
+    assert_eq!(read.stdout, b"hello\0\0\0");
+    let write = as_nobody(&format!("echo x >> {}", f.display()));
+    assert!(!write.status.success(), "another user must not write a 0644 root file");
+    assert!(String::from_utf8_lossy(&write.stderr).contains("Permission denied"), "{write:?}");
+    assert_eq!(fs::read(&f).expect("read"), b"hello\0\0\0");
+
     phase("3.5 MiB across chunks: whole, at offsets crossing chunk boundaries, overwrite in the middle");
     let big = m.path("big.bin");
     let mut data = pattern(1, 3 * MIB + MIB / 2);

@@ -44,14 +44,28 @@ pub struct MountArgs {
     /// Threads reading requests from the kernel.
     #[arg(long, default_value_t = DEFAULT_THREADS, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
-    /// Let users other than the one mounting use the mount (non-root users
-    /// need `user_allow_other` in /etc/fuse.conf).
-    #[arg(long)]
+    /// Let users other than the one mounting use the mount, as a local
+    /// filesystem does (the kernel checks permissions). The default when
+    /// root mounts; non-root users need `user_allow_other` in
+    /// /etc/fuse.conf.
+    #[arg(long, conflicts_with = "owner_only")]
     pub allow_other: bool,
+    /// Only the user who mounts may use the mount (the default for
+    /// non-root users).
+    #[arg(long)]
+    pub owner_only: bool,
     /// Set by a daemonizing `locus mount` on the process it starts: report
     /// the outcome of mounting on stdout.
     #[arg(long, hide = true)]
     pub daemon_child: bool,
+}
+
+impl MountArgs {
+    /// Whether other users may use the mount: asked for, or root mounting
+    /// without `--owner-only`.
+    pub fn others_allowed(&self) -> bool {
+        self.allow_other || (!self.owner_only && nix::unistd::geteuid().is_root())
+    }
 }
 
 #[derive(Args, Debug, Clone)]

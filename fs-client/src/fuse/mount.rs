@@ -213,7 +213,7 @@ async fn start(
         // The kernel enforces permissions from our attributes.
         MountOption::DefaultPermissions,
     ];
-    options.acl = if args.allow_other { SessionACL::All } else { SessionACL::Owner };
+    options.acl = if args.others_allowed() { SessionACL::All } else { SessionACL::Owner };
     options.n_threads = Some(usize::from(args.threads));
     options.clone_fd = true;
     let target = dir.to_path_buf();
@@ -289,6 +289,9 @@ fn daemonize(args: &MountArgs, dir: &Path, config: &Path) -> Result<(), MountErr
         .stderr(log_file);
     if args.allow_other {
         cmd.arg("--allow-other");
+    }
+    if args.owner_only {
+        cmd.arg("--owner-only");
     }
     if std::env::var_os("LOCUS_LOG").is_none() {
         cmd.env("LOCUS_LOG", "info");
