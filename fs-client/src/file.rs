@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
+use futures::StreamExt;
 use tokio::sync::Mutex;
 
 use crate::chunk::{ChunkClient, ChunkError};
@@ -49,6 +50,8 @@ const LAYOUT_PREFETCH: u64 = 16;
 const READ_SPREAD_BYTES: u64 = 1 << 20;
 /// Files whose state is kept at most (clean ones are dropped first).
 const MAX_CACHED_FILES: usize = 4096;
+/// Files the background syncer makes durable at once.
+const SYNC_CONCURRENCY: usize = 16;
 /// Retries of one piece after replica failures or stale layouts.
 const MAX_PIECE_ATTEMPTS: usize = 6;
 /// Write attempts per piece; with the backoff, about 10 s in all, longer
@@ -89,6 +92,9 @@ struct FileState {
     pending_size: u64,
     /// Chunks written since the last fsync, with their replica addresses.
     unsynced: HashMap<ChunkId, Vec<String>>,
+    /// When `unsynced` last went from empty to not: the background syncer
+    /// ([`FileClient::sync_settled`]) takes files settled that long.
+    unsynced_since: Option<Instant>,
     /// A write-back failure not yet reported to the application.
     error: Option<WireError>,
     /// Part of a snapshot (as its layout says): never written.
@@ -120,6 +126,9 @@ struct FileHandle {
     /// Wakes writers waiting for the state when a send starts: they can
     /// be taken into `incoming` instead.
     send_started: tokio::sync::Notify,
+    /// Another client changed the file: the cached layout and size are to
+    /// be dropped by whoever takes the state next (it may be busy now).
+    stale: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -135,6 +144,9 @@ impl FileHandle {
     /// The state, locked, with the writes taken during a send merged in.
     async fn lock(&self, total: &std::sync::atomic::AtomicUsize) -> tokio::sync::OwnedMutexGuard<FileState> {
         let mut st = self.state.clone().lock_owned().await;
+        if self.stale.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            forget_layout(&mut st);
+        }
         self.merge(&mut st, total);
         st
     }
@@ -200,6 +212,8 @@ pub struct FileClient {
     topology: Option<Topology>,
     files: Arc<std::sync::Mutex<HashMap<Ino, Arc<FileHandle>>>>,
     buffered_total: Arc<std::sync::atomic::AtomicUsize>,
+    /// Size of `files` at which the next scan for unused state runs.
+    scan_at: Arc<std::sync::atomic::AtomicUsize>,
     /// The cluster's chunk size, once a layout has told it (0 before).
     chunk_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -246,6 +260,7 @@ impl FileClient {
             topology,
             files: Arc::default(),
             buffered_total: Arc::default(),
+            scan_at: Arc::default(),
             chunk_bytes: Arc::default(),
         }
     }
@@ -255,10 +270,14 @@ impl FileClient {
     }
 
     fn file(&self, ino: Ino) -> Arc<FileHandle> {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        if files.len() >= MAX_CACHED_FILES && !files.contains_key(&ino) {
-            // Drop state of files nobody is using; dirty ones stay.
+        if files.len() >= self.scan_at.load(Relaxed).max(MAX_CACHED_FILES) && !files.contains_key(&ino) {
+            // Drop state of files nobody is using; dirty ones stay. The
+            // next scan waits for the map to double: with many dirty files
+            // a scan per new file would make creating files quadratic.
             files.retain(|_, f| Arc::strong_count(f) > 1 || f.is_dirty());
+            self.scan_at.store(files.len() * 2, Relaxed);
         }
         files.entry(ino).or_default().clone()
     }
@@ -267,12 +286,12 @@ impl FileClient {
     pub fn invalidate(&self, ino: Ino) {
         let f = self.files.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).cloned();
         if let Some(f) = f {
+            // Never lost when the state is busy (a send in flight): the
+            // next holder drops it.
+            f.stale.store(true, std::sync::atomic::Ordering::Release);
             if let Ok(mut s) = f.state.try_lock() {
-                s.fetched = None;
-                s.locs.clear();
-                s.holes.clear();
-                if s.buffer.is_empty() && s.pending_size == 0 {
-                    s.size = None;
+                if f.stale.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                    forget_layout(&mut s);
                 }
             }
         }
@@ -567,7 +586,24 @@ impl FileClient {
         let f = self.file(ino);
         let mut st = f.lock(&self.buffered_total).await;
         let unsynced: Vec<(ChunkId, Vec<String>)> = st.unsynced.drain().collect();
+        let since = st.unsynced_since.take();
         drop(st);
+        let res = self.sync_chunks(ino, unsynced.clone()).await;
+        if res.is_err() {
+            // Not made durable: the next fsync tries them again.
+            let mut st = f.lock(&self.buffered_total).await;
+            for (chunk, addrs) in unsynced {
+                st.unsynced.entry(chunk).or_insert(addrs);
+            }
+            if let Some(t) = since {
+                st.unsynced_since = Some(st.unsynced_since.map_or(t, |u| u.min(t)));
+            }
+        }
+        res
+    }
+
+    /// Flushes `unsynced` chunks on their servers (the body of `fsync`).
+    async fn sync_chunks(&self, ino: Ino, unsynced: Vec<(ChunkId, Vec<String>)>) -> Result<(), ClientError> {
         let mut by_server: HashMap<String, Vec<ChunkId>> = HashMap::new();
         for (chunk, addrs) in unsynced {
             for a in addrs {
@@ -630,9 +666,10 @@ impl FileClient {
                     return Err(from_chunk(clone_chunk_err(&e)));
                 }
                 tracing::warn!(chunk, server, error = %e, "replica failed a flush; dropping it");
-                let op =
-                    MetaOp::ReplicaFailed { ino, index: loc.index, chunk: loc.chunk, version: loc.version, server };
-                self.meta.op(op).await?;
+                // As for a failed write: the survivors learn the new
+                // version at once, or every use of the chunk would fail
+                // against them until the leader's next push.
+                self.recover(ino, loc.index, loc.clone(), &flush_failure(&addr, &e)).await?;
                 self.invalidate(ino);
             }
         }
@@ -745,6 +782,8 @@ impl FileClient {
                 _ => runs.push((i, i)),
             }
         }
+        // A prepare answers with the layout as it is now (size included).
+        let refreshed = !runs.is_empty();
         // Sent together: concurrent operations of one client travel in one
         // batch (one Raft commit).
         let prepares = runs.into_iter().map(|(span_start, span_end)| {
@@ -766,6 +805,15 @@ impl FileClient {
         // Data past the current end: zero every gap the segments leave
         // between the old end and their last byte (the tail of the old end's
         // chunk may still hold bytes a truncate cut off).
+        //
+        // The end as the metadata has it now, not as cached: another client
+        // may have cut the file (its old bytes must be zeroed, even under a
+        // write this client thinks is inside the file) or extended it (its
+        // data must not be). One read per send, unless a prepare just
+        // answered with the size.
+        if !refreshed {
+            self.fetch_layout(st, ino, lo / cb.max(1), 1).await?;
+        }
         let size = st.size.unwrap_or(0).max(st.pending_size);
         if hi > size {
             let mut cursor = size;
@@ -809,6 +857,7 @@ impl FileClient {
         for r in results {
             match r {
                 Ok(loc) => {
+                    st.unsynced_since.get_or_insert_with(Instant::now);
                     st.unsynced.insert(loc.chunk, loc.replicas.iter().map(|r| r.addr.clone()).collect());
                     if loc.origin.is_some() {
                         copied.insert(loc.chunk, loc.index);
@@ -1014,6 +1063,7 @@ impl FileClient {
                 Ok(()) => {
                     // Like a write, durable only once flushed: the next
                     // fsync (or a FUA) must cover this chunk too.
+                    st.unsynced_since.get_or_insert_with(Instant::now);
                     st.unsynced.insert(loc.chunk, chain);
                     let copied = loc.origin.map(|_| (loc.chunk, index));
                     st.locs.insert(index, loc);
@@ -1093,6 +1143,60 @@ impl FileClient {
                 self.buffered_total.fetch_sub(s.buffered, std::sync::atomic::Ordering::Relaxed);
             }
         }
+    }
+
+    /// Makes durable the files whose writes all reached the chunk servers
+    /// at least `age` ago but were never fsynced, as a kernel writes back
+    /// dirty pages after a while: a crash of the chunk servers then loses
+    /// at most that much, and the files' state can be dropped (a mount
+    /// writing many files would otherwise keep every one). A failure is
+    /// kept for the file's next write or fsync to report. Returns how many
+    /// files were synced.
+    pub async fn sync_settled(&self, age: Duration) -> usize {
+        let settled: Vec<Ino> = {
+            let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+            files
+                .iter()
+                .filter(|(_, f)| {
+                    f.incoming().writes.is_empty()
+                        && f.state.try_lock().is_ok_and(|s| {
+                            s.buffer.is_empty()
+                                && s.pending_size == 0
+                                && s.error.is_none()
+                                && s.unsynced_since.is_some_and(|t| t.elapsed() >= age)
+                        })
+                })
+                .map(|(i, _)| *i)
+                .collect()
+        };
+        let n = settled.len();
+        let syncs = futures::stream::iter(settled)
+            .map(|ino| async move {
+                if let Err(e) = self.fsync(ino).await {
+                    tracing::warn!(ino, error = %e, "background sync failed; the next fsync reports it");
+                    let f = self.file(ino);
+                    let mut st = f.lock(&self.buffered_total).await;
+                    st.error.get_or_insert(WireError::new(e.code(), e.to_string()));
+                }
+            })
+            .buffer_unordered(SYNC_CONCURRENCY);
+        syncs.collect::<Vec<()>>().await;
+        n
+    }
+
+    /// Runs [`Self::sync_settled`] every `every`, for files settled `age`,
+    /// for as long as the runtime lives.
+    pub fn spawn_syncer(&self, every: Duration, age: Duration) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let n = me.sync_settled(age).await;
+                if n > 0 {
+                    tracing::debug!(files = n, "settled files synced");
+                }
+            }
+        });
     }
 
     /// Inodes with buffered or unsynced data.
@@ -1321,6 +1425,14 @@ fn read_only(ino: Ino) -> ClientError {
     ClientError::Remote(WireError::new(ErrorCode::ReadOnly, format!("inode {ino} is part of a snapshot")))
 }
 
+/// A failed flush as `recover` takes it: the replica at `addr` failed.
+fn flush_failure(addr: &str, e: &ChunkError) -> ChunkError {
+    match e {
+        ChunkError::Transport { .. } => clone_chunk_err(e),
+        _ => ChunkError::Transport { addr: addr.into(), message: format!("flush failed: {e}") },
+    }
+}
+
 /// A chunk server's answer that it has no such chunk.
 fn is_not_found(e: &ChunkError) -> bool {
     matches!(e, ChunkError::Remote { error, .. } if error.code == ErrorCode::NotFound)
@@ -1353,6 +1465,17 @@ pub fn is_pristine(a: &Attr) -> bool {
 
 /// Takes a layout into the file state. `range` marks the indexes the
 /// layout fully describes (absent ones there are holes).
+/// Drops what is cached of a file's layout (and its size, unless writes
+/// of ours are pending): the next use asks the metadata service.
+fn forget_layout(s: &mut FileState) {
+    s.fetched = None;
+    s.locs.clear();
+    s.holes.clear();
+    if s.buffer.is_empty() && s.pending_size == 0 {
+        s.size = None;
+    }
+}
+
 fn absorb(st: &mut FileState, l: Layout, range: Option<(u64, u64)>) {
     st.chunk_bytes = l.chunk_bytes;
     st.read_only = l.read_only;

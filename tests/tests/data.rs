@@ -528,3 +528,70 @@ async fn an_fsync_skips_chunks_that_left_the_file() {
     writer.fsync(kept).await.expect("fsync of the kept file");
     assert!(read_all(&cluster.files(), kept).await == pattern(kept, (2 * MIB) as usize));
 }
+
+/// Goal: a write past the end zeroes the gap from the end the metadata
+/// holds now, not from the end this client last saw: bytes another client
+/// truncated away never come back, and data another client appended is
+/// never zeroed (found by a two-mount exerciser).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_past_the_end_uses_the_current_end() {
+    init_logging();
+    let cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let c = cluster.client();
+    let (a, b) = (cluster.files(), cluster.files());
+    let ino = create(&c, ROOT_INO, "shared").await;
+    let old = pattern(1, MIB as usize);
+    a.write(ino, 0, Bytes::from(old.clone())).await.expect("write");
+    a.flush(ino).await.expect("flush");
+
+    phase("b cuts the file to 100 KiB; a, still caching 1 MiB, writes at 900 KiB");
+    b.truncate(ino, 100 << 10).await.expect("truncate");
+    a.write(ino, 900 << 10, Bytes::from_static(b"after the cut")).await.expect("write");
+    a.flush(ino).await.expect("flush");
+    let got = read_all(&cluster.files(), ino).await;
+    assert_eq!(got.len(), (900 << 10) + 13);
+    assert!(got[..100 << 10] == old[..100 << 10], "the kept bytes are intact");
+    let back = got[100 << 10..900 << 10].iter().position(|&x| x != 0);
+    assert_eq!(back.map(|i| i + (100 << 10)), None, "bytes the truncate cut came back");
+    assert_eq!(&got[900 << 10..], b"after the cut");
+
+    phase("b appends up to 2 MiB; a, caching the old end, writes at 3 MiB");
+    b.write(ino, got.len() as u64, Bytes::from(pattern(2, (2 * MIB) as usize - got.len()))).await.expect("append");
+    b.flush(ino).await.expect("flush");
+    let before = read_all(&cluster.files(), ino).await;
+    assert_eq!(before.len() as u64, 2 * MIB);
+    a.write(ino, 3 * MIB, Bytes::from_static(b"far")).await.expect("write");
+    a.flush(ino).await.expect("flush");
+    let got = read_all(&cluster.files(), ino).await;
+    assert!(got[..(2 * MIB) as usize] == before[..], "the other client's data was zeroed");
+    assert!(got[(2 * MIB) as usize..(3 * MIB) as usize].iter().all(|&x| x == 0));
+    assert_eq!(&got[(3 * MIB) as usize..], b"far");
+}
+
+/// Goal: files written but never fsynced are made durable by the
+/// background syncer once settled, and their state is then let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_files_are_synced_in_the_background() {
+    init_logging();
+    let cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let mut inos = Vec::new();
+    for i in 0..3 {
+        let ino = create(&c, ROOT_INO, &format!("f{i}")).await;
+        f.write(ino, 0, Bytes::from(pattern(ino, 100_000))).await.expect("write");
+        inos.push(ino);
+    }
+    // Written back but not synced; one file still has its data buffered.
+    f.flush(inos[0]).await.expect("flush");
+    f.flush(inos[1]).await.expect("flush");
+    assert_eq!(f.sync_settled(Duration::from_secs(60)).await, 0, "nothing has settled that long");
+    assert_eq!(f.sync_settled(Duration::ZERO).await, 2, "the two written-back files are synced");
+    let dirty = f.dirty_files();
+    assert!(!dirty.contains(&inos[0]) && !dirty.contains(&inos[1]), "synced files are clean: {dirty:?}");
+    assert!(dirty.contains(&inos[2]), "a file with buffered data is left to its writer");
+    assert_eq!(f.sync_settled(Duration::ZERO).await, 0);
+    f.flush(inos[2]).await.expect("flush");
+    for ino in inos {
+        assert!(read_all(&cluster.files(), ino).await == pattern(ino, 100_000));
+    }
+}

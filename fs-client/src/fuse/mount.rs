@@ -104,6 +104,9 @@ async fn serve(args: &MountArgs, dir: &Path, config: &Path, report: &Report) -> 
     };
     let notifier = session.notifier();
     shared.spawn_orphan_renewals();
+    // As the kernel writes back dirty pages: files left unsynced for
+    // SYNC_AGE are made durable on the chunk servers (and their state goes).
+    shared.files.spawn_syncer(SYNC_EVERY, SYNC_AGE);
     if let Err(e) = watch::start(shared.clone(), notifier) {
         tracing::warn!(error = %e, "cannot follow changes; other mounts' changes show after the cache TTL");
     }
@@ -331,6 +334,11 @@ fn pid_path(dir: &Path) -> PathBuf {
 }
 
 /// How long `locus umount` waits for the daemon's final flush.
+/// How often the mount looks for written files never fsynced...
+const SYNC_EVERY: Duration = Duration::from_secs(5);
+/// ...and how long after their last write-back it syncs them (Linux's
+/// `dirty_expire_centisecs`).
+const SYNC_AGE: Duration = Duration::from_secs(30);
 const UMOUNT_WAIT: Duration = Duration::from_secs(120);
 
 /// The mount daemon of `dir`, if its pid file names a live `locus mount`.
