@@ -813,6 +813,12 @@ impl FileClient {
         // answered with the size.
         if !refreshed {
             self.fetch_layout(st, ino, lo / cb.max(1), 1).await?;
+            // The layout may carry a lease (and chunk versions past its
+            // fences) taken since the checks above.
+            if st.read_only {
+                return Err(read_only(ino));
+            }
+            self.check_lease_fresh(st, ino).await?;
         }
         let size = st.size.unwrap_or(0).max(st.pending_size);
         if hi > size {
