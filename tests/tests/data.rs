@@ -595,3 +595,30 @@ async fn settled_files_are_synced_in_the_background() {
         assert!(read_all(&cluster.files(), ino).await == pattern(ino, 100_000));
     }
 }
+
+/// Goal: repair goes on as copies finish, not a few copies per server
+/// per scan interval (a restarted server took minutes to be refilled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_does_not_wait_for_the_scan_interval() {
+    init_logging();
+    let opts = ClusterOptions { chunks: 4, scan_every_ms: 120_000, ..Default::default() };
+    let mut cluster = Cluster::start(opts).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let ino = create(&c, ROOT_INO, "many-chunks").await;
+    let data = pattern(9, (40 * MIB) as usize);
+    f.write_through(ino, 0, Bytes::from(data.clone())).await.expect("write");
+    f.fsync(ino).await.expect("fsync");
+    let dead = cluster.chunks[&2].addr.to_string();
+    let on_2 = layout(&c, ino).await.chunks.iter().filter(|ch| ch.replicas.iter().any(|r| r.addr == dead)).count();
+    assert!(on_2 > 12, "enough chunks on server 2 to need several rounds of repair ({on_2})");
+
+    phase("kill server 2: its chunks are copied again well within one scan interval");
+    cluster.kill_chunk(2);
+    cluster.wait_fully_replicated(Duration::from_secs(45)).await.expect("repair");
+    for ch in layout(&c, ino).await.chunks {
+        // The dead copy may still be listed until the cleanup commits.
+        let live = ch.replicas.iter().filter(|r| r.addr != dead).count();
+        assert_eq!(live, 3, "chunk {}: {:?}", ch.chunk, ch.replicas);
+    }
+    assert!(read_all(&cluster.files(), ino).await == data);
+}

@@ -109,6 +109,10 @@ struct State {
     last_counts: (u64, u64, u64),
     /// Dead servers at the last scan: a change triggers a scan at once.
     last_dead: BTreeSet<ServerId>,
+    /// `repairs_done` at the last scan: while chunks are under their goal,
+    /// finished repairs trigger the next scan at once (waiting for
+    /// `scan_every` held repair to a few copies per server per interval).
+    scanned_done: u64,
 }
 
 /// The leader's chunk-server tracker and repair worker. Cheap to clone.
@@ -576,6 +580,7 @@ impl DataManager {
             let st = self.state();
             dead != st.last_dead
                 || !st.priority.is_empty()
+                || (st.last_counts.1 > 0 && st.repairs_done != st.scanned_done)
                 || st.last_scan.is_none_or(|t| now.duration_since(t) >= self.cfg.scan_every)
         };
         if !due {
@@ -627,6 +632,7 @@ impl DataManager {
         {
             let mut st = self.state();
             st.last_scan = Some(now);
+            st.scanned_done = st.repairs_done;
             st.last_counts = (total, under, lost);
             st.last_dead = dead.clone();
             let mut per_target: HashMap<ServerId, usize> = HashMap::new();
