@@ -158,6 +158,10 @@ impl LocusFile {
             return Ok(self.files.read(self.ino, offset, u64::from(len)).await?);
         }
         let mut blocks = found.blocks;
+        // A small read that misses while the cache thrashes: only its bytes.
+        if u64::from(len) < bs && blocks.iter().any(Option::is_none) && !cache.admit_miss() {
+            return Ok(self.files.read(self.ino, offset, u64::from(len)).await?);
+        }
         let missing_first = blocks.iter().position(|b| b.is_none());
         let missing_last = blocks.iter().rposition(|b| b.is_none());
         if let (Some(a), Some(z)) = (missing_first, missing_last) {

@@ -45,7 +45,19 @@ struct Inner {
     floor: u64,
     hits: u64,
     misses: u64,
+    /// Recent hits and lookups of blocks, halved every
+    /// [`RECENT_WINDOW`] lookups: how well the cache does now.
+    recent_hits: u64,
+    recent_lookups: u64,
+    /// Misses [`BlockCache::admit_miss`] turned away since it last let one in.
+    refused: u64,
 }
+
+/// Block lookups after which the recent counts are halved.
+const RECENT_WINDOW: u64 = 4096;
+/// While the cache thrashes, one miss in this many still fills it (so a
+/// new working set that fits can move in).
+const ADMIT_ONE_IN: u64 = 8;
 
 /// What [`BlockCache::lookup`] found.
 pub struct Lookup {
@@ -53,6 +65,17 @@ pub struct Lookup {
     pub blocks: Vec<Option<Bytes>>,
     /// Pass to [`BlockCache::fill`] with what was fetched.
     pub since: u64,
+}
+
+impl Inner {
+    fn note_recent(&mut self, hits: u64, lookups: u64) {
+        self.recent_hits += hits;
+        self.recent_lookups += lookups;
+        if self.recent_lookups >= RECENT_WINDOW {
+            self.recent_hits /= 2;
+            self.recent_lookups /= 2;
+        }
+    }
 }
 
 impl BlockCache {
@@ -77,7 +100,29 @@ impl BlockCache {
         let found = blocks.iter().filter(|b| b.is_some()).count() as u64;
         g.hits += found;
         g.misses += blocks.len() as u64 - found;
+        g.note_recent(found, blocks.len() as u64);
         Lookup { blocks, since: g.seq }
+    }
+
+    /// Whether a small read that missed should fetch whole blocks and keep
+    /// them. Not while the cache is full and more than a tenth of lookups
+    /// miss (a working set larger than the cache): every fill would push out
+    /// a block about as likely to be read as the new one, and cost a whole
+    /// block's read for a few KiB. Then only one miss in [`ADMIT_ONE_IN`]
+    /// fills it.
+    pub fn admit_miss(&self) -> bool {
+        let mut g = self.lock();
+        let full = g.blocks.len() >= self.max_blocks;
+        let thrashing = full && g.recent_hits * 10 < g.recent_lookups * 9;
+        if !thrashing {
+            return true;
+        }
+        g.refused += 1;
+        if g.refused >= ADMIT_ONE_IN {
+            g.refused = 0;
+            return true;
+        }
+        false
     }
 
     /// Blocks `first..=last` if every one is cached (a hit; a miss counts
@@ -87,6 +132,8 @@ impl BlockCache {
         let blocks: Option<Vec<Bytes>> = (first..=last).map(|b| g.blocks.get(&b).cloned()).collect();
         if let Some(b) = &blocks {
             g.hits += b.len() as u64;
+            let n = b.len() as u64;
+            g.note_recent(n, n);
         }
         blocks
     }
@@ -173,6 +220,25 @@ impl BlockCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thrashing_cache_admits_few_misses() {
+        let c = BlockCache::new(4 * 4, 4);
+        // Not full: every miss fills.
+        assert!((0..20).all(|_| c.admit_miss()));
+        c.fill(c.lookup(0, 3).since, (0..4).map(|i| (i, block(i as u8))));
+        // Full, and nearly every lookup misses: one in eight.
+        for b in 10..200 {
+            let _ = c.lookup(b, b);
+        }
+        let admitted = (0..80).filter(|_| c.admit_miss()).count();
+        assert_eq!(admitted, 80 / ADMIT_ONE_IN as usize);
+        // Once lookups hit again, misses fill again.
+        for _ in 0..2000 {
+            let _ = c.lookup(0, 3);
+        }
+        assert!((0..20).all(|_| c.admit_miss()));
+    }
     use proptest::prelude::*;
 
     fn block(v: u8) -> Bytes {
