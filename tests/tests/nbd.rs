@@ -9,6 +9,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -49,7 +50,10 @@ impl NbdServer {
             }
             None => Command::new(&locus),
         };
+        // A group of its own: a wrapper (faketime) forks the export, and
+        // stopping the wrapper alone would leave the export running.
         let mut child = cmd
+            .process_group(0)
             .arg("--config")
             .arg(config)
             .args(["nbd", "serve", file])
@@ -90,14 +94,14 @@ impl NbdServer {
     fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("server running");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
         let deadline = Instant::now() + SERVER_TIMEOUT;
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
                 return status;
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
+                let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
                 let _ = child.wait();
                 panic!("locus nbd serve did not exit within {SERVER_TIMEOUT:?} of SIGTERM\n{}", self.log());
             }
@@ -113,7 +117,8 @@ impl NbdServer {
 impl Drop for NbdServer {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
+            let group = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
             let _ = c.wait();
         }
     }
