@@ -286,14 +286,10 @@ impl FileClient {
     pub fn invalidate(&self, ino: Ino) {
         let f = self.files.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).cloned();
         if let Some(f) = f {
-            // Never lost when the state is busy (a send in flight): the
-            // next holder drops it.
+            // Applied by the next `FileHandle::lock`, which every use of the
+            // layout goes through: never lost when the state is busy (a
+            // send in flight).
             f.stale.store(true, std::sync::atomic::Ordering::Release);
-            if let Ok(mut s) = f.state.try_lock() {
-                if f.stale.swap(false, std::sync::atomic::Ordering::AcqRel) {
-                    forget_layout(&mut s);
-                }
-            }
         }
     }
 
@@ -588,7 +584,7 @@ impl FileClient {
         let unsynced: Vec<(ChunkId, Vec<String>)> = st.unsynced.drain().collect();
         let since = st.unsynced_since.take();
         drop(st);
-        let res = self.sync_chunks(ino, unsynced.clone()).await;
+        let res = self.sync_chunks(ino, &unsynced).await;
         if res.is_err() {
             // Not made durable: the next fsync tries them again.
             let mut st = f.lock(&self.buffered_total).await;
@@ -603,11 +599,11 @@ impl FileClient {
     }
 
     /// Flushes `unsynced` chunks on their servers (the body of `fsync`).
-    async fn sync_chunks(&self, ino: Ino, unsynced: Vec<(ChunkId, Vec<String>)>) -> Result<(), ClientError> {
+    async fn sync_chunks(&self, ino: Ino, unsynced: &[(ChunkId, Vec<String>)]) -> Result<(), ClientError> {
         let mut by_server: HashMap<String, Vec<ChunkId>> = HashMap::new();
         for (chunk, addrs) in unsynced {
             for a in addrs {
-                by_server.entry(a).or_default().push(chunk);
+                by_server.entry(a.clone()).or_default().push(*chunk);
             }
         }
         let flushes = by_server.into_iter().map(|(addr, chunks)| async move {
@@ -758,10 +754,7 @@ impl FileClient {
             self.fetch_layout(st, ino, 0, 0).await?;
         }
         // The chunk servers would take the writes: refuse here.
-        if st.read_only {
-            return Err(read_only(ino));
-        }
-        self.check_lease_fresh(st, ino).await?;
+        self.check_writable(st, ino).await?;
         // Allocate (and learn) every chunk the writes touch, in one request
         // per span of chunks.
         let cb = st.chunk_bytes;
@@ -815,10 +808,7 @@ impl FileClient {
             self.fetch_layout(st, ino, lo / cb.max(1), 1).await?;
             // The layout may carry a lease (and chunk versions past its
             // fences) taken since the checks above.
-            if st.read_only {
-                return Err(read_only(ino));
-            }
-            self.check_lease_fresh(st, ino).await?;
+            self.check_writable(st, ino).await?;
         }
         let size = st.size.unwrap_or(0).max(st.pending_size);
         if hi > size {
@@ -1220,6 +1210,15 @@ impl FileClient {
         }
     }
 
+    /// Refuses writes the chunk servers would take but must not: to a
+    /// snapshot, or under another client's lease (as the cached layout says).
+    async fn check_writable(&self, st: &mut FileState, ino: Ino) -> Result<(), ClientError> {
+        if st.read_only {
+            return Err(read_only(ino));
+        }
+        self.check_lease_fresh(st, ino).await
+    }
+
     /// [`Self::check_lease`] before chunks are written, by the leader's
     /// clock: another client's lease that looks lapsed in the cached layout
     /// may have been renewed since (renewals fence nothing), so the layout
@@ -1469,8 +1468,6 @@ pub fn is_pristine(a: &Attr) -> bool {
     a.size == 0 && a.mtime == a.crtime && a.ctime == a.crtime
 }
 
-/// Takes a layout into the file state. `range` marks the indexes the
-/// layout fully describes (absent ones there are holes).
 /// Drops what is cached of a file's layout (and its size, unless writes
 /// of ours are pending): the next use asks the metadata service.
 fn forget_layout(s: &mut FileState) {
@@ -1482,6 +1479,8 @@ fn forget_layout(s: &mut FileState) {
     }
 }
 
+/// Takes a layout into the file state. `range` marks the indexes the
+/// layout fully describes (absent ones there are holes).
 fn absorb(st: &mut FileState, l: Layout, range: Option<(u64, u64)>) {
     st.chunk_bytes = l.chunk_bytes;
     st.read_only = l.read_only;

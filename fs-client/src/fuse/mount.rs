@@ -333,12 +333,12 @@ fn pid_path(dir: &Path) -> PathBuf {
     default_data_dir().join("run").join(format!("mount-{}.pid", log_name(dir)))
 }
 
-/// How long `locus umount` waits for the daemon's final flush.
 /// How often the mount looks for written files never fsynced...
 const SYNC_EVERY: Duration = Duration::from_secs(5);
 /// ...and how long after their last write-back it syncs them (Linux's
 /// `dirty_expire_centisecs`).
 const SYNC_AGE: Duration = Duration::from_secs(30);
+/// How long `locus umount` waits for the daemon's final flush.
 const UMOUNT_WAIT: Duration = Duration::from_secs(120);
 
 /// The mount daemon of `dir`, if its pid file names a live `locus mount`.

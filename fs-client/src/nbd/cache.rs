@@ -220,6 +220,7 @@ impl BlockCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn a_thrashing_cache_admits_few_misses() {
@@ -239,7 +240,6 @@ mod tests {
         }
         assert!((0..20).all(|_| c.admit_miss()));
     }
-    use proptest::prelude::*;
 
     fn block(v: u8) -> Bytes {
         Bytes::from(vec![v; 4])
