@@ -555,15 +555,7 @@ impl Server {
         let _barrier = self.barriers.shared(chunk).await;
         let missing = self.admit(&Place { chunk, version, offset, origin }, create)?;
         let store = self.store.clone();
-        let local = tokio::task::spawn_blocking(move || {
-            let mut at = 0usize;
-            for (offset, len) in extents {
-                let part = &data[at..at + len as usize];
-                store.write_with(chunk, version, offset, part, missing)?;
-                at += len as usize;
-            }
-            Ok::<(), ChunkStoreError>(())
-        });
+        let local = tokio::task::spawn_blocking(move || store.write_extents(chunk, version, &extents, &data, missing));
         let (local, downstream) = tokio::join!(local, downstream.finish());
         let local = local.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
         local.map_err(|e| copy_error(&e, missing))?;
