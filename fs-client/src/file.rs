@@ -37,8 +37,10 @@ use crate::chunk::{ChunkClient, ChunkError};
 use crate::client::{ClientError, MetaClient};
 use crate::proto::*;
 
-/// Buffered bytes per file before they are sent.
-pub const MAX_BUFFER_PER_FILE: usize = 16 << 20;
+/// Buffered bytes per file before they are sent. A send waits for its
+/// slowest piece: with 16 MiB the chunk servers sat idle a tenth of an NBD
+/// random-write run (32 MiB: 5% more IOPS; 64 MiB: no more than 32).
+pub const MAX_BUFFER_PER_FILE: usize = 32 << 20;
 /// Buffered bytes of all files at most.
 pub const MAX_BUFFER_TOTAL: usize = 256 << 20;
 /// How long a cached layout is trusted for reads.
