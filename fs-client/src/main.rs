@@ -13,8 +13,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     fs_client::alloc::tune_allocator();
     let cli = Cli::parse();
+    // fuser's one session warning is its own unmount at the end failing
+    // with EINVAL: the mount unmounts itself first (`fuse::mount`), so it
+    // is printed at every unmount and means nothing.
+    let default_filter = "warn,fuser::session=error";
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOCUS_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOCUS_LOG").unwrap_or_else(|_| default_filter.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let json = cli.json;
