@@ -56,7 +56,9 @@
 //! `open` fail (a downgrade), while a header failing its checksum is damage.
 //!
 //! The file length is always `data_off + chunk_size`; the data region is
-//! sparse. A table entry is `blake3(block data ‖ chunk id ‖ block index)`, so
+//! sparse, and so is the table: a page of it is allocated (never written
+//! with zeros) when the first block it describes gets data, so a small
+//! file's chunk costs its header, one table page and its data. A table entry is `blake3(block data ‖ chunk id ‖ block index)`, so
 //! a block written to the wrong place or the wrong file fails verification. An
 //! all-zero entry means "never written": the block reads as zeros, is not
 //! verified and normally has no space allocated. A block whose new content is
@@ -487,6 +489,14 @@ fn fallocate(file: &File, mode: libc::c_int, off: u64, len: u64) -> io::Result<(
     let len = libc::off_t::try_from(len).map_err(|_| bad())?;
     // SAFETY: the descriptor is owned by `file`, which outlives the call; fallocate touches no memory of ours.
     retry_eintr(|| unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) })
+}
+
+/// Bytes of a chunk file's start worth writing for a table of `sums`: the
+/// header and the table pages up to the last written block's entry. The
+/// rest of the table stays a hole (every entry "never written").
+fn head_len(sums: &[[u8; 32]]) -> usize {
+    let used = sums.iter().rposition(|s| *s != ZERO_SUM).map_or(0, |i| (i + 1) * SUM_SIZE as usize);
+    HEADER_SIZE as usize + used.div_ceil(ALIGN as usize) * ALIGN as usize
 }
 
 fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
@@ -2097,6 +2107,20 @@ impl ChunkStore {
             return Ok(());
         }
         let g = self.geo;
+        // Their checksum entries first: a new chunk's table is a hole (4 KiB
+        // blocks make it 512 KiB per 64 MiB chunk, which every small file
+        // would pay), allocated a page at a time as blocks get data, so an
+        // entry is never written where the filesystem has no room. Never
+        // given back on failure: other entries may share the pages, and an
+        // allocated hole still reads as "never written".
+        for &(s, e) in runs {
+            let (from, to) = (Geometry::sum_off(b0 + s as u64), Geometry::sum_off(b0 + e as u64));
+            match fallocate(file, libc::FALLOC_FL_KEEP_SIZE, from, to - from) {
+                Ok(()) => {}
+                Err(e) if is_unsupported(&e) => return Ok(()),
+                Err(e) => return Err(io_err("allocate checksum table", e)),
+            }
+        }
         let span = |&(s, e): &(usize, usize)| (g.block_off(b0 + s as u64), (e - s) as u64 * g.block_size);
         for (i, run) in runs.iter().enumerate() {
             let (off, len) = span(run);
@@ -2183,11 +2207,11 @@ impl ChunkStore {
         ChunkStoreError::Corrupt { id, block }
     }
 
-    /// Creates chunk `id` at `version`: header and zeroed (allocated) table
-    /// built in `tmp/`, synced, renamed in. Call with its io lock held exclusively.
+    /// Creates chunk `id` at `version`: header (the table a hole, every
+    /// entry "never written") built in `tmp/`, renamed in. Call with its io lock held exclusively.
     fn create_chunk(&self, id: ChunkId, version: u64) -> Result<Arc<ChunkFile>> {
         let g = self.geo;
-        self.check_space(g.data_off)?;
+        self.check_space(HEADER_SIZE)?;
         let tmp = self.tmp_path(id, version);
         let build = || -> Result<File> {
             let ctx = |what: &str| format!("{what} new chunk file {}", tmp.display());
@@ -2198,11 +2222,9 @@ impl ChunkStore {
                 .open(&tmp)
                 .map_err(|e| io_err(ctx("create"), e))?;
             f.set_len(g.file_len()).map_err(|e| io_err(ctx("size"), e))?;
-            // Writing the zero table (rather than leaving a hole) allocates it now, so later
-            // checksum updates never need space and cannot fail with ENOSPC.
-            let mut head = vec![0u8; g.data_off as usize];
-            head[..HEADER_SIZE as usize].copy_from_slice(&encode_header(id, &g));
-            f.write_all_at(&head, 0).map_err(|e| io_err(ctx("write header of"), e))?;
+            // The table stays a hole (all entries "never written"): its pages
+            // are allocated as blocks get data (`preallocate`).
+            f.write_all_at(&encode_header(id, &g), 0).map_err(|e| io_err(ctx("write header of"), e))?;
             Ok(f)
         };
         // Not synced here: the first flush makes the file and its name
@@ -2323,7 +2345,7 @@ impl ChunkStore {
             head[..HEADER_SIZE as usize].copy_from_slice(&encode_header(id, &g));
             head[HEADER_SIZE as usize..HEADER_SIZE as usize + new.len() * SUM_SIZE as usize]
                 .copy_from_slice(new.as_flattened());
-            f.write_all_at(&head, 0).map_err(|e| io_err(ctx("write header of"), e))?;
+            f.write_all_at(&head[..head_len(&new)], 0).map_err(|e| io_err(ctx("write header of"), e))?;
             f.sync_data().map_err(|e| io_err(ctx("sync"), e))?;
             Ok(f)
         };
@@ -2494,7 +2516,7 @@ impl ChunkStore {
         head[..HEADER_SIZE as usize].copy_from_slice(&encode_header(id, &g));
         head[HEADER_SIZE as usize..HEADER_SIZE as usize + sums.len() * SUM_SIZE as usize]
             .copy_from_slice(sums.as_flattened());
-        file.write_all_at(&head, 0).map_err(|e| io_err(ctx("write header of"), e))?;
+        file.write_all_at(&head[..head_len(&sums)], 0).map_err(|e| io_err(ctx("write header of"), e))?;
         file.sync_data().map_err(|e| io_err(ctx("sync"), e))?;
         Ok(file)
     }
@@ -2790,6 +2812,32 @@ mod tests {
     }
 
     /// 16 blocks of 64 KiB.
+    /// Goal: a small file's chunk takes the disk space of its header, one
+    /// table page and its data, not the whole table (512 KiB for a 64 MiB
+    /// chunk of 4 KiB blocks, all zeros, which each replica of every small
+    /// file used to write); blocks written far apart allocate their table
+    /// pages, and everything verifies after a reopen.
+    #[test]
+    fn a_small_chunk_allocates_only_the_table_it_uses() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions { chunk_size: 64 * MIB, block_size: 4 * KIB, ..small() };
+        let store = ChunkStore::open(dir.path(), opts.clone()).unwrap();
+        store.write(4, 1, 0, &pattern(1, 1000), true).unwrap();
+        let allocated = |store: &ChunkStore| fs::metadata(store.file_path(4, 1)).unwrap().blocks() * 512;
+        assert!(allocated(&store) <= 16 * KIB, "{} bytes allocated for a 1,000-byte chunk", allocated(&store));
+        // Far apart: its own table page.
+        store.write(4, 1, 60 * MIB, &pattern(2, 5000), false).unwrap();
+        assert!(allocated(&store) <= 32 * KIB, "{} bytes allocated", allocated(&store));
+        drop(store);
+        let store = ChunkStore::open(dir.path(), opts).unwrap();
+        assert_eq!(store.read(4, 1, 0, 1000).unwrap(), pattern(1, 1000));
+        assert_eq!(store.read(4, 1, 60 * MIB, 5000).unwrap(), pattern(2, 5000));
+        assert_eq!(store.read(4, 1, 30 * MIB, 100).unwrap(), vec![0u8; 100]);
+        let r = store.scrub(u64::MAX);
+        assert!(r.corrupt.is_empty() && r.io_errors == 0, "{r:?}");
+    }
+
     /// Goal: a write of many extents (some sharing a block with the one
     /// before, some far apart, some zeros) leaves the chunk as the same
     /// writes one by one would: same bytes, a table every block matches
