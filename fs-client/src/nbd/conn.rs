@@ -228,7 +228,10 @@ where
         };
         let (backend, tx) = (backend.clone(), tx.clone());
         tasks.spawn(async move {
-            let bufs = execute(&*backend, cmd, payload, req.cookie, &neg).await;
+            // Boxed: a task's future is copied several times on its way into
+            // the runtime, and `execute`'s (every backend call inside) is
+            // large; spawning a small one that boxes it costs one copy.
+            let bufs = Box::pin(execute(&*backend, cmd, payload, req.cookie, &neg)).await;
             // A send error means the connection is going away; nothing to tell.
             let _ = tx.send(Reply { bufs, _slot: slot, _bytes: held }).await;
         });

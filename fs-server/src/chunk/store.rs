@@ -943,6 +943,8 @@ struct TestKnobs {
     skip_fallocate: std::sync::atomic::AtomicBool,
     /// The data write this many writes from now fails with EIO (0: none).
     fail_data_write: AtomicU64,
+    /// Checksum table writes of batched parts fail with EIO.
+    fail_table_write: std::sync::atomic::AtomicBool,
 }
 
 /// Blocks further apart than this (in table entries) than the part before
@@ -958,11 +960,16 @@ struct TableWindow {
     old: Vec<[u8; 32]>,
     sums: Vec<[u8; 32]>,
     dirty: Option<(usize, usize)>,
+    /// The chunk's generation in the block cache (see `super::cache`).
+    gen: Option<u64>,
+    /// Data ranges (offset, length) of blocks that became never-written:
+    /// freed once their entries say so.
+    punch: Vec<(u64, u64)>,
 }
 
 impl TableWindow {
-    fn new(b0: u64, sums: Vec<[u8; 32]>) -> TableWindow {
-        TableWindow { b0, old: sums.clone(), sums, dirty: None }
+    fn new(b0: u64, sums: Vec<[u8; 32]>, gen: Option<u64>) -> TableWindow {
+        TableWindow { b0, old: sums.clone(), sums, dirty: None, gen, punch: Vec::new() }
     }
 
     fn covers(&self, b0: u64, b1: u64) -> bool {
@@ -1214,7 +1221,10 @@ impl ChunkStore {
     /// len)`, in offset order, not overlapping) whose bytes follow one
     /// another in `data`, under one hold of the chunk's lock and with their
     /// checksum entries read and written together where they are near.
-    /// The extents before a failed one stay written.
+    /// After a failed data write the extents before it stay written; after
+    /// a failed checksum-table write each block touched holds its old or
+    /// its new content, with a matching entry, as after a failed single
+    /// write.
     pub fn write_extents(
         &self,
         id: ChunkId,
@@ -1916,7 +1926,7 @@ impl ChunkStore {
                     end = nb1;
                 }
                 match self.read_table(&file, id, b0, (end - b0) as usize) {
-                    Ok(sums) => window = Some(TableWindow::new(b0, sums)),
+                    Ok(sums) => window = Some(TableWindow::new(b0, sums, gen)),
                     Err(e) => {
                         result = Err(e);
                         break;
@@ -1950,17 +1960,57 @@ impl ChunkStore {
     /// is then what the window holds.
     fn write_window(&self, file: &File, id: ChunkId, w: &mut TableWindow) -> Result<()> {
         let Some((lo, hi)) = w.dirty.take() else { return Ok(()) };
-        let b0 = w.b0 + lo as u64;
-        let result = file.write_all_at(w.sums[lo..hi].as_flattened(), Geometry::sum_off(b0));
-        let (old, new) = (&w.old[lo..hi], &w.sums[lo..hi]);
-        let result = result.map_err(|err| {
-            let err = io_err(format!("write checksum table of chunk {}", Hex(id)), err);
-            self.recover_failed_write(file, id, b0, old, new, err)
-        });
-        // After a failure the blocks keep old or new content, each entry
-        // matching; the window is not used again.
+        let punch = std::mem::take(&mut w.punch);
+        // Only the entries that changed, runs in the same or neighbouring
+        // table pages written together: the unchanged entries between may
+        // sit in pages that are still holes, which a write of zeros would
+        // allocate (and could fail for want of space).
+        let page_of = |i: usize| Geometry::sum_off(w.b0 + i as u64) / ALIGN;
+        let mut writes: Vec<(usize, usize)> = Vec::new();
+        for (s, e) in runs(hi - lo, |i| w.sums[lo + i] != w.old[lo + i]) {
+            let (s, e) = (lo + s, lo + e);
+            match writes.last_mut() {
+                Some(last) if page_of(s) <= page_of(last.1 - 1) + 1 => last.1 = e,
+                _ => writes.push((s, e)),
+            }
+        }
+        for (k, &(s, e)) in writes.iter().enumerate() {
+            let written = file.write_all_at(w.sums[s..e].as_flattened(), Geometry::sum_off(w.b0 + s as u64));
+            #[cfg(test)]
+            let written = match self.knobs.fail_table_write.load(Ordering::Relaxed) {
+                true => Err(io::Error::from_raw_os_error(libc::EIO)),
+                false => written,
+            };
+            if let Err(err) = written {
+                let mut err = io_err(format!("write checksum table of chunk {}", Hex(id)), err);
+                // The runs before this one are written; this one and the
+                // rest are not: their blocks' entries are made to match.
+                for &(s, e) in &writes[k..] {
+                    err = self.recover_failed_write(file, id, w.b0 + s as u64, &w.old[s..e], &w.sums[s..e], err);
+                    if matches!(err, ChunkStoreError::Corrupt { .. }) {
+                        break;
+                    }
+                }
+                // Blocks cached by the parts may now read otherwise.
+                if let Some(g) = w.gen {
+                    self.cache.forget(g, w.b0 + lo as u64, w.b0 + hi as u64);
+                }
+                // The window is not used again.
+                w.old[lo..hi].copy_from_slice(&w.sums[lo..hi]);
+                return Err(err);
+            }
+        }
         w.old[lo..hi].copy_from_slice(&w.sums[lo..hi]);
-        result
+        // The entries say "never written" now, so the old data is unreachable: free it.
+        for (off, len) in punch {
+            if let Err(err) = punch_hole(file, off, len) {
+                if !is_unsupported(&err) {
+                    warn!(chunk = %Hex(id), error = %err, "punching a zeroed range failed; space not freed");
+                }
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// One part of [`modify_many`](Self::modify_many): its data written,
@@ -2046,20 +2096,25 @@ impl ChunkStore {
                 // The parts before this one first, so that the file's table
                 // has `old` for this part's blocks (a block it shares with
                 // the part before has that part's entry) ...
-                self.write_window(file, id, w)?;
-                // ... which the recovery compares the blocks with.
-                return Err(self.recover_failed_write(file, id, b0, &old, &new, err));
+                let table = self.write_window(file, id, w);
+                if let Err(quarantined @ ChunkStoreError::Corrupt { .. }) = table {
+                    return Err(quarantined);
+                }
+                // ... which the recovery compares the blocks with (after a
+                // failed table write too: those entries were made to match).
+                let err = self.recover_failed_write(file, id, b0, &old, &new, err);
+                return Err(match (table, err) {
+                    (_, quarantined @ ChunkStoreError::Corrupt { .. }) => quarantined,
+                    (Err(table), _) => table,
+                    (Ok(()), err) => err,
+                });
             }
         }
         w.set(b0, &new);
-        // The table will say "never written", so the old data is unreachable: free it.
+        // Freed once the table says "never written" (`write_window`): a
+        // crash in between must not leave an old sum over a hole.
         for (s, e) in runs(n, |i| new[i] == ZERO_SUM && old[i] != ZERO_SUM) {
-            if let Err(err) = punch_hole(file, g.block_off(b0 + s as u64), (e - s) as u64 * g.block_size) {
-                if !is_unsupported(&err) {
-                    warn!(chunk = %Hex(id), error = %err, "punching a zeroed range failed; space not freed");
-                }
-                break;
-            }
+            w.punch.push((g.block_off(b0 + s as u64), (e - s) as u64 * g.block_size));
         }
         if let Some(g) = gen {
             // A block only partly written is what the next partial write of
@@ -2836,6 +2891,13 @@ mod tests {
         assert_eq!(store.read(4, 1, 30 * MIB, 100).unwrap(), vec![0u8; 100]);
         let r = store.scrub(u64::MAX);
         assert!(r.corrupt.is_empty() && r.io_errors == 0, "{r:?}");
+        // Zeroing across the whole chunk writes only the entries that change:
+        // the table pages between stay holes.
+        store.zero(4, 1, 0, 62 * MIB).unwrap();
+        assert!(allocated(&store) <= 32 * KIB, "{} bytes allocated after zeroing", allocated(&store));
+        assert_eq!(store.read(4, 1, 60 * MIB, 5000).unwrap(), vec![0u8; 5000]);
+        let r = store.scrub(u64::MAX);
+        assert!(r.corrupt.is_empty() && r.io_errors == 0, "{r:?}");
     }
 
     /// Goal: a write of many extents (some sharing a block with the one
@@ -2896,13 +2958,33 @@ mod tests {
         assert_eq!(batch.read(3, 1, 0, MIB).unwrap(), model);
     }
 
-    /// Goal: when a data write fails part way through a batch, the extents
-    /// before it are written with matching checksums, the failed one's
-    /// blocks hold old or new content with matching checksums (here new,
-    /// including a block it shares with the extent before), the extents
-    /// after it are not applied, and nothing reads as corrupt.
+    /// Goal: a failed checksum-table write leaves the blocks as they were,
+    /// the block cache included (it held the new bytes of a partial
+    /// write); when a data write fails part way through a batch, the
+    /// extents before it are written with matching checksums, the failed
+    /// one's blocks hold old or new content with matching checksums (here
+    /// new, including a block it shares with the extent before), the
+    /// extents after it are not applied, and nothing reads as corrupt.
     #[test]
     fn a_failed_extent_keeps_the_batch_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions { block_size: 4 * KIB, ..small() };
+        let bs = opts.block_size;
+        let store = ChunkStore::open(dir.path(), opts).unwrap();
+        store.write(3, 1, 0, &pattern(1, bs as usize), true).unwrap();
+        // A part of a never-written block (kept in the block cache as a
+        // partial write) whose table write fails: the block stays
+        // never-written, in the cache too.
+        store.knobs.fail_table_write.store(true, Ordering::Relaxed);
+        assert!(store.write(3, 1, 4 * bs + 10, &[7; 100], false).is_err());
+        store.knobs.fail_table_write.store(false, Ordering::Relaxed);
+        assert_eq!(store.read(3, 1, 4 * bs, bs).unwrap(), vec![0u8; bs as usize]);
+        let r = store.scrub(u64::MAX);
+        assert!(r.corrupt.is_empty() && r.io_errors == 0, "{r:?}");
+        a_failed_data_write_keeps_the_batch_before_it();
+    }
+
+    fn a_failed_data_write_keeps_the_batch_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let opts = StoreOptions { block_size: 4 * KIB, ..small() };
         let bs = opts.block_size;
