@@ -541,17 +541,22 @@ impl Server {
                 Err(e) => Downstream::Failed(e),
             };
         }
-        let data = match tokio::time::timeout(REQUEST_TIMEOUT, receive(recv, len as usize, &mut downstream)).await {
-            Ok(Ok(d)) => d,
-            failed => {
-                // The next server must not take part of a write.
-                downstream.abort();
-                return Err(match failed {
-                    Ok(Err(e)) => WireError::new(ErrorCode::BadRequest, format!("write data: {e}")),
-                    _ => WireError::new(ErrorCode::Timeout, "write data did not arrive in time"),
-                });
-            }
-        };
+        // Extents too small to go around the page cache are written from
+        // the pieces as they came: gathering them into one aligned buffer
+        // cost a copy and a fresh 1 MiB allocation per request.
+        let gather = extents.iter().any(|e| e.1 >= store::DIRECT_MIN_BYTES as u64);
+        let data =
+            match tokio::time::timeout(REQUEST_TIMEOUT, receive(recv, len as usize, &mut downstream, gather)).await {
+                Ok(Ok(d)) => d,
+                failed => {
+                    // The next server must not take part of a write.
+                    downstream.abort();
+                    return Err(match failed {
+                        Ok(Err(e)) => WireError::new(ErrorCode::BadRequest, format!("write data: {e}")),
+                        _ => WireError::new(ErrorCode::Timeout, "write data did not arrive in time"),
+                    });
+                }
+            };
         let _barrier = self.barriers.shared(chunk).await;
         let missing = self.admit(&Place { chunk, version, offset, origin }, create)?;
         let store = self.store.clone();
@@ -1044,11 +1049,18 @@ impl Downstream {
 }
 
 /// Reads a write's `n` bytes, passing each piece down the chain as it
-/// arrives. A large write is gathered into aligned memory, which the store
-/// writes around the page cache ([`store::DIRECT_MIN_BYTES`]); a small one
-/// that comes in one of quinn's chunks is that chunk, not copied.
-async fn receive(recv: &mut quinn::RecvStream, n: usize, downstream: &mut Downstream) -> Result<Bytes, String> {
+/// arrives. With `gather`, they are gathered into aligned memory, which
+/// the store writes around the page cache ([`store::DIRECT_MIN_BYTES`]),
+/// unless one of quinn's chunks holds a small write whole; without, they
+/// are quinn's chunks as they came, not copied.
+async fn receive(
+    recv: &mut quinn::RecvStream,
+    n: usize,
+    downstream: &mut Downstream,
+    gather: bool,
+) -> Result<Vec<Bytes>, String> {
     let mut out: Option<store::AlignedBuf> = None;
+    let mut pieces = Vec::new();
     let mut got = 0;
     while got < n {
         let chunk = recv
@@ -1057,13 +1069,17 @@ async fn receive(recv: &mut quinn::RecvStream, n: usize, downstream: &mut Downst
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("stream ended after {got} of {n} bytes"))?;
         downstream.push(&chunk.bytes).await;
-        if got == 0 && chunk.bytes.len() == n && n < store::DIRECT_MIN_BYTES {
-            return Ok(chunk.bytes);
-        }
         got += chunk.bytes.len();
-        out.get_or_insert_with(|| store::aligned_buffer(n)).extend_from_slice(&chunk.bytes);
+        if !gather || (pieces.is_empty() && chunk.bytes.len() == n && n < store::DIRECT_MIN_BYTES) {
+            pieces.push(chunk.bytes);
+        } else {
+            out.get_or_insert_with(|| store::aligned_buffer(n)).extend_from_slice(&chunk.bytes);
+        }
     }
-    Ok(out.map(store::AlignedBuf::freeze).unwrap_or_default())
+    Ok(match out {
+        Some(buf) => vec![buf.freeze()],
+        None => pieces,
+    })
 }
 
 /// The reply to a chained write or zero, from the downstream outcome.

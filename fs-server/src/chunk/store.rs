@@ -1219,34 +1219,70 @@ impl ChunkStore {
 
     /// [`write_with`](Self::write_with) of several extents (`(offset,
     /// len)`, in offset order, not overlapping) whose bytes follow one
-    /// another in `data`, under one hold of the chunk's lock and with their
+    /// another in the pieces of `data`, under one hold of the chunk's lock and with their
     /// checksum entries read and written together where they are near.
     /// After a failed data write the extents before it stay written; after
     /// a failed checksum-table write each block touched holds its old or
     /// its new content, with a matching entry, as after a failed single
     /// write.
-    pub fn write_extents(
+    pub fn write_extents<D: AsRef<[u8]>>(
         &self,
         id: ChunkId,
         version: u64,
         extents: &[(u64, u64)],
-        data: &[u8],
+        data: &[D],
         missing: Missing,
     ) -> Result<()> {
         let total: u64 = extents.iter().map(|e| e.1).sum();
-        if total != data.len() as u64 {
-            return Err(ChunkStoreError::BadInput(format!("extents of {total} bytes, {} bytes of data", data.len())));
+        let have: usize = data.iter().map(|d| d.as_ref().len()).sum();
+        if total != have as u64 {
+            return Err(ChunkStoreError::BadInput(format!("extents of {total} bytes, {have} bytes of data")));
         }
         if extents.windows(2).any(|w| w[0].0.saturating_add(w[0].1) > w[1].0) {
             return Err(ChunkStoreError::BadInput("extents overlap or are out of order".into()));
         }
-        let mut at = 0usize;
+        // `data` is the extents' bytes one after the other, in pieces as
+        // they arrived: an extent inside one piece is a slice of it, one
+        // across pieces is copied.
+        enum At {
+            Piece(usize, usize),
+            Copied(usize),
+        }
+        let mut copies: Vec<Vec<u8>> = Vec::new();
+        let mut places = Vec::with_capacity(extents.len());
+        let (mut piece, mut at) = (0usize, 0usize);
+        for &(_, len) in extents {
+            let len = len as usize;
+            while piece < data.len() && at == data[piece].as_ref().len() {
+                (piece, at) = (piece + 1, 0);
+            }
+            if piece < data.len() && data[piece].as_ref().len() - at >= len {
+                places.push(At::Piece(piece, at));
+                at += len;
+                continue;
+            }
+            let mut copy = Vec::with_capacity(len);
+            while copy.len() < len {
+                let d = data[piece].as_ref();
+                let take = (len - copy.len()).min(d.len() - at);
+                copy.extend_from_slice(&d[at..at + take]);
+                at += take;
+                if at == d.len() {
+                    (piece, at) = (piece + 1, 0);
+                }
+            }
+            places.push(At::Copied(copies.len()));
+            copies.push(copy);
+        }
         let parts: Vec<(u64, u64, Src<'_>)> = extents
             .iter()
-            .map(|&(offset, len)| {
-                let part = (offset, len, Src::Data(&data[at..at + len as usize]));
-                at += len as usize;
-                part
+            .zip(&places)
+            .map(|(&(offset, len), place)| {
+                let bytes = match *place {
+                    At::Piece(i, at) => &data[i].as_ref()[at..at + len as usize],
+                    At::Copied(i) => &copies[i][..],
+                };
+                (offset, len, Src::Data(bytes))
             })
             .collect();
         self.modify_many(id, version, &parts, missing)
@@ -2936,7 +2972,7 @@ mod tests {
             single.write(3, 1, off, &part, false).unwrap();
             data.extend_from_slice(&part);
         }
-        batch.write_extents(3, 1, &extents, &data, Missing::Fail).unwrap();
+        batch.write_extents(3, 1, &extents, &[&data[..7], &data[7..5000], &data[5000..]], Missing::Fail).unwrap();
         for s in [&batch, &single] {
             assert_eq!(s.read(3, 1, 0, MIB).unwrap(), model);
             let r = s.scrub(u64::MAX);
@@ -2948,11 +2984,11 @@ mod tests {
         assert_eq!(batch.read(3, 1, 0, MIB).unwrap(), model);
         // Bad shapes are refused before anything changes.
         assert!(matches!(
-            batch.write_extents(3, 1, &[(0, 4), (2, 4)], &[1; 8], Missing::Fail),
+            batch.write_extents(3, 1, &[(0, 4), (2, 4)], &[[1; 8]], Missing::Fail),
             Err(ChunkStoreError::BadInput(_))
         ));
         assert!(matches!(
-            batch.write_extents(3, 1, &[(0, 4)], &[1; 5], Missing::Fail),
+            batch.write_extents(3, 1, &[(0, 4)], &[[1; 5]], Missing::Fail),
             Err(ChunkStoreError::BadInput(_))
         ));
         assert_eq!(batch.read(3, 1, 0, MIB).unwrap(), model);
@@ -2996,7 +3032,7 @@ mod tests {
         let extents = vec![(10, 100), (bs, bs / 2), (bs + bs / 2, bs + bs / 2), (bs * 8, bs)];
         let parts: Vec<Vec<u8>> = (0..4).map(|i| pattern(20 + i, extents[i as usize].1 as usize)).collect();
         store.knobs.fail_data_write.store(3, Ordering::Relaxed);
-        let err = store.write_extents(3, 1, &extents, &parts.concat(), Missing::Fail).unwrap_err();
+        let err = store.write_extents(3, 1, &extents, &parts, Missing::Fail).unwrap_err();
         assert!(matches!(err, ChunkStoreError::Io { .. }), "{err}");
         let mut want = base.clone();
         for (i, &(off, len)) in extents[..2].iter().enumerate() {
