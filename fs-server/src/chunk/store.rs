@@ -962,14 +962,11 @@ struct TableWindow {
     dirty: Option<(usize, usize)>,
     /// The chunk's generation in the block cache (see `super::cache`).
     gen: Option<u64>,
-    /// Data ranges (offset, length) of blocks that became never-written:
-    /// freed once their entries say so.
-    punch: Vec<(u64, u64)>,
 }
 
 impl TableWindow {
     fn new(b0: u64, sums: Vec<[u8; 32]>, gen: Option<u64>) -> TableWindow {
-        TableWindow { b0, old: sums.clone(), sums, dirty: None, gen, punch: Vec::new() }
+        TableWindow { b0, old: sums.clone(), sums, dirty: None, gen }
     }
 
     fn covers(&self, b0: u64, b1: u64) -> bool {
@@ -1996,7 +1993,6 @@ impl ChunkStore {
     /// is then what the window holds.
     fn write_window(&self, file: &File, id: ChunkId, w: &mut TableWindow) -> Result<()> {
         let Some((lo, hi)) = w.dirty.take() else { return Ok(()) };
-        let punch = std::mem::take(&mut w.punch);
         // Only the entries that changed, runs in the same or neighbouring
         // table pages written together: the unchanged entries between may
         // sit in pages that are still holes, which a write of zeros would
@@ -2037,15 +2033,6 @@ impl ChunkStore {
             }
         }
         w.old[lo..hi].copy_from_slice(&w.sums[lo..hi]);
-        // The entries say "never written" now, so the old data is unreachable: free it.
-        for (off, len) in punch {
-            if let Err(err) = punch_hole(file, off, len) {
-                if !is_unsupported(&err) {
-                    warn!(chunk = %Hex(id), error = %err, "punching a zeroed range failed; space not freed");
-                }
-                break;
-            }
-        }
         Ok(())
     }
 
@@ -2147,10 +2134,16 @@ impl ChunkStore {
             }
         }
         w.set(b0, &new);
-        // Freed once the table says "never written" (`write_window`): a
-        // crash in between must not leave an old sum over a hole.
+        // Freed now, not when the window is written: a later part of the
+        // batch may write into the same block again (a punch deferred to
+        // then destroyed that data; fsx found it).
         for (s, e) in runs(n, |i| new[i] == ZERO_SUM && old[i] != ZERO_SUM) {
-            w.punch.push((g.block_off(b0 + s as u64), (e - s) as u64 * g.block_size));
+            if let Err(err) = punch_hole(file, g.block_off(b0 + s as u64), (e - s) as u64 * g.block_size) {
+                if !is_unsupported(&err) {
+                    warn!(chunk = %Hex(id), error = %err, "punching a zeroed range failed; space not freed");
+                }
+                break;
+            }
         }
         if let Some(g) = gen {
             // A block only partly written is what the next partial write of
@@ -2973,6 +2966,20 @@ mod tests {
             data.extend_from_slice(&part);
         }
         batch.write_extents(3, 1, &extents, &[&data[..7], &data[7..5000], &data[5000..]], Missing::Fail).unwrap();
+        // A part that leaves a block all zeros (freed), then one writing into
+        // the same block again: the second part's bytes must survive.
+        let half = (bs / 2) as usize;
+        for s in [&batch, &single] {
+            s.write(3, 1, bs * 150, &pattern(7, half), false).unwrap();
+        }
+        model[(bs * 150) as usize..(bs * 150) as usize + half].copy_from_slice(&pattern(7, half));
+        let tail = pattern(8, 100);
+        let ext = [(bs * 150, bs / 2), (bs * 150 + bs / 2, 100)];
+        batch.write_extents(3, 1, &ext, &[&vec![0u8; half][..], &tail[..]], Missing::Fail).unwrap();
+        single.write(3, 1, bs * 150, &vec![0u8; half], false).unwrap();
+        single.write(3, 1, bs * 150 + bs / 2, &tail, false).unwrap();
+        model[(bs * 150) as usize..(bs * 150) as usize + half].fill(0);
+        model[(bs * 150) as usize + half..(bs * 150) as usize + half + 100].copy_from_slice(&tail);
         for s in [&batch, &single] {
             assert_eq!(s.read(3, 1, 0, MIB).unwrap(), model);
             let r = s.scrub(u64::MAX);
