@@ -2,8 +2,9 @@
 //!
 //! Every read checks the blake3 sum of each block it touches (a 4 KiB read
 //! of a 16 KiB block, in a cluster made before blocks were 4 KiB, reads
-//! and hashes four times the bytes it returns). For data read again and again (a VM's hot blocks) that hashing and
-//! copying out of the page cache is most of a chunk server's work. The
+//! and hashes four times the bytes it returns). For data read again and
+//! again (a VM's hot blocks) that hashing and copying out of the page
+//! cache is most of a chunk server's work. The
 //! cache keeps blocks that passed their check, so a hit costs one copy:
 //! like BlueStore's buffer cache, the sum is checked when a block comes off
 //! the file, not on every read of the memory that holds it.

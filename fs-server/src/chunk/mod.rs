@@ -1049,10 +1049,9 @@ impl Downstream {
 }
 
 /// Reads a write's `n` bytes, passing each piece down the chain as it
-/// arrives. With `gather`, they are gathered into aligned memory, which
-/// the store writes around the page cache ([`store::DIRECT_MIN_BYTES`]),
-/// unless one of quinn's chunks holds a small write whole; without, they
-/// are quinn's chunks as they came, not copied.
+/// arrives. With `gather` (some extent is long enough to go around the page
+/// cache, [`store::DIRECT_MIN_BYTES`]) they are gathered into aligned
+/// memory; without, they are quinn's chunks as they came, not copied.
 async fn receive(
     recv: &mut quinn::RecvStream,
     n: usize,
@@ -1070,10 +1069,10 @@ async fn receive(
             .ok_or_else(|| format!("stream ended after {got} of {n} bytes"))?;
         downstream.push(&chunk.bytes).await;
         got += chunk.bytes.len();
-        if !gather || (pieces.is_empty() && chunk.bytes.len() == n && n < store::DIRECT_MIN_BYTES) {
-            pieces.push(chunk.bytes);
-        } else {
+        if gather {
             out.get_or_insert_with(|| store::aligned_buffer(n)).extend_from_slice(&chunk.bytes);
+        } else {
+            pieces.push(chunk.bytes);
         }
     }
     Ok(match out {

@@ -58,8 +58,9 @@
 //! The file length is always `data_off + chunk_size`; the data region is
 //! sparse, and so is the table: a page of it is allocated (never written
 //! with zeros) when the first block it describes gets data, so a small
-//! file's chunk costs its header, one table page and its data. A table entry is `blake3(block data ‖ chunk id ‖ block index)`, so
-//! a block written to the wrong place or the wrong file fails verification. An
+//! file's chunk costs its header, one table page and its data. A table
+//! entry is `blake3(block data ‖ chunk id ‖ block index)`, so a block
+//! written to the wrong place or the wrong file fails verification. An
 //! all-zero entry means "never written": the block reads as zeros, is not
 //! verified and normally has no space allocated. A block whose new content is
 //! all zeros is stored the same way (entry cleared, hole punched), so zeroing
@@ -943,7 +944,7 @@ struct TestKnobs {
     skip_fallocate: std::sync::atomic::AtomicBool,
     /// The data write this many writes from now fails with EIO (0: none).
     fail_data_write: AtomicU64,
-    /// Checksum table writes of batched parts fail with EIO.
+    /// Checksum table writes fail with EIO.
     fail_table_write: std::sync::atomic::AtomicBool,
 }
 
@@ -1216,8 +1217,9 @@ impl ChunkStore {
 
     /// [`write_with`](Self::write_with) of several extents (`(offset,
     /// len)`, in offset order, not overlapping) whose bytes follow one
-    /// another in the pieces of `data`, under one hold of the chunk's lock and with their
-    /// checksum entries read and written together where they are near.
+    /// another in the pieces of `data`, under one hold of the chunk's lock
+    /// and with their checksum entries read and written together where
+    /// they are near.
     /// After a failed data write the extents before it stay written; after
     /// a failed checksum-table write each block touched holds its old or
     /// its new content, with a matching entry, as after a failed single
@@ -2292,7 +2294,8 @@ impl ChunkStore {
     }
 
     /// Creates chunk `id` at `version`: header (the table a hole, every
-    /// entry "never written") built in `tmp/`, renamed in. Call with its io lock held exclusively.
+    /// entry "never written") built in `tmp/`, renamed in. Call with its io
+    /// lock held exclusively.
     fn create_chunk(&self, id: ChunkId, version: u64) -> Result<Arc<ChunkFile>> {
         let g = self.geo;
         self.check_space(HEADER_SIZE)?;
@@ -2895,7 +2898,6 @@ mod tests {
         }
     }
 
-    /// 16 blocks of 64 KiB.
     /// Goal: a small file's chunk takes the disk space of its header, one
     /// table page and its data, not the whole table (512 KiB for a 64 MiB
     /// chunk of 4 KiB blocks, all zeros, which each replica of every small
@@ -3002,14 +3004,10 @@ mod tests {
     }
 
     /// Goal: a failed checksum-table write leaves the blocks as they were,
-    /// the block cache included (it held the new bytes of a partial
-    /// write); when a data write fails part way through a batch, the
-    /// extents before it are written with matching checksums, the failed
-    /// one's blocks hold old or new content with matching checksums (here
-    /// new, including a block it shares with the extent before), the
-    /// extents after it are not applied, and nothing reads as corrupt.
+    /// the block cache included (it held the new bytes of a partial write),
+    /// and nothing reads as corrupt.
     #[test]
-    fn a_failed_extent_keeps_the_batch_before_it() {
+    fn a_failed_table_write_leaves_the_blocks_as_they_were() {
         let dir = tempfile::tempdir().unwrap();
         let opts = StoreOptions { block_size: 4 * KIB, ..small() };
         let bs = opts.block_size;
@@ -3024,10 +3022,15 @@ mod tests {
         assert_eq!(store.read(3, 1, 4 * bs, bs).unwrap(), vec![0u8; bs as usize]);
         let r = store.scrub(u64::MAX);
         assert!(r.corrupt.is_empty() && r.io_errors == 0, "{r:?}");
-        a_failed_data_write_keeps_the_batch_before_it();
     }
 
-    fn a_failed_data_write_keeps_the_batch_before_it() {
+    /// Goal: when a data write fails part way through a batch, the extents
+    /// before it are written with matching checksums, the failed one's
+    /// blocks hold old or new content with matching checksums (here new,
+    /// including a block it shares with the extent before), the extents
+    /// after it are not applied, and nothing reads as corrupt.
+    #[test]
+    fn a_failed_extent_keeps_the_batch_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let opts = StoreOptions { block_size: 4 * KIB, ..small() };
         let bs = opts.block_size;
@@ -3055,6 +3058,7 @@ mod tests {
         assert!(r.corrupt.is_empty() && r.io_errors == 0, "{r:?}");
     }
 
+    /// 16 blocks of 64 KiB.
     fn small() -> StoreOptions {
         StoreOptions {
             chunk_size: MIB,
