@@ -926,7 +926,7 @@ impl FileClient {
         &self,
         ino: Ino,
         index: u64,
-        mut loc: ChunkLocation,
+        loc: ChunkLocation,
         group: Vec<(Piece, Bytes)>,
     ) -> Result<ChunkLocation, ClientError> {
         let extents: Vec<(u64, u64)> = group.iter().map(|(p, _)| (p.offset, p.len)).collect();
@@ -940,6 +940,38 @@ impl FileClient {
                 all.freeze()
             }
         };
+        let op = |chain: Vec<String>, loc: ChunkLocation| {
+            let (extents, data) = (&extents, &data);
+            async move {
+                let (chunk, version, origin) = (loc.chunk, loc.version, loc.origin);
+                if let [(offset, _)] = extents.as_slice() {
+                    self.chunks.write(&chain, chunk, version, *offset, data.clone(), true, origin).await
+                } else {
+                    self.chunks.writev(&chain, chunk, version, extents.clone(), data.clone(), true, origin).await
+                }
+            }
+        };
+        Ok(self.on_chain(ino, index, loc, "write to", op).await?.0)
+    }
+
+    /// Runs `op` on the replica chain of chunk `index` until it succeeds:
+    /// a shared chunk is copied first; after a failure the broken replica
+    /// is dropped or the layout refreshed ([`Self::recover`]), and while the
+    /// version stays the same (a replica sealed for a repair copy, or a
+    /// version raise on its way) it backs off, for about 10 s in all.
+    /// Returns the location it succeeded at and what `op` returned.
+    async fn on_chain<T, F, Fut>(
+        &self,
+        ino: Ino,
+        index: u64,
+        mut loc: ChunkLocation,
+        what: &str,
+        mut op: F,
+    ) -> Result<(ChunkLocation, T), ClientError>
+    where
+        F: FnMut(Vec<String>, ChunkLocation) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ChunkError>>,
+    {
         let mut last = String::new();
         for attempt in 0..MAX_WRITE_ATTEMPTS {
             if loc.shared {
@@ -950,27 +982,19 @@ impl FileClient {
             if chain.is_empty() {
                 return Err(io_err(format!("chunk {} has no replicas", loc.chunk)));
             }
-            let (chunk, version, origin) = (loc.chunk, loc.version, loc.origin);
-            let sent = if let [(offset, _)] = extents.as_slice() {
-                self.chunks.write(&chain, chunk, version, *offset, data.clone(), true, origin).await
-            } else {
-                self.chunks.writev(&chain, chunk, version, extents.clone(), data.clone(), true, origin).await
-            };
-            match sent {
-                Ok(()) => return Ok(loc),
+            match op(chain, loc.clone()).await {
+                Ok(t) => return Ok((loc, t)),
                 Err(e) => {
                     last = e.to_string();
                     let before = loc.version;
                     loc = self.recover(ino, index, loc, &e).await?;
                     if loc.version == before {
-                        // A replica is sealed for a repair copy, or a version
-                        // raise is on its way: wait for it.
                         tokio::time::sleep(Duration::from_millis(20 << attempt.min(5))).await;
                     }
                 }
             }
         }
-        Err(io_err(format!("write to chunk {} failed: {last}", loc.chunk)))
+        Err(io_err(format!("{what} chunk {} failed: {last}", loc.chunk)))
     }
 
     /// After a failed chain operation: a broken replica is dropped (and the
@@ -1054,32 +1078,27 @@ impl FileClient {
         off: u64,
         len: u64,
     ) -> Result<(), ClientError> {
-        let Some(mut loc) = st.locs.get(&index).cloned() else { return Ok(()) };
+        let Some(loc) = st.locs.get(&index).cloned() else { return Ok(()) };
         self.check_lease_fresh(st, ino).await?;
-        for _ in 0..MAX_PIECE_ATTEMPTS {
-            if loc.shared {
-                loc = self.cow(ino, &loc).await?;
-            }
-            let chain: Vec<String> = loc.replicas.iter().map(|r| r.addr.clone()).collect();
+        let op = |chain: Vec<String>, loc: ChunkLocation| async move {
             match self.chunks.zero(&chain, loc.chunk, loc.version, off, len, loc.origin).await {
-                Ok(()) => {
-                    // Like a write, durable only once flushed: the next
-                    // fsync (or a FUA) must cover this chunk too.
-                    st.unsynced_since.get_or_insert_with(Instant::now);
-                    st.unsynced.insert(loc.chunk, chain);
-                    let copied = loc.origin.map(|_| (loc.chunk, index));
-                    st.locs.insert(index, loc);
-                    self.cow_done(st, copied.into_iter().collect()).await;
-                    return Ok(());
-                }
-                Err(ChunkError::Remote { error, .. }) if error.code == ErrorCode::NotFound => {
-                    // Never written on this server: nothing to zero.
-                    return Ok(());
-                }
-                Err(e) => loc = self.recover(ino, index, loc, &e).await?,
+                Ok(()) => Ok(true),
+                // Never written on this server: nothing to zero.
+                Err(ChunkError::Remote { error, .. }) if error.code == ErrorCode::NotFound => Ok(false),
+                Err(e) => Err(e),
             }
+        };
+        let (loc, zeroed) = self.on_chain(ino, index, loc, "zero a range of", op).await?;
+        if zeroed {
+            // Like a write, durable only once flushed: the next fsync (or a
+            // FUA) must cover this chunk too.
+            st.unsynced_since.get_or_insert_with(Instant::now);
+            st.unsynced.insert(loc.chunk, loc.replicas.iter().map(|r| r.addr.clone()).collect());
+            let copied = loc.origin.map(|_| (loc.chunk, index));
+            st.locs.insert(index, loc);
+            self.cow_done(st, copied.into_iter().collect()).await;
         }
-        Err(io_err(format!("could not zero a range of chunk {}", loc.chunk)))
+        Ok(())
     }
 
     /// Makes `[offset, offset + len)` read as zeros without writing data,

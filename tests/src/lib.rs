@@ -373,10 +373,18 @@ impl MetaCluster {
     }
 }
 
-/// Appends the last 30 lines of a process log to `out`, under a title.
+/// Appends a process log's panics (each with the 8 lines after it) and its
+/// last 30 lines to `out`, under a title.
 pub(crate) fn log_tail(out: &mut String, who: &str, log: &Path) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
+    for (i, _) in lines.iter().enumerate().filter(|(_, l)| l.contains("panicked at")).take(3) {
+        out.push_str(&format!("--- {who} log: panic at line {}\n", i + 1));
+        for l in &lines[i..(i + 9).min(lines.len())] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
     out.push_str(&format!("--- {who} log (last 30 lines)\n"));
     for l in &lines[lines.len().saturating_sub(30)..] {
         out.push_str(l);

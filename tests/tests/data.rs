@@ -131,6 +131,81 @@ async fn kill_a_chunk_server_during_writes() {
     assert!(read_all(&cluster.files(), ino).await == written);
 }
 
+/// Goal: hole punches (NBD trim, `fallocate`) keep working through a kill
+/// -9 of a chunk server, the repair copies that follow it (a chunk sealed
+/// at a new version until the metadata lists the copy) and the server's
+/// return with stale replicas, as writes do: none fails, and every file
+/// reads as the model of its writes and punches says.
+/// Method: three chunk servers (so the repair waits for the killed one's
+/// return), 4 MiB chunks; four files of three chunks, each punched and
+/// written at random by its own task for 14 s from the kill; the server
+/// comes back after 5 s and gets its copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn punches_ride_out_a_killed_server_and_its_repair() {
+    init_logging();
+    let opts = ClusterOptions { chunk_bytes: 4 * MIB, ..Default::default() };
+    let mut cluster = Cluster::start(opts).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let mut files = Vec::new();
+    for k in 0..4u64 {
+        let ino = create(&c, ROOT_INO, &format!("disk{k}")).await;
+        let model = pattern(31 + k, (12 * MIB) as usize);
+        f.write_through(ino, 0, Bytes::from(model.clone())).await.expect("fill");
+        f.fsync(ino).await.expect("fsync");
+        files.push((ino, model));
+    }
+
+    phase("kill -9 server 2; punch and write at random through the repair and the server's return");
+    cluster.kill_chunk(2);
+    let killed = Instant::now();
+    let tasks: Vec<_> = files
+        .into_iter()
+        .enumerate()
+        .map(|(k, (ino, mut model))| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(5 + k as u64);
+                let (mut punches, mut ops) = (0, 0u64);
+                while killed.elapsed() < Duration::from_secs(14) {
+                    let off = rng.gen_range(0..model.len() - 1);
+                    let len = rng.gen_range(1..200_000).min(model.len() - off);
+                    if rng.gen_bool(0.8) {
+                        f.punch(ino, off as u64, len as u64).await.unwrap_or_else(|e| panic!("punch {off}+{len}: {e}"));
+                        model[off..off + len].fill(0);
+                        punches += 1;
+                    } else {
+                        let data = pattern(1000 + ops, len);
+                        f.write(ino, off as u64, Bytes::from(data.clone())).await.expect("write");
+                        model[off..off + len].copy_from_slice(&data);
+                    }
+                    ops += 1;
+                    if ops.is_multiple_of(8) {
+                        f.fsync(ino).await.expect("fsync");
+                    }
+                }
+                f.fsync(ino).await.expect("fsync");
+                assert!(punches > 20, "only {punches} punches in the window");
+                (ino, model)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.restart_chunk(2).expect("restart server 2");
+    let mut files = Vec::new();
+    for t in tasks {
+        files.push(t.await.expect("a punching task failed"));
+    }
+    for (ino, model) in &files {
+        assert!(read_all(&cluster.files(), *ino).await == *model, "inode {ino} differs from its model");
+    }
+
+    phase("repair completes; the files still read as their models");
+    cluster.wait_fully_replicated(Duration::from_secs(60)).await.expect("repair");
+    for (ino, model) in &files {
+        assert!(read_all(&cluster.files(), *ino).await == *model, "inode {ino} differs from its model after repair");
+    }
+}
+
 /// Goal: bytes flipped in a replica file are caught on read; the reader
 /// gets correct data from another replica; the bad copy is replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
