@@ -58,7 +58,15 @@ pub async fn run_meta(cfg: MetaConfig) -> anyhow::Result<()> {
     let svc = MetaService::start(node.clone(), metrics.clone(), cfg.data.clone(), cfg.sched.clone(), cfg.chunk_bytes);
     tokio::spawn(server::accept_loop(endpoint.clone(), svc.clone()));
     if let Some(members) = &cfg.bootstrap {
-        node.initialize(members.clone()).await.context("initialize cluster")?;
+        // Only the first member forms the cluster (openraft's advice); the
+        // others, given the same list, wait to hear from it. Concurrent
+        // initializations are allowed but a path far less travelled.
+        match members.keys().next() {
+            Some(&first) if first != cfg.id => {
+                tracing::info!(first, "waiting for the first member to form the cluster");
+            }
+            _ => node.initialize(members.clone()).await.context("initialize cluster")?,
+        }
     }
     if let Some(addr) = cfg.metrics_listen {
         let m = metrics.clone();
@@ -71,7 +79,16 @@ pub async fn run_meta(cfg: MetaConfig) -> anyhow::Result<()> {
     tokio::spawn(refresh_raft_metrics(svc.clone(), metrics));
     tracing::info!(listen = %cfg.listen, data_dir = %cfg.data_dir.display(), "metadata node running");
 
-    wait_for_stop().await;
+    let died = tokio::select! {
+        _ = wait_for_stop() => None,
+        why = node.stopped() => Some(why),
+    };
+    if let Some(why) = died {
+        // Crash-only: a restart rebuilds everything from the durable log.
+        tracing::error!(reason = %why, "the Raft core stopped; exiting so that the node is restarted");
+        endpoint.close(1u32.into(), b"raft stopped");
+        anyhow::bail!("the Raft core stopped: {why}");
+    }
     tracing::info!("stopping");
     let stop = async {
         endpoint.close(0u32.into(), b"shutting down");

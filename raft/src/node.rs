@@ -241,6 +241,23 @@ impl RaftNode {
         self.inner.raft.metrics().borrow().clone()
     }
 
+    /// Resolves when the Raft core has stopped (a shutdown, or a fatal
+    /// error such as a panic inside it), with why. A node whose core is
+    /// gone answers nothing ever again; its process should exit so that
+    /// its supervisor starts it afresh from its durable state.
+    pub async fn stopped(&self) -> String {
+        let mut m = self.inner.raft.metrics();
+        loop {
+            if let Err(e) = &m.borrow_and_update().running_state {
+                return e.to_string();
+            }
+            // The core owns the sender: a closed channel is a core gone.
+            if m.changed().await.is_err() {
+                return "the Raft core stopped".into();
+            }
+        }
+    }
+
     /// The current leader and its address, as this node knows them.
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.metrics();

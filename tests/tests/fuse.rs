@@ -764,10 +764,16 @@ impl Fsx {
         let want = &self.model[(off as usize).min(self.model.len())..(off as usize + got.len()).min(self.model.len())];
         if got != want {
             let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(want.len().min(got.len()));
+            let differ = got.iter().zip(want).filter(|(a, b)| a != b).count();
+            let last = got.iter().zip(want).rposition(|(a, b)| a != b).unwrap_or(at);
+            let zeros = got[at..=last.min(got.len().saturating_sub(1))].iter().all(|&b| b == 0);
             self.fail(format!(
-                "{what}: {} bytes at {off} differ from the model from byte {}",
+                "{what}: {} bytes at {off} differ from the model from byte {} to byte {} ({differ} bytes differ; \
+                 what was read there is {}all zeros)",
                 got.len(),
-                off + at as u64
+                off + at as u64,
+                off + last as u64,
+                if zeros { "" } else { "not " }
             ));
         }
     }
