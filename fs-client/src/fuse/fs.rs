@@ -100,6 +100,10 @@ pub struct Shared {
     /// consistency), and the change stream which changes it has already.
     /// Starts over when full.
     told: Mutex<HashMap<Ino, Attr>>,
+    /// The attributes each regular file had at its last open here: an
+    /// open that finds others drops the file client's cached layout.
+    /// Starts over when full.
+    opened: Mutex<HashMap<Ino, Attr>>,
     /// The notifier thread's queue, once the change watcher runs.
     pub(crate) notices: OnceLock<mpsc::Sender<Notice>>,
     /// Files open here that lost their last name (unlinked or renamed
@@ -139,6 +143,7 @@ impl Shared {
             inflight: AtomicUsize::new(0),
             caps: Mutex::default(),
             told: Mutex::default(),
+            opened: Mutex::default(),
             notices: OnceLock::new(),
             orphans: Mutex::default(),
         })
@@ -238,11 +243,23 @@ impl Shared {
     /// file's pages at every open anyway.
     async fn revalidate(&self, ino: Ino) -> Result<(), ClientError> {
         let a = self.meta.getattr(ino).await?;
-        if a.kind != FileKind::File || self.kernel_has(&a) {
+        if a.kind != FileKind::File {
+            return Ok(());
+        }
+        // The layout the file client keeps goes if the file changed since
+        // the last open here, whatever the kernel was told: a lookup just
+        // before this open may have told it another mount's change before
+        // the change stream brought that change (the stream then skips it
+        // as known), and reads would go on with a layout from before it (a
+        // chunk it allocated read as a hole; fsx through two mounts).
+        if lock(&self.opened).get(&ino) != Some(&a) {
+            self.files.invalidate(ino);
+            insert_bounded(&self.opened, MAX_TOLD, ino, a.clone());
+        }
+        if self.kernel_has(&a) {
             return Ok(());
         }
         tracing::debug!(ino, size = a.size, "attributes changed since the kernel got them; invalidating at open");
-        self.files.invalidate(ino);
         let Some(tx) = self.notices.get() else { return Ok(()) };
         let (done, delivered) = tokio::sync::oneshot::channel();
         let notice = Notice { inval: Inval::Inode { ino, data: false }, done: Some(done) };
