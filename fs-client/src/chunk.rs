@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tokio::sync::Mutex;
 
 use crate::frame;
+use crate::sums::BlockSums;
 use crate::proto::*;
 use crate::tls::{self, Identity, TlsError};
 
@@ -363,10 +364,11 @@ impl ChunkClient {
         data: Bytes,
         create: bool,
         origin: Option<(ChunkId, u64)>,
+        sums: Option<BlockSums>,
     ) -> Result<(), ChunkError> {
         let Some((head, rest)) = chain.split_first() else { return Ok(()) };
         let len = data.len() as u64;
-        let req = ChunkRequest::Write { chunk, version, offset, len, chain: rest.to_vec(), create, origin };
+        let req = ChunkRequest::Write { chunk, version, offset, len, chain: rest.to_vec(), create, origin, sums };
         self.chained(head, req, Some(data)).await
     }
 
@@ -383,9 +385,10 @@ impl ChunkClient {
         data: Bytes,
         create: bool,
         origin: Option<(ChunkId, u64)>,
+        sums: Option<BlockSums>,
     ) -> Result<(), ChunkError> {
         let Some((head, rest)) = chain.split_first() else { return Ok(()) };
-        let req = ChunkRequest::WriteV { chunk, version, extents, chain: rest.to_vec(), create, origin };
+        let req = ChunkRequest::WriteV { chunk, version, extents, chain: rest.to_vec(), create, origin, sums };
         self.chained(head, req, Some(data)).await
     }
 

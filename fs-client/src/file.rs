@@ -36,6 +36,7 @@ use tokio::sync::Mutex;
 use crate::chunk::{ChunkClient, ChunkError};
 use crate::client::{ClientError, MetaClient};
 use crate::proto::*;
+use crate::sums::{self, BlockSums};
 
 /// Buffered bytes per file before they are sent. A send waits for its
 /// slowest piece: with 16 MiB the chunk servers sat idle a tenth of an NBD
@@ -944,10 +945,11 @@ impl FileClient {
             let (extents, data) = (&extents, &data);
             async move {
                 let (chunk, version, origin) = (loc.chunk, loc.version, loc.origin);
+                let sums = write_sums(chunk, extents, data).await;
                 if let [(offset, _)] = extents.as_slice() {
-                    self.chunks.write(&chain, chunk, version, *offset, data.clone(), true, origin).await
+                    self.chunks.write(&chain, chunk, version, *offset, data.clone(), true, origin, sums).await
                 } else {
-                    self.chunks.writev(&chain, chunk, version, extents.clone(), data.clone(), true, origin).await
+                    self.chunks.writev(&chain, chunk, version, extents.clone(), data.clone(), true, origin, sums).await
                 }
             }
         };
@@ -1491,6 +1493,25 @@ fn leased(ino: Ino) -> ClientError {
 /// file passes too; its first write-back is refused all the same.
 pub fn is_pristine(a: &Attr) -> bool {
     a.size == 0 && a.mtime == a.crtime && a.ctime == a.crtime
+}
+
+/// Writes up to this long have their block sums made on the task at hand;
+/// longer ones on the blocking pool (about 20 us of hashing per 64 KiB).
+const INLINE_SUM_BYTES: usize = 64 << 10;
+
+/// The block sums of a write to chunk `chunk`, made here once so that no
+/// replica hashes the blocks again (see [`crate::sums`]); `None` unless
+/// every extent is whole blocks of the default size (servers with other
+/// blocks hash themselves).
+async fn write_sums(chunk: ChunkId, extents: &[(u64, u64)], data: &Bytes) -> Option<BlockSums> {
+    if data.len() <= INLINE_SUM_BYTES {
+        return sums::extent_sums(chunk, extents, data, DEFAULT_BLOCK_BYTES);
+    }
+    let (extents, data) = (extents.to_vec(), data.clone());
+    tokio::task::spawn_blocking(move || sums::extent_sums(chunk, &extents, &data, DEFAULT_BLOCK_BYTES))
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Drops what is cached of a file's layout (and its size, unless writes

@@ -867,6 +867,8 @@ pub enum ChunkRequest {
         chain: Vec<String>,
         create: bool,
         origin: Option<(ChunkId, u64)>,
+        /// The data's block sums, made by the writer (see [`crate::sums`]).
+        sums: Option<crate::sums::BlockSums>,
     },
     /// Makes `[offset, offset + len)` read as zeros, along the chain like a write.
     Zero {
@@ -911,6 +913,8 @@ pub enum ChunkRequest {
         chain: Vec<String>,
         create: bool,
         origin: Option<(ChunkId, u64)>,
+        /// The extents' block sums, made by the writer (see [`crate::sums`]).
+        sums: Option<crate::sums::BlockSums>,
     },
 }
 

@@ -451,7 +451,7 @@ async fn vectored_writes_land_whole_or_not_at_all() {
     for bad in [vec![(0u64, 8u64), (4, 8)], vec![(100, 8), (0, 8)], vec![(0, 8), (chunk_bytes - 4, 8)]] {
         let n: u64 = bad.iter().map(|e| e.1).sum();
         let data = Bytes::from(vec![0xEE; n as usize]);
-        let r = chunks.writev(&chain, loc.chunk, loc.version, bad.clone(), data, false, None).await;
+        let r = chunks.writev(&chain, loc.chunk, loc.version, bad.clone(), data, false, None, None).await;
         assert_eq!(r.expect_err("a malformed write was accepted").code(), ErrorCode::BadRequest, "{bad:?}");
     }
     for r in &loc.replicas {
@@ -462,7 +462,7 @@ async fn vectored_writes_land_whole_or_not_at_all() {
     phase("a good one lands on every replica");
     let extents = vec![(0u64, 4u64), (4096, 8), (MIB - 3, 3)];
     let data = Bytes::from_static(b"AAAABBBBBBBBCCC");
-    chunks.writev(&chain, loc.chunk, loc.version, extents.clone(), data.clone(), false, None).await.unwrap();
+    chunks.writev(&chain, loc.chunk, loc.version, extents.clone(), data.clone(), false, None, None).await.unwrap();
     let mut at = 0;
     for (off, len) in &extents {
         want[*off as usize..(*off + *len) as usize].copy_from_slice(&data[at..at + *len as usize]);
@@ -471,6 +471,24 @@ async fn vectored_writes_land_whole_or_not_at_all() {
     for r in &loc.replicas {
         let got = chunks.read(&r.addr, loc.chunk, loc.version, 0, MIB).await.unwrap();
         assert!(got[..] == want[..], "server {} does not have the vectored write", r.server);
+    }
+
+    phase("whole blocks with the writer's sums: every replica stores them, and its reads check them");
+    let extents = vec![(8192u64, 4096u64), (65536, 8192)];
+    let data = Bytes::from(pattern(4, 12288));
+    let sums = fs_client::sums::extent_sums(loc.chunk, &extents, &data, 4096).expect("whole blocks");
+    let short = fs_client::sums::BlockSums { block_bytes: 4096, sums: sums.sums[1..].to_vec() };
+    let r = chunks.writev(&chain, loc.chunk, loc.version, extents.clone(), data.clone(), false, None, Some(short)).await;
+    assert_eq!(r.expect_err("sums that do not fit were taken").code(), ErrorCode::BadRequest);
+    chunks.writev(&chain, loc.chunk, loc.version, extents.clone(), data.clone(), false, None, Some(sums)).await.unwrap();
+    let mut at = 0;
+    for (off, len) in &extents {
+        want[*off as usize..(*off + *len) as usize].copy_from_slice(&data[at..at + *len as usize]);
+        at += *len as usize;
+    }
+    for r in &loc.replicas {
+        let got = chunks.read(&r.addr, loc.chunk, loc.version, 0, MIB).await.unwrap();
+        assert!(got[..] == want[..], "server {} does not have the summed write", r.server);
     }
 }
 

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use fs_client::chunk::{ChunkClient, ChunkError};
+use fs_client::sums::{BlockSums, MAX_SUMS};
 use fs_client::client::ClientError;
 use fs_client::frame;
 use fs_client::proto::*;
@@ -383,13 +384,13 @@ impl Server {
                         Err(e) => Err(e),
                     }
                 }
-                ChunkRequest::Write { chunk, version, offset, len, chain, create, origin } => {
+                ChunkRequest::Write { chunk, version, offset, len, chain, create, origin, sums } => {
                     let at = Place { chunk, version, offset, origin };
-                    self.write(&mut recv, at, vec![(offset, len)], chain, create, false).await
+                    self.write(&mut recv, at, vec![(offset, len)], chain, create, false, sums).await
                 }
-                ChunkRequest::WriteV { chunk, version, extents, chain, create, origin } => {
+                ChunkRequest::WriteV { chunk, version, extents, chain, create, origin, sums } => {
                     let at = Place { chunk, version, offset: extents.first().map_or(0, |e| e.0), origin };
-                    self.write(&mut recv, at, extents, chain, create, true).await
+                    self.write(&mut recv, at, extents, chain, create, true, sums).await
                 }
                 ChunkRequest::Zero { chunk, version, offset, len, chain, origin } => {
                     self.zero(Place { chunk, version, offset, origin }, len, chain).await
@@ -504,6 +505,10 @@ impl Server {
     /// bytes follow in the stream. Several (a `WriteV`) are checked by
     /// [`check_extents`]; one (a `Write`) only against [`MAX_IO_BYTES`],
     /// the store checks its range (and an empty one may create the chunk).
+    /// Block sums the writer made are passed on down the chain and stored
+    /// instead of hashing the blocks again, if they are of this store's
+    /// block size; a count that does not match the extents is refused.
+    #[allow(clippy::too_many_arguments)]
     async fn write(
         &self,
         recv: &mut quinn::RecvStream,
@@ -512,7 +517,22 @@ impl Server {
         chain: Vec<String>,
         create: bool,
         vectored: bool,
+        sums: Option<BlockSums>,
     ) -> Result<ChunkReply, WireError> {
+        if let Some(s) = &sums {
+            if s.sums.len() > MAX_SUMS {
+                return Err(WireError::new(ErrorCode::TooBig, format!("more than {MAX_SUMS} block sums in one write")));
+            }
+            let bs = u64::from(s.block_bytes).max(1);
+            let whole = extents.iter().all(|&(o, l)| o.is_multiple_of(bs) && l.is_multiple_of(bs));
+            let blocks: u64 = extents.iter().map(|e| e.1 / bs).sum();
+            if !whole || blocks != s.sums.len() as u64 {
+                return Err(WireError::new(
+                    ErrorCode::BadRequest,
+                    format!("{} block sums of {bs} bytes for {} extents of {blocks} whole blocks", s.sums.len(), extents.len()),
+                ));
+            }
+        }
         let len = if vectored {
             check_extents(&extents, self.store.chunk_size())?
         } else {
@@ -532,9 +552,10 @@ impl Server {
         if let Some((head, rest)) = chain.split_first() {
             let rest = rest.to_vec();
             let req = if vectored {
-                ChunkRequest::WriteV { chunk, version, extents: extents.clone(), chain: rest, create, origin }
+                let sums = sums.clone();
+                ChunkRequest::WriteV { chunk, version, extents: extents.clone(), chain: rest, create, origin, sums }
             } else {
-                ChunkRequest::Write { chunk, version, offset, len, chain: rest, create, origin }
+                ChunkRequest::Write { chunk, version, offset, len, chain: rest, create, origin, sums: sums.clone() }
             };
             downstream = match self.peers.start_write(head, &req).await {
                 Ok(w) => Downstream::Streaming(w),
@@ -560,7 +581,10 @@ impl Server {
         let _barrier = self.barriers.shared(chunk).await;
         let missing = self.admit(&Place { chunk, version, offset, origin }, create)?;
         let store = self.store.clone();
-        let local = tokio::task::spawn_blocking(move || store.write_extents(chunk, version, &extents, &data, missing));
+        let sums = sums.filter(|s| u64::from(s.block_bytes) == store.block_size()).map(|s| s.sums);
+        let local = tokio::task::spawn_blocking(move || {
+            store.write_extents(chunk, version, &extents, &data, sums.as_deref(), missing)
+        });
         let (local, downstream) = tokio::join!(local, downstream.finish());
         let local = local.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
         local.map_err(|e| copy_error(&e, missing))?;

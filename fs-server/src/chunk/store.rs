@@ -162,6 +162,7 @@ use tracing::{debug, error, info, warn};
 
 use super::cache::{BlockCache, CacheStats};
 use super::versions::{self, Change, Journal};
+use fs_client::sums::{block_sum, ZERO_SUM};
 
 // Offsets and lengths inside a chunk (at most MAX_CHUNK_SIZE) are cast to usize.
 const _: () = assert!(usize::BITS >= 64);
@@ -179,7 +180,6 @@ pub const MAX_CHUNK_SIZE: u64 = 4 << 30;
 const HEADER_SIZE: u64 = 4096;
 const ALIGN: u64 = 4096;
 const SUM_SIZE: u64 = 32;
-const ZERO_SUM: [u8; 32] = [0; 32];
 const MAGIC: [u8; 8] = *b"LOCUSCHK";
 const FORMAT_VERSION: u32 = 1;
 const HDR_FIELDS_END: usize = 40;
@@ -436,20 +436,6 @@ fn decode_header(hdr: &[u8], id: ChunkId, geo: &Geometry) -> Result<(), HeaderPr
     Ok(())
 }
 
-/// The table entry of a block. Binding id and index catches misdirected
-/// writes; the all-zero value is reserved for "never written".
-fn block_sum(id: ChunkId, block: u64, data: &[u8]) -> [u8; 32] {
-    // Data first keeps blake3's SIMD path aligned on the bulk of the input.
-    let mut h = blake3::Hasher::new();
-    h.update(data);
-    h.update(&id.to_le_bytes());
-    h.update(&block.to_le_bytes());
-    let mut sum = *h.finalize().as_bytes();
-    if sum == ZERO_SUM {
-        sum[31] = 1;
-    }
-    sum
-}
 
 /// Maximal runs `[start, end)` of indexes in `0..n` where `pred` holds.
 fn runs(n: usize, pred: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
@@ -993,6 +979,8 @@ impl TableWindow {
 #[derive(Clone, Copy)]
 enum Src<'a> {
     Data(&'a [u8]),
+    /// Whole blocks of data with their sums, made by the writer.
+    Summed(&'a [u8], &'a [[u8; 32]]),
     Zeros,
 }
 
@@ -1230,12 +1218,23 @@ impl ChunkStore {
         version: u64,
         extents: &[(u64, u64)],
         data: &[D],
+        sums: Option<&[[u8; 32]]>,
         missing: Missing,
     ) -> Result<()> {
         let total: u64 = extents.iter().map(|e| e.1).sum();
         let have: usize = data.iter().map(|d| d.as_ref().len()).sum();
         if total != have as u64 {
             return Err(ChunkStoreError::BadInput(format!("extents of {total} bytes, {have} bytes of data")));
+        }
+        let bsz = self.geo.block_size;
+        if let Some(sums) = sums {
+            if extents.iter().any(|&(o, l)| !o.is_multiple_of(bsz) || !l.is_multiple_of(bsz)) {
+                return Err(ChunkStoreError::BadInput("block sums for extents that are not whole blocks".into()));
+            }
+            if sums.len() as u64 != total / bsz {
+                let blocks = total / bsz;
+                return Err(ChunkStoreError::BadInput(format!("{} block sums for {blocks} blocks", sums.len())));
+            }
         }
         if extents.windows(2).any(|w| w[0].0.saturating_add(w[0].1) > w[1].0) {
             return Err(ChunkStoreError::BadInput("extents overlap or are out of order".into()));
@@ -1273,6 +1272,7 @@ impl ChunkStore {
             places.push(At::Copied(copies.len()));
             copies.push(copy);
         }
+        let mut first_sum = 0usize;
         let parts: Vec<(u64, u64, Src<'_>)> = extents
             .iter()
             .zip(&places)
@@ -1281,7 +1281,15 @@ impl ChunkStore {
                     At::Piece(i, at) => &data[i].as_ref()[at..at + len as usize],
                     At::Copied(i) => &copies[i][..],
                 };
-                (offset, len, Src::Data(bytes))
+                let src = match sums {
+                    Some(sums) => {
+                        let n = (len / bsz) as usize;
+                        first_sum += n;
+                        Src::Summed(bytes, &sums[first_sum - n..first_sum])
+                    }
+                    None => Src::Data(bytes),
+                };
+                (offset, len, src)
             })
             .collect();
         self.modify_many(id, version, &parts, missing)
@@ -2059,7 +2067,7 @@ impl ChunkStore {
         let head = (offset - b0 * g.block_size) as usize;
         let end = head + len as usize;
         let content: Cow<'_, [u8]> = match src {
-            Src::Data(d) if head == 0 && end == n * bs => Cow::Borrowed(d),
+            Src::Data(d) | Src::Summed(d, _) if head == 0 && end == n * bs => Cow::Borrowed(d),
             _ => {
                 let mut buf = vec![0u8; n * bs];
                 // Partial first and last blocks keep their bytes outside the range.
@@ -2072,11 +2080,18 @@ impl ChunkStore {
                     self.load_block(file, id, gen, b1 - 1, &old[n - 1], &mut buf[(n - 1) * bs..])?;
                 }
                 match src {
-                    Src::Data(d) => buf[head..end].copy_from_slice(d),
+                    Src::Data(d) | Src::Summed(d, _) => buf[head..end].copy_from_slice(d),
                     Src::Zeros => buf[head..end].fill(0),
                 }
                 Cow::Owned(buf)
             }
+        };
+        // The writer's sums stand for its blocks of data (a block of zeros
+        // is never-written whatever it says; one it calls zeros that is not
+        // is hashed here).
+        let given = match src {
+            Src::Summed(_, sums) if sums.len() == n => Some(sums),
+            _ => None,
         };
         let new: Vec<[u8; 32]> = (0..n)
             .map(|i| {
@@ -2084,7 +2099,10 @@ impl ChunkStore {
                 if data == &self.zero_block[..] {
                     ZERO_SUM
                 } else {
-                    block_sum(id, b0 + i as u64, data)
+                    match given {
+                        Some(sums) if sums[i] != ZERO_SUM => sums[i],
+                        _ => block_sum(id, b0 + i as u64, data),
+                    }
                 }
             })
             .collect();
@@ -2967,7 +2985,7 @@ mod tests {
             single.write(3, 1, off, &part, false).unwrap();
             data.extend_from_slice(&part);
         }
-        batch.write_extents(3, 1, &extents, &[&data[..7], &data[7..5000], &data[5000..]], Missing::Fail).unwrap();
+        batch.write_extents(3, 1, &extents, &[&data[..7], &data[7..5000], &data[5000..]], None, Missing::Fail).unwrap();
         // A part that leaves a block all zeros (freed), then one writing into
         // the same block again: the second part's bytes must survive.
         let half = (bs / 2) as usize;
@@ -2977,7 +2995,7 @@ mod tests {
         model[(bs * 150) as usize..(bs * 150) as usize + half].copy_from_slice(&pattern(7, half));
         let tail = pattern(8, 100);
         let ext = [(bs * 150, bs / 2), (bs * 150 + bs / 2, 100)];
-        batch.write_extents(3, 1, &ext, &[&vec![0u8; half][..], &tail[..]], Missing::Fail).unwrap();
+        batch.write_extents(3, 1, &ext, &[&vec![0u8; half][..], &tail[..]], None, Missing::Fail).unwrap();
         single.write(3, 1, bs * 150, &vec![0u8; half], false).unwrap();
         single.write(3, 1, bs * 150 + bs / 2, &tail, false).unwrap();
         model[(bs * 150) as usize..(bs * 150) as usize + half].fill(0);
@@ -2993,14 +3011,50 @@ mod tests {
         assert_eq!(batch.read(3, 1, 0, MIB).unwrap(), model);
         // Bad shapes are refused before anything changes.
         assert!(matches!(
-            batch.write_extents(3, 1, &[(0, 4), (2, 4)], &[[1; 8]], Missing::Fail),
+            batch.write_extents(3, 1, &[(0, 4), (2, 4)], &[[1; 8]], None, Missing::Fail),
             Err(ChunkStoreError::BadInput(_))
         ));
         assert!(matches!(
-            batch.write_extents(3, 1, &[(0, 4)], &[[1; 5]], Missing::Fail),
+            batch.write_extents(3, 1, &[(0, 4)], &[[1; 5]], None, Missing::Fail),
             Err(ChunkStoreError::BadInput(_))
         ));
         assert_eq!(batch.read(3, 1, 0, MIB).unwrap(), model);
+    }
+
+    /// Goal: the writer's block sums are stored as made (a read and a scrub
+    /// check them, as after a write hashed here); a block it calls zeros
+    /// that is not, or one of zeros it gives a sum, is judged here by its
+    /// bytes; sums that do not fit the extents are refused before anything
+    /// changes.
+    #[test]
+    fn a_writers_block_sums_are_stored_as_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions { block_size: 4 * KIB, ..small() };
+        let bs = opts.block_size;
+        let store = ChunkStore::open(dir.path(), opts).unwrap();
+        store.write(3, 1, 0, &pattern(1, 8 * bs as usize), true).unwrap();
+        let extents = [(0, bs), (2 * bs, 2 * bs), (6 * bs, bs)];
+        let mut data = pattern(2, 4 * bs as usize);
+        data[3 * bs as usize..].fill(0);
+        let mut sums = fs_client::sums::extent_sums(3, &extents, &data, bs).expect("whole blocks").sums;
+        assert_eq!(sums[3], ZERO_SUM);
+        // A lie each way: block 2 "zeros" (it holds data), block 6 (zeros)
+        // with a sum.
+        sums[1] = ZERO_SUM;
+        sums[3] = [9; 32];
+        store.write_extents(3, 1, &extents, &[&data[..]], Some(&sums), Missing::Fail).unwrap();
+        let mut model = pattern(1, 8 * bs as usize);
+        model[..bs as usize].copy_from_slice(&data[..bs as usize]);
+        model[2 * bs as usize..4 * bs as usize].copy_from_slice(&data[bs as usize..3 * bs as usize]);
+        model[6 * bs as usize..7 * bs as usize].fill(0);
+        assert_eq!(store.read(3, 1, 0, 8 * bs).unwrap(), model);
+        let r = store.scrub(u64::MAX);
+        assert!(r.corrupt.is_empty() && r.io_errors == 0, "{r:?}");
+        let bad_count = store.write_extents(3, 1, &extents, &[&data[..]], Some(&sums[1..]), Missing::Fail);
+        assert!(matches!(bad_count, Err(ChunkStoreError::BadInput(_))), "{bad_count:?}");
+        let unaligned = store.write_extents(3, 1, &[(10, bs)], &[&data[..bs as usize]], Some(&sums[..1]), Missing::Fail);
+        assert!(matches!(unaligned, Err(ChunkStoreError::BadInput(_))), "{unaligned:?}");
+        assert_eq!(store.read(3, 1, 0, 8 * bs).unwrap(), model);
     }
 
     /// Goal: a failed checksum-table write leaves the blocks as they were,
@@ -3042,7 +3096,7 @@ mod tests {
         let extents = vec![(10, 100), (bs, bs / 2), (bs + bs / 2, bs + bs / 2), (bs * 8, bs)];
         let parts: Vec<Vec<u8>> = (0..4).map(|i| pattern(20 + i, extents[i as usize].1 as usize)).collect();
         store.knobs.fail_data_write.store(3, Ordering::Relaxed);
-        let err = store.write_extents(3, 1, &extents, &parts, Missing::Fail).unwrap_err();
+        let err = store.write_extents(3, 1, &extents, &parts, None, Missing::Fail).unwrap_err();
         assert!(matches!(err, ChunkStoreError::Io { .. }), "{err}");
         let mut want = base.clone();
         for (i, &(off, len)) in extents[..2].iter().enumerate() {
