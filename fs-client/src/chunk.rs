@@ -11,8 +11,8 @@ use bytes::Bytes;
 use tokio::sync::Mutex;
 
 use crate::frame;
-use crate::sums::BlockSums;
 use crate::proto::*;
+use crate::sums::BlockSums;
 use crate::tls::{self, Identity, TlsError};
 
 /// How long one chunk request may take.

@@ -424,7 +424,16 @@ async fn a_fence_lost_in_a_crash_is_raised_again_before_serving() {
     }
     for loc in &old.chunks {
         let e = direct
-            .write(std::slice::from_ref(&addr), loc.chunk, loc.version, 0, Bytes::from_static(b"stale"), false, None, None)
+            .write(
+                std::slice::from_ref(&addr),
+                loc.chunk,
+                loc.version,
+                0,
+                Bytes::from_static(b"stale"),
+                false,
+                None,
+                None,
+            )
             .await
             .expect_err("a write at the pre-clone version");
         assert_eq!(e.code(), ErrorCode::Stale, "{e}");

@@ -463,32 +463,40 @@ async fn vectored_writes_land_whole_or_not_at_all() {
     let extents = vec![(0u64, 4u64), (4096, 8), (MIB - 3, 3)];
     let data = Bytes::from_static(b"AAAABBBBBBBBCCC");
     chunks.writev(&chain, loc.chunk, loc.version, extents.clone(), data.clone(), false, None, None).await.unwrap();
-    let mut at = 0;
-    for (off, len) in &extents {
-        want[*off as usize..(*off + *len) as usize].copy_from_slice(&data[at..at + *len as usize]);
-        at += *len as usize;
-    }
-    for r in &loc.replicas {
-        let got = chunks.read(&r.addr, loc.chunk, loc.version, 0, MIB).await.unwrap();
-        assert!(got[..] == want[..], "server {} does not have the vectored write", r.server);
-    }
+    land(&mut want, &extents, &data);
+    assert_replicas(&chunks, &loc, &want, "the vectored write").await;
 
     phase("whole blocks with the writer's sums: every replica stores them, and its reads check them");
     let extents = vec![(8192u64, 4096u64), (65536, 8192)];
     let data = Bytes::from(pattern(4, 12288));
     let sums = fs_client::sums::extent_sums(loc.chunk, &extents, &data, 4096).expect("whole blocks");
     let short = fs_client::sums::BlockSums { block_bytes: 4096, sums: sums.sums[1..].to_vec() };
-    let r = chunks.writev(&chain, loc.chunk, loc.version, extents.clone(), data.clone(), false, None, Some(short)).await;
+    let r =
+        chunks.writev(&chain, loc.chunk, loc.version, extents.clone(), data.clone(), false, None, Some(short)).await;
     assert_eq!(r.expect_err("sums that do not fit were taken").code(), ErrorCode::BadRequest);
-    chunks.writev(&chain, loc.chunk, loc.version, extents.clone(), data.clone(), false, None, Some(sums)).await.unwrap();
+    chunks
+        .writev(&chain, loc.chunk, loc.version, extents.clone(), data.clone(), false, None, Some(sums))
+        .await
+        .unwrap();
+    land(&mut want, &extents, &data);
+    assert_replicas(&chunks, &loc, &want, "the summed write").await;
+}
+
+/// Puts the bytes of a vectored write (`data`, the extents' bytes in
+/// order) into `want`.
+fn land(want: &mut [u8], extents: &[(u64, u64)], data: &[u8]) {
     let mut at = 0;
-    for (off, len) in &extents {
-        want[*off as usize..(*off + *len) as usize].copy_from_slice(&data[at..at + *len as usize]);
-        at += *len as usize;
+    for &(off, len) in extents {
+        want[off as usize..(off + len) as usize].copy_from_slice(&data[at..at + len as usize]);
+        at += len as usize;
     }
+}
+
+/// Asserts that every replica of `loc` holds `want` in its first MiB.
+async fn assert_replicas(chunks: &fs_client::chunk::ChunkClient, loc: &ChunkLocation, want: &[u8], what: &str) {
     for r in &loc.replicas {
         let got = chunks.read(&r.addr, loc.chunk, loc.version, 0, MIB).await.unwrap();
-        assert!(got[..] == want[..], "server {} does not have the summed write", r.server);
+        assert!(got[..] == want[..], "server {} does not have {what}", r.server);
     }
 }
 

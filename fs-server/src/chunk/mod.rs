@@ -39,10 +39,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use fs_client::chunk::{ChunkClient, ChunkError};
-use fs_client::sums::{BlockSums, MAX_SUMS};
 use fs_client::client::ClientError;
 use fs_client::frame;
 use fs_client::proto::*;
+use fs_client::sums::{BlockSums, MAX_SUMS};
 use fs_client::tls::{self, Identity};
 use fs_client::{ClientConfig, MetaClient};
 
@@ -529,7 +529,11 @@ impl Server {
             if !whole || blocks != s.sums.len() as u64 {
                 return Err(WireError::new(
                     ErrorCode::BadRequest,
-                    format!("{} block sums of {bs} bytes for {} extents of {blocks} whole blocks", s.sums.len(), extents.len()),
+                    format!(
+                        "{} block sums of {bs} bytes for {} extents of {blocks} whole blocks",
+                        s.sums.len(),
+                        extents.len()
+                    ),
                 ));
             }
         }

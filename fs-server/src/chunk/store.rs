@@ -436,7 +436,6 @@ fn decode_header(hdr: &[u8], id: ChunkId, geo: &Geometry) -> Result<(), HeaderPr
     Ok(())
 }
 
-
 /// Maximal runs `[start, end)` of indexes in `0..n` where `pred` holds.
 fn runs(n: usize, pred: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
@@ -3052,7 +3051,8 @@ mod tests {
         assert!(r.corrupt.is_empty() && r.io_errors == 0, "{r:?}");
         let bad_count = store.write_extents(3, 1, &extents, &[&data[..]], Some(&sums[1..]), Missing::Fail);
         assert!(matches!(bad_count, Err(ChunkStoreError::BadInput(_))), "{bad_count:?}");
-        let unaligned = store.write_extents(3, 1, &[(10, bs)], &[&data[..bs as usize]], Some(&sums[..1]), Missing::Fail);
+        let unaligned =
+            store.write_extents(3, 1, &[(10, bs)], &[&data[..bs as usize]], Some(&sums[..1]), Missing::Fail);
         assert!(matches!(unaligned, Err(ChunkStoreError::BadInput(_))), "{unaligned:?}");
         assert_eq!(store.read(3, 1, 0, 8 * bs).unwrap(), model);
     }
