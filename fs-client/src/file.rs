@@ -57,8 +57,9 @@ const MAX_CACHED_FILES: usize = 4096;
 const SYNC_CONCURRENCY: usize = 16;
 /// Retries of one piece after replica failures or stale layouts.
 const MAX_PIECE_ATTEMPTS: usize = 6;
-/// Write attempts per piece; with the backoff, about 10 s in all, longer
-/// than a repair copy holds a chunk sealed.
+/// Attempts of one write or zeroing of a chunk ([`FileClient::on_chain`]);
+/// with the backoff, about 10 s in all, longer than a repair copy holds a
+/// chunk sealed.
 const MAX_WRITE_ATTEMPTS: usize = 14;
 
 fn io_err(msg: impl Into<String>) -> ClientError {

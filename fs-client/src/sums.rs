@@ -53,19 +53,21 @@ pub fn is_zero(data: &[u8]) -> bool {
         && words.remainder().iter().all(|&b| b == 0)
 }
 
+/// How many blocks of `block_bytes` `extents` (`(offset, len)`) cover, if
+/// every one of them starts and ends on a block boundary; `None` if one
+/// does not (or the block size is 0).
+pub fn whole_blocks(extents: &[(u64, u64)], block_bytes: u64) -> Option<u64> {
+    let whole = |v: u64| block_bytes != 0 && v.is_multiple_of(block_bytes);
+    extents.iter().all(|&(o, l)| whole(o) && whole(l)).then(|| extents.iter().map(|e| e.1 / block_bytes).sum())
+}
+
 /// The sums of `extents` (`(offset, len)` in chunk `id`, their bytes one
 /// after another in `data`) in blocks of `block_bytes`, all-zero blocks as
 /// [`ZERO_SUM`]; `None` unless every extent is whole blocks.
 pub fn extent_sums(id: ChunkId, extents: &[(u64, u64)], data: &[u8], block_bytes: u64) -> Option<BlockSums> {
-    if block_bytes == 0 || block_bytes > u32::MAX as u64 {
-        return None;
-    }
-    let whole = |v: u64| v.is_multiple_of(block_bytes);
-    if extents.iter().any(|&(o, l)| !whole(o) || !whole(l) || l == 0) {
-        return None;
-    }
-    let total: u64 = extents.iter().map(|e| e.1).sum();
-    if total != data.len() as u64 || total / block_bytes > MAX_SUMS as u64 {
+    let block_bytes_u32 = u32::try_from(block_bytes).ok()?;
+    let blocks = whole_blocks(extents, block_bytes)?;
+    if blocks == 0 || blocks * block_bytes != data.len() as u64 || blocks > MAX_SUMS as u64 {
         return None;
     }
     let bs = block_bytes as usize;
@@ -78,7 +80,7 @@ pub fn extent_sums(id: ChunkId, extents: &[(u64, u64)], data: &[u8], block_bytes
         }
         at += len as usize;
     }
-    Some(BlockSums { block_bytes: block_bytes as u32, sums })
+    Some(BlockSums { block_bytes: block_bytes_u32, sums })
 }
 
 #[cfg(test)]
@@ -100,5 +102,8 @@ mod tests {
         let zeros = vec![0u8; 4096];
         assert_eq!(extent_sums(7, &[(0, 4096)], &zeros, 4096).unwrap().sums, vec![ZERO_SUM]);
         assert!(is_zero(&zeros[..13]) && !is_zero(&data[1..20]));
+        assert_eq!(whole_blocks(&[(0, 4096), (8192, 8192)], 4096), Some(3));
+        assert_eq!(whole_blocks(&[(0, 4096), (8192, 100)], 4096), None);
+        assert_eq!(whole_blocks(&[(0, 4096)], 0), None);
     }
 }

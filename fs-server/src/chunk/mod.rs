@@ -42,7 +42,7 @@ use fs_client::chunk::{ChunkClient, ChunkError};
 use fs_client::client::ClientError;
 use fs_client::frame;
 use fs_client::proto::*;
-use fs_client::sums::{BlockSums, MAX_SUMS};
+use fs_client::sums::{whole_blocks, BlockSums, MAX_SUMS};
 use fs_client::tls::{self, Identity};
 use fs_client::{ClientConfig, MetaClient};
 
@@ -523,17 +523,11 @@ impl Server {
             if s.sums.len() > MAX_SUMS {
                 return Err(WireError::new(ErrorCode::TooBig, format!("more than {MAX_SUMS} block sums in one write")));
             }
-            let bs = u64::from(s.block_bytes).max(1);
-            let whole = extents.iter().all(|&(o, l)| o.is_multiple_of(bs) && l.is_multiple_of(bs));
-            let blocks: u64 = extents.iter().map(|e| e.1 / bs).sum();
-            if !whole || blocks != s.sums.len() as u64 {
+            let bs = u64::from(s.block_bytes);
+            if whole_blocks(&extents, bs) != Some(s.sums.len() as u64) {
                 return Err(WireError::new(
                     ErrorCode::BadRequest,
-                    format!(
-                        "{} block sums of {bs} bytes for {} extents of {blocks} whole blocks",
-                        s.sums.len(),
-                        extents.len()
-                    ),
+                    format!("{} block sums of {bs} bytes do not fit the {} extents", s.sums.len(), extents.len()),
                 ));
             }
         }
@@ -554,12 +548,11 @@ impl Server {
         // Cut-through: the bytes go on down the chain as they arrive.
         let mut downstream = Downstream::Done;
         if let Some((head, rest)) = chain.split_first() {
-            let rest = rest.to_vec();
+            let (rest, sums) = (rest.to_vec(), sums.clone());
             let req = if vectored {
-                let sums = sums.clone();
                 ChunkRequest::WriteV { chunk, version, extents: extents.clone(), chain: rest, create, origin, sums }
             } else {
-                ChunkRequest::Write { chunk, version, offset, len, chain: rest, create, origin, sums: sums.clone() }
+                ChunkRequest::Write { chunk, version, offset, len, chain: rest, create, origin, sums }
             };
             downstream = match self.peers.start_write(head, &req).await {
                 Ok(w) => Downstream::Streaming(w),

@@ -162,7 +162,7 @@ use tracing::{debug, error, info, warn};
 
 use super::cache::{BlockCache, CacheStats};
 use super::versions::{self, Change, Journal};
-use fs_client::sums::{block_sum, ZERO_SUM};
+use fs_client::sums::{block_sum, whole_blocks, ZERO_SUM};
 
 // Offsets and lengths inside a chunk (at most MAX_CHUNK_SIZE) are cast to usize.
 const _: () = assert!(usize::BITS >= 64);
@@ -1227,12 +1227,12 @@ impl ChunkStore {
         }
         let bsz = self.geo.block_size;
         if let Some(sums) = sums {
-            if extents.iter().any(|&(o, l)| !o.is_multiple_of(bsz) || !l.is_multiple_of(bsz)) {
-                return Err(ChunkStoreError::BadInput("block sums for extents that are not whole blocks".into()));
-            }
-            if sums.len() as u64 != total / bsz {
-                let blocks = total / bsz;
-                return Err(ChunkStoreError::BadInput(format!("{} block sums for {blocks} blocks", sums.len())));
+            match whole_blocks(extents, bsz) {
+                None => return Err(ChunkStoreError::BadInput("block sums for extents not of whole blocks".into())),
+                Some(blocks) if blocks != sums.len() as u64 => {
+                    return Err(ChunkStoreError::BadInput(format!("{} block sums for {blocks} blocks", sums.len())))
+                }
+                Some(_) => {}
             }
         }
         if extents.windows(2).any(|w| w[0].0.saturating_add(w[0].1) > w[1].0) {
@@ -2924,7 +2924,7 @@ mod tests {
     fn a_small_chunk_allocates_only_the_table_it_uses() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let opts = StoreOptions { chunk_size: 64 * MIB, block_size: 4 * KIB, ..small() };
+        let opts = StoreOptions { chunk_size: 64 * MIB, ..small_4k() };
         let store = ChunkStore::open(dir.path(), opts.clone()).unwrap();
         store.write(4, 1, 0, &pattern(1, 1000), true).unwrap();
         let allocated = |store: &ChunkStore| fs::metadata(store.file_path(4, 1)).unwrap().blocks() * 512;
@@ -2955,7 +2955,7 @@ mod tests {
     #[test]
     fn write_extents_equals_the_writes_one_by_one() {
         let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let opts = StoreOptions { block_size: 4 * KIB, ..small() };
+        let opts = small_4k();
         let bs = opts.block_size;
         let (batch, single) =
             (ChunkStore::open(d1.path(), opts.clone()).unwrap(), ChunkStore::open(d2.path(), opts.clone()).unwrap());
@@ -3028,7 +3028,7 @@ mod tests {
     #[test]
     fn a_writers_block_sums_are_stored_as_made() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = StoreOptions { block_size: 4 * KIB, ..small() };
+        let opts = small_4k();
         let bs = opts.block_size;
         let store = ChunkStore::open(dir.path(), opts).unwrap();
         store.write(3, 1, 0, &pattern(1, 8 * bs as usize), true).unwrap();
@@ -3063,7 +3063,7 @@ mod tests {
     #[test]
     fn a_failed_table_write_leaves_the_blocks_as_they_were() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = StoreOptions { block_size: 4 * KIB, ..small() };
+        let opts = small_4k();
         let bs = opts.block_size;
         let store = ChunkStore::open(dir.path(), opts).unwrap();
         store.write(3, 1, 0, &pattern(1, bs as usize), true).unwrap();
@@ -3086,7 +3086,7 @@ mod tests {
     #[test]
     fn a_failed_extent_keeps_the_batch_before_it() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = StoreOptions { block_size: 4 * KIB, ..small() };
+        let opts = small_4k();
         let bs = opts.block_size;
         let store = ChunkStore::open(dir.path(), opts).unwrap();
         let base = pattern(1, MIB as usize);
@@ -3122,6 +3122,11 @@ mod tests {
             cache_bytes: MIB,
             direct_io: true,
         }
+    }
+
+    /// [`small`] with the 4 KiB blocks of clusters made now.
+    fn small_4k() -> StoreOptions {
+        StoreOptions { block_size: 4 * KIB, ..small() }
     }
 
     /// Deterministic pseudo-random bytes (xorshift), never all zero for long.
@@ -3596,7 +3601,7 @@ mod tests {
         assert_eq!(count_files(&dir.path().join(TMP_DIR)), 0);
         drop(store);
 
-        let other = StoreOptions { block_size: 4 * KIB, ..small() };
+        let other = small_4k();
         assert!(matches!(ChunkStore::open(dir.path(), other), Err(ChunkStoreError::BadInput(_))));
 
         // An intact header of a newer format (a downgrade) is refused, not quarantined.
