@@ -252,16 +252,16 @@ impl ChunkClient {
         &self,
         addr: &str,
         req: &ChunkRequest,
-        data: Option<Bytes>,
+        data: Vec<Bytes>,
     ) -> Result<(ChunkReply, quinn::RecvStream), ChunkError> {
         let transport = |m: String| ChunkError::Transport { addr: addr.to_string(), message: m };
         let conn = self.connection(addr).await?;
         let res = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
-            match data {
+            match data.is_empty() {
+                true => frame::write_frame(&mut send, req).await,
                 // Handed over whole: quinn sends from these bytes, no copy.
-                Some(d) => frame::write_frame_with(&mut send, req, d).await,
-                None => frame::write_frame(&mut send, req).await,
+                false => frame::write_frame_with(&mut send, req, data).await,
             }
             .map_err(|e| transport(e.to_string()))?;
             let _ = send.finish();
@@ -336,7 +336,7 @@ impl ChunkClient {
         }
         self.timed(addr, async {
             let req = ChunkRequest::Read { chunk, version, offset, len };
-            let (reply, mut recv) = self.exchange(addr, &req, None).await?;
+            let (reply, mut recv) = self.exchange(addr, &req, Vec::new()).await?;
             let n = match reply {
                 ChunkReply::Data { len: n } if n == len => n,
                 other => {
@@ -369,7 +369,7 @@ impl ChunkClient {
         let Some((head, rest)) = chain.split_first() else { return Ok(()) };
         let len = data.len() as u64;
         let req = ChunkRequest::Write { chunk, version, offset, len, chain: rest.to_vec(), create, origin, sums };
-        self.chained(head, req, Some(data)).await
+        self.chained(head, req, vec![data]).await
     }
 
     /// Writes several extents of one chunk (`(offset, len)`, sorted, not
@@ -382,14 +382,14 @@ impl ChunkClient {
         chunk: ChunkId,
         version: u64,
         extents: Vec<(u64, u64)>,
-        data: Bytes,
+        data: Vec<Bytes>,
         create: bool,
         origin: Option<(ChunkId, u64)>,
         sums: Option<BlockSums>,
     ) -> Result<(), ChunkError> {
         let Some((head, rest)) = chain.split_first() else { return Ok(()) };
         let req = ChunkRequest::WriteV { chunk, version, extents, chain: rest.to_vec(), create, origin, sums };
-        self.chained(head, req, Some(data)).await
+        self.chained(head, req, data).await
     }
 
     /// Makes a range read as zeros on every server of `chain`.
@@ -404,10 +404,10 @@ impl ChunkClient {
     ) -> Result<(), ChunkError> {
         let Some((head, rest)) = chain.split_first() else { return Ok(()) };
         let req = ChunkRequest::Zero { chunk, version, offset, len, chain: rest.to_vec(), origin };
-        self.chained(head, req, None).await
+        self.chained(head, req, Vec::new()).await
     }
 
-    async fn chained(&self, head: &str, req: ChunkRequest, data: Option<Bytes>) -> Result<(), ChunkError> {
+    async fn chained(&self, head: &str, req: ChunkRequest, data: Vec<Bytes>) -> Result<(), ChunkError> {
         self.timed(head, async { chain_reply(head, self.exchange(head, &req, data).await?.0) }).await
     }
 
@@ -429,7 +429,7 @@ impl ChunkClient {
     ) -> Result<Vec<Result<(), WireError>>, ChunkError> {
         let n = changes.len();
         self.timed(addr, async {
-            match self.exchange(addr, &ChunkRequest::SetVersions { changes }, None).await?.0 {
+            match self.exchange(addr, &ChunkRequest::SetVersions { changes }, Vec::new()).await?.0 {
                 ChunkReply::Versions(r) if r.len() == n => Ok(r),
                 other => {
                     Err(ChunkError::Transport { addr: addr.into(), message: format!("unexpected reply {other:?}") })
@@ -441,7 +441,7 @@ impl ChunkClient {
 
     async fn simple(&self, addr: &str, req: ChunkRequest) -> Result<(), ChunkError> {
         self.timed(addr, async {
-            match self.exchange(addr, &req, None).await?.0 {
+            match self.exchange(addr, &req, Vec::new()).await?.0 {
                 ChunkReply::Done => Ok(()),
                 other => {
                     Err(ChunkError::Transport { addr: addr.into(), message: format!("unexpected reply {other:?}") })
@@ -454,7 +454,7 @@ impl ChunkClient {
     /// Opens an export stream of a whole replica (no timeout: the caller
     /// bounds the transfer).
     pub async fn export(&self, addr: &str, chunk: ChunkId, version: u64) -> Result<quinn::RecvStream, ChunkError> {
-        match self.exchange(addr, &ChunkRequest::Export { chunk, version }, None).await? {
+        match self.exchange(addr, &ChunkRequest::Export { chunk, version }, Vec::new()).await? {
             (ChunkReply::Export, recv) => Ok(recv),
             (other, _) => {
                 Err(ChunkError::Transport { addr: addr.into(), message: format!("unexpected reply {other:?}") })
@@ -463,6 +463,6 @@ impl ChunkClient {
     }
 
     pub async fn status(&self, addr: &str) -> Result<ChunkReply, ChunkError> {
-        self.timed(addr, async { Ok(self.exchange(addr, &ChunkRequest::Status, None).await?.0) }).await
+        self.timed(addr, async { Ok(self.exchange(addr, &ChunkRequest::Status, Vec::new()).await?.0) }).await
     }
 }

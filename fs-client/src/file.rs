@@ -36,6 +36,7 @@ use tokio::sync::Mutex;
 use crate::chunk::{ChunkClient, ChunkError};
 use crate::client::{ClientError, MetaClient};
 use crate::proto::*;
+use crate::sparse::{seek_step, Seek, Step};
 use crate::sums::{self, BlockSums};
 
 /// Buffered bytes per file before they are sent. A send waits for its
@@ -61,6 +62,9 @@ const MAX_PIECE_ATTEMPTS: usize = 6;
 /// with the backoff, about 10 s in all, longer than a repair copy holds a
 /// chunk sealed.
 const MAX_WRITE_ATTEMPTS: usize = 14;
+/// Windows of the chunk map (each [`MAX_LAYOUT_CHUNKS`] chunks, 64 GiB
+/// with 64 MiB chunks) one `lseek` looks through at most.
+const MAX_SEEK_FETCHES: usize = 64;
 
 fn io_err(msg: impl Into<String>) -> ClientError {
     ClientError::Remote(WireError::new(ErrorCode::Io, msg))
@@ -932,23 +936,16 @@ impl FileClient {
         group: Vec<(Piece, Bytes)>,
     ) -> Result<ChunkLocation, ClientError> {
         let extents: Vec<(u64, u64)> = group.iter().map(|(p, _)| (p.offset, p.len)).collect();
-        let data = match group.as_slice() {
-            [(_, one)] => one.clone(),
-            _ => {
-                let mut all = BytesMut::with_capacity(extents.iter().map(|e| e.1 as usize).sum());
-                for (_, b) in &group {
-                    all.extend_from_slice(b);
-                }
-                all.freeze()
-            }
-        };
+        // Each extent's bytes as they are: sent one after another, not
+        // copied into one buffer first.
+        let data: Vec<Bytes> = group.into_iter().map(|(_, b)| b).collect();
         let op = |chain: Vec<String>, loc: ChunkLocation| {
             let (extents, data) = (&extents, &data);
             async move {
                 let (chunk, version, origin) = (loc.chunk, loc.version, loc.origin);
                 let sums = write_sums(chunk, extents, data).await;
-                if let [(offset, _)] = extents.as_slice() {
-                    self.chunks.write(&chain, chunk, version, *offset, data.clone(), true, origin, sums).await
+                if let ([(offset, _)], [one]) = (extents.as_slice(), data.as_slice()) {
+                    self.chunks.write(&chain, chunk, version, *offset, one.clone(), true, origin, sums).await
                 } else {
                     self.chunks.writev(&chain, chunk, version, extents.clone(), data.clone(), true, origin, sums).await
                 }
@@ -1157,6 +1154,46 @@ impl FileClient {
         st.size = Some(attr.size);
         st.pending_size = 0;
         Ok(())
+    }
+
+    /// `lseek(SEEK_DATA | SEEK_HOLE)` from `offset`, at chunk granularity
+    /// (see [`crate::sparse`]): `None` where the call fails with `ENXIO`
+    /// (no data after `offset`, or `offset` at or past the end). Buffered
+    /// writes are sent first: their chunks are made then. A search that
+    /// finds nothing in [`MAX_SEEK_FETCHES`] windows of the chunk map
+    /// answers as if the rest were data.
+    pub async fn seek(&self, ino: Ino, offset: u64, what: Seek) -> Result<Option<u64>, ClientError> {
+        self.flush(ino).await?;
+        let layout = |first: u64| async move {
+            match self.meta.read(MetaRead::Layout { ino, first, count: MAX_LAYOUT_CHUNKS }).await? {
+                ReadReply::Layout(l) => Ok(l),
+                other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+            }
+        };
+        // The cluster's chunk size, if known, to begin at the offset's chunk.
+        let cb = self.chunk_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let mut first = offset.checked_div(cb).unwrap_or(0);
+        let mut l = layout(first).await?;
+        if l.chunk_bytes != 0 && first != offset / l.chunk_bytes {
+            first = offset / l.chunk_bytes;
+            l = layout(first).await?;
+        }
+        for _ in 0..MAX_SEEK_FETCHES {
+            let present: BTreeSet<u64> = l.chunks.iter().map(|c| c.index).collect();
+            let known_end = first.saturating_add(MAX_LAYOUT_CHUNKS);
+            match seek_step(what, offset, l.attr.size, l.chunk_bytes, &present, known_end) {
+                Step::At(at) => return Ok(Some(at)),
+                Step::Nothing => return Ok(None),
+                Step::From(index) => first = index,
+            }
+            l = layout(first).await?;
+        }
+        let size = l.attr.size;
+        Ok(match what {
+            _ if offset >= size => None,
+            Seek::Data => Some(offset.max(first.saturating_mul(l.chunk_bytes)).min(size)),
+            Seek::Hole => Some(size),
+        })
     }
 
     /// Drops the cached state of a file (after unlink, or when asked).
@@ -1504,12 +1541,12 @@ const INLINE_SUM_BYTES: usize = 64 << 10;
 /// replica hashes the blocks again (see [`crate::sums`]); `None` unless
 /// every extent is whole blocks of the default size (servers with other
 /// blocks hash themselves).
-async fn write_sums(chunk: ChunkId, extents: &[(u64, u64)], data: &Bytes) -> Option<BlockSums> {
-    if data.len() <= INLINE_SUM_BYTES {
-        return sums::extent_sums(chunk, extents, data, DEFAULT_BLOCK_BYTES);
+async fn write_sums(chunk: ChunkId, extents: &[(u64, u64)], data: &[Bytes]) -> Option<BlockSums> {
+    if data.iter().map(Bytes::len).sum::<usize>() <= INLINE_SUM_BYTES {
+        return sums::piece_sums(chunk, extents, data, DEFAULT_BLOCK_BYTES);
     }
-    let (extents, data) = (extents.to_vec(), data.clone());
-    tokio::task::spawn_blocking(move || sums::extent_sums(chunk, &extents, &data, DEFAULT_BLOCK_BYTES))
+    let (extents, data) = (extents.to_vec(), data.to_vec());
+    tokio::task::spawn_blocking(move || sums::piece_sums(chunk, &extents, &data, DEFAULT_BLOCK_BYTES))
         .await
         .ok()
         .flatten()

@@ -34,17 +34,18 @@ pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, msg: &T) ->
     send.write_all(&bytes).await.map_err(|e| FrameError::Stream(e.to_string()))
 }
 
-/// Writes one frame followed by `data` (bulk bytes, not copied) in one
-/// call, so that a small request or reply and its data leave in one
+/// Writes one frame followed by the pieces of `data` (bulk bytes, not
+/// copied) in one call, so that a small request or reply and its data leave in one
 /// datagram rather than the frame alone first (the connection's driver,
 /// on another thread, sends whatever is queued as soon as it is woken).
 pub async fn write_frame_with<T: Serialize>(
     send: &mut quinn::SendStream,
     msg: &T,
-    data: bytes::Bytes,
+    data: impl IntoIterator<Item = bytes::Bytes>,
 ) -> Result<(), FrameError> {
-    let head = bytes::Bytes::from(encode(msg)?);
-    send.write_all_chunks(&mut [head, data]).await.map_err(|e| FrameError::Stream(e.to_string()))
+    let mut all = vec![bytes::Bytes::from(encode(msg)?)];
+    all.extend(data);
+    send.write_all_chunks(&mut all).await.map_err(|e| FrameError::Stream(e.to_string()))
 }
 
 /// Reads one frame; [`FrameError::Closed`] when the stream ended cleanly

@@ -24,6 +24,7 @@ pub mod frame;
 pub mod fuse;
 pub mod nbd;
 pub mod proto;
+pub mod sparse;
 pub mod sums;
 pub mod tls;
 pub mod up;

@@ -129,6 +129,11 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
+    /// Space the file's data takes, in 512-byte units (`st_blocks`), kept
+    /// by the metadata service at chunk granularity: each chunk allocated
+    /// counts whole, up to the end of the file; holes count nothing. 0 for
+    /// other kinds.
+    pub blocks: u64,
     pub atime: Timespec,
     pub mtime: Timespec,
     pub ctime: Timespec,

@@ -65,20 +65,44 @@ pub fn whole_blocks(extents: &[(u64, u64)], block_bytes: u64) -> Option<u64> {
 /// after another in `data`) in blocks of `block_bytes`, all-zero blocks as
 /// [`ZERO_SUM`]; `None` unless every extent is whole blocks.
 pub fn extent_sums(id: ChunkId, extents: &[(u64, u64)], data: &[u8], block_bytes: u64) -> Option<BlockSums> {
+    if extents.iter().map(|e| e.1).sum::<u64>() != data.len() as u64 {
+        return None;
+    }
+    let mut at = 0usize;
+    let pieces: Vec<&[u8]> = extents
+        .iter()
+        .map(|&(_, len)| {
+            let piece = &data[at..at + len as usize];
+            at += len as usize;
+            piece
+        })
+        .collect();
+    piece_sums(id, extents, &pieces, block_bytes)
+}
+
+/// [`extent_sums`] with each extent's bytes apart: `pieces[i]` holds
+/// `extents[i]`'s.
+pub fn piece_sums<D: AsRef<[u8]>>(
+    id: ChunkId,
+    extents: &[(u64, u64)],
+    pieces: &[D],
+    block_bytes: u64,
+) -> Option<BlockSums> {
     let block_bytes_u32 = u32::try_from(block_bytes).ok()?;
     let blocks = whole_blocks(extents, block_bytes)?;
-    if blocks == 0 || blocks * block_bytes != data.len() as u64 || blocks > MAX_SUMS as u64 {
+    if blocks == 0 || blocks > MAX_SUMS as u64 || pieces.len() != extents.len() {
+        return None;
+    }
+    if extents.iter().zip(pieces).any(|(e, p)| e.1 != p.as_ref().len() as u64) {
         return None;
     }
     let bs = block_bytes as usize;
-    let mut sums = Vec::with_capacity(data.len() / bs);
-    let mut at = 0usize;
-    for &(offset, len) in extents {
+    let mut sums = Vec::with_capacity(blocks as usize);
+    for (&(offset, _), piece) in extents.iter().zip(pieces) {
         let first = offset / block_bytes;
-        for (i, block) in data[at..at + len as usize].chunks_exact(bs).enumerate() {
+        for (i, block) in piece.as_ref().chunks_exact(bs).enumerate() {
             sums.push(if is_zero(block) { ZERO_SUM } else { block_sum(id, first + i as u64, block) });
         }
-        at += len as usize;
     }
     Some(BlockSums { block_bytes: block_bytes_u32, sums })
 }

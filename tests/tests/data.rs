@@ -451,7 +451,7 @@ async fn vectored_writes_land_whole_or_not_at_all() {
     for bad in [vec![(0u64, 8u64), (4, 8)], vec![(100, 8), (0, 8)], vec![(0, 8), (chunk_bytes - 4, 8)]] {
         let n: u64 = bad.iter().map(|e| e.1).sum();
         let data = Bytes::from(vec![0xEE; n as usize]);
-        let r = chunks.writev(&chain, loc.chunk, loc.version, bad.clone(), data, false, None, None).await;
+        let r = chunks.writev(&chain, loc.chunk, loc.version, bad.clone(), vec![data], false, None, None).await;
         assert_eq!(r.expect_err("a malformed write was accepted").code(), ErrorCode::BadRequest, "{bad:?}");
     }
     for r in &loc.replicas {
@@ -462,7 +462,10 @@ async fn vectored_writes_land_whole_or_not_at_all() {
     phase("a good one lands on every replica");
     let extents = vec![(0u64, 4u64), (4096, 8), (MIB - 3, 3)];
     let data = Bytes::from_static(b"AAAABBBBBBBBCCC");
-    chunks.writev(&chain, loc.chunk, loc.version, extents.clone(), data.clone(), false, None, None).await.unwrap();
+    // Handed over in pieces that do not follow the extents: the bytes go
+    // one after another all the same.
+    let pieces = vec![data.slice(..6), data.slice(6..)];
+    chunks.writev(&chain, loc.chunk, loc.version, extents.clone(), pieces, false, None, None).await.unwrap();
     land(&mut want, &extents, &data);
     assert_replicas(&chunks, &loc, &want, "the vectored write").await;
 
@@ -471,11 +474,12 @@ async fn vectored_writes_land_whole_or_not_at_all() {
     let data = Bytes::from(pattern(4, 12288));
     let sums = fs_client::sums::extent_sums(loc.chunk, &extents, &data, 4096).expect("whole blocks");
     let short = fs_client::sums::BlockSums { block_bytes: 4096, sums: sums.sums[1..].to_vec() };
-    let r =
-        chunks.writev(&chain, loc.chunk, loc.version, extents.clone(), data.clone(), false, None, Some(short)).await;
+    let r = chunks
+        .writev(&chain, loc.chunk, loc.version, extents.clone(), vec![data.clone()], false, None, Some(short))
+        .await;
     assert_eq!(r.expect_err("sums that do not fit were taken").code(), ErrorCode::BadRequest);
     chunks
-        .writev(&chain, loc.chunk, loc.version, extents.clone(), data.clone(), false, None, Some(sums))
+        .writev(&chain, loc.chunk, loc.version, extents.clone(), vec![data.clone()], false, None, Some(sums))
         .await
         .unwrap();
     land(&mut want, &extents, &data);

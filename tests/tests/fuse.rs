@@ -1060,6 +1060,83 @@ async fn open_files_outlive_their_names() {
     assert!(m.log().contains("unmounted"), "{}", m.log());
 }
 
+/// `lseek(fd, offset, whence)`: the offset, or the errno.
+fn seek(f: &fs::File, offset: u64, whence: i32) -> Result<u64, i32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open descriptor.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(r as u64)
+    }
+}
+
+/// Goal: sparse files look sparse, as tools that copy or back up disk
+/// images expect: `st_blocks` counts allocated chunks only, and
+/// `SEEK_DATA`/`SEEK_HOLE` find them (at chunk granularity: 1 MiB here).
+/// Method: data in chunks 0 and 5 of a 12 MiB file; stat, lseek, and
+/// `cp --sparse=auto` out of the mount (it skips the holes it is told).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_files_show_their_holes() {
+    if !fuse_available() {
+        return;
+    }
+    let (_cluster, config, logs) = start_cluster().await;
+    let m = Mount::start(&config, &logs);
+    use std::os::unix::fs::FileExt;
+
+    phase("stat counts the allocated chunks, not the size");
+    let p = m.path("disk.img");
+    let f = fs::OpenOptions::new().read(true).write(true).create_new(true).open(&p).expect("create");
+    f.write_all_at(&pattern(1, 4096), 0).expect("write chunk 0");
+    f.write_all_at(&pattern(2, 4096), 5 * MIB as u64 + 100).expect("write chunk 5");
+    f.set_len(12 * MIB as u64).expect("extend");
+    f.sync_all().expect("fsync");
+    drop(f);
+    let want = 2 * MIB as u64 / 512;
+    let mut blocks = 0;
+    let settled = wait_until(Duration::from_secs(5), || {
+        blocks = fs::metadata(&p).map(|s| s.blocks()).unwrap_or(0);
+        blocks == want
+    });
+    assert!(settled, "st_blocks {blocks}, want {want} (two 1 MiB chunks)\n{}", m.log());
+    assert_eq!(fs::metadata(&p).expect("stat").len(), 12 * MIB as u64);
+
+    phase("SEEK_DATA and SEEK_HOLE find the chunks");
+    let f = fs::File::open(&p).expect("open");
+    let (data, hole) = (libc::SEEK_DATA, libc::SEEK_HOLE);
+    let mib = MIB as u64;
+    assert_eq!(seek(&f, 0, data), Ok(0));
+    assert_eq!(seek(&f, 100, hole), Ok(mib));
+    assert_eq!(seek(&f, mib, data), Ok(5 * mib));
+    assert_eq!(seek(&f, 5 * mib + 7, data), Ok(5 * mib + 7));
+    assert_eq!(seek(&f, 5 * mib, hole), Ok(6 * mib));
+    assert_eq!(seek(&f, 6 * mib, data), Err(libc::ENXIO), "no data after the last chunk");
+    assert_eq!(seek(&f, 7 * mib, hole), Ok(7 * mib));
+    assert_eq!(seek(&f, 12 * mib, hole), Err(libc::ENXIO), "at the end");
+    drop(f);
+
+    phase("writes not yet sent count as data");
+    let q = m.path("fresh");
+    let g = fs::OpenOptions::new().read(true).write(true).create_new(true).open(&q).expect("create");
+    g.write_all_at(b"buffered", 3 * mib + 5).expect("write");
+    assert_eq!(seek(&g, 0, data), Ok(3 * mib));
+    assert_eq!(seek(&g, 0, hole), Ok(0));
+    drop(g);
+
+    phase("cp copies the data and leaves the holes where the mount says they are");
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let copy = out_dir.path().join("disk.img");
+    let out = Command::new("cp").arg("--sparse=auto").arg(&p).arg(&copy).output().expect("cp");
+    assert!(out.status.success(), "cp: {}", stderr(&out));
+    assert!(fs::read(&copy).expect("read copy") == fs::read(&p).expect("read"), "the copy differs");
+    let copied = fs::metadata(&copy).expect("stat copy").blocks();
+    // `auto` makes holes only where the source reports them (zeros read
+    // are written): a copy of the whole size would take 24,576 blocks.
+    assert!(copied <= want + 64, "the copy takes {copied} blocks, more than the {want} of the data");
+}
+
 /// Whether inode `ino` is gone (NotFound) within 10 s.
 async fn freed(client: &fs_client::client::MetaClient, ino: u64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);

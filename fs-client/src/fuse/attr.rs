@@ -58,7 +58,7 @@ pub fn file_attr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
-        blocks: a.size.div_ceil(512),
+        blocks: a.blocks,
         atime: system_time(a.atime),
         mtime: system_time(a.mtime),
         ctime: system_time(a.ctime),
@@ -140,6 +140,7 @@ mod tests {
             uid: 1000,
             gid: 100,
             size: 1025,
+            blocks: 3,
             atime: Timespec { secs: 1, nanos: 2 },
             mtime: Timespec { secs: 3, nanos: 4 },
             ctime: Timespec { secs: 5, nanos: 6 },
@@ -149,7 +150,7 @@ mod tests {
         };
         let f = file_attr(&a);
         assert_eq!(f.ino, INodeNo(7));
-        assert_eq!(f.blocks, 3, "ceil(1025 / 512)");
+        assert_eq!(f.blocks, 3);
         assert_eq!(f.perm, 0o4755, "type bits stripped");
         assert_eq!(f.kind, FileType::RegularFile);
         assert_eq!(timespec(f.mtime), a.mtime);

@@ -37,6 +37,7 @@ use super::watch::{Inval, Notice};
 use crate::client::{ClientError, MetaClient};
 use crate::file::FileClient;
 use crate::proto::*;
+use crate::sparse::Seek;
 
 /// How long the kernel may trust an entry or attributes without asking.
 pub const TTL: Duration = Duration::from_secs(1);
@@ -1137,23 +1138,23 @@ impl Filesystem for LocusFs {
     }
 
     fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        // The kernel asks only for SEEK_DATA and SEEK_HOLE. Holes are not
-        // reported: the whole file is data, with one hole at the end.
-        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
-            return reply.error(Errno::EINVAL);
-        }
-        if offset < 0 {
-            return reply.error(Errno::ENXIO);
-        }
+        // The kernel asks only for SEEK_DATA and SEEK_HOLE; holes are
+        // unallocated chunks (see `crate::sparse`).
+        let what = match whence {
+            libc::SEEK_DATA => Seek::Data,
+            libc::SEEK_HOLE => Seek::Hole,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let Ok(offset) = u64::try_from(offset) else { return reply.error(Errno::ENXIO) };
         self.spawn(move |s| async move {
-            let size = match s.files.size(ino.0).await {
-                Ok(n) => n,
-                Err(e) => return reply.error(fail("lseek", ino.0, &e)),
-            };
-            if offset as u64 >= size {
-                return reply.error(Errno::ENXIO);
+            match s.files.seek(ino.0, offset, what).await {
+                Ok(Some(at)) => match i64::try_from(at) {
+                    Ok(at) => reply.offset(at),
+                    Err(_) => reply.error(Errno::EOVERFLOW),
+                },
+                Ok(None) => reply.error(Errno::ENXIO),
+                Err(e) => reply.error(fail("lseek", ino.0, &e)),
             }
-            reply.offset(if whence == libc::SEEK_DATA { offset } else { size as i64 })
         });
     }
 

@@ -194,6 +194,7 @@ mod tests {
             uid: 0,
             gid: 0,
             size: 0,
+            blocks: 0,
             atime: Timespec::default(),
             mtime: Timespec::default(),
             ctime: Timespec::default(),

@@ -376,7 +376,7 @@ impl Server {
                     match self.read(chunk, version, offset, len).await {
                         Ok(data) => {
                             let hdr: ChunkResponse = Ok(ChunkReply::Data { len: data.len() as u64 });
-                            let _ = frame::write_frame_with(&mut send, &hdr, Bytes::from(data)).await;
+                            let _ = frame::write_frame_with(&mut send, &hdr, [Bytes::from(data)]).await;
                             let _ = send.finish();
                             self.metrics.observe(op, started.elapsed(), None);
                             return;

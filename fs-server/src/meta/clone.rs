@@ -80,6 +80,8 @@ impl Copier {
             qdir: self.realm,
             quota: None,
             immutable: self.snapshot,
+            // Counted as the copy's chunk slots are planned.
+            chunks: 0,
         };
         let prefix = keys::xattr_prefix(rec.attr.ino);
         let end = raft::kv::prefix_end(&prefix).expect("prefix has a non-0xFF byte");

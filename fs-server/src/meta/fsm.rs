@@ -138,6 +138,10 @@ pub struct InodeRec {
     /// (`ReadOnly`). Its entry in a writable directory may still be renamed
     /// or removed.
     pub immutable: bool,
+    /// Chunk slots of this file that hold a chunk: kept by the commit of
+    /// every operation that adds or drops one ([`Planned::settle`]), for
+    /// `attr.blocks`.
+    pub chunks: u64,
 }
 
 /// A stored directory entry.
@@ -429,6 +433,66 @@ impl<'k> Work<'k> {
 }
 
 impl Planned {
+    /// Brings the chunk counts and `attr.blocks` of the inodes this plan
+    /// touches up to date: an inode whose chunk slots change is loaded if
+    /// the plan has not (so it is written too), and every file inode
+    /// written gets its blocks from its chunks and size. Before `commit`,
+    /// with the stored state still the one planned against.
+    fn settle(&mut self, kv: &dyn KvRead) -> Result<(), KvError> {
+        let mut delta: BTreeMap<Ino, i64> = BTreeMap::new();
+        for (&(ino, index), c) in &self.file_chunks {
+            let had = kv.get(&keys::file_chunk(ino, index))?.is_some();
+            let d = i64::from(c.is_some()) - i64::from(had);
+            if d != 0 {
+                *delta.entry(ino).or_default() += d;
+            }
+        }
+        for (ino, d) in delta {
+            let entry = match self.inodes.entry(ino) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => match load_inode(kv, ino)? {
+                    Some(rec) => e.insert(Some(rec)),
+                    None => continue,
+                },
+            };
+            if let Some(rec) = entry {
+                rec.chunks = rec.chunks.saturating_add_signed(d);
+            }
+        }
+        let mut cb = None;
+        for (&ino, rec) in self.inodes.iter_mut() {
+            let Some(rec) = rec.as_mut().filter(|r| r.attr.kind == FileKind::File) else { continue };
+            let cb = match cb {
+                Some(cb) => cb,
+                None => *cb.insert(super::data::chunk_bytes(kv)?),
+            };
+            let size = rec.attr.size;
+            let last = size.checked_sub(1).and_then(|e| e.checked_div(cb));
+            let last_present = match last {
+                None => false,
+                Some(last) => match self.file_chunks.get(&(ino, last)) {
+                    Some(c) => c.is_some(),
+                    None => kv.get(&keys::file_chunk(ino, last))?.is_some(),
+                },
+            };
+            rec.attr.blocks = allocated_blocks(size, cb, rec.chunks, last_present);
+        }
+        Ok(())
+    }
+
+    /// Puts the settled `blocks` into an attribute this plan's reply carries.
+    fn patch_reply(&self, reply: &mut OpReply) {
+        let attr = match reply {
+            OpReply::Attr(a) => a,
+            OpReply::Layout(l) => &mut l.attr,
+            OpReply::Cloned(c) => &mut c.attr,
+            _ => return,
+        };
+        if let Some(Some(rec)) = self.inodes.get(&attr.ino) {
+            attr.blocks = rec.attr.blocks;
+        }
+    }
+
     /// Writes the plan and records the changes it makes.
     fn commit(self, txn: &mut Txn<'_>, changes: &mut Vec<Change>) -> Result<(), KvError> {
         for ino in self.drop_xattrs {
@@ -538,6 +602,18 @@ pub(super) fn writable(rec: &InodeRec) -> Plan<()> {
     Ok(())
 }
 
+/// `st_blocks` of a file of `size` bytes with `chunks` of its chunk slots
+/// allocated, chunks of `chunk_bytes`; `last_present`: whether the slot
+/// holding its last byte is one of them (it counts only up to the end).
+pub fn allocated_blocks(size: u64, chunk_bytes: u64, chunks: u64, last_present: bool) -> u64 {
+    if chunk_bytes == 0 {
+        return size.div_ceil(512);
+    }
+    let tail = if last_present { (size - 1) % chunk_bytes + 1 } else { 0 };
+    let full = chunks.saturating_sub(u64::from(last_present));
+    full.saturating_mul(chunk_bytes).saturating_add(tail).min(size).div_ceil(512)
+}
+
 fn new_attr(ino: Ino, kind: FileKind, perm: u32, caller: Caller, gid: u32, now: Timespec, index: u64) -> Attr {
     Attr {
         ino,
@@ -547,6 +623,7 @@ fn new_attr(ino: Ino, kind: FileKind, perm: u32, caller: Caller, gid: u32, now: 
         uid: caller.uid,
         gid,
         size: 0,
+        blocks: 0,
         atime: now,
         mtime: now,
         ctime: now,
@@ -626,6 +703,7 @@ impl Namespace {
             qdir: realm,
             quota: None,
             immutable: false,
+            chunks: 0,
         };
         w.put_inode(rec);
         w.put_dentry(parent, name, DentryRec { ino, kind });
@@ -1224,7 +1302,10 @@ impl Namespace {
             (outcome, w.p)
         };
         match outcome {
-            Ok(reply) => {
+            Ok(mut reply) => {
+                let mut planned = planned;
+                planned.settle(&*txn)?;
+                planned.patch_reply(&mut reply);
                 planned.commit(txn, changes)?;
                 Ok(Ok(reply))
             }
@@ -1248,6 +1329,7 @@ impl Namespace {
             qdir: 0,
             quota: None,
             immutable: false,
+            chunks: 0,
         };
         txn.put(keys::inode(ROOT_INO), enc(&rec));
         set_counter(txn, INODE_COUNT, get_counter(txn, INODE_COUNT)? + 1);
@@ -1324,6 +1406,8 @@ impl StateMachineLogic for Namespace {
                 };
                 replies.push(match outcome {
                     Ok(r) => {
+                        let mut planned = planned;
+                        planned.settle(&*txn)?;
                         planned.commit(txn, &mut changes)?;
                         Ok(r)
                     }

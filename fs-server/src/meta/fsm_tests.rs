@@ -1286,3 +1286,56 @@ fn open_files_losing_their_last_name_are_kept_until_released() {
     assert!(fs.read(MetaRead::GetAttr { ino: b }).is_err(), "lapsed: reaped");
     assert!(!fs.kv.map.keys().any(|k| k[0] == b'O'));
 }
+
+#[test]
+fn blocks_count_allocated_chunks_up_to_the_end() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let f = ino_of(fs.op(create(ROOT_INO, "f")));
+    let blocks = |fs: &Fs| fs.resolve("/f").unwrap().blocks;
+    assert_eq!(blocks(&fs), 0, "empty");
+    layout(fs.prepare(f, 0, 10));
+    fs.op(MetaOp::ExtendSize { ino: f, size: 10 }).unwrap();
+    assert_eq!(blocks(&fs), 1, "10 bytes in one chunk");
+    // A chunk far out: the hole between counts nothing, the last chunk
+    // only up to the end. The reply says so too.
+    layout(fs.prepare(f, 5 * CB, 10));
+    let a = match fs.op(MetaOp::ExtendSize { ino: f, size: 5 * CB + 10 }).unwrap() {
+        OpReply::Attr(a) => a,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(a.blocks, CB / 512 + 1);
+    assert_eq!(blocks(&fs), CB / 512 + 1);
+    // Cut below the far chunk: it goes, the first counts whole.
+    fs.op(MetaOp::SetAttr { ino: f, set: SetAttr { size: Some(3 * CB), ..Default::default() } }).unwrap();
+    assert_eq!(blocks(&fs), CB / 512);
+    // Extending makes holes only.
+    fs.op(MetaOp::SetAttr { ino: f, set: SetAttr { size: Some(40 * CB), ..Default::default() } }).unwrap();
+    assert_eq!(blocks(&fs), CB / 512);
+    // A clone shares the chunks and counts them too; the source keeps its count.
+    let c = cloned(fs.op(clone_op(f, ROOT_INO, "c", false)));
+    assert_eq!(c.attr.blocks, CB / 512, "the reply");
+    assert_eq!(fs.resolve("/c").unwrap().blocks, CB / 512);
+    assert_eq!(blocks(&fs), CB / 512);
+    // Written through: the count follows the chunk map.
+    let g = fs.file_with_chunks(ROOT_INO, "g", 3);
+    assert_eq!(fs.resolve("/g").unwrap().blocks, 3 * CB / 512);
+    fs.op(MetaOp::SetAttr { ino: g, set: SetAttr { size: Some(0), ..Default::default() } }).unwrap();
+    assert_eq!(fs.resolve("/g").unwrap().blocks, 0);
+    // Directories and symlinks take none.
+    assert_eq!(fs.resolve("/").unwrap().blocks, 0);
+}
+
+#[test]
+fn allocated_blocks_edges() {
+    use super::fsm::allocated_blocks;
+    assert_eq!(allocated_blocks(0, 64, 0, false), 0);
+    assert_eq!(allocated_blocks(1, 64, 1, true), 1);
+    assert_eq!(allocated_blocks(64 << 20, 1 << 20, 64, true), (64 << 20) / 512);
+    // The last chunk absent: the others count whole.
+    assert_eq!(allocated_blocks((3 << 20) + 5, 1 << 20, 2, false), (2 << 20) / 512);
+    // More chunks than the size covers (never kept so): capped by the size.
+    assert_eq!(allocated_blocks(1000, 1 << 20, 5, false), 2);
+    // No chunk size known: the size.
+    assert_eq!(allocated_blocks(1025, 0, 0, false), 3);
+}
