@@ -510,7 +510,7 @@ impl FileClient {
             return Ok(());
         }
         offset.checked_add(data.len() as u64).filter(|e| *e <= 1 << 60).ok_or_else(|| {
-            ClientError::Remote(WireError::new(ErrorCode::TooBig, "write past the largest file size"))
+            ClientError::Remote(WireError::new(ErrorCode::FileTooBig, "write past the largest file size"))
         })?;
         let f = self.file(ino);
         // While the file's buffer is being sent the write is taken without

@@ -1081,6 +1081,9 @@ pub enum ErrorCode {
     Internal,
     /// The inode is read-only (part of a snapshot).
     ReadOnly,
+    /// A size or offset past the largest file (EFBIG; `TooBig` is for
+    /// requests and values, E2BIG).
+    FileTooBig,
     /// A code this build does not know (a newer server).
     Unknown(u16),
 }
@@ -1110,6 +1113,7 @@ impl ErrorCode {
             ErrorCode::TooManyLinks => 20,
             ErrorCode::Io => 21,
             ErrorCode::ReadOnly => 22,
+            ErrorCode::FileTooBig => 23,
             ErrorCode::NotLeader => 100,
             ErrorCode::Unavailable => 101,
             ErrorCode::Timeout => 102,
@@ -1146,6 +1150,7 @@ impl ErrorCode {
             ErrorCode::Timeout => libc::ETIMEDOUT,
             ErrorCode::Unauthorized => libc::EACCES,
             ErrorCode::ReadOnly => libc::EROFS,
+            ErrorCode::FileTooBig => libc::EFBIG,
             ErrorCode::Io
             | ErrorCode::NotLeader
             | ErrorCode::Unavailable
@@ -1169,7 +1174,7 @@ impl From<ErrorCode> for u16 {
 
 impl From<u16> for ErrorCode {
     fn from(c: u16) -> ErrorCode {
-        const KNOWN: [ErrorCode; 28] = [
+        const KNOWN: [ErrorCode; 29] = [
             ErrorCode::NotFound,
             ErrorCode::Exists,
             ErrorCode::NotDir,
@@ -1198,6 +1203,7 @@ impl From<u16> for ErrorCode {
             ErrorCode::BadRequest,
             ErrorCode::Internal,
             ErrorCode::ReadOnly,
+            ErrorCode::FileTooBig,
         ];
         KNOWN.into_iter().find(|k| k.as_u16() == c).unwrap_or(ErrorCode::Unknown(c))
     }
@@ -1271,6 +1277,8 @@ mod tests {
         }
         assert_eq!(ErrorCode::NotFound.as_u16(), 1);
         assert_eq!(ErrorCode::NotLeader.as_u16(), 100);
+        assert_eq!(ErrorCode::FileTooBig.as_u16(), 23);
+        assert_eq!(ErrorCode::FileTooBig.errno(), libc::EFBIG);
         let e = WireError::new(ErrorCode::NotEmpty, "x");
         let b = postcard::to_allocvec(&e).unwrap();
         let back: WireError = postcard::from_bytes(&b).unwrap();

@@ -1077,6 +1077,7 @@ fn seek(f: &fs::File, offset: u64, whence: i32) -> Result<u64, i32> {
 /// `SEEK_DATA`/`SEEK_HOLE` find them (at chunk granularity: 1 MiB here).
 /// Method: data in chunks 0 and 5 of a 12 MiB file; stat, lseek, and
 /// `cp --sparse=auto` out of the mount (it skips the holes it is told).
+/// Sizes past the largest file fail with EFBIG.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sparse_files_show_their_holes() {
     if !fuse_available() {
@@ -1124,6 +1125,13 @@ async fn sparse_files_show_their_holes() {
     assert_eq!(seek(&g, 0, data), Ok(3 * mib));
     assert_eq!(seek(&g, 0, hole), Ok(0));
     drop(g);
+
+    phase("a size past the largest file is EFBIG, as on a local filesystem");
+    let big = fs::OpenOptions::new().write(true).open(&q).expect("open");
+    assert_eq!(errno_of(big.set_len((1 << 60) + 1)), Some(libc::EFBIG));
+    assert_eq!(errno_of(big.write_all_at(b"x", 1 << 60)), Some(libc::EFBIG));
+    assert_eq!(big.metadata().expect("fstat").len(), 3 * mib + 13, "unchanged");
+    drop(big);
 
     phase("cp copies the data and leaves the holes where the mount says they are");
     let out_dir = tempfile::tempdir().expect("tempdir");

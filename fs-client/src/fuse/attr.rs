@@ -101,6 +101,7 @@ pub fn is_expected(e: &ClientError) -> bool {
             | NoData
             | Range
             | TooBig
+            | FileTooBig
             | Loop
             | CrossDevice
             | QuotaExceeded

@@ -30,7 +30,7 @@ impl From<ClientError> for BackendError {
             // Busy: another client holds the image's write lease.
             ErrorCode::NotPermitted | ErrorCode::PermissionDenied | ErrorCode::Unauthorized | ErrorCode::Busy => EPERM,
             // The spec asks for EDQUOT and EFBIG to become ENOSPC.
-            ErrorCode::NoSpace | ErrorCode::QuotaExceeded | ErrorCode::TooBig => ENOSPC,
+            ErrorCode::NoSpace | ErrorCode::QuotaExceeded | ErrorCode::TooBig | ErrorCode::FileTooBig => ENOSPC,
             ErrorCode::Invalid | ErrorCode::Range => EINVAL,
             _ => EIO,
         };

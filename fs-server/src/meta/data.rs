@@ -247,7 +247,7 @@ pub(super) fn prepare_write(
     let end = offset
         .checked_add(len)
         .filter(|e| *e <= MAX_FILE_BYTES)
-        .ok_or_else(|| err(ErrorCode::TooBig, format!("a file may not exceed {MAX_FILE_BYTES} bytes")))?;
+        .ok_or_else(|| err(ErrorCode::FileTooBig, format!("a file may not exceed {MAX_FILE_BYTES} bytes")))?;
     let (first, last) = (offset / cb, (end - 1) / cb);
     if last - first + 1 > MAX_LAYOUT_CHUNKS {
         return Err(Fail::Op(err(ErrorCode::TooBig, format!("one write may span at most {MAX_LAYOUT_CHUNKS} chunks"))));
@@ -303,7 +303,7 @@ pub(super) fn extend_size(w: &mut Work<'_>, ino: Ino, size: u64, now: Timespec) 
     let mut rec = must_file(w, ino)?;
     writable(&rec)?;
     if size > MAX_FILE_BYTES {
-        return Err(Fail::Op(err(ErrorCode::TooBig, format!("a file may not exceed {MAX_FILE_BYTES} bytes"))));
+        return Err(Fail::Op(err(ErrorCode::FileTooBig, format!("a file may not exceed {MAX_FILE_BYTES} bytes"))));
     }
     if size > rec.attr.size {
         charge(w, rec.qdir, (size - rec.attr.size) as i64, 0, true)?;
@@ -322,7 +322,7 @@ pub(super) fn extend_size(w: &mut Work<'_>, ino: Ino, size: u64, now: Timespec) 
 /// follow. The caller then stores the new size.
 pub(super) fn resize(w: &mut Work<'_>, rec: &InodeRec, size: u64) -> Plan<()> {
     if size > MAX_FILE_BYTES {
-        return Err(Fail::Op(err(ErrorCode::TooBig, format!("a file may not exceed {MAX_FILE_BYTES} bytes"))));
+        return Err(Fail::Op(err(ErrorCode::FileTooBig, format!("a file may not exceed {MAX_FILE_BYTES} bytes"))));
     }
     let old = rec.attr.size;
     if size < old {
