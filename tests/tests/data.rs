@@ -131,6 +131,66 @@ async fn kill_a_chunk_server_during_writes() {
     assert!(read_all(&cluster.files(), ino).await == written);
 }
 
+/// Goal: a chunk server that stops answering without dying (SIGSTOP: a
+/// hung process, a link that drops everything) is written around like a
+/// dead one: no write or fsync hangs, every flushed byte reads back while
+/// it is stopped and after it comes back, and once back its stale copies
+/// are replaced until every chunk has three again.
+/// Method: three servers, so every chunk has a copy on the stopped one;
+/// 1 MiB chunks; 256 KiB records appended with fsync, each bounded by a
+/// timeout; server 2 stopped after 8 records (it must show as down) and
+/// resumed after the last; reads checked in both states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_chunk_server_is_written_around() {
+    init_logging();
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let ino = create(&c, ROOT_INO, "log").await;
+    // Longer than the transport's silence timeout (5 s) and a retry, far
+    // shorter than a hang.
+    let bound = Duration::from_secs(40);
+
+    phase("append 256 KiB records with fsync; SIGSTOP server 2 after a few");
+    let mut written = Vec::new();
+    let mut stopped_at = None;
+    for i in 0..24u64 {
+        if i == 8 {
+            cluster.pause_chunk(2);
+            stopped_at = Some(Instant::now());
+        }
+        let rec = pattern(300 + i, 256 * 1024);
+        let step = async {
+            f.write(ino, written.len() as u64, Bytes::from(rec.clone())).await?;
+            f.fsync(ino).await
+        };
+        match tokio::time::timeout(bound, step).await {
+            Ok(r) => r.unwrap_or_else(|e| panic!("record {i}: {e}\n{}", cluster.logs_tail())),
+            Err(_) => panic!("record {i} hung with server 2 stopped\n{}", cluster.logs_tail()),
+        }
+        written.extend_from_slice(&rec);
+    }
+    let stopped_for = stopped_at.expect("stopped").elapsed();
+    assert!(stopped_for >= Duration::from_secs(3), "no write waited for the stopped server ({stopped_for:?})");
+
+    phase("it shows as down; every flushed byte reads back meanwhile");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.health().await.unwrap().servers.iter().any(|s| !s.alive) {
+        assert!(Instant::now() < deadline, "the stopped server never showed as down");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = tokio::time::timeout(bound * 2, read_all(&cluster.files(), ino)).await.expect("reads hung");
+    assert!(got == written, "a read while server 2 is stopped differs");
+
+    phase("resumed: its stale copies are never served, and every chunk gets three copies again");
+    cluster.resume_chunk(2);
+    cluster.wait_fully_replicated(Duration::from_secs(90)).await.expect("repair");
+    for ch in &layout(&c, ino).await.chunks {
+        let servers: BTreeSet<u64> = ch.replicas.iter().map(|r| r.server).collect();
+        assert_eq!(servers.len(), 3, "chunk {} has {:?}", ch.chunk, servers);
+    }
+    assert!(read_all(&cluster.files(), ino).await == written, "a read after the resume differs");
+}
+
 /// Goal: hole punches (NBD trim, `fallocate`) keep working through a kill
 /// -9 of a chunk server, the repair copies that follow it (a chunk sealed
 /// at a new version until the metadata lists the copy) and the server's
