@@ -1118,6 +1118,7 @@ async fn sparse_files_show_their_holes() {
     assert_eq!(seek(&f, 12 * mib, hole), Err(libc::ENXIO), "at the end");
     drop(f);
 
+    let out_dir_for_tar = tempfile::tempdir().expect("tempdir");
     phase("writes not yet sent count as data");
     let q = m.path("fresh");
     let g = fs::OpenOptions::new().read(true).write(true).create_new(true).open(&q).expect("create");
@@ -1125,6 +1126,29 @@ async fn sparse_files_show_their_holes() {
     assert_eq!(seek(&g, 0, data), Ok(3 * mib));
     assert_eq!(seek(&g, 0, hole), Ok(0));
     drop(g);
+
+    phase("tar --sparse archives data this mount has not sent yet");
+    let t = m.path("unsent");
+    let h = fs::OpenOptions::new().read(true).write(true).create_new(true).open(&t).expect("create");
+    h.write_all_at(&pattern(3, 8192), 4096).expect("write");
+    assert!(fs::metadata(&t).expect("stat").blocks() > 0, "0 blocks: tar would take it for all holes");
+    let arch = out_dir_for_tar.path().join("a.tar");
+    let out = Command::new("tar")
+        .arg("--sparse")
+        .arg("-cf")
+        .arg(&arch)
+        .arg("-C")
+        .arg(&m.dir)
+        .arg("unsent")
+        .output()
+        .expect("tar");
+    assert!(out.status.success(), "tar: {}", stderr(&out));
+    drop(h);
+    let x = out_dir_for_tar.path().join("x");
+    fs::create_dir(&x).expect("mkdir");
+    let out = Command::new("tar").arg("-xf").arg(&arch).arg("-C").arg(&x).output().expect("untar");
+    assert!(out.status.success(), "untar: {}", stderr(&out));
+    assert!(fs::read(x.join("unsent")).expect("read") == fs::read(&t).expect("read"), "tar lost the unsent data");
 
     phase("a size past the largest file is EFBIG, as on a local filesystem");
     let big = fs::OpenOptions::new().write(true).open(&q).expect("open");

@@ -53,12 +53,25 @@ pub fn set_time(t: fuser::TimeOrNow) -> SetTime {
     }
 }
 
+/// `st_blocks` as the kernel is told it: the metadata's count, but never 0
+/// for a regular file with bytes in it. Data this mount has not sent yet
+/// has no chunk, so no blocks, and GNU tar (`--sparse`) archives a file of
+/// 0 blocks as all holes without reading it (ZFS had that bug with data
+/// not yet synced). One block makes tools look with `SEEK_DATA`, which
+/// sends the buffered data first and finds it.
+fn st_blocks(a: &Attr) -> u64 {
+    match a.kind {
+        FileKind::File if a.size > 0 => a.blocks.max(1),
+        _ => a.blocks,
+    }
+}
+
 /// The kernel's view of an inode.
 pub fn file_attr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
-        blocks: a.blocks,
+        blocks: st_blocks(a),
         atime: system_time(a.atime),
         mtime: system_time(a.mtime),
         ctime: system_time(a.ctime),
@@ -152,6 +165,11 @@ mod tests {
         let f = file_attr(&a);
         assert_eq!(f.ino, INodeNo(7));
         assert_eq!(f.blocks, 3);
+        // Bytes not sent yet: never 0 blocks (tar --sparse would skip them).
+        let unsent = Attr { blocks: 0, ..a.clone() };
+        assert_eq!(file_attr(&unsent).blocks, 1);
+        let empty = Attr { blocks: 0, size: 0, ..a.clone() };
+        assert_eq!(file_attr(&empty).blocks, 0);
         assert_eq!(f.perm, 0o4755, "type bits stripped");
         assert_eq!(f.kind, FileType::RegularFile);
         assert_eq!(timespec(f.mtime), a.mtime);
