@@ -77,9 +77,13 @@ struct Mount {
 
 impl Mount {
     fn start(config: &Path, log_dir: &Path) -> Mount {
+        Mount::start_with(config, log_dir, &[])
+    }
+
+    fn start_with(config: &Path, log_dir: &Path, extra: &[&str]) -> Mount {
         let tmp = tempfile::Builder::new().prefix("locus-mnt-").tempdir().expect("mount dir");
         let dir = tmp.path().canonicalize().expect("canonical mount dir");
-        let out = locus_mount(config, &dir, log_dir, &[]);
+        let out = locus_mount(config, &dir, log_dir, extra);
         // The guard exists before anything is asserted.
         let m = Mount { dir, log_dir: log_dir.to_path_buf(), _tmp: tmp };
         assert!(out.status.success(), "locus mount: {}\n{}\n{}", out.status, stderr(&out), m.log());
@@ -1058,6 +1062,55 @@ async fn open_files_outlive_their_names() {
         String::from_utf8_lossy(&running.stdout)
     );
     assert!(m.log().contains("unmounted"), "{}", m.log());
+}
+
+/// Goal: a read-only mount (`--read-only`, for inspection and recovery)
+/// reads everything and refuses every change with EROFS, as `mount -o ro`
+/// does, while still seeing other mounts' changes.
+/// Method: a writable mount makes a file, a directory and a symlink; a
+/// read-only mount of the same cluster reads them and tries each kind of
+/// change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_mount_refuses_every_change() {
+    if !fuse_available() {
+        return;
+    }
+    let (_cluster, config, logs) = start_cluster().await;
+    let w = Mount::start(&config, &logs);
+    let r = Mount::start_with(&config, &logs, &["--read-only"]);
+    let data = pattern(9, 300_000);
+    fs::write(w.path("f"), &data).expect("write");
+    fs::create_dir(w.path("d")).expect("mkdir");
+    std::os::unix::fs::symlink("f", w.path("l")).expect("symlink");
+
+    phase("it reads what the other mount wrote");
+    assert!(fs::read(r.path("f")).expect("read") == data);
+    assert_eq!(fs::read_link(r.path("l")).expect("readlink"), Path::new("f"));
+    let mounts = fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+    let line = mounts.lines().find(|l| l.contains(&*r.dir.to_string_lossy())).expect("listed in /proc/mounts");
+    assert!(line.split_whitespace().nth(3).is_some_and(|o| o.split(',').any(|x| x == "ro")), "{line}");
+
+    phase("every change is EROFS");
+    let rofs = Some(libc::EROFS);
+    assert_eq!(errno_of(fs::OpenOptions::new().write(true).open(r.path("f"))), rofs, "open for writing");
+    assert_eq!(errno_of(fs::write(r.path("new"), b"x")), rofs, "create");
+    assert_eq!(errno_of(fs::create_dir(r.path("d2"))), rofs, "mkdir");
+    assert_eq!(errno_of(fs::remove_file(r.path("f"))), rofs, "unlink");
+    assert_eq!(errno_of(fs::remove_dir(r.path("d"))), rofs, "rmdir");
+    assert_eq!(errno_of(fs::rename(r.path("f"), r.path("g"))), rofs, "rename");
+    assert_eq!(errno_of(fs::hard_link(r.path("f"), r.path("h"))), rofs, "link");
+    assert_eq!(errno_of(std::os::unix::fs::symlink("f", r.path("l2"))), rofs, "symlink");
+    assert_eq!(errno_of(fs::set_permissions(r.path("f"), fs::Permissions::from_mode(0o600))), rofs, "chmod");
+    assert_eq!(errno_of(setxattr(&r.path("f"), "user.k", b"v", 0)), rofs, "setxattr");
+    let f = fs::File::open(r.path("f")).expect("open for reading");
+    assert_eq!(errno_of(f.set_len(1)), Some(libc::EINVAL), "ftruncate of a read-only descriptor");
+    drop(f);
+    assert_eq!(fs::read(w.path("f")).expect("read").len(), data.len(), "nothing changed");
+
+    phase("the other mount's changes still show");
+    fs::write(w.path("f"), b"changed").expect("rewrite");
+    let seen = wait_until(Duration::from_secs(5), || fs::read(r.path("f")).is_ok_and(|d| d == b"changed"));
+    assert!(seen, "the read-only mount never saw the rewrite\n{}", r.log());
 }
 
 /// `lseek(fd, offset, whence)`: the offset, or the errno.

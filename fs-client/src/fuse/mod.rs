@@ -54,6 +54,11 @@ pub struct MountArgs {
     /// non-root users).
     #[arg(long)]
     pub owner_only: bool,
+    /// Mount read-only, as `mount -o ro` does: the kernel refuses every
+    /// change with EROFS and the mount writes nothing to the cluster (for
+    /// inspecting or recovering data another client may still be writing).
+    #[arg(short, long)]
+    pub read_only: bool,
     /// Set by a daemonizing `locus mount` on the process it starts: report
     /// the outcome of mounting on stdout.
     #[arg(long, hide = true)]

@@ -216,6 +216,9 @@ async fn start(
         // The kernel enforces permissions from our attributes.
         MountOption::DefaultPermissions,
     ];
+    if args.read_only {
+        options.mount_options.push(MountOption::RO);
+    }
     options.acl = if args.others_allowed() { SessionACL::All } else { SessionACL::Owner };
     options.n_threads = Some(usize::from(args.threads));
     options.clone_fd = true;
@@ -295,6 +298,9 @@ fn daemonize(args: &MountArgs, dir: &Path, config: &Path) -> Result<(), MountErr
     }
     if args.owner_only {
         cmd.arg("--owner-only");
+    }
+    if args.read_only {
+        cmd.arg("--read-only");
     }
     if std::env::var_os("LOCUS_LOG").is_none() {
         cmd.env("LOCUS_LOG", "info");
