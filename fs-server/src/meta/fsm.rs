@@ -440,8 +440,19 @@ impl Planned {
     /// with the stored state still the one planned against.
     fn settle(&mut self, kv: &dyn KvRead) -> Result<(), KvError> {
         let mut delta: BTreeMap<Ino, i64> = BTreeMap::new();
+        // Whether each inode is stored yet: a new one (a clone's copy) had
+        // no entries, so its thousands need no reads.
+        let mut stored: BTreeMap<Ino, bool> = BTreeMap::new();
         for (&(ino, index), c) in &self.file_chunks {
-            let had = kv.get(&keys::file_chunk(ino, index))?.is_some();
+            if matches!(self.inodes.get(&ino), Some(None)) {
+                // Deleted by this operation: nothing to count.
+                continue;
+            }
+            let is_stored = match stored.get(&ino) {
+                Some(s) => *s,
+                None => *stored.entry(ino).or_insert(kv.get(&keys::inode(ino))?.is_some()),
+            };
+            let had = is_stored && kv.get(&keys::file_chunk(ino, index))?.is_some();
             let d = i64::from(c.is_some()) - i64::from(had);
             if d != 0 {
                 *delta.entry(ino).or_default() += d;
