@@ -258,12 +258,13 @@ impl ChunkClient {
         let conn = self.connection(addr).await?;
         let res = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
-            match data.is_empty() {
-                true => frame::write_frame(&mut send, req).await,
+            let written = if data.is_empty() {
+                frame::write_frame(&mut send, req).await
+            } else {
                 // Handed over whole: quinn sends from these bytes, no copy.
-                false => frame::write_frame_with(&mut send, req, data).await,
-            }
-            .map_err(|e| transport(e.to_string()))?;
+                frame::write_frame_with(&mut send, req, data).await
+            };
+            written.map_err(|e| transport(e.to_string()))?;
             let _ = send.finish();
             read_reply(addr, &mut recv).await.map(|r| (r, recv))
         }

@@ -301,15 +301,20 @@ impl FileClient {
         }
     }
 
-    async fn fetch_layout(&self, st: &mut FileState, ino: Ino, first: u64, count: u64) -> Result<(), ClientError> {
+    /// The layout of chunks `first..first + count` of `ino` as the
+    /// metadata has it now (not the cache).
+    pub async fn read_layout(&self, ino: Ino, first: u64, count: u64) -> Result<Layout, ClientError> {
         match self.meta.read(MetaRead::Layout { ino, first, count }).await? {
-            ReadReply::Layout(l) => {
-                self.chunk_bytes.store(l.chunk_bytes, std::sync::atomic::Ordering::Relaxed);
-                absorb(st, l, Some((first, count)));
-                Ok(())
-            }
+            ReadReply::Layout(l) => Ok(l),
             other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
         }
+    }
+
+    async fn fetch_layout(&self, st: &mut FileState, ino: Ino, first: u64, count: u64) -> Result<(), ClientError> {
+        let l = self.read_layout(ino, first, count).await?;
+        self.chunk_bytes.store(l.chunk_bytes, std::sync::atomic::Ordering::Relaxed);
+        absorb(st, l, Some((first, count)));
+        Ok(())
     }
 
     /// Where the chunks `wanted` are now, from the metadata (not the cache):
@@ -322,9 +327,8 @@ impl FileClient {
         let mut out = Vec::new();
         let mut first = 0;
         loop {
-            let l = match self.meta.read(MetaRead::Layout { ino, first, count: MAX_LAYOUT_CHUNKS }).await {
-                Ok(ReadReply::Layout(l)) => l,
-                Ok(other) => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+            let l = match self.read_layout(ino, first, MAX_LAYOUT_CHUNKS).await {
+                Ok(l) => l,
                 Err(e) if e.code() == ErrorCode::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
@@ -457,10 +461,7 @@ impl FileClient {
             }
             // Every replica failed or disagreed on the version: ask again
             // where the chunk lives.
-            let fresh = match self.meta.read(MetaRead::Layout { ino, first: p.index, count: 1 }).await? {
-                ReadReply::Layout(l) => l,
-                other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-            };
+            let fresh = self.read_layout(ino, p.index, 1).await?;
             let f = self.file(ino);
             absorb(&mut *f.lock(&self.buffered_total).await, fresh.clone(), Some((p.index, 1)));
             match fresh.chunks.into_iter().find(|c| c.index == p.index) {
@@ -1023,10 +1024,7 @@ impl FileClient {
                     other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
                 }
             }
-            None => match self.meta.read(MetaRead::Layout { ino, first: index, count: 1 }).await? {
-                ReadReply::Layout(l) => l,
-                other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-            },
+            None => self.read_layout(ino, index, 1).await?,
         };
         // A lease taken since the layout was fetched is what fenced us.
         self.check_lease(layout.lease.as_ref(), ino)?;
@@ -1164,12 +1162,7 @@ impl FileClient {
     /// answers as if the rest were data.
     pub async fn seek(&self, ino: Ino, offset: u64, what: Seek) -> Result<Option<u64>, ClientError> {
         self.flush(ino).await?;
-        let layout = |first: u64| async move {
-            match self.meta.read(MetaRead::Layout { ino, first, count: MAX_LAYOUT_CHUNKS }).await? {
-                ReadReply::Layout(l) => Ok(l),
-                other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-            }
-        };
+        let layout = |first: u64| self.read_layout(ino, first, MAX_LAYOUT_CHUNKS);
         // The cluster's chunk size, if known, to begin at the offset's chunk.
         let cb = self.chunk_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let mut first = offset.checked_div(cb).unwrap_or(0);

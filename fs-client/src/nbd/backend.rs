@@ -192,10 +192,7 @@ impl LocusFile {
     }
 
     async fn layout(&self, first: u64, count: u64) -> BackendResult<Layout> {
-        match self.files.meta().read(MetaRead::Layout { ino: self.ino, first, count }).await? {
-            ReadReply::Layout(l) => Ok(l),
-            other => Err(BackendError { errno: EIO, message: format!("unexpected reply {other:?}") }),
-        }
+        Ok(self.files.read_layout(self.ino, first, count).await?)
     }
 
     async fn zero_range(&self, offset: u64, len: u64) -> BackendResult<()> {

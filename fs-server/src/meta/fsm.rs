@@ -436,9 +436,11 @@ impl Planned {
     /// Brings the chunk counts and `attr.blocks` of the inodes this plan
     /// touches up to date: an inode whose chunk slots change is loaded if
     /// the plan has not (so it is written too), and every file inode
-    /// written gets its blocks from its chunks and size. Before `commit`,
-    /// with the stored state still the one planned against.
+    /// written gets its blocks from its chunks and size. The first step of
+    /// [`Self::commit`], while the stored state is still the one planned
+    /// against.
     fn settle(&mut self, kv: &dyn KvRead) -> Result<(), KvError> {
+        use std::collections::btree_map::Entry;
         let mut delta: BTreeMap<Ino, i64> = BTreeMap::new();
         // Whether each inode is stored yet: a new one (a clone's copy) had
         // no entries, so its thousands need no reads.
@@ -448,11 +450,11 @@ impl Planned {
                 // Deleted by this operation: nothing to count.
                 continue;
             }
-            let is_stored = match stored.get(&ino) {
-                Some(s) => *s,
-                None => *stored.entry(ino).or_insert(kv.get(&keys::inode(ino))?.is_some()),
+            let is_stored = match stored.entry(ino) {
+                Entry::Occupied(e) => *e.get(),
+                Entry::Vacant(e) => *e.insert(kv.get(&keys::inode(ino))?.is_some()),
             };
-            let had = is_stored && kv.get(&keys::file_chunk(ino, index))?.is_some();
+            let had = is_stored && super::data::load_file_chunk(kv, ino, index)?.is_some();
             let d = i64::from(c.is_some()) - i64::from(had);
             if d != 0 {
                 *delta.entry(ino).or_default() += d;
@@ -460,8 +462,8 @@ impl Planned {
         }
         for (ino, d) in delta {
             let entry = match self.inodes.entry(ino) {
-                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::btree_map::Entry::Vacant(e) => match load_inode(kv, ino)? {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => match load_inode(kv, ino)? {
                     Some(rec) => e.insert(Some(rec)),
                     None => continue,
                 },
@@ -483,7 +485,7 @@ impl Planned {
                 None => false,
                 Some(last) => match self.file_chunks.get(&(ino, last)) {
                     Some(c) => c.is_some(),
-                    None => kv.get(&keys::file_chunk(ino, last))?.is_some(),
+                    None => super::data::load_file_chunk(kv, ino, last)?.is_some(),
                 },
             };
             rec.attr.blocks = allocated_blocks(size, cb, rec.chunks, last_present);
@@ -504,8 +506,19 @@ impl Planned {
         }
     }
 
-    /// Writes the plan and records the changes it makes.
-    fn commit(self, txn: &mut Txn<'_>, changes: &mut Vec<Change>) -> Result<(), KvError> {
+    /// Settles the plan ([`Self::settle`]), puts the settled `blocks` into
+    /// the attributes `reply` carries, then writes the plan and records the
+    /// changes it makes.
+    fn commit(
+        mut self,
+        txn: &mut Txn<'_>,
+        changes: &mut Vec<Change>,
+        reply: Option<&mut OpReply>,
+    ) -> Result<(), KvError> {
+        self.settle(&*txn)?;
+        if let Some(r) = reply {
+            self.patch_reply(r);
+        }
         for ino in self.drop_xattrs {
             let p = keys::xattr_prefix(ino);
             let end = raft::kv::prefix_end(&p).expect("prefix has a non-0xFF byte");
@@ -1314,10 +1327,7 @@ impl Namespace {
         };
         match outcome {
             Ok(mut reply) => {
-                let mut planned = planned;
-                planned.settle(&*txn)?;
-                planned.patch_reply(&mut reply);
-                planned.commit(txn, changes)?;
+                planned.commit(txn, changes, Some(&mut reply))?;
                 Ok(Ok(reply))
             }
             Err(Fail::Op(e)) => Ok(Err(e)),
@@ -1417,9 +1427,7 @@ impl StateMachineLogic for Namespace {
                 };
                 replies.push(match outcome {
                     Ok(r) => {
-                        let mut planned = planned;
-                        planned.settle(&*txn)?;
-                        planned.commit(txn, &mut changes)?;
+                        planned.commit(txn, &mut changes, None)?;
                         Ok(r)
                     }
                     Err(Fail::Op(e)) => Err(e),
