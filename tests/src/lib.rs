@@ -12,6 +12,7 @@
 
 pub mod files;
 pub mod hosts;
+pub mod mount;
 pub mod netns;
 
 use std::collections::BTreeMap;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use fs_client::file::FileClient;
 use fs_client::proto::*;
 use locus_tests::files::{layout, pattern};
+use locus_tests::mount::{fuse_available, Mount};
 use locus_tests::{bin, init_logging, locus_cli, phase, Cluster, ClusterOptions};
 
 const MIB: u64 = 1 << 20;
@@ -968,44 +969,6 @@ async fn a_read_only_export_caches_a_snapshot_and_nothing_else() {
     assert!(!ro.log().contains("read cache"), "{}", ro.log());
 }
 
-/// A FUSE mount of the cluster for the length of a test (unmounted on drop).
-struct FuseMount {
-    dir: tempfile::TempDir,
-}
-
-impl FuseMount {
-    /// `None` when FUSE is not available here.
-    fn start(config: &Path) -> Option<FuseMount> {
-        if !Path::new("/dev/fuse").exists() {
-            return None;
-        }
-        let dir = tempfile::Builder::new().prefix("locus-nbd-mnt-").tempdir().expect("mount dir");
-        let logs = dir.path().with_extension("logs");
-        let out = Command::new(bin("locus"))
-            .arg("--config")
-            .arg(config)
-            .arg("mount")
-            .arg(dir.path())
-            .env("LOCUS_LOG_DIR", &logs)
-            .output()
-            .expect("locus mount");
-        let m = FuseMount { dir };
-        assert!(out.status.success(), "locus mount: {}", text(&out));
-        Some(m)
-    }
-
-    fn path(&self, name: &str) -> String {
-        tmp_path(self.dir.path(), name)
-    }
-}
-
-impl Drop for FuseMount {
-    fn drop(&mut self) {
-        let _ = Command::new(bin("locus")).arg("umount").arg(self.dir.path()).output();
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).output();
-    }
-}
-
 /// `qemu-io` output that reports a failed command (its exit status stays 0).
 fn qemu_io_failed(out: &str) -> bool {
     out.contains("verification failed") || out.contains("error") || out.contains("Error")
@@ -1025,10 +988,13 @@ fn qemu_io_failed(out: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qcow2_chain_stored_in_locus_works_through_fuse_and_nbd() {
     let (_cluster, config) = start_cluster().await;
-    let Some(m) = FuseMount::start(&config) else { return };
+    if !fuse_available() {
+        return;
+    }
     let work = tempfile::tempdir().expect("tempdir");
+    let m = Mount::start(&config, &work.path().join("mount-logs"));
     let none = NbdServer { child: None, uri: String::new(), log: work.path().join("none.log") };
-    let (base, overlay) = (m.path("base.raw"), m.path("overlay.qcow2"));
+    let (base, overlay) = (tmp_path(&m.dir, "base.raw"), tmp_path(&m.dir, "overlay.qcow2"));
 
     phase("through the mount: a raw base, a qcow2 overlay on it, writes into each");
     tool_ok(&none, "qemu-img", &["create", "-q", "-f", "raw", &base, "16M"]);
