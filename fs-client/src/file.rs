@@ -242,9 +242,17 @@ fn pieces(offset: u64, len: u64, cb: u64) -> Vec<Piece> {
 }
 
 /// Writes go in smaller pieces than reads: several pieces in flight keep
-/// every hop of the replica chain busy at once (a hop forwards a piece only
-/// once it has all of it).
+/// every hop of the replica chain busy at once (each hop writes a piece to
+/// disk once it has all of it).
 const WRITE_PIECE_BYTES: u64 = 1 << 20;
+/// Bytes of one send in flight at once ([`FileClient::write_segments`]).
+/// Measured with `dd bs=1M` into the mount (1 GiB, 3 replicas): all 32
+/// MiB at once 184 MB/s, 2 MiB 166, 4 MiB 245, 8 MiB 257, 16 MiB 225.
+const WRITE_WINDOW_BYTES: u64 = 8 << 20;
+/// Window permits are 4 KiB each; a piece takes at least one.
+fn window_permits(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(4096).max(1)).unwrap_or(u32::MAX)
+}
 
 fn pieces_of(offset: u64, len: u64, cb: u64, limit: u64) -> Vec<Piece> {
     let mut out = Vec::new();
@@ -850,15 +858,29 @@ impl FileClient {
             let loc = r?;
             st.locs.insert(loc.index, loc);
         }
+        // At most WRITE_WINDOW_BYTES in flight, taken in order: sent all at
+        // once, a buffer's pieces shared the links evenly and all arrived
+        // at the end, so every replica wrote its whole share to disk at
+        // once while the network and the CPUs idled. In a window they
+        // finish one after another and the disks write while the rest
+        // moves.
+        let total = window_permits(WRITE_WINDOW_BYTES);
+        let window = tokio::sync::Semaphore::new(total as usize);
         let mut jobs = Vec::new();
         for group in group_pieces(gather(segments, cb, WRITE_PIECE_BYTES), WRITE_PIECE_BYTES) {
             let index = group[0].0.index;
             let loc = st.locs.get(&index).cloned().ok_or_else(|| io_err("chunk not allocated"))?;
+            let bytes: u64 = group.iter().map(|(p, _)| p.len).sum();
+            let window = &window;
             // Boxed: `join_all` moves each job's whole state when it
             // completes, and a piece's is large (its retries, the chain
             // write, the recovery); a tenth of an NBD export's CPU went to
             // those copies under 4 KiB random writes.
-            jobs.push(Box::pin(self.write_piece(ino, index, loc, group)));
+            jobs.push(Box::pin(async move {
+                // The semaphore is never closed.
+                let _turn = window.acquire_many(window_permits(bytes).min(total)).await;
+                self.write_piece(ino, index, loc, group).await
+            }));
         }
         let results = join_all(jobs).await;
         let mut first_err = None;
