@@ -424,7 +424,11 @@ impl FileClient {
         let locs: Vec<Option<ChunkLocation>> = ps.iter().map(|p| st.locs.get(&p.index).cloned()).collect();
         drop(st);
         let reads = ps.iter().zip(locs).map(|(p, loc)| self.read_piece(ino, *p, loc));
-        let results = join_all(reads).await;
+        let mut results = join_all(reads).await;
+        if results.len() == 1 {
+            // One piece: its bytes as they came, not copied again.
+            return results.pop().unwrap_or_else(|| Ok(Bytes::new()));
+        }
         let mut out = BytesMut::with_capacity(len as usize);
         for r in results {
             out.extend_from_slice(&r?);

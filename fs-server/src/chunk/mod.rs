@@ -376,7 +376,7 @@ impl Server {
                     match self.read(chunk, version, offset, len).await {
                         Ok(data) => {
                             let hdr: ChunkResponse = Ok(ChunkReply::Data { len: data.len() as u64 });
-                            let _ = frame::write_frame_with(&mut send, &hdr, [Bytes::from(data)]).await;
+                            let _ = frame::write_frame_with(&mut send, &hdr, [data]).await;
                             let _ = send.finish();
                             self.metrics.observe(op, started.elapsed(), None);
                             return;
@@ -421,7 +421,7 @@ impl Server {
         let _ = send.finish();
     }
 
-    async fn read(&self, chunk: ChunkId, version: u64, offset: u64, len: u64) -> Result<Vec<u8>, WireError> {
+    async fn read(&self, chunk: ChunkId, version: u64, offset: u64, len: u64) -> Result<Bytes, WireError> {
         if len > MAX_IO_BYTES {
             return Err(WireError::new(ErrorCode::TooBig, format!("read of {len} bytes exceeds {MAX_IO_BYTES}")));
         }

@@ -158,6 +158,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+
 use tracing::{debug, error, info, warn};
 
 use super::cache::{BlockCache, CacheStats};
@@ -807,6 +809,27 @@ impl ChunkFile {
         self.file.write_all_at(data, off)
     }
 
+    /// Reads data blocks at `off` into `buf`: a long run whose memory,
+    /// offset and length are aligned from the disk straight into `buf`
+    /// (`O_DIRECT`), the rest through the page cache. Buffered, a
+    /// sequential reader's gigabyte cost the server 1.5 s of kernel time
+    /// filling and evicting the page cache; direct, 0.06 s. Linux writes
+    /// back dirty cached pages of the range before a direct read, so it
+    /// sees every earlier write.
+    fn read_data(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let aligned = buf.len() >= DIRECT_MIN_BYTES
+            && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+            && buf.len().is_multiple_of(DIRECT_ALIGN)
+            && off.is_multiple_of(DIRECT_ALIGN as u64);
+        if let Some(direct) = aligned.then(|| self.direct()).flatten() {
+            match direct.read_exact_at(buf, off) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                done => return done,
+            }
+        }
+        self.file.read_exact_at(buf, off)
+    }
+
     fn direct(&self) -> Option<&File> {
         if !self.use_direct {
             return None;
@@ -817,10 +840,11 @@ impl ChunkFile {
                 // the file is called now.
                 use std::os::unix::fs::OpenOptionsExt;
                 OpenOptions::new()
+                    .read(true)
                     .write(true)
                     .custom_flags(libc::O_DIRECT)
                     .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
-                    .map_err(|e| debug!(error = %e, "no O_DIRECT descriptor; writes stay buffered"))
+                    .map_err(|e| debug!(error = %e, "no O_DIRECT descriptor; I/O stays buffered"))
                     .ok()
             })
             .as_ref()
@@ -834,6 +858,13 @@ pub fn aligned_buffer(n: usize) -> AlignedBuf {
     let skip = (DIRECT_ALIGN - v.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
     v.resize(skip, 0);
     AlignedBuf { v, skip }
+}
+
+/// `n` zero bytes, [`DIRECT_ALIGN`]ed, to be read into with `O_DIRECT`.
+fn aligned_zeroed(n: usize) -> AlignedBuf {
+    let mut b = aligned_buffer(n);
+    b.v.resize(b.skip + n, 0);
+    b
 }
 
 /// See [`aligned_buffer`]: bytes appended to it start aligned.
@@ -859,6 +890,10 @@ impl AlignedBuf {
 
     pub fn freeze(self) -> bytes::Bytes {
         bytes::Bytes::from(self.v).slice(self.skip..)
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.v[self.skip..]
     }
 }
 
@@ -1118,7 +1153,7 @@ impl ChunkStore {
     /// Reads `len` bytes at `offset` of chunk `id`, which must be at exactly
     /// `version`. Never-written ranges read as zeros. Every touched block is
     /// verified; a mismatch or a media error is `Corrupt` with its block.
-    pub fn read(&self, id: ChunkId, version: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
+    pub fn read(&self, id: ChunkId, version: u64, offset: u64, len: u64) -> Result<Bytes> {
         // A read that may wait never declines; were it to, say so rather
         // than answer with no bytes.
         self.read_with(id, version, offset, len, Wait::Yes)?
@@ -1130,13 +1165,13 @@ impl ChunkStore {
     /// (`preadv2` with `RWF_NOWAIT`). `Ok(None)` when it would wait; the
     /// caller then reads on a blocking thread. Lets an async server answer
     /// cached reads inline, without a hand-off to another thread and back.
-    pub fn try_read_cached(&self, id: ChunkId, version: u64, offset: u64, len: u64) -> Result<Option<Vec<u8>>> {
+    pub fn try_read_cached(&self, id: ChunkId, version: u64, offset: u64, len: u64) -> Result<Option<Bytes>> {
         self.read_with(id, version, offset, len, Wait::No)
     }
 
     /// The body of both reads; `None` only with [`Wait::No`], where it
     /// would have waited.
-    fn read_with(&self, id: ChunkId, version: u64, offset: u64, len: u64, wait: Wait) -> Result<Option<Vec<u8>>> {
+    fn read_with(&self, id: ChunkId, version: u64, offset: u64, len: u64, wait: Wait) -> Result<Option<Bytes>> {
         self.check_range(offset, len)?;
         let locks = self.locks.get(id);
         let _io = match wait {
@@ -1148,12 +1183,12 @@ impl ChunkStore {
         };
         let entry = self.checked_entry(id, version)?;
         if len == 0 {
-            return Ok(Some(Vec::new()));
+            return Ok(Some(Bytes::new()));
         }
         let (b0, b1) = self.geo.blocks(offset, len);
         let head = (offset - b0 * self.geo.block_size) as usize;
         if let Some(hit) = self.cache.read(entry.gen, b0, head, len as usize) {
-            return Ok(Some(hit));
+            return Ok(Some(Bytes::from(hit)));
         }
         let file = match wait {
             Wait::Yes => self.file(id, version)?,
@@ -1164,19 +1199,14 @@ impl ChunkStore {
         };
         let n = (b1 - b0) as usize;
         let mut sums = vec![ZERO_SUM; n];
-        let mut buf = vec![0u8; n * self.geo.bs()];
+        let mut buf = aligned_zeroed(n * self.geo.bs());
         if !self.fill_table(&file, id, b0, &mut sums, wait)?
-            || !self.fill_verified(&file, id, b0, &sums, &mut buf, wait)?
+            || !self.fill_verified(&file, id, b0, &sums, buf.as_mut_slice(), wait)?
         {
             return Ok(None);
         }
-        self.cache.fill(entry.gen, b0, &buf, |i| sums[i] != ZERO_SUM);
-        let len = len as usize;
-        if head != 0 || len != buf.len() {
-            buf.copy_within(head..head + len, 0);
-            buf.truncate(len);
-        }
-        Ok(Some(buf))
+        self.cache.fill(entry.gen, b0, buf.as_mut_slice(), |i| sums[i] != ZERO_SUM);
+        Ok(Some(buf.freeze().slice(head..head + len as usize)))
     }
 
     /// Writes `data` at `offset` of chunk `id` at exactly `version`. With
@@ -1781,7 +1811,7 @@ impl ChunkStore {
 
     /// Fills `buf` with blocks `b0..` whose table entries are `sums`,
     /// verifying each written block and zero-filling the others.
-    fn read_verified(&self, file: &File, id: ChunkId, b0: u64, sums: &[[u8; 32]], buf: &mut [u8]) -> Result<()> {
+    fn read_verified(&self, file: &ChunkFile, id: ChunkId, b0: u64, sums: &[[u8; 32]], buf: &mut [u8]) -> Result<()> {
         self.fill_verified(file, id, b0, sums, buf, Wait::Yes).map(|_| ())
     }
 
@@ -1789,7 +1819,7 @@ impl ChunkStore {
     /// had to wait for the disk (only with [`Wait::No`]; nothing verified).
     fn fill_verified(
         &self,
-        file: &File,
+        file: &ChunkFile,
         id: ChunkId,
         b0: u64,
         sums: &[[u8; 32]],
@@ -1799,8 +1829,12 @@ impl ChunkStore {
         let bs = self.geo.bs();
         for (s, e) in runs(sums.len(), |i| sums[i] != ZERO_SUM) {
             let block = b0 + s as u64;
-            let done = pread(file, &mut buf[s * bs..e * bs], self.geo.block_off(block), wait)
-                .map_err(|err| read_error(id, block, "read chunk data", err))?;
+            let (run, off) = (&mut buf[s * bs..e * bs], self.geo.block_off(block));
+            let done = match wait {
+                Wait::Yes => file.read_data(run, off).map(|()| true),
+                Wait::No => pread(file, run, off, wait),
+            }
+            .map_err(|err| read_error(id, block, "read chunk data", err))?;
             if !done {
                 return Ok(false);
             }
@@ -3373,6 +3407,29 @@ mod tests {
         assert_eq!(store.scrub(u64::MAX).corrupt, Vec::<ChunkId>::new());
     }
 
+    /// Goal: a long read goes around the page cache and still sees writes
+    /// that are only in it (dirty, not yet written back), whole or partial
+    /// blocks; short reads stay buffered.
+    #[test]
+    fn large_reads_go_direct_and_see_buffered_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), small()).unwrap();
+        let mut model = vec![0u8; MIB as usize];
+        for (i, off) in [0u64, 70 * KIB + 1, 300 * KIB, MIB - 5000].into_iter().enumerate() {
+            let data = pattern(i as u64 + 1, 5000);
+            store.write(8, 1, off, &data, true).unwrap();
+            model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        }
+        let direct = || lock(&store.files).get(8).unwrap().direct.get().map(Option::is_some);
+        assert_eq!(store.read(8, 1, 0, 4096).unwrap(), model[..4096], "a short read");
+        assert_eq!(direct(), None, "a short read stays buffered");
+        assert_eq!(store.read(8, 1, 0, MIB).unwrap(), model, "the whole chunk");
+        assert_eq!(direct(), Some(true), "the long read opened the O_DIRECT descriptor");
+        // Unaligned ends inside the blocks read.
+        let (a, b) = (70 * KIB as usize + 7, 900 * KIB as usize + 3);
+        assert_eq!(store.read(8, 1, a as u64, (b - a) as u64).unwrap(), model[a..b]);
+    }
+
     /// Goal: versions must match exactly; set_version is atomic and durable
     /// across reopen; after a "crash" with two versions on disk the highest wins.
     #[test]
@@ -3551,7 +3608,7 @@ mod tests {
         assert!(matches!(store.read(9, 1, 64 * KIB, 8), Err(ChunkStoreError::VersionMismatch { .. })));
         store.delete(9).unwrap();
         store.write(9, 2, 64 * KIB, b"again", true).unwrap();
-        assert_eq!(&store.read(9, 2, 64 * KIB, 8).unwrap()[..], b"again\0\0\0");
+        assert_eq!(&store.read(9, 2, 64 * KIB, 8).unwrap()[..], *b"again\0\0\0");
 
         let misses = store.cache_stats().misses;
         let long = pattern(6, (crate::chunk::cache::MAX_FILL_BLOCKS + 1) * 64 * KIB as usize);
@@ -4153,8 +4210,8 @@ mod tests {
         fs::rename(&path3, path3.with_extension("v5")).unwrap();
         let store = ChunkStore::open(dir.path(), tiny()).unwrap();
         assert_eq!((store.version(1), store.version(2), store.version(3)), (Some(2), Some(5), Some(4)));
-        assert_eq!(store.read(1, 2, 0, 3).unwrap(), b"one");
-        assert_eq!(store.read(3, 4, 0, 5).unwrap(), b"three");
+        assert_eq!(store.read(1, 2, 0, 3).unwrap()[..], *b"one");
+        assert_eq!(store.read(3, 4, 0, 5).unwrap()[..], *b"three");
         assert!(store.journal.is_empty(), "replayed and emptied");
         assert_eq!(fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap().len(), 0);
     }
@@ -4178,7 +4235,7 @@ mod tests {
         assert_eq!(store.lagging_names(), 5);
         assert!(matches!(store.read(1, 1, 0, 3), Err(ChunkStoreError::VersionMismatch { .. })));
         assert!(matches!(store.write(1, 1, 0, b"x", false), Err(ChunkStoreError::VersionMismatch { .. })));
-        assert_eq!(store.read(1, 2, 0, 3).unwrap(), [1; 3]);
+        assert_eq!(store.read(1, 2, 0, 3).unwrap()[..], [1; 3]);
         store.write(2, 2, 1, b"w", true).unwrap();
         assert!(store.set_versions(&[(1, 2, 3)], false)[0].is_ok());
         store.set_version(3, 2, 4).unwrap();
@@ -4192,8 +4249,8 @@ mod tests {
         drop(store);
         let store = ChunkStore::open(dir.path(), tiny()).unwrap();
         assert_eq!((store.version(1), store.version(2), store.version(3)), (Some(3), Some(2), Some(4)));
-        assert_eq!(store.read(1, 3, 0, 3).unwrap(), [1; 3]);
-        assert_eq!(store.read(2, 2, 0, 3).unwrap(), [2, b'w', 2]);
+        assert_eq!(store.read(1, 3, 0, 3).unwrap()[..], [1; 3]);
+        assert_eq!(store.read(2, 2, 0, 3).unwrap()[..], [2, b'w', 2]);
         assert!(store.chunk_path(1, 3).exists() && store.chunk_path(2, 2).exists());
         assert_eq!((store.version(4), store.version(5)), (None, None));
         // Fences until the journal compacts: nothing lags after it.
@@ -4204,7 +4261,7 @@ mod tests {
         }
         assert_eq!(store.lagging_names(), 0, "the compaction renamed first");
         assert!(store.chunk_path(1, v).exists());
-        assert_eq!(store.read(1, v, 0, 3).unwrap(), [1; 3]);
+        assert_eq!(store.read(1, v, 0, 3).unwrap()[..], [1; 3]);
         assert!(store.set_versions(&[(1, v, v + 1)], false)[0].is_ok());
         assert_eq!(store.settle_names(), 1);
         assert!(store.chunk_path(1, v + 1).exists() && !store.chunk_path(1, v).exists());
@@ -4226,6 +4283,6 @@ mod tests {
         drop(log);
         let store = ChunkStore::open(dir.path(), tiny()).unwrap();
         assert_eq!(store.version(1), Some(2));
-        assert_eq!(store.read(1, 2, 0, 3).unwrap(), b"one");
+        assert_eq!(store.read(1, 2, 0, 3).unwrap()[..], *b"one");
     }
 }
