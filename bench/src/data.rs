@@ -196,6 +196,9 @@ async fn library_suite(cluster: &locus_tests::Cluster, s: &Settings, rows: &mut 
             size as f64 / MIB as f64 / t.elapsed().as_secs_f64(),
             "MB/s",
         );
+        // From the disk, as the other targets read: the servers' page
+        // cache would otherwise hold whatever the write left there.
+        drop_caches();
         let f = cluster.files();
         let t = Instant::now();
         let mut off = 0;
@@ -214,6 +217,9 @@ async fn library_suite(cluster: &locus_tests::Cluster, s: &Settings, rows: &mut 
         );
         if bs == MIB {
             for (threads, write) in [(1, false), (16, false), (1, true), (16, true)] {
+                // Random reads from the disk, as on the other targets (the
+                // sequential read above may have left the file cached).
+                drop_caches();
                 let iops = lib_random(cluster, ino, size, s.secs, threads, write).await?;
                 let kind = if write { "rand write 4 KiB (write-through)" } else { "rand read 4 KiB" };
                 push(&format!("{kind} x{threads}"), iops, "IOPS");
