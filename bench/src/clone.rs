@@ -162,7 +162,7 @@ pub async fn run(s: Settings) -> anyhow::Result<Vec<Row>> {
         let span = 64 * CHUNK;
         let mut off = 0;
         while off < 1 << 40 {
-            f.meta().op(MetaOp::PrepareWrite { ino, offset: off, len: span }).await?;
+            f.meta().op(MetaOp::PrepareWrite { ino, offset: off, len: span, extend: false }).await?;
             off += span;
         }
         f.truncate(ino, 1 << 40).await?;

@@ -798,6 +798,10 @@ impl FileClient {
         }
         // A prepare answers with the layout as it is now (size included).
         let refreshed = !runs.is_empty();
+        // The first write to an empty file (a small file being written):
+        // the prepare that makes all its chunks sets its size too, and no
+        // `ExtendSize` follows the data (the metadata checks it is empty).
+        let extend = matches!(runs.as_slice(), [(0, _)]) && st.size == Some(0) && st.pending_size == 0;
         // Sent together: concurrent operations of one client travel in one
         // batch (one Raft commit).
         let prepares = runs.into_iter().map(|(span_start, span_end)| {
@@ -805,7 +809,7 @@ impl FileClient {
             // real end, not the end of the last chunk.
             let o = lo.max(span_start * cb);
             let e = hi.min((span_end + 1) * cb);
-            self.meta.op(MetaOp::PrepareWrite { ino, offset: o, len: e.saturating_sub(o) })
+            self.meta.op(MetaOp::PrepareWrite { ino, offset: o, len: e.saturating_sub(o), extend })
         });
         for r in join_all(prepares).await {
             match r? {
@@ -816,6 +820,7 @@ impl FileClient {
                 other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
             }
         }
+        let extended = extend && st.size.is_some_and(|s| s >= hi);
         // Data past the current end: zero every gap the segments leave
         // between the old end and their last byte (the tail of the old end's
         // chunk may still hold bytes a truncate cut off).
@@ -908,7 +913,9 @@ impl FileClient {
         if let Some(e) = first_err {
             return Err(e);
         }
-        st.pending_size = st.pending_size.max(hi);
+        if !extended {
+            st.pending_size = st.pending_size.max(hi);
+        }
         Ok(())
     }
 

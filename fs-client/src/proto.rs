@@ -392,11 +392,17 @@ pub enum MetaOp {
     },
     /// Makes chunks exist for `[offset, offset + len)` of a regular file and
     /// returns their locations. Checks the quota for the size the file
-    /// would have; does not change the size (see `ExtendSize`).
+    /// would have; does not change the size (see `ExtendSize`), unless
+    /// `extend` and the file is empty and gets all its chunks in this
+    /// operation: then the size becomes `offset + len` (and mtime now), and
+    /// the writer needs no `ExtendSize` after its data. Nothing old can
+    /// show through (new chunks read as zeros until written), so a small
+    /// file's first write costs two commits, not three.
     PrepareWrite {
         ino: Ino,
         offset: u64,
         len: u64,
+        extend: bool,
     },
     /// Raises the size to `size` if it is smaller (quota-checked); sets mtime.
     ExtendSize {

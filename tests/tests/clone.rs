@@ -347,7 +347,7 @@ async fn pending_copies_and_never_written_chunks_are_fenced() {
 
     phase("f gets chunk 5 allocated, never written; a writer caches its location");
     f.truncate(src, 6 * MIB).await.unwrap();
-    c.op(MetaOp::PrepareWrite { ino: src, offset: 5 * MIB, len: 10 }).await.unwrap();
+    c.op(MetaOp::PrepareWrite { ino: src, offset: 5 * MIB, len: 10, extend: false }).await.unwrap();
     let writer = cluster.files();
     assert!(writer.read(src, 5 * MIB, 10).await.unwrap()[..] == [0u8; 10]);
 

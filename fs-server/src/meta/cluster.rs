@@ -212,7 +212,7 @@ impl DataManager {
         let mut servers = self.placement_view();
         let reader = self.raft.reader().clone();
         for p in ops.iter_mut() {
-            let MetaOp::PrepareWrite { ino, offset, len } = p.op else { continue };
+            let MetaOp::PrepareWrite { ino, offset, len, .. } = p.op else { continue };
             if len == 0 {
                 continue;
             }

@@ -235,10 +235,11 @@ pub(super) fn prepare_write(
     ino: Ino,
     offset: u64,
     len: u64,
+    extend: bool,
     placement: &[(u64, Vec<ServerId>)],
     now: Timespec,
 ) -> Plan<OpReply> {
-    let rec = must_file(w, ino)?;
+    let mut rec = must_file(w, ino)?;
     writable(&rec)?;
     let cb = chunk_bytes(w.kv)?;
     if len == 0 {
@@ -256,9 +257,15 @@ pub(super) fn prepare_write(
         quota_check(w, rec.qdir, (end - rec.attr.size) as i64, 0)?;
     }
     let mut chunks = Vec::new();
+    // Whether every chunk of the file is made here (an empty file has
+    // none: a truncate to 0 drops them all; checked, not assumed).
+    let mut all_new = extend && first == 0 && rec.attr.size == 0 && rec.chunks == 0;
     for index in first..=last {
         let id = match w.file_chunk(ino, index)? {
-            Some(id) => id,
+            Some(id) => {
+                all_new = false;
+                id
+            }
             None => {
                 let Some((_, servers)) = placement.iter().find(|(i, _)| *i == index) else {
                     // The leader decided placement before this chunk was
@@ -294,6 +301,15 @@ pub(super) fn prepare_write(
         };
         let c = w.chunk(id)?.ok_or_else(|| Fail::Store(KvError(format!("chunk {id} of inode {ino} is missing"))))?;
         chunks.push(planned_location(w, index, id, &c)?);
+    }
+    if all_new {
+        // As `ExtendSize` would after the data (see `MetaOp::PrepareWrite`).
+        charge(w, rec.qdir, end as i64, 0, true)?;
+        rec = w.must_inode(ino)?;
+        rec.attr.size = end;
+        rec.attr.mtime = now;
+        rec.attr.ctime = now;
+        w.put_inode(rec.clone());
     }
     layout_reply(w, rec, cb, chunks)
 }

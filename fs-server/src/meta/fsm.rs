@@ -1191,9 +1191,9 @@ impl Namespace {
                 w.put_inode(rec);
                 Ok(OpReply::Done)
             }
-            MetaOp::PrepareWrite { ino, offset, len } => {
+            MetaOp::PrepareWrite { ino, offset, len, extend } => {
                 w.check_lease(*ino, client, now)?;
-                data::prepare_write(w, *ino, *offset, *len, &prop.placement, now)
+                data::prepare_write(w, *ino, *offset, *len, *extend, &prop.placement, now)
             }
             MetaOp::ExtendSize { ino, size } => {
                 w.check_lease(*ino, client, now)?;

@@ -72,13 +72,16 @@ impl Fs {
     }
     /// PrepareWrite with replicas [1,2,3] for every chunk index in range.
     fn prepare(&mut self, ino: Ino, offset: u64, len: u64) -> OpResult {
+        self.prepare_with(ino, offset, len, false)
+    }
+    fn prepare_with(&mut self, ino: Ino, offset: u64, len: u64, extend: bool) -> OpResult {
         let cb = 1u64 << 20;
         let placement = if len == 0 {
             vec![]
         } else {
             (offset / cb..=(offset + len - 1) / cb).map(|i| (i, vec![1, 2, 3])).collect()
         };
-        self.proposal(Proposal { id: None, op: MetaOp::PrepareWrite { ino, offset, len }, placement })
+        self.proposal(Proposal { id: None, op: MetaOp::PrepareWrite { ino, offset, len, extend }, placement })
     }
     fn op(&mut self, op: MetaOp) -> OpResult {
         self.op_with_id(None, op)
@@ -330,13 +333,54 @@ fn chunks_are_allocated_with_the_leaders_placement_and_reused() {
     assert!(l.chunks.iter().all(|c| c.version == 1 && c.replicas.len() == 3));
     assert_eq!(l.attr.size, 0, "prepare does not change the size");
     // Existing chunks come back as they are, without new placement.
-    let again = layout(fs.proposal(Proposal::new(None, MetaOp::PrepareWrite { ino: f, offset: 1 << 20, len: 10 })));
+    let again = layout(
+        fs.proposal(Proposal::new(None, MetaOp::PrepareWrite { ino: f, offset: 1 << 20, len: 10, extend: false })),
+    );
     assert_eq!(again.chunks[0].chunk, l.chunks[1].chunk);
     // A missing chunk without placement: retry.
-    let r = fs.proposal(Proposal::new(None, MetaOp::PrepareWrite { ino: f, offset: 10 << 20, len: 10 }));
+    let r = fs.proposal(Proposal::new(None, MetaOp::PrepareWrite { ino: f, offset: 10 << 20, len: 10, extend: false }));
     assert_eq!(code(&r), Some(ErrorCode::Unavailable));
     // Directories have no data.
     assert_eq!(code(&fs.prepare(ROOT_INO, 0, 1)), Some(ErrorCode::IsDir));
+}
+
+/// Goal: a prepare with `extend` sets the size only when nothing old can
+/// show through: the file is empty and every chunk is made by this prepare.
+#[test]
+fn a_first_write_to_an_empty_file_sets_its_size_with_the_chunks() {
+    let mut fs = Fs::new();
+    fs.servers(3);
+    let d = ino_of(fs.op(mkdir(ROOT_INO, "d")));
+    fs.op(MetaOp::SetQuota { ino: d, limits: QuotaLimits { max_bytes: Some(5000), max_inodes: None } }).unwrap();
+    let f = ino_of(fs.op(create(d, "f")));
+    let l = layout(fs.prepare_with(f, 10, 1014, true));
+    assert_eq!((l.attr.size, l.chunks.len()), (1024, 1), "an empty file takes the size with its first chunk");
+    assert!(l.attr.blocks > 0, "and its chunk counts");
+    assert_eq!(fs.resolve("/d/f").unwrap().size, 1024);
+    let quota = |fs: &Fs| match fs.read(MetaRead::GetQuota { ino: d }).unwrap() {
+        ReadReply::Quota(Some(u)) => u.used_bytes,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(quota(&fs), 1024, "the quota is charged as an ExtendSize would");
+    // No longer empty: the next prepare leaves the size to ExtendSize.
+    let l = layout(fs.prepare_with(f, 1024, 10, true));
+    assert_eq!(l.attr.size, 1024);
+    // Past the quota: refused, nothing changes.
+    let g = ino_of(fs.op(create(d, "g")));
+    assert_eq!(code(&fs.prepare_with(g, 0, 4000, true)), Some(ErrorCode::QuotaExceeded));
+    assert_eq!(fs.resolve("/d/g").unwrap().size, 0);
+    // A write that starts past the first chunk leaves the size alone
+    // (the chunks before it are not made here).
+    let h = ino_of(fs.op(create(ROOT_INO, "h")));
+    assert_eq!(layout(fs.prepare_with(h, 1 << 20, 10, true)).attr.size, 0);
+    // An empty file that still has chunks (made but never covered by its
+    // size): they may hold bytes, so nothing is extended.
+    let k = ino_of(fs.op(create(ROOT_INO, "k")));
+    layout(fs.prepare(k, 0, 10));
+    assert_eq!(layout(fs.prepare_with(k, 0, 3 << 20, true)).attr.size, 0);
+    // Without `extend`, never.
+    let m = ino_of(fs.op(create(ROOT_INO, "m")));
+    assert_eq!(layout(fs.prepare(m, 0, 10)).attr.size, 0);
 }
 
 #[test]
@@ -1188,7 +1232,7 @@ fn a_write_lease_excludes_other_writers_until_it_lapses() {
     assert_eq!(code(&fs.op_with_id(b(3), MetaOp::ExtendSize { ino: f, size: 5 * CB })), Some(ErrorCode::Busy));
     let p = Proposal {
         id: b(4),
-        op: MetaOp::PrepareWrite { ino: f, offset: 2 * CB, len: 1 },
+        op: MetaOp::PrepareWrite { ino: f, offset: 2 * CB, len: 1, extend: false },
         placement: vec![(2, vec![1, 2, 3])],
     };
     assert_eq!(code(&fs.proposal(p)), Some(ErrorCode::Busy));
