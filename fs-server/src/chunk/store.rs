@@ -795,11 +795,7 @@ impl ChunkFile {
     /// Writes data blocks at `off`: a long run whose memory, offset and
     /// length are aligned around the page cache, the rest through it.
     fn write_data(&self, data: &[u8], off: u64) -> io::Result<()> {
-        let aligned = data.len() >= DIRECT_MIN_BYTES
-            && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
-            && data.len().is_multiple_of(DIRECT_ALIGN)
-            && off.is_multiple_of(DIRECT_ALIGN as u64);
-        if let Some(direct) = aligned.then(|| self.direct()).flatten() {
+        if let Some(direct) = self.direct_for(data, off) {
             match direct.write_all_at(data, off) {
                 // Alignment this disk does not take: write it buffered.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
@@ -817,17 +813,23 @@ impl ChunkFile {
     /// back dirty cached pages of the range before a direct read, so it
     /// sees every earlier write.
     fn read_data(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        let aligned = buf.len() >= DIRECT_MIN_BYTES
-            && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
-            && buf.len().is_multiple_of(DIRECT_ALIGN)
-            && off.is_multiple_of(DIRECT_ALIGN as u64);
-        if let Some(direct) = aligned.then(|| self.direct()).flatten() {
+        if let Some(direct) = self.direct_for(buf, off) {
             match direct.read_exact_at(buf, off) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 done => return done,
             }
         }
         self.file.read_exact_at(buf, off)
+    }
+
+    /// The `O_DIRECT` descriptor, if `mem` at file offset `off` is a run
+    /// long and aligned enough to go around the page cache.
+    fn direct_for(&self, mem: &[u8], off: u64) -> Option<&File> {
+        let aligned = mem.len() >= DIRECT_MIN_BYTES
+            && (mem.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+            && mem.len().is_multiple_of(DIRECT_ALIGN)
+            && off.is_multiple_of(DIRECT_ALIGN as u64);
+        aligned.then(|| self.direct()).flatten()
     }
 
     fn direct(&self) -> Option<&File> {
@@ -890,6 +892,10 @@ impl AlignedBuf {
 
     pub fn freeze(self) -> bytes::Bytes {
         bytes::Bytes::from(self.v).slice(self.skip..)
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.v[self.skip..]
     }
 
     fn as_mut_slice(&mut self) -> &mut [u8] {
@@ -1205,7 +1211,7 @@ impl ChunkStore {
         {
             return Ok(None);
         }
-        self.cache.fill(entry.gen, b0, buf.as_mut_slice(), |i| sums[i] != ZERO_SUM);
+        self.cache.fill(entry.gen, b0, buf.as_slice(), |i| sums[i] != ZERO_SUM);
         Ok(Some(buf.freeze().slice(head..head + len as usize)))
     }
 
