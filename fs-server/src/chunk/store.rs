@@ -769,11 +769,14 @@ pub const DIRECT_ALIGN: usize = 4096;
 /// the bytes go from the server's buffer to the disk with no copy into the
 /// page cache and no later write-back, so a flush finds little left to
 /// sync, and a chunk server's memory is its own block cache rather than
-/// gigabytes of dirty pages. Small writes, the checksum table and every
-/// read stay buffered (reads of hot data come from the page cache). Linux
-/// keeps the two coherent: a direct write flushes and drops the cached
-/// pages of its range. Where a filesystem refuses `O_DIRECT` (EINVAL), the
-/// write goes through the page cache.
+/// gigabytes of dirty pages. Large reads too (a sequential reader, a repair
+/// copy): filling and evicting the page cache cost more kernel time than
+/// the disk read itself. Small writes, short reads (hot 4 KiB blocks stay
+/// in the page cache) and the checksum table stay buffered. Linux keeps the
+/// two coherent: a direct write flushes and drops the cached pages of its
+/// range, a direct read writes back the dirty ones first. Where a
+/// filesystem refuses `O_DIRECT` (EINVAL), the I/O goes through the page
+/// cache.
 pub(crate) struct ChunkFile {
     file: File,
     direct: std::sync::OnceLock<Option<File>>,
