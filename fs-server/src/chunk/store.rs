@@ -1625,7 +1625,9 @@ impl ChunkStore {
         emit(&mut out, &header)?;
         let per_batch = (BATCH_BYTES / g.block_size).max(1);
         let bs = g.bs();
-        let mut buf = vec![0u8; per_batch as usize * bs];
+        // Aligned: whole runs of written blocks go around the page cache.
+        let mut buf = aligned_zeroed(per_batch as usize * bs);
+        let buf = buf.as_mut_slice();
         let mut b = 0;
         while b < g.n_blocks {
             let n = per_batch.min(g.n_blocks - b) as usize;
@@ -2716,8 +2718,8 @@ impl ChunkStore {
                 // of 64 MiB chunks had every server zeroing gigabytes a
                 // second here).
                 for (s, e) in runs(sums.len(), |i| sums[i] != ZERO_SUM) {
-                    let mut buf = vec![0u8; (e - s) * g.bs()];
-                    self.read_verified(&file, id, block + s as u64, &sums[s..e], &mut buf)?;
+                    let mut buf = aligned_zeroed((e - s) * g.bs());
+                    self.read_verified(&file, id, block + s as u64, &sums[s..e], buf.as_mut_slice())?;
                     cost += (e - s) as u64 * g.block_size;
                 }
                 Ok(())
