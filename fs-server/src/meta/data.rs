@@ -304,34 +304,34 @@ pub(super) fn prepare_write(
     }
     if all_new {
         // As `ExtendSize` would after the data (see `MetaOp::PrepareWrite`).
-        charge(w, rec.qdir, end as i64, 0, true)?;
-        rec = w.must_inode(ino)?;
-        rec.attr.size = end;
-        rec.attr.mtime = now;
-        rec.attr.ctime = now;
-        w.put_inode(rec.clone());
+        rec = record_write(w, rec, end, now)?;
     }
     layout_reply(w, rec, cb, chunks)
 }
 
 /// [`MetaOp::ExtendSize`].
 pub(super) fn extend_size(w: &mut Work<'_>, ino: Ino, size: u64, now: Timespec) -> Plan<OpReply> {
-    let mut rec = must_file(w, ino)?;
+    let rec = must_file(w, ino)?;
     writable(&rec)?;
     if size > MAX_FILE_BYTES {
         return Err(Fail::Op(err(ErrorCode::FileTooBig, format!("a file may not exceed {MAX_FILE_BYTES} bytes"))));
     }
+    Ok(OpReply::Attr(record_write(w, rec, size, now)?.attr))
+}
+
+/// Data was written up to `size`: the size grows to it (the quota charged
+/// for the growth) and mtime and ctime become `now`, even when the size
+/// stays. Returns the inode as stored.
+fn record_write(w: &mut Work<'_>, mut rec: InodeRec, size: u64, now: Timespec) -> Plan<InodeRec> {
     if size > rec.attr.size {
         charge(w, rec.qdir, (size - rec.attr.size) as i64, 0, true)?;
-        rec = w.must_inode(ino)?;
+        rec = w.must_inode(rec.attr.ino)?;
         rec.attr.size = size;
     }
-    // Data was written: the file changed even when the size did not.
     rec.attr.mtime = now;
     rec.attr.ctime = now;
-    let attr = rec.attr.clone();
-    w.put_inode(rec);
-    Ok(OpReply::Attr(attr))
+    w.put_inode(rec.clone());
+    Ok(rec)
 }
 
 /// A size change through setattr: chunks past a smaller size go; quotas
