@@ -10,7 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Mutex;
 
+use crate::config::ClientConfig;
 use crate::frame;
+use crate::local::LocalReads;
 use crate::proto::*;
 use crate::sums::BlockSums;
 use crate::tls::{self, Identity, TlsError};
@@ -163,6 +165,8 @@ struct Inner {
     /// once (readers go to other replicas instead of waiting out a connect
     /// timeout each).
     down: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// Reads of replicas on this host, through their servers' sockets.
+    local: Option<LocalReads>,
 }
 
 /// How long a server whose dial failed is skipped.
@@ -178,9 +182,35 @@ impl ChunkClient {
 
     /// Uses an existing endpoint (a server's own) with a chunk-ALPN config.
     pub fn with_endpoint(endpoint: quinn::Endpoint, quic: quinn::ClientConfig) -> Self {
-        let inner =
-            Inner { endpoint, quic, conns: Mutex::default(), dialing: Mutex::default(), down: Default::default() };
+        let inner = Inner {
+            endpoint,
+            quic,
+            conns: Mutex::default(),
+            dialing: Mutex::default(),
+            down: Default::default(),
+            local: None,
+        };
         ChunkClient { inner: Arc::new(inner) }
+    }
+
+    /// A client for `cfg`: its certificate, and local reads as it says.
+    pub fn for_config(cfg: &ClientConfig) -> Result<Self, TlsError> {
+        let mut c = Self::new(&cfg.identity())?;
+        if let Some(dir) = cfg.local_dir() {
+            let inner = Arc::get_mut(&mut c.inner).expect("a new client is not shared");
+            inner.local = Some(LocalReads::new(dir));
+        }
+        Ok(c)
+    }
+
+    /// Whether `addr` is a server on this host that local reads reach.
+    pub fn is_local(&self, addr: &str) -> bool {
+        self.inner.local.as_ref().is_some_and(|l| l.is_local(addr))
+    }
+
+    /// Reads answered through local sockets so far.
+    pub fn local_reads(&self) -> u64 {
+        self.inner.local.as_ref().map_or(0, |l| l.served())
     }
 
     /// Whether a dial to `addr` failed in the last [`DOWN_FOR`].
@@ -334,6 +364,11 @@ impl ChunkClient {
                 addr: addr.into(),
                 error: WireError::new(ErrorCode::TooBig, format!("read of {len} bytes exceeds {MAX_IO_BYTES}")),
             });
+        }
+        if let Some(local) = &self.inner.local {
+            if let Some(answer) = local.read(addr, chunk, version, offset, len).await {
+                return answer.map_err(|error| ChunkError::Remote { addr: addr.into(), error });
+            }
         }
         self.timed(addr, async {
             let req = ChunkRequest::Read { chunk, version, offset, len };

@@ -405,7 +405,7 @@ pub(crate) fn connect_with_config(config: Option<PathBuf>) -> CliResult<(MetaCli
 }
 
 pub(crate) fn file_client(meta: &MetaClient, cfg: &ClientConfig) -> CliResult<FileClient> {
-    let chunks = ChunkClient::new(&cfg.identity()).map_err(|e| CliError::config(e.to_string()))?;
+    let chunks = ChunkClient::for_config(cfg).map_err(|e| CliError::config(e.to_string()))?;
     Ok(FileClient::new(meta.clone(), chunks, cfg.topology.clone()))
 }
 

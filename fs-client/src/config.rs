@@ -24,10 +24,22 @@ pub struct ClientConfig {
     /// Where this client runs, so reads go to the nearest replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<crate::proto::Topology>,
+    /// Read replicas on this host through their servers' local sockets
+    /// (see [`crate::local`]).
+    #[serde(default = "yes")]
+    pub local_reads: bool,
+    /// Where the local chunk servers' sockets are (default
+    /// [`crate::local::DEFAULT_LOCAL_DIR`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_dir: Option<PathBuf>,
 }
 
 fn default_timeout() -> u64 {
     DEFAULT_TIMEOUT_MS
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +57,12 @@ impl ClientConfig {
         Identity { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
     }
 
+    /// The local socket directory, if local reads are on.
+    pub fn local_dir(&self) -> Option<PathBuf> {
+        let dir = self.local_dir.clone().unwrap_or_else(|| PathBuf::from(crate::local::DEFAULT_LOCAL_DIR));
+        self.local_reads.then_some(dir)
+    }
+
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
@@ -55,7 +73,7 @@ impl ClientConfig {
             toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
         // Relative certificate paths are relative to the file.
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.ca, &mut cfg.cert, &mut cfg.key] {
+        for p in [&mut cfg.ca, &mut cfg.cert, &mut cfg.key].into_iter().chain(cfg.local_dir.as_mut()) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

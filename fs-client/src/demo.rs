@@ -80,7 +80,7 @@ pub async fn run(args: DemoArgs, config: Option<PathBuf>) -> anyhow::Result<()> 
     }
     let cfg = ClientConfig::load(&cfg_path).context("load the client configuration")?;
     let meta = MetaClient::new(&cfg)?;
-    let files = FileClient::new(meta.clone(), ChunkClient::new(&cfg.identity())?, None);
+    let files = FileClient::new(meta.clone(), ChunkClient::for_config(&cfg)?, None);
 
     say("1. Upload a master image, a program and a data set");
     let root = mkdirs(&meta, "/demo").await?;

@@ -512,7 +512,9 @@ impl FileClient {
                     .collect()
             }
         };
-        order.sort_by_key(|a| self.chunks.is_down(a));
+        // A replica on this host is nearest of all (read through its
+        // server's local socket).
+        order.sort_by_key(|a| (self.chunks.is_down(a), !self.chunks.is_local(a)));
         order
     }
 

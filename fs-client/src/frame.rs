@@ -1,4 +1,5 @@
-//! Length-prefixed postcard frames on QUIC streams.
+//! Length-prefixed postcard frames on QUIC streams (and on the local
+//! Unix sockets of [`crate::local`]).
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -57,11 +58,50 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Re
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Err(FrameError::Closed),
         Err(e) => return Err(FrameError::Stream(e.to_string())),
     }
+    let mut body = frame_body(len)?;
+    recv.read_exact(&mut body).await.map_err(|e| FrameError::Stream(e.to_string()))?;
+    decode(&body)
+}
+
+/// A buffer for the body of a frame whose length prefix is `len`.
+fn frame_body(len: [u8; 4]) -> Result<Vec<u8>, FrameError> {
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| FrameError::Stream(e.to_string()))?;
-    postcard::from_bytes(&body).map_err(|e| FrameError::Decode(e.to_string()))
+    Ok(vec![0u8; len])
+}
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    postcard::from_bytes(body).map_err(|e| FrameError::Decode(e.to_string()))
+}
+
+/// [`read_frame`] on a byte stream (a Unix socket): [`FrameError::Closed`]
+/// when it ended cleanly before a frame began.
+pub async fn read_frame_io<T: DeserializeOwned>(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<T, FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    let n = io.read(&mut len).await.map_err(|e| FrameError::Stream(e.to_string()))?;
+    if n == 0 {
+        return Err(FrameError::Closed);
+    }
+    io.read_exact(&mut len[n..]).await.map_err(|e| FrameError::Stream(e.to_string()))?;
+    let mut body = frame_body(len)?;
+    io.read_exact(&mut body).await.map_err(|e| FrameError::Stream(e.to_string()))?;
+    decode(&body)
+}
+
+/// [`write_frame_with`] on a byte stream (a Unix socket).
+pub async fn write_frame_io<T: Serialize>(
+    io: &mut (impl tokio::io::AsyncWrite + Unpin),
+    msg: &T,
+    data: &[bytes::Bytes],
+) -> Result<(), FrameError> {
+    use tokio::io::AsyncWriteExt;
+    let stream = |e: std::io::Error| FrameError::Stream(e.to_string());
+    io.write_all(&encode(msg)?).await.map_err(stream)?;
+    for d in data {
+        io.write_all(d).await.map_err(stream)?;
+    }
+    io.flush().await.map_err(stream)
 }

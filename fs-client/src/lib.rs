@@ -8,6 +8,8 @@
 //! - [`cli`]: the `locus` command line; [`up`] runs a local cluster.
 //! - [`fuse`]: the FUSE mount (`locus mount`).
 //! - [`nbd`]: the NBD export (`locus nbd serve`).
+//! - [`chunk`]: requests to chunk servers; [`local`] reads replicas on
+//!   this host through their servers' Unix sockets.
 //! - [`vm`]: service definitions and the VM messages; [`vmcli`] is
 //!   `locus vm` / `locus host`, [`demo`] is `locus demo`.
 //!
@@ -22,6 +24,7 @@ pub mod demo;
 pub mod file;
 pub mod frame;
 pub mod fuse;
+pub mod local;
 pub mod nbd;
 pub mod proto;
 pub mod sparse;

@@ -996,6 +996,16 @@ pub enum ChunkReply {
 
 pub type ChunkResponse = Result<ChunkReply, WireError>;
 
+/// The first frame a chunk server writes on a local socket connection
+/// ([`crate::local`]): which server this is, so a client never takes one
+/// server's socket for another's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalHello {
+    /// The address the server advertises (what layouts list).
+    pub addr: String,
+    pub server: ServerId,
+}
+
 pub type Response = Result<Reply, WireError>;
 
 /// Namespace changes, as the change stream delivers them.

@@ -173,6 +173,9 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
     }
 
     let meta_addrs: Vec<String> = (1..=args.meta).map(addr).collect();
+    // The chunk servers' sockets for local reads: in the cluster's own
+    // directory, so it needs no rights to /run and goes with the cluster.
+    let local_dir = dir.join("run");
     for i in 1..=args.chunks {
         services.push(Service {
             name: format!("chunk-{i}"),
@@ -197,6 +200,8 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
                 format!("h{i}"),
                 "--metrics-listen".into(),
                 format!("{}:{}", args.ip, args.base_port as u64 + 110 + i),
+                "--local-dir".into(),
+                local_dir.display().to_string(),
             ],
         });
     }
@@ -213,6 +218,8 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
             key: certs.join("host.key"),
             timeout_ms: crate::config::DEFAULT_TIMEOUT_MS,
             topology: Some(topology.clone()),
+            local_reads: true,
+            local_dir: Some(local_dir.clone()),
         };
         let cfg_path = dir.join(format!("{name}.toml"));
         cfg.save(&cfg_path).with_context(|| format!("write {}", cfg_path.display()))?;
@@ -274,6 +281,8 @@ pub async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
         key: certs.join("admin.key"),
         timeout_ms: crate::config::DEFAULT_TIMEOUT_MS,
         topology: None,
+        local_reads: true,
+        local_dir: Some(local_dir.clone()),
     };
     let cfg_path = dir.join("client.toml");
     client_cfg.save(&cfg_path).context("write client.toml")?;

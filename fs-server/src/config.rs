@@ -257,6 +257,13 @@ pub struct ChunkSettings {
     /// TCP address of the Prometheus endpoint.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Directory of the Unix socket local clients read through (default
+    /// /run/locus).
+    #[arg(long)]
+    pub local_dir: Option<PathBuf>,
+    /// Whether to serve local clients on a Unix socket (default true).
+    #[arg(long)]
+    pub local_socket: Option<bool>,
 }
 
 /// The largest block cache accepted (1 TiB): a bigger number is a typo.
@@ -281,6 +288,8 @@ impl ChunkSettings {
             scrub_mib_per_sec: over.scrub_mib_per_sec.or(self.scrub_mib_per_sec),
             read_cache_mib: over.read_cache_mib.or(self.read_cache_mib),
             metrics_listen: over.metrics_listen.or(self.metrics_listen),
+            local_dir: over.local_dir.or(self.local_dir),
+            local_socket: over.local_socket.or(self.local_socket),
         }
     }
 
@@ -358,6 +367,10 @@ impl ChunkSettings {
             scrub_bytes_per_sec: self.scrub_mib_per_sec.unwrap_or(16) << 20,
             read_cache_bytes: read_cache_mib << 20,
             metrics_listen: self.metrics_listen,
+            local_dir: self
+                .local_socket
+                .unwrap_or(true)
+                .then(|| self.local_dir.unwrap_or_else(|| fs_client::local::DEFAULT_LOCAL_DIR.into())),
         })
     }
 }

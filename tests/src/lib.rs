@@ -267,7 +267,14 @@ impl MetaCluster {
             key: self.certs.join(format!("{name}.key")),
             timeout_ms: 20_000,
             topology: None,
+            local_reads: true,
+            local_dir: Some(self.local_dir()),
         }
+    }
+
+    /// Where this cluster's chunk servers put their local sockets.
+    pub fn local_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
     }
 
     /// An admin client.
@@ -509,6 +516,11 @@ pub struct ClusterOptions {
     /// The address every server listens on (default 127.0.0.1), e.g. a
     /// bridge address that hosts in network namespaces reach too.
     pub ip: Option<std::net::IpAddr>,
+    /// Whether chunk servers serve local reads on Unix sockets (in the
+    /// cluster's `run/`). Off whenever `ip` is set: a client in another
+    /// network namespace stands for another machine, and a Unix socket
+    /// would reach across the namespaces (and across any cut link).
+    pub local_sockets: bool,
 }
 
 impl Default for ClusterOptions {
@@ -523,6 +535,7 @@ impl Default for ClusterOptions {
             capacity_bytes: None,
             chunk_dirs: None,
             ip: None,
+            local_sockets: true,
         }
     }
 }
@@ -584,6 +597,11 @@ impl Cluster {
             if let Some(c) = opts.capacity_bytes {
                 args.extend(["--capacity-bytes".into(), c.to_string()]);
             }
+            if opts.local_sockets && opts.ip.is_none() {
+                args.extend(["--local-dir".into(), meta.local_dir().display().to_string()]);
+            } else {
+                args.extend(["--local-socket".into(), "false".into()]);
+            }
             let mut node = ChunkNode {
                 index: i,
                 addr,
@@ -607,7 +625,7 @@ impl Cluster {
     /// A file client with the admin certificate.
     pub fn files(&self) -> fs_client::file::FileClient {
         let cfg = self.meta.client_config("admin");
-        let chunks = fs_client::chunk::ChunkClient::new(&cfg.identity()).expect("chunk client");
+        let chunks = fs_client::chunk::ChunkClient::for_config(&cfg).expect("chunk client");
         fs_client::file::FileClient::new(self.client(), chunks, None)
     }
 
@@ -692,6 +710,11 @@ impl Cluster {
 
     pub fn path(&self) -> &Path {
         self.meta.path()
+    }
+
+    /// Where the chunk servers put their local sockets.
+    pub fn local_dir(&self) -> PathBuf {
+        self.meta.local_dir()
     }
 }
 

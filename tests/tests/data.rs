@@ -332,6 +332,49 @@ async fn a_corrupt_replica_is_bypassed_and_replaced() {
     assert!(read_all(&cluster.files(), ino).await == data);
 }
 
+/// Goal: a client on a chunk server's host reads through the server's
+/// local socket and gets the same bytes; with local reads off nothing goes
+/// that way; a server killed (its socket file left behind) or stopped is
+/// read around.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_reads_skip_the_network_and_fall_back() {
+    use fs_client::chunk::ChunkClient;
+    use fs_client::file::FileClient;
+    init_logging();
+    let mut cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let c = cluster.client();
+    let ino = create(&c, ROOT_INO, "local").await;
+    let data = pattern(11, (3 * MIB + 5000) as usize);
+    let f = cluster.files();
+    f.write_through(ino, 0, Bytes::from(data.clone())).await.unwrap();
+    f.fsync(ino).await.unwrap();
+    let cfg = cluster.client_config("admin");
+    let reader = |chunks: &ChunkClient| FileClient::new(c.clone(), chunks.clone(), None);
+
+    phase("a reader on this host reads through the local sockets");
+    let chunks = ChunkClient::for_config(&cfg).unwrap();
+    assert!(read_all(&reader(&chunks), ino).await == data, "local reads differ");
+    assert!(chunks.local_reads() >= 4, "only {} reads went local", chunks.local_reads());
+
+    phase("with local reads off, none goes that way");
+    let off = ChunkClient::for_config(&fs_client::ClientConfig { local_reads: false, ..cfg.clone() }).unwrap();
+    assert!(read_all(&reader(&off), ino).await == data);
+    assert_eq!(off.local_reads(), 0);
+
+    phase("kill -9 one server (its socket file stays) and stop another: reads come from the third");
+    let gone = cluster.chunk(1).addr.to_string();
+    cluster.kill_chunk(1);
+    assert!(fs_client::local::socket_path(&cluster.local_dir(), &gone).exists());
+    cluster.pause_chunk(2);
+    let chunks = ChunkClient::for_config(&cfg).unwrap();
+    let t = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(60), read_all(&reader(&chunks), ino)).await;
+    cluster.resume_chunk(2);
+    assert!(got.expect("reads around a dead and a stopped server finish") == data);
+    assert!(chunks.local_reads() >= 4, "only {} reads went local", chunks.local_reads());
+    tracing::info!(took = ?t.elapsed(), "read around a dead and a stopped server");
+}
+
 /// Goal: a replica that missed writes while its server was down is never
 /// served, and is dropped when the server comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

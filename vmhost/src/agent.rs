@@ -139,7 +139,7 @@ fn metrics_file(dir: &Path, vm: &str) -> PathBuf {
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let client_cfg = ClientConfig::load(&cfg.client_config).context("load the client configuration")?;
     let meta = MetaClient::new(&client_cfg).context("set up the metadata client")?;
-    let chunks = ChunkClient::new(&client_cfg.identity()).context("set up the chunk client")?;
+    let chunks = ChunkClient::for_config(&client_cfg).context("set up the chunk client")?;
     let files = FileClient::new(meta.clone(), chunks, Some(cfg.topology.clone()));
     for d in ["run", "cache", "vms", "metrics", "logs"] {
         std::fs::create_dir_all(cfg.state_dir.join(d))

@@ -194,7 +194,7 @@ async fn start(
 ) -> Result<(std::sync::Arc<Shared>, Session<LocusFs>), MountError> {
     let cfg = ClientConfig::load(config).map_err(|e| MountError::Config(e.to_string()))?;
     let meta = MetaClient::new(&cfg).map_err(|e| MountError::Config(e.to_string()))?;
-    let chunks = ChunkClient::new(&cfg.identity()).map_err(|e| MountError::Config(e.to_string()))?;
+    let chunks = ChunkClient::for_config(&cfg).map_err(|e| MountError::Config(e.to_string()))?;
     let files = FileClient::new(meta.clone(), chunks, cfg.topology.clone());
     let unreachable =
         |why: String| MountError::Cluster(format!("cannot reach the cluster at {}: {why}", cfg.meta.join(", ")));

@@ -85,6 +85,9 @@ pub struct ChunkConfig {
     /// Bytes of verified blocks kept for reads (0: none).
     pub read_cache_bytes: u64,
     pub metrics_listen: Option<SocketAddr>,
+    /// Where to put the Unix socket local clients read through (`None`:
+    /// no socket). See [`fs_client::local`].
+    pub local_dir: Option<PathBuf>,
 }
 
 /// A running chunk server. Cheap to clone.
@@ -219,6 +222,8 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
         // Heartbeats must not hang: a short deadline, retried by the loops.
         timeout_ms: 2_000,
         topology: None,
+        local_reads: false,
+        local_dir: None,
     };
     let meta = MetaClient::new(&client_cfg).context("metadata client")?;
     let stored_id: Option<ServerId> =
@@ -281,6 +286,17 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
         served: Arc::default(),
     };
     tokio::spawn(srv.clone().accept_loop(endpoint.clone()));
+    let local = cfg.local_dir.as_ref().and_then(|dir| match bind_local(dir, &cfg.advertise) {
+        Ok((listener, path)) => {
+            tokio::spawn(srv.clone().local_loop(listener));
+            tracing::info!(path = %path.display(), "serving local reads");
+            Some(path)
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "no local socket; local clients read over QUIC");
+            None
+        }
+    });
     tokio::spawn(srv.clone().heartbeat_loop());
     tokio::spawn(srv.clone().report_loop());
     tokio::spawn(srv.clone().scrub_loop());
@@ -296,6 +312,9 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
     crate::wait_for_stop().await;
     tracing::info!("stopping");
     endpoint.close(0u32.into(), b"shutting down");
+    if let Some(path) = local {
+        let _ = std::fs::remove_file(path);
+    }
     let store = srv.store.clone();
     let ids: Vec<ChunkId> = store.list().into_iter().map(|(c, _)| c).collect();
     // Best effort: what was written reaches the disk before we go.
@@ -305,6 +324,22 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(last)).await;
     Ok(())
+}
+
+/// Binds the local socket for `advertise` in `dir`, mode 0600. A file
+/// left there by a server that died is replaced: whoever advertises this
+/// address now is this server.
+fn bind_local(dir: &std::path::Path, advertise: &str) -> std::io::Result<(tokio::net::UnixListener, PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    let path = fs_client::local::socket_path(dir, advertise);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok((listener, path))
 }
 
 fn fs_stats(dir: &std::path::Path) -> (u64, u64) {
@@ -364,12 +399,8 @@ impl Server {
         if matches!(req, ChunkRequest::Read { .. } | ChunkRequest::Write { .. } | ChunkRequest::WriteV { .. }) {
             self.served.fetch_add(1, Ordering::Relaxed);
         }
-        let fenced = self.fenced.load(Ordering::Relaxed) && !status;
-        let unchecked = !self.checked.load(Ordering::Acquire) && !status;
-        let result = if fenced {
-            Err(WireError::new(ErrorCode::Unavailable, "fenced: lost contact with the metadata service"))
-        } else if unchecked {
-            Err(WireError::new(ErrorCode::Unavailable, "starting: replicas not yet checked with the metadata service"))
+        let result = if let Some(refused) = self.refusal(status) {
+            Err(refused)
         } else {
             match req {
                 ChunkRequest::Read { chunk, version, offset, len } => {
@@ -419,6 +450,86 @@ impl Server {
         self.metrics.observe(op, started.elapsed(), result.as_ref().err().map(|e| e.code));
         let _ = frame::write_frame(&mut send, &result).await;
         let _ = send.finish();
+    }
+
+    /// Why I/O is not served now, if it is not (`Status` always is).
+    fn refusal(&self, status: bool) -> Option<WireError> {
+        if status {
+            None
+        } else if self.fenced.load(Ordering::Relaxed) {
+            Some(WireError::new(ErrorCode::Unavailable, "fenced: lost contact with the metadata service"))
+        } else if !self.checked.load(Ordering::Acquire) {
+            Some(WireError::new(ErrorCode::Unavailable, "starting: replicas not yet checked with the metadata service"))
+        } else {
+            None
+        }
+    }
+
+    /// Serves local clients on the Unix socket (see [`fs_client::local`]).
+    async fn local_loop(self, listener: tokio::net::UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(self.clone().serve_local(stream));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting on the local socket failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// One local client's connection: reads, one after another.
+    async fn serve_local(self, mut stream: tokio::net::UnixStream) {
+        let me = nix::unistd::geteuid().as_raw();
+        match stream.peer_cred() {
+            Ok(c) if c.uid() == 0 || c.uid() == me => {}
+            other => {
+                let uid = other.map(|c| c.uid().to_string()).unwrap_or_else(|e| e.to_string());
+                tracing::warn!(uid, "refusing a local client of another user");
+                return;
+            }
+        }
+        let hello = LocalHello { addr: self.cfg.advertise.clone(), server: self.id.load(Ordering::Relaxed) };
+        if frame::write_frame_io(&mut stream, &hello, &[]).await.is_err() {
+            return;
+        }
+        loop {
+            let req: ChunkRequest =
+                match tokio::time::timeout(fs_client::local::SERVER_IDLE, frame::read_frame_io(&mut stream)).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(frame::FrameError::Closed)) | Err(_) => return,
+                    Ok(Err(e)) => {
+                        let resp: ChunkResponse =
+                            Err(WireError::new(ErrorCode::BadRequest, format!("bad request frame: {e}")));
+                        let _ = frame::write_frame_io(&mut stream, &resp, &[]).await;
+                        return;
+                    }
+                };
+            let started = Instant::now();
+            let (reply, data): (ChunkResponse, Option<Bytes>) = match req {
+                ChunkRequest::Read { chunk, version, offset, len } => {
+                    let res = match self.refusal(false) {
+                        Some(refused) => Err(refused),
+                        None => {
+                            self.served.fetch_add(1, Ordering::Relaxed);
+                            self.read(chunk, version, offset, len).await
+                        }
+                    };
+                    self.metrics.observe("read", started.elapsed(), res.as_ref().err().map(|e| e.code));
+                    match res {
+                        Ok(d) => (Ok(ChunkReply::Data { len: d.len() as u64 }), Some(d)),
+                        Err(e) => (Err(e), None),
+                    }
+                }
+                _ => (Err(WireError::new(ErrorCode::BadRequest, "only reads are served on the local socket")), None),
+            };
+            let write = frame::write_frame_io(&mut stream, &reply, data.as_slice());
+            if !matches!(tokio::time::timeout(REQUEST_TIMEOUT, write).await, Ok(Ok(()))) {
+                return;
+            }
+        }
     }
 
     async fn read(&self, chunk: ChunkId, version: u64, offset: u64, len: u64) -> Result<Bytes, WireError> {
