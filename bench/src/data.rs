@@ -39,6 +39,9 @@ pub struct Settings {
     pub secs: u64,
     pub small_files: usize,
     pub targets: Vec<String>,
+    /// Whether Locus clients read replicas through the servers' local
+    /// sockets (all three are on this machine) or over QUIC.
+    pub local_reads: bool,
 }
 
 const MIB: u64 = 1 << 20;
@@ -280,8 +283,10 @@ pub async fn run(s: Settings) -> anyhow::Result<Vec<Row>> {
         mount_suite("local disk", dir.path(), &s, &mut rows)?;
     }
     if want("locus") || want("lib") {
-        eprintln!("starting Locus: 3 meta nodes, 3 chunk servers, 64 MiB chunks, goal 3");
-        let opts = locus_tests::ClusterOptions { chunk_bytes: 64 * MIB, ..Default::default() };
+        let how = if s.local_reads { "local reads" } else { "every read over QUIC" };
+        eprintln!("starting Locus: 3 meta nodes, 3 chunk servers, 64 MiB chunks, goal 3, {how}");
+        let opts =
+            locus_tests::ClusterOptions { chunk_bytes: 64 * MIB, local_sockets: s.local_reads, ..Default::default() };
         let cluster = locus_tests::Cluster::start(opts).await?;
         if want("lib") {
             library_suite(&cluster, &s, &mut rows).await?;

@@ -63,6 +63,10 @@ enum Cmd {
         /// Targets: local, lib, locus, moosefs.
         #[arg(long, value_delimiter = ',', default_value = "local,lib,locus,moosefs")]
         targets: Vec<String>,
+        /// No local sockets: Locus reads go over QUIC, as for a client on
+        /// a machine without a replica.
+        #[arg(long)]
+        no_local_reads: bool,
         /// Write the results as JSON here.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -147,8 +151,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Meta { secs, clients, no_etcd, ops, out } => {
             rt.block_on(meta(Duration::from_secs(secs), clients, no_etcd, ops, out))
         }
-        Cmd::Data { size_mib, secs, small_files, targets, out } => {
-            let rows = rt.block_on(data::run(data::Settings { size_mib, secs, small_files, targets }))?;
+        Cmd::Data { size_mib, secs, small_files, targets, no_local_reads, out } => {
+            let s = data::Settings { size_mib, secs, small_files, targets, local_reads: !no_local_reads };
+            let rows = rt.block_on(data::run(s))?;
             save(out, &rows)
         }
         Cmd::Clone { runs, sparse_gib, full_mib, no_allocated, out } => {

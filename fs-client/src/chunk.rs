@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 
 use crate::config::ClientConfig;
 use crate::frame;
-use crate::local::LocalReads;
+use crate::local::{Local, LocalSockets};
 use crate::proto::*;
 use crate::sums::BlockSums;
 use crate::tls::{self, Identity, TlsError};
@@ -165,8 +165,8 @@ struct Inner {
     /// once (readers go to other replicas instead of waiting out a connect
     /// timeout each).
     down: std::sync::Mutex<HashMap<String, std::time::Instant>>,
-    /// Reads of replicas on this host, through their servers' sockets.
-    local: Option<LocalReads>,
+    /// Requests to servers on this host, through their local sockets.
+    local: Option<LocalSockets>,
 }
 
 /// How long a server whose dial failed is skipped.
@@ -198,7 +198,7 @@ impl ChunkClient {
         let mut c = Self::new(&cfg.identity())?;
         if let Some(dir) = cfg.local_dir() {
             let inner = Arc::get_mut(&mut c.inner).expect("a new client is not shared");
-            inner.local = Some(LocalReads::new(dir));
+            inner.local = Some(LocalSockets::new(dir));
         }
         Ok(c)
     }
@@ -210,7 +210,30 @@ impl ChunkClient {
 
     /// Reads answered through local sockets so far.
     pub fn local_reads(&self) -> u64 {
-        self.inner.local.as_ref().map_or(0, |l| l.served())
+        self.inner.local.as_ref().map_or(0, |l| l.reads())
+    }
+
+    /// Writes answered through local sockets so far.
+    pub fn local_writes(&self) -> u64 {
+        self.inner.local.as_ref().map_or(0, |l| l.writes())
+    }
+
+    /// `req` through `addr`'s local socket, if it is on this host: `None`
+    /// sends it over QUIC. A server that broke off is marked down, as one
+    /// whose QUIC connection timed out.
+    async fn via_local<T>(
+        &self,
+        addr: &str,
+        call: impl std::future::Future<Output = Local<T>>,
+    ) -> Option<Result<T, ChunkError>> {
+        match call.await {
+            Local::NotLocal => None,
+            Local::Answer(a) => Some(a.map_err(|error| ChunkError::Remote { addr: addr.into(), error })),
+            Local::Broken(message) => {
+                self.mark_down(addr, true);
+                Some(Err(ChunkError::Transport { addr: addr.into(), message }))
+            }
+        }
     }
 
     /// Whether a dial to `addr` failed in the last [`DOWN_FOR`].
@@ -365,13 +388,13 @@ impl ChunkClient {
                 error: WireError::new(ErrorCode::TooBig, format!("read of {len} bytes exceeds {MAX_IO_BYTES}")),
             });
         }
+        let req = ChunkRequest::Read { chunk, version, offset, len };
         if let Some(local) = &self.inner.local {
-            if let Some(answer) = local.read(addr, chunk, version, offset, len).await {
-                return answer.map_err(|error| ChunkError::Remote { addr: addr.into(), error });
+            if let Some(answer) = self.via_local(addr, local.read(addr, &req)).await {
+                return answer;
             }
         }
         self.timed(addr, async {
-            let req = ChunkRequest::Read { chunk, version, offset, len };
             let (reply, mut recv) = self.exchange(addr, &req, Vec::new()).await?;
             let n = match reply {
                 ChunkReply::Data { len: n } if n == len => n,
@@ -444,6 +467,11 @@ impl ChunkClient {
     }
 
     async fn chained(&self, head: &str, req: ChunkRequest, data: Vec<Bytes>) -> Result<(), ChunkError> {
+        if let Some(local) = &self.inner.local {
+            if let Some(answer) = self.via_local(head, local.write(head, &req, &data)).await {
+                return chain_reply(head, answer?);
+            }
+        }
         self.timed(head, async { chain_reply(head, self.exchange(head, &req, data).await?.0) }).await
     }
 

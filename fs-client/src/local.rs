@@ -1,20 +1,30 @@
-//! Local chunk sockets: reads that skip the network when a replica is on
-//! this host.
+//! Local chunk sockets: reads and writes that skip the network when a
+//! replica is on this host.
 //!
 //! Besides QUIC, a chunk server listens on a Unix socket,
 //! `chunk-<address>.sock` in its local directory (default
 //! [`DEFAULT_LOCAL_DIR`]). A client on the same host that looks in the same
-//! directory reads through it instead: no encryption, no datagrams, one copy
-//! each way. The server does exactly what it does for a QUIC read (version
-//! check, every block's checksum, fencing); only the transport differs. This
-//! is HDFS's short-circuit read, and what placing a VM next to its data
-//! pays off with.
+//! directory sends its reads of that server's replicas, and its writes whose
+//! chain starts there, through the socket instead: no encryption, no
+//! datagrams, one copy each way. The server does exactly what it does for
+//! the same request over QUIC (version checks, every block's checksum,
+//! fencing, passing a write on down its chain over QUIC); only the first
+//! hop's transport differs. This is HDFS's short-circuit read, in the form
+//! that keeps every check on the server, and what placing a VM next to its
+//! data pays off with.
 //!
-//! Only reads go this way; writes go along the chain over QUIC. Trouble with
-//! the transport (no socket, a refused or broken connection, a server that
-//! does not answer within [`LOCAL_READ_TIMEOUT`]) makes the caller read over
-//! QUIC instead. A server's errors (stale, corrupt, not found) are answers,
-//! as over QUIC.
+//! On a connection the client sends one request (and a write's bytes) at a
+//! time. Every answer starts with a tag byte: [`TAG_ALIVE`], sent each
+//! second while the server works on a request, or [`TAG_REPLY`], followed
+//! by the reply frame (and a read's bytes). A server silent for
+//! [`SILENCE`] is taken for dead or stopped, as QUIC takes a peer silent
+//! past its idle timeout.
+//!
+//! What the caller does ([`Local`]): no usable socket (none, refused, a
+//! hello naming another server) sends the request over QUIC; a server that
+//! went silent or broke the connection mid-request is a transport failure
+//! of that server; the server's errors (stale, corrupt, not found) are
+//! answers.
 //!
 //! Only root and the server's own user may connect: the socket is mode 0600
 //! and the server checks the peer's credentials.
@@ -30,13 +40,17 @@ use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 
 use crate::frame;
-use crate::proto::{ChunkId, ChunkReply, ChunkRequest, ChunkResponse, LocalHello, WireError};
+use crate::proto::{ChunkReply, ChunkRequest, ChunkResponse, LocalHello, WireError};
 
 /// Where chunk servers put their local sockets unless configured otherwise.
 pub const DEFAULT_LOCAL_DIR: &str = "/run/locus";
-/// A local read not answered in this long goes over QUIC instead (as long
-/// as QUIC waits for a silent peer).
-pub const LOCAL_READ_TIMEOUT: Duration = crate::tls::IDLE_TIMEOUT;
+/// Sent by the server each [`ALIVE_EVERY`] while it works on a request.
+pub const TAG_ALIVE: u8 = 0;
+/// The reply frame follows.
+pub const TAG_REPLY: u8 = 1;
+pub const ALIVE_EVERY: Duration = Duration::from_secs(1);
+/// A server this long without a byte is dead or stopped.
+pub const SILENCE: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Idle connections kept per server.
 const MAX_IDLE_PER_SERVER: usize = 32;
@@ -47,6 +61,9 @@ const POOL_IDLE: Duration = Duration::from_secs(20);
 pub const SERVER_IDLE: Duration = Duration::from_secs(60);
 /// How long a server without a usable socket is not tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// A write's bytes are read by the server in pieces of at most this, each
+/// passed on down the chain as it comes.
+pub const WRITE_PIECE: usize = 256 << 10;
 
 /// The socket of the chunk server advertising `addr`, in `dir`.
 pub fn socket_path(dir: &Path, addr: &str) -> PathBuf {
@@ -55,34 +72,52 @@ pub fn socket_path(dir: &Path, addr: &str) -> PathBuf {
     dir.join(format!("chunk-{name}.sock"))
 }
 
+/// How a request through a local socket went.
+#[derive(Debug)]
+pub enum Local<T> {
+    /// No usable socket for that server: send the request over QUIC.
+    NotLocal,
+    /// The server answered.
+    Answer(Result<T, WireError>),
+    /// The server went silent or the connection broke mid-request.
+    Broken(String),
+}
+
 /// Connections to the chunk servers on this host.
-pub struct LocalReads {
+pub struct LocalSockets {
     dir: PathBuf,
-    /// [`LOCAL_READ_TIMEOUT`], shorter in tests.
-    timeout: Duration,
+    /// [`SILENCE`], shorter in tests.
+    silence: Duration,
     idle: Mutex<HashMap<String, Vec<(UnixStream, Instant)>>>,
     /// Servers not to try before the given time.
     skip: Mutex<HashMap<String, Instant>>,
-    served: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
 }
 
-/// Why a read did not go through the local socket.
+/// What broke on a connection.
 type Transport = String;
 
-impl LocalReads {
+impl LocalSockets {
     pub fn new(dir: PathBuf) -> Self {
-        LocalReads {
+        LocalSockets {
             dir,
-            timeout: LOCAL_READ_TIMEOUT,
+            silence: SILENCE,
             idle: Mutex::default(),
             skip: Mutex::default(),
-            served: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         }
     }
 
     /// Reads answered through local sockets so far.
-    pub fn served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Writes answered through local sockets so far.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
     }
 
     /// Whether `addr` looks like a server on this host (its socket exists).
@@ -101,20 +136,49 @@ impl LocalReads {
         skip.insert(addr.to_string(), Instant::now() + RETRY_AFTER);
     }
 
-    /// Reads through `addr`'s local socket: `None` if that cannot be done
-    /// (read over QUIC instead), else the server's answer.
-    pub async fn read(
+    /// A `Read` through `addr`'s local socket.
+    pub async fn read(&self, addr: &str, req: &ChunkRequest) -> Local<Bytes> {
+        let ChunkRequest::Read { len, .. } = req else {
+            return Local::Answer(Err(WireError::new(crate::proto::ErrorCode::BadRequest, "not a read")));
+        };
+        let got = self.call(addr, req, &[], Some(*len)).await;
+        if matches!(got, Local::Answer(Ok(_))) {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        match got {
+            Local::Answer(Ok((_, data))) => Local::Answer(Ok(data)),
+            Local::Answer(Err(e)) => Local::Answer(Err(e)),
+            Local::NotLocal => Local::NotLocal,
+            Local::Broken(why) => Local::Broken(why),
+        }
+    }
+
+    /// A chained `Write` or `WriteV` (`data` its bytes) whose chain starts
+    /// at `addr`: the reply.
+    pub async fn write(&self, addr: &str, req: &ChunkRequest, data: &[Bytes]) -> Local<ChunkReply> {
+        let got = self.call(addr, req, data, None).await;
+        if matches!(got, Local::Answer(Ok(_))) {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        match got {
+            Local::Answer(r) => Local::Answer(r.map(|(reply, _)| reply)),
+            Local::NotLocal => Local::NotLocal,
+            Local::Broken(why) => Local::Broken(why),
+        }
+    }
+
+    /// Sends `req` and `data`; the reply, and `expect` bytes after it if
+    /// the reply is `Data`.
+    async fn call(
         &self,
         addr: &str,
-        chunk: ChunkId,
-        version: u64,
-        offset: u64,
-        len: u64,
-    ) -> Option<Result<Bytes, WireError>> {
+        req: &ChunkRequest,
+        data: &[Bytes],
+        expect: Option<u64>,
+    ) -> Local<(ChunkReply, Bytes)> {
         if self.skipped(addr) {
-            return None;
+            return Local::NotLocal;
         }
-        let req = ChunkRequest::Read { chunk, version, offset, len };
         // A pooled connection the server has closed fails at once: then one
         // fresh connection is tried.
         for fresh in [false, true] {
@@ -124,27 +188,26 @@ impl LocalReads {
                 Err(_) if !fresh => continue,
                 Err(why) => {
                     self.avoid(addr, &why);
-                    return None;
+                    return Local::NotLocal;
                 }
             };
-            match tokio::time::timeout(self.timeout, exchange(&mut conn, &req, len)).await {
-                Ok(Ok(answer)) => {
-                    self.give_back(addr, conn);
-                    self.served.fetch_add(1, Ordering::Relaxed);
-                    return Some(answer);
+            match exchange(&mut conn, req, data, expect, self.silence).await {
+                Ok(answer) => {
+                    // After a refused write the server closes the
+                    // connection (its bytes may be unread).
+                    if answer.is_ok() || expect.is_some() {
+                        self.give_back(addr, conn);
+                    }
+                    return Local::Answer(answer);
                 }
-                Ok(Err(why)) if !fresh => tracing::debug!(addr, why, "pooled local connection failed"),
-                Ok(Err(why)) => {
+                Err(why) if !fresh => tracing::debug!(addr, why, "pooled local connection failed"),
+                Err(why) => {
                     self.avoid(addr, &why);
-                    return None;
-                }
-                Err(_) => {
-                    self.avoid(addr, "no answer in time");
-                    return None;
+                    return Local::Broken(why);
                 }
             }
         }
-        None
+        Local::NotLocal
     }
 
     fn pooled(&self, addr: &str) -> Option<UnixStream> {
@@ -184,30 +247,67 @@ impl LocalReads {
     }
 }
 
-/// One read on a connection: the server's answer, or what broke.
-async fn exchange(conn: &mut UnixStream, req: &ChunkRequest, len: u64) -> Result<Result<Bytes, WireError>, Transport> {
-    frame::write_frame_io(conn, req, &[]).await.map_err(|e| e.to_string())?;
-    let reply: ChunkResponse = frame::read_frame_io(conn).await.map_err(|e| e.to_string())?;
-    let n = match reply {
+/// One request on a connection: the server's answer (with a read's bytes),
+/// or what broke. The server may stay silent at most `silence` at a time.
+async fn exchange(
+    conn: &mut UnixStream,
+    req: &ChunkRequest,
+    data: &[Bytes],
+    expect: Option<u64>,
+    silence: Duration,
+) -> Result<Result<(ChunkReply, Bytes), WireError>, Transport> {
+    let sent: usize = data.iter().map(Bytes::len).sum();
+    // A server reading a write takes it at disk speed at worst.
+    let send_time = silence + Duration::from_secs((sent >> 20) as u64);
+    tokio::time::timeout(send_time, frame::write_frame_io(conn, req, data))
+        .await
+        .map_err(|_| "the server stopped taking the request".to_string())?
+        .map_err(|e| e.to_string())?;
+    let quiet = |what: &str| format!("the server was silent for {silence:?} ({what})");
+    loop {
+        let tag = tokio::time::timeout(silence, conn.read_u8())
+            .await
+            .map_err(|_| quiet("working on the request"))?
+            .map_err(|e| e.to_string())?;
+        match tag {
+            TAG_ALIVE => continue,
+            TAG_REPLY => break,
+            other => return Err(format!("unexpected tag {other}")),
+        }
+    }
+    let reply: ChunkResponse = tokio::time::timeout(silence, frame::read_frame_io(conn))
+        .await
+        .map_err(|_| quiet("in the reply"))?
+        .map_err(|e| e.to_string())?;
+    let reply = match reply {
         Err(e) => return Ok(Err(e)),
-        Ok(ChunkReply::Data { len: n }) if n == len => n,
-        Ok(other) => return Err(format!("unexpected reply {other:?}")),
+        Ok(r) => r,
+    };
+    let n = match (&reply, expect) {
+        (ChunkReply::Data { len }, Some(want)) if *len == want => want,
+        (_, None) => return Ok(Ok((reply, Bytes::new()))),
+        (other, _) => return Err(format!("unexpected reply {other:?}")),
     };
     // Straight into the answer's memory, which is never zeroed first.
     let mut buf = BytesMut::with_capacity(n as usize);
     while (buf.len() as u64) < n {
         let want = n - buf.len() as u64;
-        let got = (&mut *conn).take(want).read_buf(&mut buf).await.map_err(|e| e.to_string())?;
+        let got = tokio::time::timeout(silence, (&mut *conn).take(want).read_buf(&mut buf))
+            .await
+            .map_err(|_| quiet("in the data"))?
+            .map_err(|e| e.to_string())?;
         if got == 0 {
             return Err(format!("connection ended after {} of {n} bytes", buf.len()));
         }
     }
-    Ok(Ok(buf.freeze()))
+    Ok(Ok((reply, buf.freeze())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
     use tokio::net::UnixListener;
 
     #[test]
@@ -220,13 +320,17 @@ mod tests {
 
     const ADDR: &str = "127.0.0.1:7101";
 
-    /// A server on `dir`'s socket for [`ADDR`] that says it is `says`,
-    /// then answers each request with what `answer` gives (`None`: stays
-    /// silent). Counts the connections it accepted.
+    /// What a fake server does with a request: ticks to send first (one
+    /// every 100 ms), then the reply and its data (`None`: silence).
+    type Script = (u32, Option<(ChunkResponse, Vec<Bytes>)>);
+
+    /// A server on `dir`'s socket for [`ADDR`] that says it is `says` and
+    /// answers as `answer` scripts (reading a write's bytes first).
+    /// Counts the connections it accepted.
     fn fake_server(
         dir: &Path,
         says: &str,
-        answer: impl Fn(ChunkRequest) -> Option<(ChunkResponse, Vec<Bytes>)> + Send + Sync + 'static,
+        answer: impl Fn(ChunkRequest) -> Script + Send + Sync + 'static,
     ) -> Arc<AtomicU64> {
         let listener = UnixListener::bind(socket_path(dir, ADDR)).unwrap();
         let accepted = Arc::new(AtomicU64::new(0));
@@ -239,10 +343,18 @@ mod tests {
                     let hello = LocalHello { addr: says, server: 7 };
                     frame::write_frame_io(&mut s, &hello, &[]).await.unwrap();
                     while let Ok(req) = frame::read_frame_io::<ChunkRequest>(&mut s).await {
-                        match answer(req) {
-                            Some((reply, data)) => frame::write_frame_io(&mut s, &reply, &data).await.unwrap(),
-                            None => std::future::pending().await,
+                        if let ChunkRequest::Write { len, .. } = req {
+                            let mut sink = vec![0u8; len as usize];
+                            s.read_exact(&mut sink).await.unwrap();
                         }
+                        let (ticks, reply) = answer(req);
+                        for _ in 0..ticks {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            s.write_all(&[TAG_ALIVE]).await.unwrap();
+                        }
+                        let Some((reply, data)) = reply else { return std::future::pending().await };
+                        s.write_all(&[TAG_REPLY]).await.unwrap();
+                        frame::write_frame_io(&mut s, &reply, &data).await.unwrap();
                     }
                 });
             }
@@ -250,37 +362,63 @@ mod tests {
         accepted
     }
 
-    fn data_for(req: ChunkRequest) -> Option<(ChunkResponse, Vec<Bytes>)> {
-        let ChunkRequest::Read { offset, len, .. } = req else { panic!("only reads expected") };
-        let bytes: Vec<u8> = (offset..offset + len).map(|i| i as u8).collect();
-        Some((Ok(ChunkReply::Data { len }), vec![Bytes::from(bytes)]))
+    fn data_for(req: ChunkRequest) -> Script {
+        match req {
+            ChunkRequest::Read { offset, len, .. } => {
+                let bytes: Vec<u8> = (offset..offset + len).map(|i| i as u8).collect();
+                (0, Some((Ok(ChunkReply::Data { len }), vec![Bytes::from(bytes)])))
+            }
+            _ => (0, Some((Ok(ChunkReply::Done), vec![]))),
+        }
     }
 
-    use std::sync::Arc;
+    fn read(offset: u64, len: u64) -> ChunkRequest {
+        ChunkRequest::Read { chunk: 1, version: 1, offset, len }
+    }
+
+    fn answer<T: std::fmt::Debug>(got: Local<T>) -> Result<T, WireError> {
+        match got {
+            Local::Answer(a) => a,
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    }
 
     #[tokio::test]
-    async fn reads_come_back_whole_over_one_reused_connection() {
+    async fn reads_and_writes_are_answered_over_one_reused_connection() {
         let dir = tempfile::tempdir().unwrap();
         let accepted = fake_server(dir.path(), ADDR, data_for);
-        let local = LocalReads::new(dir.path().into());
+        let local = LocalSockets::new(dir.path().into());
         assert!(local.is_local(ADDR));
         assert!(!local.is_local("127.0.0.1:7102"), "no socket, not local");
         for (off, len) in [(0u64, 3u64 << 20), (5, 4096), (1 << 20, 1)] {
-            let got = local.read(ADDR, 1, 1, off, len).await.expect("served locally").expect("data");
+            let got = answer(local.read(ADDR, &read(off, len)).await).expect("data");
             let want: Vec<u8> = (off..off + len).map(|i| i as u8).collect();
             assert_eq!(&got[..], &want[..]);
         }
-        assert_eq!(local.served(), 3);
+        let write = ChunkRequest::Write {
+            chunk: 1,
+            version: 1,
+            offset: 0,
+            len: 2 << 20,
+            chain: vec![],
+            create: true,
+            origin: None,
+            sums: None,
+        };
+        let bytes = [Bytes::from(vec![7u8; 1 << 20]), Bytes::from(vec![8u8; 1 << 20])];
+        assert_eq!(answer(local.write(ADDR, &write, &bytes).await).unwrap(), ChunkReply::Done);
+        assert_eq!((local.reads(), local.writes()), (3, 1));
         assert_eq!(accepted.load(Ordering::Relaxed), 1, "the pooled connection is reused");
-        assert!(local.read("127.0.0.1:7102", 1, 1, 0, 1).await.is_none(), "no socket: read over QUIC");
+        assert!(matches!(local.read("127.0.0.1:7102", &read(0, 1)).await, Local::NotLocal));
     }
 
     #[tokio::test]
     async fn server_errors_are_answers() {
         let dir = tempfile::tempdir().unwrap();
-        fake_server(dir.path(), ADDR, |_| Some((Err(WireError::new(crate::proto::ErrorCode::Stale, "old")), vec![])));
-        let local = LocalReads::new(dir.path().into());
-        let e = local.read(ADDR, 1, 1, 0, 10).await.expect("answered").unwrap_err();
+        let stale = || Some((Err(WireError::new(crate::proto::ErrorCode::Stale, "old")), vec![]));
+        fake_server(dir.path(), ADDR, move |_| (0, stale()));
+        let local = LocalSockets::new(dir.path().into());
+        let e = answer(local.read(ADDR, &read(0, 10)).await).unwrap_err();
         assert_eq!(e.code, crate::proto::ErrorCode::Stale);
     }
 
@@ -288,32 +426,40 @@ mod tests {
     async fn a_socket_of_another_server_is_not_used() {
         let dir = tempfile::tempdir().unwrap();
         let accepted = fake_server(dir.path(), "127.0.0.1:9999", data_for);
-        let local = LocalReads::new(dir.path().into());
-        assert!(local.read(ADDR, 1, 1, 0, 10).await.is_none());
+        let local = LocalSockets::new(dir.path().into());
+        assert!(matches!(local.read(ADDR, &read(0, 10)).await, Local::NotLocal));
         assert_eq!(accepted.load(Ordering::Relaxed), 1);
         // Not tried again at once.
         assert!(!local.is_local(ADDR));
-        assert!(local.read(ADDR, 1, 1, 0, 10).await.is_none());
+        assert!(matches!(local.read(ADDR, &read(0, 10)).await, Local::NotLocal));
         assert_eq!(accepted.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
-    async fn a_silent_server_or_a_dead_one_sends_the_read_elsewhere_in_time() {
+    async fn a_busy_server_is_waited_for_and_a_silent_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
-        fake_server(dir.path(), ADDR, |_| None);
-        let mut local = LocalReads::new(dir.path().into());
-        local.timeout = Duration::from_millis(300);
+        // Works for 600 ms, saying so every 100 ms; then answers.
+        fake_server(dir.path(), ADDR, |req| (6, data_for(req).1));
+        let mut local = LocalSockets::new(dir.path().into());
+        local.silence = Duration::from_millis(300);
+        assert_eq!(answer(local.read(ADDR, &read(0, 10)).await).unwrap().len(), 10);
+
+        let dir = tempfile::tempdir().unwrap();
+        fake_server(dir.path(), ADDR, |_| (1, None));
+        let mut local = LocalSockets::new(dir.path().into());
+        local.silence = Duration::from_millis(300);
         let t = Instant::now();
-        assert!(local.read(ADDR, 1, 1, 0, 10).await.is_none());
+        assert!(matches!(local.read(ADDR, &read(0, 10)).await, Local::Broken(_)));
         assert!(t.elapsed() < Duration::from_secs(3));
-        assert_eq!(local.served(), 0);
+        assert_eq!(local.reads(), 0);
+        assert!(!local.is_local(ADDR), "not tried again for a while");
 
         // A socket file whose server is gone: refused at once.
         let dir = tempfile::tempdir().unwrap();
         drop(std::os::unix::net::UnixListener::bind(socket_path(dir.path(), ADDR)).unwrap());
-        let local = LocalReads::new(dir.path().into());
+        let local = LocalSockets::new(dir.path().into());
         assert!(local.is_local(ADDR));
-        assert!(local.read(ADDR, 1, 1, 0, 10).await.is_none());
+        assert!(matches!(local.read(ADDR, &read(0, 10)).await, Local::NotLocal));
         assert!(!local.is_local(ADDR), "refused: not tried again for a while");
     }
 }

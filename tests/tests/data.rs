@@ -332,10 +332,11 @@ async fn a_corrupt_replica_is_bypassed_and_replaced() {
     assert!(read_all(&cluster.files(), ino).await == data);
 }
 
-/// Goal: a client on a chunk server's host reads through the server's
-/// local socket and gets the same bytes; with local reads off nothing goes
-/// that way; a server killed (its socket file left behind) or stopped is
-/// read around.
+/// Goal: a client on a chunk server's host reads (and starts chained
+/// writes) through the server's local socket and gets the same bytes; a
+/// refused write is an answer, not a broken server; with local sockets off
+/// nothing goes that way; a server killed (its socket file left behind) or
+/// stopped is read around.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_reads_skip_the_network_and_fall_back() {
     use fs_client::chunk::ChunkClient;
@@ -360,6 +361,25 @@ async fn local_reads_skip_the_network_and_fall_back() {
     let off = ChunkClient::for_config(&fs_client::ClientConfig { local_reads: false, ..cfg.clone() }).unwrap();
     assert!(read_all(&reader(&off), ino).await == data);
     assert_eq!(off.local_reads(), 0);
+
+    phase("writes whose chain starts on this host go through its socket; a refused one is an answer");
+    let chunks = ChunkClient::for_config(&cfg).unwrap();
+    let writer = reader(&chunks);
+    let ino2 = create(&c, ROOT_INO, "local-written").await;
+    writer.write_through(ino2, 0, Bytes::from(data.clone())).await.unwrap();
+    writer.fsync(ino2).await.unwrap();
+    assert!(chunks.local_writes() >= 4, "only {} writes went local", chunks.local_writes());
+    assert!(read_all(&reader(&off), ino2).await == data, "local writes differ over QUIC");
+    let ch = layout(&c, ino2).await.chunks[0].clone();
+    let chain: Vec<String> = ch.replicas.iter().map(|r| r.addr.clone()).collect();
+    let junk = Bytes::from(vec![0xEEu8; 300_000]);
+    let err = chunks.write(&chain, ch.chunk, ch.version + 1, 0, junk, false, None, None).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Stale, "{err}");
+    assert!(!chunks.is_down(&chain[0]), "a refused write is not a broken server");
+    assert!(read_all(&reader(&off), ino2).await == data, "a refused write changed data");
+    let before = chunks.local_writes();
+    writer.write_through(ino2, 0, Bytes::from(data[..4096].to_vec())).await.unwrap();
+    assert!(chunks.local_writes() > before, "the socket still works after a refusal");
 
     phase("kill -9 one server (its socket file stays) and stop another: reads come from the third");
     let gone = cluster.chunk(1).addr.to_string();

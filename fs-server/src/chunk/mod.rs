@@ -417,11 +417,11 @@ impl Server {
                 }
                 ChunkRequest::Write { chunk, version, offset, len, chain, create, origin, sums } => {
                     let at = Place { chunk, version, offset, origin };
-                    self.write(&mut recv, at, vec![(offset, len)], chain, create, false, sums).await
+                    self.write(Incoming::Quic(&mut recv), at, vec![(offset, len)], chain, create, false, sums).await
                 }
                 ChunkRequest::WriteV { chunk, version, extents, chain, create, origin, sums } => {
                     let at = Place { chunk, version, offset: extents.first().map_or(0, |e| e.0), origin };
-                    self.write(&mut recv, at, extents, chain, create, true, sums).await
+                    self.write(Incoming::Quic(&mut recv), at, extents, chain, create, true, sums).await
                 }
                 ChunkRequest::Zero { chunk, version, offset, len, chain, origin } => {
                     self.zero(Place { chunk, version, offset, origin }, len, chain).await
@@ -480,8 +480,13 @@ impl Server {
         }
     }
 
-    /// One local client's connection: reads, one after another.
+    /// One local client's connection: requests one after another, each
+    /// answered as over QUIC. While one is worked on the client hears
+    /// [`TAG_ALIVE`](fs_client::local::TAG_ALIVE) every second, so it can
+    /// tell a busy server from a stopped one.
     async fn serve_local(self, mut stream: tokio::net::UnixStream) {
+        use fs_client::local::{ALIVE_EVERY, SERVER_IDLE, TAG_ALIVE, TAG_REPLY};
+        use tokio::io::AsyncWriteExt;
         let me = nix::unistd::geteuid().as_raw();
         match stream.peer_cred() {
             Ok(c) if c.uid() == 0 || c.uid() == me => {}
@@ -495,41 +500,109 @@ impl Server {
         if frame::write_frame_io(&mut stream, &hello, &[]).await.is_err() {
             return;
         }
+        let (mut rd, mut wr) = stream.split();
         loop {
-            let req: ChunkRequest =
-                match tokio::time::timeout(fs_client::local::SERVER_IDLE, frame::read_frame_io(&mut stream)).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(frame::FrameError::Closed)) | Err(_) => return,
-                    Ok(Err(e)) => {
-                        let resp: ChunkResponse =
-                            Err(WireError::new(ErrorCode::BadRequest, format!("bad request frame: {e}")));
-                        let _ = frame::write_frame_io(&mut stream, &resp, &[]).await;
-                        return;
-                    }
-                };
-            let started = Instant::now();
-            let (reply, data): (ChunkResponse, Option<Bytes>) = match req {
-                ChunkRequest::Read { chunk, version, offset, len } => {
-                    let res = match self.refusal(false) {
-                        Some(refused) => Err(refused),
-                        None => {
-                            self.served.fetch_add(1, Ordering::Relaxed);
-                            self.read(chunk, version, offset, len).await
+            let req: ChunkRequest = match tokio::time::timeout(SERVER_IDLE, frame::read_frame_io(&mut rd)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(frame::FrameError::Closed)) | Err(_) => return,
+                Ok(Err(e)) => {
+                    let resp: ChunkResponse =
+                        Err(WireError::new(ErrorCode::BadRequest, format!("bad request frame: {e}")));
+                    let _ = wr.write_all(&[TAG_REPLY]).await;
+                    let _ = frame::write_frame_io(&mut wr, &resp, &[]).await;
+                    return;
+                }
+            };
+            let work = self.local_request(req, &mut rd);
+            tokio::pin!(work);
+            let mut alive = tokio::time::interval_at(tokio::time::Instant::now() + ALIVE_EVERY, ALIVE_EVERY);
+            let (reply, data, in_step) = loop {
+                tokio::select! {
+                    done = &mut work => break done,
+                    _ = alive.tick() => {
+                        if wr.write_all(&[TAG_ALIVE]).await.is_err() {
+                            return;
                         }
-                    };
-                    self.metrics.observe("read", started.elapsed(), res.as_ref().err().map(|e| e.code));
-                    match res {
-                        Ok(d) => (Ok(ChunkReply::Data { len: d.len() as u64 }), Some(d)),
-                        Err(e) => (Err(e), None),
                     }
                 }
-                _ => (Err(WireError::new(ErrorCode::BadRequest, "only reads are served on the local socket")), None),
             };
-            let write = frame::write_frame_io(&mut stream, &reply, data.as_slice());
-            if !matches!(tokio::time::timeout(REQUEST_TIMEOUT, write).await, Ok(Ok(()))) {
+            let answer = async {
+                wr.write_all(&[TAG_REPLY]).await.map_err(|e| frame::FrameError::Stream(e.to_string()))?;
+                frame::write_frame_io(&mut wr, &reply, data.as_slice()).await
+            };
+            if !matches!(tokio::time::timeout(REQUEST_TIMEOUT, answer).await, Ok(Ok(()))) {
+                return;
+            }
+            if !in_step {
                 return;
             }
         }
+    }
+
+    /// A request from a local client: the reply, a read's bytes, and
+    /// whether the connection is still in step (a refused write's bytes
+    /// were all read, if it had any).
+    async fn local_request(
+        &self,
+        req: ChunkRequest,
+        rd: &mut tokio::net::unix::ReadHalf<'_>,
+    ) -> (ChunkResponse, Option<Bytes>, bool) {
+        let started = Instant::now();
+        let op = match &req {
+            ChunkRequest::Read { .. } => "read",
+            ChunkRequest::Write { .. } => "write",
+            ChunkRequest::WriteV { .. } => "writev",
+            ChunkRequest::Zero { .. } => "zero",
+            _ => "other",
+        };
+        if op != "zero" && op != "other" {
+            self.served.fetch_add(1, Ordering::Relaxed);
+        }
+        // A write's bytes follow its request: all of them must be taken,
+        // even when it is refused.
+        let owed: Option<u64> = match &req {
+            ChunkRequest::Write { len, .. } => Some(*len),
+            ChunkRequest::WriteV { extents, .. } => {
+                extents.iter().try_fold(0u64, |a, e| a.checked_add(e.1)).filter(|n| *n <= MAX_IO_BYTES)
+            }
+            _ => Some(0),
+        };
+        let mut taken = 0u64;
+        let mut data = None;
+        let result = if let Some(refused) = self.refusal(false) {
+            Err(refused)
+        } else {
+            match req {
+                ChunkRequest::Read { chunk, version, offset, len } => {
+                    self.read(chunk, version, offset, len).await.map(|d| {
+                        let len = d.len() as u64;
+                        data = Some(d);
+                        ChunkReply::Data { len }
+                    })
+                }
+                ChunkRequest::Write { chunk, version, offset, len, chain, create, origin, sums } => {
+                    let at = Place { chunk, version, offset, origin };
+                    let from = Incoming::Local { conn: &mut *rd, taken: &mut taken };
+                    self.write(from, at, vec![(offset, len)], chain, create, false, sums).await
+                }
+                ChunkRequest::WriteV { chunk, version, extents, chain, create, origin, sums } => {
+                    let at = Place { chunk, version, offset: extents.first().map_or(0, |e| e.0), origin };
+                    let from = Incoming::Local { conn: &mut *rd, taken: &mut taken };
+                    self.write(from, at, extents, chain, create, true, sums).await
+                }
+                ChunkRequest::Zero { chunk, version, offset, len, chain, origin } => {
+                    self.zero(Place { chunk, version, offset, origin }, len, chain).await
+                }
+                _ => Err(WireError::new(ErrorCode::BadRequest, "not served on the local socket")),
+            }
+        };
+        self.metrics.observe(op, started.elapsed(), result.as_ref().err().map(|e| e.code));
+        let in_step = match owed {
+            Some(n) if n > taken && n <= MAX_IO_BYTES => drain(rd, n - taken).await,
+            Some(n) => n == taken,
+            None => false,
+        };
+        (result, data, in_step)
     }
 
     async fn read(&self, chunk: ChunkId, version: u64, offset: u64, len: u64) -> Result<Bytes, WireError> {
@@ -622,7 +695,7 @@ impl Server {
     #[allow(clippy::too_many_arguments)]
     async fn write(
         &self,
-        recv: &mut quinn::RecvStream,
+        recv: Incoming<'_>,
         at: Place,
         extents: Vec<(u64, u64)>,
         chain: Vec<String>,
@@ -1184,8 +1257,52 @@ impl Downstream {
 /// arrives. With `gather` (some extent is long enough to go around the page
 /// cache, [`store::DIRECT_MIN_BYTES`]) they are gathered into aligned
 /// memory; without, they are quinn's chunks as they came, not copied.
+/// Reads and drops `n` bytes (a refused write's): whether they came.
+async fn drain(conn: &mut (impl tokio::io::AsyncRead + Unpin), n: u64) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut sink = (&mut *conn).take(n);
+    let copied = tokio::time::timeout(REQUEST_TIMEOUT, tokio::io::copy(&mut sink, &mut tokio::io::sink())).await;
+    matches!(copied, Ok(Ok(k)) if k == n)
+}
+
+/// Where a write's bytes come from.
+enum Incoming<'a> {
+    Quic(&'a mut quinn::RecvStream),
+    /// A local client's connection (see [`fs_client::local`]), and the
+    /// bytes taken from it so far.
+    Local {
+        conn: &'a mut (dyn tokio::io::AsyncRead + Unpin + Send),
+        taken: &'a mut u64,
+    },
+}
+
+impl Incoming<'_> {
+    /// The next bytes of a write, at most `max`.
+    async fn next(&mut self, max: usize) -> Result<Bytes, String> {
+        match self {
+            Incoming::Quic(recv) => Ok(recv
+                .read_chunk(max, true)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "stream ended".to_string())?
+                .bytes),
+            Incoming::Local { conn, taken } => {
+                use tokio::io::AsyncReadExt;
+                let want = max.min(fs_client::local::WRITE_PIECE);
+                let mut buf = bytes::BytesMut::with_capacity(want);
+                let n = (&mut **conn).take(want as u64).read_buf(&mut buf).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("connection ended".into());
+                }
+                **taken += n as u64;
+                Ok(buf.freeze())
+            }
+        }
+    }
+}
+
 async fn receive(
-    recv: &mut quinn::RecvStream,
+    mut recv: Incoming<'_>,
     n: usize,
     downstream: &mut Downstream,
     gather: bool,
@@ -1194,17 +1311,13 @@ async fn receive(
     let mut pieces = Vec::new();
     let mut got = 0;
     while got < n {
-        let chunk = recv
-            .read_chunk(n - got, true)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("stream ended after {got} of {n} bytes"))?;
-        downstream.push(&chunk.bytes).await;
-        got += chunk.bytes.len();
+        let bytes = recv.next(n - got).await.map_err(|e| format!("{e} after {got} of {n} bytes"))?;
+        downstream.push(&bytes).await;
+        got += bytes.len();
         if gather {
-            out.get_or_insert_with(|| store::aligned_buffer(n)).extend_from_slice(&chunk.bytes);
+            out.get_or_insert_with(|| store::aligned_buffer(n)).extend_from_slice(&bytes);
         } else {
-            pieces.push(chunk.bytes);
+            pieces.push(bytes);
         }
     }
     Ok(match out {
