@@ -197,8 +197,9 @@ impl ChunkClient {
     pub fn for_config(cfg: &ClientConfig) -> Result<Self, TlsError> {
         let mut c = Self::new(&cfg.identity())?;
         if let Some(dir) = cfg.local_dir() {
+            let cluster = tls::cluster_fingerprint(&cfg.identity())?;
             let inner = Arc::get_mut(&mut c.inner).expect("a new client is not shared");
-            inner.local = Some(LocalSockets::new(dir));
+            inner.local = Some(LocalSockets::new(dir, cluster));
         }
         Ok(c)
     }

@@ -21,7 +21,8 @@
 //! past its idle timeout.
 //!
 //! What the caller does ([`Local`]): no usable socket (none, refused, a
-//! hello naming another server) sends the request over QUIC; a server that
+//! hello naming another address or another cluster) sends the request
+//! over QUIC; a server that
 //! went silent or broke the connection mid-request is a transport failure
 //! of that server; the server's errors (stale, corrupt, not found) are
 //! answers.
@@ -86,6 +87,8 @@ pub enum Local<T> {
 /// Connections to the chunk servers on this host.
 pub struct LocalSockets {
     dir: PathBuf,
+    /// This client's cluster: a server of another is not used.
+    cluster: [u8; 32],
     /// [`SILENCE`], shorter in tests.
     silence: Duration,
     idle: Mutex<HashMap<String, Vec<(UnixStream, Instant)>>>,
@@ -99,9 +102,10 @@ pub struct LocalSockets {
 type Transport = String;
 
 impl LocalSockets {
-    pub fn new(dir: PathBuf) -> Self {
+    pub fn new(dir: PathBuf, cluster: [u8; 32]) -> Self {
         LocalSockets {
             dir,
+            cluster,
             silence: SILENCE,
             idle: Mutex::default(),
             skip: Mutex::default(),
@@ -243,6 +247,9 @@ impl LocalSockets {
         if hello.addr != addr {
             return Err(format!("{} is server {} at {}, not {addr}", path.display(), hello.server, hello.addr));
         }
+        if hello.cluster != self.cluster {
+            return Err(format!("{} is server {} of another cluster", path.display(), hello.server));
+        }
         Ok(s)
     }
 }
@@ -319,6 +326,7 @@ mod tests {
     }
 
     const ADDR: &str = "127.0.0.1:7101";
+    const CLUSTER: [u8; 32] = [3; 32];
 
     /// What a fake server does with a request: ticks to send first (one
     /// every 100 ms), then the reply and its data (`None`: silence).
@@ -340,7 +348,7 @@ mod tests {
                 count.fetch_add(1, Ordering::Relaxed);
                 let (says, answer) = (says.clone(), answer.clone());
                 tokio::spawn(async move {
-                    let hello = LocalHello { addr: says, server: 7 };
+                    let hello = LocalHello { addr: says, server: 7, cluster: CLUSTER };
                     frame::write_frame_io(&mut s, &hello, &[]).await.unwrap();
                     while let Ok(req) = frame::read_frame_io::<ChunkRequest>(&mut s).await {
                         if let ChunkRequest::Write { len, .. } = req {
@@ -387,7 +395,7 @@ mod tests {
     async fn reads_and_writes_are_answered_over_one_reused_connection() {
         let dir = tempfile::tempdir().unwrap();
         let accepted = fake_server(dir.path(), ADDR, data_for);
-        let local = LocalSockets::new(dir.path().into());
+        let local = LocalSockets::new(dir.path().into(), CLUSTER);
         assert!(local.is_local(ADDR));
         assert!(!local.is_local("127.0.0.1:7102"), "no socket, not local");
         for (off, len) in [(0u64, 3u64 << 20), (5, 4096), (1 << 20, 1)] {
@@ -417,22 +425,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let stale = || Some((Err(WireError::new(crate::proto::ErrorCode::Stale, "old")), vec![]));
         fake_server(dir.path(), ADDR, move |_| (0, stale()));
-        let local = LocalSockets::new(dir.path().into());
+        let local = LocalSockets::new(dir.path().into(), CLUSTER);
         let e = answer(local.read(ADDR, &read(0, 10)).await).unwrap_err();
         assert_eq!(e.code, crate::proto::ErrorCode::Stale);
     }
 
     #[tokio::test]
-    async fn a_socket_of_another_server_is_not_used() {
+    async fn a_socket_of_another_server_or_cluster_is_not_used() {
         let dir = tempfile::tempdir().unwrap();
         let accepted = fake_server(dir.path(), "127.0.0.1:9999", data_for);
-        let local = LocalSockets::new(dir.path().into());
+        let local = LocalSockets::new(dir.path().into(), CLUSTER);
         assert!(matches!(local.read(ADDR, &read(0, 10)).await, Local::NotLocal));
         assert_eq!(accepted.load(Ordering::Relaxed), 1);
         // Not tried again at once.
         assert!(!local.is_local(ADDR));
         assert!(matches!(local.read(ADDR, &read(0, 10)).await, Local::NotLocal));
         assert_eq!(accepted.load(Ordering::Relaxed), 1);
+
+        // The right address, but another cluster's server.
+        let dir = tempfile::tempdir().unwrap();
+        let accepted = fake_server(dir.path(), ADDR, data_for);
+        let local = LocalSockets::new(dir.path().into(), [4; 32]);
+        assert!(matches!(local.read(ADDR, &read(0, 10)).await, Local::NotLocal));
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
+        assert_eq!(local.reads(), 0);
     }
 
     #[tokio::test]
@@ -440,13 +456,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Works for 600 ms, saying so every 100 ms; then answers.
         fake_server(dir.path(), ADDR, |req| (6, data_for(req).1));
-        let mut local = LocalSockets::new(dir.path().into());
+        let mut local = LocalSockets::new(dir.path().into(), CLUSTER);
         local.silence = Duration::from_millis(300);
         assert_eq!(answer(local.read(ADDR, &read(0, 10)).await).unwrap().len(), 10);
 
         let dir = tempfile::tempdir().unwrap();
         fake_server(dir.path(), ADDR, |_| (1, None));
-        let mut local = LocalSockets::new(dir.path().into());
+        let mut local = LocalSockets::new(dir.path().into(), CLUSTER);
         local.silence = Duration::from_millis(300);
         let t = Instant::now();
         assert!(matches!(local.read(ADDR, &read(0, 10)).await, Local::Broken(_)));
@@ -457,7 +473,7 @@ mod tests {
         // A socket file whose server is gone: refused at once.
         let dir = tempfile::tempdir().unwrap();
         drop(std::os::unix::net::UnixListener::bind(socket_path(dir.path(), ADDR)).unwrap());
-        let local = LocalSockets::new(dir.path().into());
+        let local = LocalSockets::new(dir.path().into(), CLUSTER);
         assert!(local.is_local(ADDR));
         assert!(matches!(local.read(ADDR, &read(0, 10)).await, Local::NotLocal));
         assert!(!local.is_local(ADDR), "refused: not tried again for a while");

@@ -1004,6 +1004,8 @@ pub struct LocalHello {
     /// The address the server advertises (what layouts list).
     pub addr: String,
     pub server: ServerId,
+    /// Its cluster ([`crate::tls::cluster_fingerprint`]).
+    pub cluster: [u8; 32],
 }
 
 pub type Response = Result<Reply, WireError>;

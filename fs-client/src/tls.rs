@@ -174,6 +174,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(p)
 }
 
+/// The cluster's identity: blake3 of its CA certificates (DER). Local
+/// sockets compare it, so a client never takes another cluster's server
+/// for its own (two clusters in two network namespaces may both have a
+/// server at 127.0.0.1:7111).
+pub fn cluster_fingerprint(id: &Identity) -> Result<[u8; 32], TlsError> {
+    let mut h = blake3::Hasher::new();
+    for c in load_certs(&id.ca)? {
+        h.update(&(c.len() as u64).to_le_bytes());
+        h.update(&c);
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes).filter_map(Result::ok).collect();

@@ -110,6 +110,8 @@ struct Server {
     /// Client reads and writes served so far: the scrubber slows down
     /// while this moves.
     served: Arc<AtomicU64>,
+    /// Our cluster, told to local clients ([`tls::cluster_fingerprint`]).
+    cluster: [u8; 32],
 }
 
 /// Per-chunk barriers between chained writes (shared, held until the
@@ -284,6 +286,7 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
         barriers: Arc::default(),
         marks: Arc::default(),
         served: Arc::default(),
+        cluster: tls::cluster_fingerprint(&cfg.identity).context("read the cluster CA")?,
     };
     tokio::spawn(srv.clone().accept_loop(endpoint.clone()));
     let local = cfg.local_dir.as_ref().and_then(|dir| match bind_local(dir, &cfg.advertise) {
@@ -496,7 +499,11 @@ impl Server {
                 return;
             }
         }
-        let hello = LocalHello { addr: self.cfg.advertise.clone(), server: self.id.load(Ordering::Relaxed) };
+        let hello = LocalHello {
+            addr: self.cfg.advertise.clone(),
+            server: self.id.load(Ordering::Relaxed),
+            cluster: self.cluster,
+        };
         if frame::write_frame_io(&mut stream, &hello, &[]).await.is_err() {
             return;
         }
