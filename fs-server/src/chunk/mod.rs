@@ -62,6 +62,8 @@ const MAX_FENCE_MARKS: usize = 1 << 20;
 /// Reads up to this size are tried inline on the async thread when cached
 /// (hashing 64 KiB takes tens of microseconds).
 const INLINE_READ_BYTES: u64 = 64 << 10;
+/// Local clients' connections served at once.
+const MAX_LOCAL_CONNECTIONS: usize = 1024;
 /// How often the files of fenced chunks are renamed to their new versions.
 const SETTLE_EVERY: Duration = Duration::from_millis(500);
 
@@ -468,12 +470,23 @@ impl Server {
         }
     }
 
-    /// Serves local clients on the Unix socket (see [`fs_client::local`]).
+    /// Serves local clients on the Unix socket (see [`fs_client::local`]),
+    /// at most [`MAX_LOCAL_CONNECTIONS`] at once: past that a connection is
+    /// closed before its hello and the client goes over QUIC.
     async fn local_loop(self, listener: tokio::net::UnixListener) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_LOCAL_CONNECTIONS));
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(self.clone().serve_local(stream));
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tracing::debug!("too many local connections; one refused");
+                        continue;
+                    };
+                    let srv = self.clone();
+                    tokio::spawn(async move {
+                        srv.serve_local(stream).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting on the local socket failed");
