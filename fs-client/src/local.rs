@@ -50,8 +50,9 @@ pub const TAG_ALIVE: u8 = 0;
 /// The reply frame follows.
 pub const TAG_REPLY: u8 = 1;
 pub const ALIVE_EVERY: Duration = Duration::from_secs(1);
-/// A server this long without a byte is dead or stopped.
-pub const SILENCE: Duration = Duration::from_secs(3);
+/// A server this long without a byte is dead or stopped: as long as QUIC
+/// waits for a silent peer.
+pub const SILENCE: Duration = crate::tls::IDLE_TIMEOUT;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Idle connections kept per server.
 const MAX_IDLE_PER_SERVER: usize = 32;
@@ -100,6 +101,20 @@ pub struct LocalSockets {
 
 /// What broke on a connection.
 type Transport = String;
+
+/// How a request on a connection failed.
+struct Failure {
+    why: Transport,
+    /// The server said nothing for too long (rather than closing or
+    /// garbling the connection).
+    silent: bool,
+}
+
+impl Failure {
+    fn broken(why: impl ToString) -> Self {
+        Failure { why: why.to_string(), silent: false }
+    }
+}
 
 impl LocalSockets {
     pub fn new(dir: PathBuf, cluster: [u8; 32]) -> Self {
@@ -204,10 +219,13 @@ impl LocalSockets {
                     }
                     return Local::Answer(answer);
                 }
-                Err(why) if !fresh => tracing::debug!(addr, why, "pooled local connection failed"),
-                Err(why) => {
-                    self.avoid(addr, &why);
-                    return Local::Broken(why);
+                // Closed while pooled (the server's idle limit, a restart):
+                // a fresh connection decides. A silent server is not
+                // waited for twice.
+                Err(f) if !fresh && !f.silent => tracing::debug!(addr, why = f.why, "pooled local connection failed"),
+                Err(f) => {
+                    self.avoid(addr, &f.why);
+                    return Local::Broken(f.why);
                 }
             }
         }
@@ -262,30 +280,30 @@ async fn exchange(
     data: &[Bytes],
     expect: Option<u64>,
     silence: Duration,
-) -> Result<Result<(ChunkReply, Bytes), WireError>, Transport> {
+) -> Result<Result<(ChunkReply, Bytes), WireError>, Failure> {
+    let quiet = |what: &str| Failure { why: format!("the server was silent for {silence:?} ({what})"), silent: true };
     let sent: usize = data.iter().map(Bytes::len).sum();
     // A server reading a write takes it at disk speed at worst.
     let send_time = silence + Duration::from_secs((sent >> 20) as u64);
     tokio::time::timeout(send_time, frame::write_frame_io(conn, req, data))
         .await
-        .map_err(|_| "the server stopped taking the request".to_string())?
-        .map_err(|e| e.to_string())?;
-    let quiet = |what: &str| format!("the server was silent for {silence:?} ({what})");
+        .map_err(|_| quiet("not taking the request"))?
+        .map_err(Failure::broken)?;
     loop {
         let tag = tokio::time::timeout(silence, conn.read_u8())
             .await
             .map_err(|_| quiet("working on the request"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(Failure::broken)?;
         match tag {
             TAG_ALIVE => continue,
             TAG_REPLY => break,
-            other => return Err(format!("unexpected tag {other}")),
+            other => return Err(Failure::broken(format!("unexpected tag {other}"))),
         }
     }
     let reply: ChunkResponse = tokio::time::timeout(silence, frame::read_frame_io(conn))
         .await
         .map_err(|_| quiet("in the reply"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(Failure::broken)?;
     let reply = match reply {
         Err(e) => return Ok(Err(e)),
         Ok(r) => r,
@@ -293,7 +311,7 @@ async fn exchange(
     let n = match (&reply, expect) {
         (ChunkReply::Data { len }, Some(want)) if *len == want => want,
         (_, None) => return Ok(Ok((reply, Bytes::new()))),
-        (other, _) => return Err(format!("unexpected reply {other:?}")),
+        (other, _) => return Err(Failure::broken(format!("unexpected reply {other:?}"))),
     };
     // Straight into the answer's memory, which is never zeroed first.
     let mut buf = BytesMut::with_capacity(n as usize);
@@ -302,9 +320,9 @@ async fn exchange(
         let got = tokio::time::timeout(silence, (&mut *conn).take(want).read_buf(&mut buf))
             .await
             .map_err(|_| quiet("in the data"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(Failure::broken)?;
         if got == 0 {
-            return Err(format!("connection ended after {} of {n} bytes", buf.len()));
+            return Err(Failure::broken(format!("connection ended after {} of {n} bytes", buf.len())));
         }
     }
     Ok(Ok((reply, buf.freeze())))
@@ -469,6 +487,26 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(3));
         assert_eq!(local.reads(), 0);
         assert!(!local.is_local(ADDR), "not tried again for a while");
+
+        // A server that answers once and then stops: the pooled connection
+        // goes silent, and that is the answer (no second wait on a fresh one).
+        let dir = tempfile::tempdir().unwrap();
+        let asked = Arc::new(AtomicU64::new(0));
+        let count = asked.clone();
+        let accepted = fake_server(dir.path(), ADDR, move |req| {
+            if count.fetch_add(1, Ordering::Relaxed) == 0 {
+                data_for(req)
+            } else {
+                (0, None)
+            }
+        });
+        let mut local = LocalSockets::new(dir.path().into(), CLUSTER);
+        local.silence = Duration::from_millis(300);
+        assert_eq!(answer(local.read(ADDR, &read(0, 10)).await).unwrap().len(), 10);
+        let t = Instant::now();
+        assert!(matches!(local.read(ADDR, &read(0, 10)).await, Local::Broken(_)));
+        assert!(t.elapsed() < Duration::from_millis(600), "waited {:?}", t.elapsed());
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
 
         // A socket file whose server is gone: refused at once.
         let dir = tempfile::tempdir().unwrap();
