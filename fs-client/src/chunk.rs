@@ -220,7 +220,7 @@ impl ChunkClient {
     }
 
     /// `req` through `addr`'s local socket, if it is on this host: `None`
-    /// sends it over QUIC. A server that broke off is marked down, as one
+    /// sends it over QUIC. A server gone silent is marked down, as one
     /// whose QUIC connection timed out.
     async fn via_local<T>(
         &self,
@@ -230,9 +230,11 @@ impl ChunkClient {
         match call.await {
             Local::NotLocal => None,
             Local::Answer(a) => Some(a.map_err(|error| ChunkError::Remote { addr: addr.into(), error })),
-            Local::Broken(message) => {
-                self.mark_down(addr, true);
-                Some(Err(ChunkError::Transport { addr: addr.into(), message }))
+            Local::Broken { why, silent } => {
+                if silent {
+                    self.mark_down(addr, true);
+                }
+                Some(Err(ChunkError::Transport { addr: addr.into(), message: why }))
             }
         }
     }

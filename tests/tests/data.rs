@@ -381,10 +381,28 @@ async fn local_reads_skip_the_network_and_fall_back() {
     writer.write_through(ino2, 0, Bytes::from(data[..4096].to_vec())).await.unwrap();
     assert!(chunks.local_writes() > before, "the socket still works after a refusal");
 
+    phase("a vectored write of small extents through the socket lands whole on every replica");
+    let extents = vec![(0u64, 4096u64), (70_000, 4096), (200_000, 10)];
+    let pieces: Vec<Bytes> =
+        extents.iter().enumerate().map(|(i, (_, l))| Bytes::from(vec![0xA0 + i as u8; *l as usize])).collect();
+    let before = chunks.local_writes();
+    chunks.writev(&chain, ch.chunk, ch.version, extents.clone(), pieces.clone(), false, None, None).await.unwrap();
+    assert!(chunks.local_writes() > before, "the vectored write did not go local");
+    let mut want = data[..MIB as usize].to_vec();
+    for ((off, len), piece) in extents.iter().zip(&pieces) {
+        want[*off as usize..(*off + *len) as usize].copy_from_slice(piece);
+    }
+    let direct = ChunkClient::new(&cfg.identity()).unwrap();
+    for addr in &chain {
+        let got = direct.read(addr, ch.chunk, ch.version, 0, MIB).await.unwrap();
+        assert!(got[..] == want[..], "replica at {addr} differs after a local vectored write");
+    }
+
     phase("kill -9 one server (its socket file stays) and stop another: reads come from the third");
     let gone = cluster.chunk(1).addr.to_string();
     cluster.kill_chunk(1);
-    assert!(fs_client::local::socket_path(&cluster.local_dir(), &gone).exists());
+    let fingerprint = fs_client::tls::cluster_fingerprint(&cfg.identity()).unwrap();
+    assert!(fs_client::local::socket_path(&cluster.local_dir(), &fingerprint, &gone).exists());
     cluster.pause_chunk(2);
     let chunks = ChunkClient::for_config(&cfg).unwrap();
     let t = Instant::now();

@@ -291,11 +291,14 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
         cluster: tls::cluster_fingerprint(&cfg.identity).context("read the cluster CA")?,
     };
     tokio::spawn(srv.clone().accept_loop(endpoint.clone()));
-    let local = cfg.local_dir.as_ref().and_then(|dir| match bind_local(dir, &cfg.advertise) {
+    let local = cfg.local_dir.as_ref().and_then(|dir| match bind_local(dir, &srv.cluster, &cfg.advertise) {
         Ok((listener, path)) => {
             tokio::spawn(srv.clone().local_loop(listener));
-            tracing::info!(path = %path.display(), "serving local reads");
-            Some(path)
+            tracing::info!(path = %path.display(), "serving local clients");
+            // Which file is ours: a successor may have replaced it by the
+            // time we stop.
+            let ino = std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+            Some((path, ino))
         }
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "no local socket; local clients read over QUIC");
@@ -317,8 +320,11 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
     crate::wait_for_stop().await;
     tracing::info!("stopping");
     endpoint.close(0u32.into(), b"shutting down");
-    if let Some(path) = local {
-        let _ = std::fs::remove_file(path);
+    if let Some((path, ino)) = local {
+        let now = std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+        if now.is_some() && now == ino {
+            let _ = std::fs::remove_file(path);
+        }
     }
     let store = srv.store.clone();
     let ids: Vec<ChunkId> = store.list().into_iter().map(|(c, _)| c).collect();
@@ -334,10 +340,14 @@ pub async fn run(cfg: ChunkConfig) -> anyhow::Result<()> {
 /// Binds the local socket for `advertise` in `dir`, mode 0600. A file
 /// left there by a server that died is replaced: whoever advertises this
 /// address now is this server.
-fn bind_local(dir: &std::path::Path, advertise: &str) -> std::io::Result<(tokio::net::UnixListener, PathBuf)> {
+fn bind_local(
+    dir: &std::path::Path,
+    cluster: &[u8; 32],
+    advertise: &str,
+) -> std::io::Result<(tokio::net::UnixListener, PathBuf)> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
-    let path = fs_client::local::socket_path(dir, advertise);
+    let path = fs_client::local::socket_path(dir, cluster, advertise);
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -602,12 +612,12 @@ impl Server {
                 }
                 ChunkRequest::Write { chunk, version, offset, len, chain, create, origin, sums } => {
                     let at = Place { chunk, version, offset, origin };
-                    let from = Incoming::Local { conn: &mut *rd, taken: &mut taken };
+                    let from = Incoming::Local { conn: &mut *rd, taken: &mut taken, buf: bytes::BytesMut::new() };
                     self.write(from, at, vec![(offset, len)], chain, create, false, sums).await
                 }
                 ChunkRequest::WriteV { chunk, version, extents, chain, create, origin, sums } => {
                     let at = Place { chunk, version, offset: extents.first().map_or(0, |e| e.0), origin };
-                    let from = Incoming::Local { conn: &mut *rd, taken: &mut taken };
+                    let from = Incoming::Local { conn: &mut *rd, taken: &mut taken, buf: bytes::BytesMut::new() };
                     self.write(from, at, extents, chain, create, true, sums).await
                 }
                 ChunkRequest::Zero { chunk, version, offset, len, chain, origin } => {
@@ -1273,10 +1283,6 @@ impl Downstream {
     }
 }
 
-/// Reads a write's `n` bytes, passing each piece down the chain as it
-/// arrives. With `gather` (some extent is long enough to go around the page
-/// cache, [`store::DIRECT_MIN_BYTES`]) they are gathered into aligned
-/// memory; without, they are quinn's chunks as they came, not copied.
 /// Reads and drops `n` bytes (a refused write's): whether they came.
 async fn drain(conn: &mut (impl tokio::io::AsyncRead + Unpin), n: u64) -> bool {
     use tokio::io::AsyncReadExt;
@@ -1288,11 +1294,15 @@ async fn drain(conn: &mut (impl tokio::io::AsyncRead + Unpin), n: u64) -> bool {
 /// Where a write's bytes come from.
 enum Incoming<'a> {
     Quic(&'a mut quinn::RecvStream),
-    /// A local client's connection (see [`fs_client::local`]), and the
-    /// bytes taken from it so far.
+    /// A local client's connection (see [`fs_client::local`]), the bytes
+    /// taken from it so far, and the memory they are read into: one
+    /// buffer for the whole write, cut into pieces as they come (a buffer
+    /// per read would each keep a whole allocation however few bytes the
+    /// read brought).
     Local {
         conn: &'a mut (dyn tokio::io::AsyncRead + Unpin + Send),
         taken: &'a mut u64,
+        buf: bytes::BytesMut,
     },
 }
 
@@ -1306,21 +1316,28 @@ impl Incoming<'_> {
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| "stream ended".to_string())?
                 .bytes),
-            Incoming::Local { conn, taken } => {
+            Incoming::Local { conn, taken, buf } => {
                 use tokio::io::AsyncReadExt;
-                let want = max.min(fs_client::local::WRITE_PIECE);
-                let mut buf = bytes::BytesMut::with_capacity(want);
-                let n = (&mut **conn).take(want as u64).read_buf(&mut buf).await.map_err(|e| e.to_string())?;
+                if buf.capacity() == 0 {
+                    // The first call asks for the whole write.
+                    buf.reserve(max);
+                }
+                let want = max.min(fs_client::local::WRITE_PIECE).min(buf.capacity() - buf.len());
+                let n = (&mut **conn).take(want as u64).read_buf(buf).await.map_err(|e| e.to_string())?;
                 if n == 0 {
                     return Err("connection ended".into());
                 }
                 **taken += n as u64;
-                Ok(buf.freeze())
+                Ok(buf.split().freeze())
             }
         }
     }
 }
 
+/// Reads a write's `n` bytes, passing each piece down the chain as it
+/// arrives. With `gather` (some extent is long enough to go around the page
+/// cache, [`store::DIRECT_MIN_BYTES`]) they are gathered into aligned
+/// memory; without, they are the pieces as they came, not copied.
 async fn receive(
     mut recv: Incoming<'_>,
     n: usize,
