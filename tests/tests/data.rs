@@ -413,6 +413,49 @@ async fn local_reads_skip_the_network_and_fall_back() {
     tracing::info!(took = ?t.elapsed(), "read around a dead and a stopped server");
 }
 
+/// Goal: when every replica of a chunk is corrupt, reads of it fail with
+/// an I/O error, then and after the replicas were set aside: never zeros,
+/// never wrong bytes. The file's other chunks still read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_corrupt_everywhere_is_an_error_not_zeros() {
+    init_logging();
+    let cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let (c, f) = (cluster.client(), cluster.files());
+    let ino = create(&c, ROOT_INO, "doomed").await;
+    let data = pattern(13, (2 * MIB) as usize);
+    f.write_through(ino, 0, Bytes::from(data.clone())).await.unwrap();
+    f.fsync(ino).await.unwrap();
+
+    phase("flip bytes in chunk 0 on every replica");
+    let ch = layout(&c, ino).await.chunks.iter().find(|c| c.index == 0).unwrap().clone();
+    for r in &ch.replicas {
+        let node = cluster.chunks.values().find(|n| n.addr.to_string() == r.addr).expect("server");
+        let file = node
+            .chunk_files()
+            .into_iter()
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{:016x}", ch.chunk)))
+            .expect("replica file");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let n = bytes.len();
+        for b in &mut bytes[n - 1000..n - 900] {
+            *b ^= 0x5A;
+        }
+        std::fs::write(&file, &bytes).unwrap();
+    }
+
+    phase("reads of chunk 0 fail, now and once every replica was set aside; chunk 1 still reads");
+    for round in 0..3 {
+        let reader = cluster.files();
+        match reader.read(ino, MIB - 500, 200).await {
+            Ok(got) => panic!("round {round}: a chunk corrupt everywhere read as {} bytes: {:?}", got.len(), &got[..8]),
+            Err(e) => tracing::info!(round, error = %e, "read refused as it should be"),
+        }
+        let got = reader.read(ino, MIB, MIB).await.unwrap();
+        assert!(got[..] == data[MIB as usize..], "round {round}: chunk 1 differs");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Goal: a replica that missed writes while its server was down is never
 /// served, and is dropped when the server comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

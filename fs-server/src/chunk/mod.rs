@@ -201,6 +201,8 @@ impl Fences {
 fn wire(e: &ChunkStoreError) -> WireError {
     let code = match e {
         ChunkStoreError::NotFound(_) => ErrorCode::NotFound,
+        // Data lost here: an I/O error, never "not found" (read as zeros).
+        ChunkStoreError::Quarantined(_) => ErrorCode::Io,
         ChunkStoreError::VersionMismatch { .. } => ErrorCode::Stale,
         ChunkStoreError::OutOfRange { .. } | ChunkStoreError::BadInput(_) => ErrorCode::Invalid,
         ChunkStoreError::Corrupt { .. } => ErrorCode::Io,

@@ -268,6 +268,11 @@ impl Default for StoreOptions {
 pub enum ChunkStoreError {
     #[error("chunk {} not found", Hex(*.0))]
     NotFound(ChunkId),
+    /// Not here because this replica was set aside as corrupt: its data is
+    /// lost here, not "never written" (which `NotFound` lets a reader
+    /// assume when every replica says it).
+    #[error("chunk {}: this replica was set aside as corrupt", Hex(*.0))]
+    Quarantined(ChunkId),
     #[error("chunk {} is at version {have}, not {want}", Hex(*id))]
     VersionMismatch { id: ChunkId, have: u64, want: u64 },
     #[error("range {offset}+{len} is outside the {chunk_size}-byte chunk")]
@@ -289,6 +294,20 @@ pub enum ChunkStoreError {
 }
 
 type Result<T, E = ChunkStoreError> = std::result::Result<T, E>;
+
+/// The chunks whose replicas are in the quarantine directory `dir` (file
+/// names start with the chunk id in hex).
+fn quarantined_ids(dir: &Path) -> std::collections::HashSet<ChunkId> {
+    let Ok(entries) = fs::read_dir(dir) else { return Default::default() };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name();
+            let hex = name.to_str()?.get(..16)?;
+            ChunkId::from_str_radix(hex, 16).ok()
+        })
+        .collect()
+}
 
 /// Maps an OS error, turning "disk full" and "quota exceeded" into `NoSpace`.
 fn io_err(context: impl Into<String>, source: io::Error) -> ChunkStoreError {
@@ -1070,6 +1089,10 @@ pub struct ChunkStore {
     cache: BlockCache,
     /// The next [`IndexEntry::gen`].
     next_gen: AtomicU64,
+    /// Chunks whose replica was quarantined (from `quarantine/` at open,
+    /// and since): a read of one not held again is `Quarantined`, not
+    /// `NotFound`. Forgotten when the chunk is deleted.
+    quarantined: Mutex<std::collections::HashSet<ChunkId>>,
     #[cfg(test)]
     knobs: TestKnobs,
 }
@@ -1123,6 +1146,7 @@ impl ChunkStore {
             lagging: Mutex::default(),
             cache,
             next_gen: AtomicU64::new(1),
+            quarantined: Mutex::new(quarantined_ids(&dir.join(QUARANTINE_DIR))),
             #[cfg(test)]
             knobs: TestKnobs::default(),
         };
@@ -1565,6 +1589,9 @@ impl ChunkStore {
     pub fn delete(&self, id: ChunkId) -> Result<()> {
         let locks = self.locks.get(id);
         let _io = write_lock(&locks.io);
+        // The chunk is gone from the file system's view: no longer "lost
+        // here" either.
+        lock(&self.quarantined).remove(&id);
         let Some(entry) = self.entry(id) else { return Ok(()) };
         lock(&self.files).remove(id);
         let path = self.file_path(id, entry.version);
@@ -1776,6 +1803,7 @@ impl ChunkStore {
 
     fn checked_entry(&self, id: ChunkId, version: u64) -> Result<IndexEntry> {
         match self.entry(id) {
+            None if lock(&self.quarantined).contains(&id) => Err(ChunkStoreError::Quarantined(id)),
             None => Err(ChunkStoreError::NotFound(id)),
             Some(e) if e.version != version => {
                 Err(ChunkStoreError::VersionMismatch { id, have: e.version, want: version })
@@ -1887,6 +1915,7 @@ impl ChunkStore {
 
     /// Moves a chunk's file to `quarantine/` and forgets it. Call with its io lock held exclusively.
     fn quarantine_locked(&self, id: ChunkId, entry: IndexEntry, why: &str) -> Result<()> {
+        lock(&self.quarantined).insert(id);
         lock(&self.files).remove(id);
         let path = self.file_path(id, entry.version);
         let dest = self.quarantine_path(&chunk_file_name(id, entry.version));
@@ -3516,7 +3545,8 @@ mod tests {
         }
         assert!(calls > 2);
         assert_eq!(corrupt, vec![5]);
-        assert!(matches!(store.read(5, 1, 0, 1), Err(ChunkStoreError::NotFound(5))));
+        // Set aside, not "never written": a reader must not take it for zeros.
+        assert!(matches!(store.read(5, 1, 0, 1), Err(ChunkStoreError::Quarantined(5))));
         assert!(!path.exists());
         assert_eq!(count_files(&dir.path().join(QUARANTINE_DIR)), 1);
         assert_eq!(store.list(), vec![(6, 1)]);
@@ -3538,6 +3568,17 @@ mod tests {
         assert!(matches!(store.quarantine(6), Err(ChunkStoreError::NotFound(6))));
         assert!(store.is_empty() && store.used_bytes() == 0);
         assert_eq!(count_files(&dir.path().join(QUARANTINE_DIR)), 2);
+
+        // Still known as set aside after a restart; forgotten once deleted
+        // (garbage collected), and a new replica is served again.
+        drop(store);
+        let store = ChunkStore::open(dir.path(), opts.clone()).unwrap();
+        assert!(matches!(store.read(5, 1, 0, 1), Err(ChunkStoreError::Quarantined(5))));
+        assert!(matches!(store.read(6, 1, 0, 1), Err(ChunkStoreError::Quarantined(6))));
+        store.delete(5).unwrap();
+        assert!(matches!(store.read(5, 1, 0, 1), Err(ChunkStoreError::NotFound(5))));
+        store.write(6, 2, 0, &data, true).unwrap();
+        assert_eq!(store.read(6, 2, 0, MIB).unwrap(), data);
     }
 
     /// Goal: the inline (page-cache only) read returns what the ordinary
