@@ -93,6 +93,17 @@ pub enum Local<T> {
     Broken { why: String, silent: bool },
 }
 
+impl<T> Local<T> {
+    /// The answer, if there is one, turned by `f`.
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Local<U> {
+        match self {
+            Local::NotLocal => Local::NotLocal,
+            Local::Answer(a) => Local::Answer(a.map(f)),
+            Local::Broken { why, silent } => Local::Broken { why, silent },
+        }
+    }
+}
+
 /// Connections to the chunk servers on this host.
 pub struct LocalSockets {
     dir: PathBuf,
@@ -175,12 +186,7 @@ impl LocalSockets {
         if matches!(got, Local::Answer(Ok(_))) {
             self.reads.fetch_add(1, Ordering::Relaxed);
         }
-        match got {
-            Local::Answer(Ok((_, data))) => Local::Answer(Ok(data)),
-            Local::Answer(Err(e)) => Local::Answer(Err(e)),
-            Local::NotLocal => Local::NotLocal,
-            Local::Broken { why, silent } => Local::Broken { why, silent },
-        }
+        got.map(|(_, data)| data)
     }
 
     /// A chained `Write` or `WriteV` (`data` its bytes) whose chain starts
@@ -188,12 +194,7 @@ impl LocalSockets {
     pub async fn write(&self, addr: &str, req: &ChunkRequest, data: &[Bytes]) -> Local<ChunkReply> {
         // Bytes beyond what the request says would be read as the next
         // request on this connection.
-        let owed = match req {
-            ChunkRequest::Write { len, .. } => Some(*len),
-            ChunkRequest::WriteV { extents, .. } => extents.iter().try_fold(0u64, |a, e| a.checked_add(e.1)),
-            ChunkRequest::Zero { .. } => Some(0),
-            _ => None,
-        };
+        let owed = req.bytes_following();
         let have: u64 = data.iter().map(|d| d.len() as u64).sum();
         if owed != Some(have) {
             let why = format!("{have} bytes for a request that carries {owed:?}");
@@ -203,11 +204,7 @@ impl LocalSockets {
         if matches!(got, Local::Answer(Ok(_))) {
             self.writes.fetch_add(1, Ordering::Relaxed);
         }
-        match got {
-            Local::Answer(r) => Local::Answer(r.map(|(reply, _)| reply)),
-            Local::NotLocal => Local::NotLocal,
-            Local::Broken { why, silent } => Local::Broken { why, silent },
-        }
+        got.map(|(reply, _)| reply)
     }
 
     /// Sends `req` and `data`; the reply, and `expect` bytes after it if
@@ -440,6 +437,13 @@ mod tests {
         fake_server_of(dir, says, CLUSTER, answer)
     }
 
+    /// A client that gives a server up after 300 ms of silence.
+    fn impatient(dir: &Path) -> LocalSockets {
+        let mut local = LocalSockets::new(dir.into(), CLUSTER);
+        local.silence = Duration::from_millis(300);
+        local
+    }
+
     fn data_for(req: ChunkRequest) -> Script {
         match req {
             ChunkRequest::Read { offset, len, .. } => {
@@ -518,16 +522,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // 1.5 s before it reads the bytes, saying it is alive.
         fake_server(dir.path(), ADDR, |req| (15, data_for(req).1));
-        let mut local = LocalSockets::new(dir.path().into(), CLUSTER);
-        local.silence = Duration::from_millis(300);
+        let local = impatient(dir.path());
         let bytes = [Bytes::from(vec![5u8; 1 << 20])];
         assert_eq!(answer(local.write(ADDR, &write(1 << 20), &bytes).await).unwrap(), ChunkReply::Done);
 
         let dir = tempfile::tempdir().unwrap();
         // Ticks for 3 s, then silence: the call's deadline ends it first.
         fake_server(dir.path(), ADDR, |_| (30, None));
-        let mut local = LocalSockets::new(dir.path().into(), CLUSTER);
-        local.silence = Duration::from_millis(300);
+        let mut local = impatient(dir.path());
         local.deadline = Duration::from_millis(700);
         let t = Instant::now();
         assert!(matches!(local.read(ADDR, &read(0, 10)).await, Local::Broken { silent: true, .. }));
@@ -578,14 +580,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Works for 600 ms, saying so every 100 ms; then answers.
         fake_server(dir.path(), ADDR, |req| (6, data_for(req).1));
-        let mut local = LocalSockets::new(dir.path().into(), CLUSTER);
-        local.silence = Duration::from_millis(300);
+        let local = impatient(dir.path());
         assert_eq!(answer(local.read(ADDR, &read(0, 10)).await).unwrap().len(), 10);
 
         let dir = tempfile::tempdir().unwrap();
         fake_server(dir.path(), ADDR, |_| (1, None));
-        let mut local = LocalSockets::new(dir.path().into(), CLUSTER);
-        local.silence = Duration::from_millis(300);
+        let local = impatient(dir.path());
         let t = Instant::now();
         assert!(matches!(local.read(ADDR, &read(0, 10)).await, Local::Broken { silent: true, .. }));
         assert!(t.elapsed() < Duration::from_secs(3));
@@ -604,8 +604,7 @@ mod tests {
                 (0, None)
             }
         });
-        let mut local = LocalSockets::new(dir.path().into(), CLUSTER);
-        local.silence = Duration::from_millis(300);
+        let local = impatient(dir.path());
         assert_eq!(answer(local.read(ADDR, &read(0, 10)).await).unwrap().len(), 10);
         let t = Instant::now();
         assert!(matches!(local.read(ADDR, &read(0, 10)).await, Local::Broken { silent: true, .. }));

@@ -929,6 +929,18 @@ pub enum ChunkRequest {
     },
 }
 
+impl ChunkRequest {
+    /// The bytes that follow this request on its stream (a write's data):
+    /// `None` if a `WriteV`'s extents add up past `u64`.
+    pub fn bytes_following(&self) -> Option<u64> {
+        match self {
+            ChunkRequest::Write { len, .. } => Some(*len),
+            ChunkRequest::WriteV { extents, .. } => extents.iter().try_fold(0u64, |a, e| a.checked_add(e.1)),
+            _ => Some(0),
+        }
+    }
+}
+
 /// Most extents in one [`ChunkRequest::WriteV`].
 pub const MAX_WRITEV_EXTENTS: usize = 4096;
 

@@ -282,18 +282,7 @@ async fn a_corrupt_replica_is_bypassed_and_replaced() {
     let l = layout(&c, ino).await;
     let ch = l.chunks.iter().find(|c| c.index == 0).unwrap().clone();
     let first = ch.replicas[0].server;
-    let node = cluster.chunks.values().find(|n| n.addr.to_string() == ch.replicas[0].addr).expect("server");
-    let file = node
-        .chunk_files()
-        .into_iter()
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{:016x}", ch.chunk)))
-        .expect("replica file");
-    let mut bytes = std::fs::read(&file).unwrap();
-    let n = bytes.len();
-    for b in &mut bytes[n - 1000..n - 900] {
-        *b ^= 0xA5;
-    }
-    std::fs::write(&file, &bytes).unwrap();
+    flip_replica_bytes(&cluster, &ch.replicas[0].addr, ch.chunk, 0xA5);
 
     phase("a fresh reader gets the right bytes anyway");
     assert!(read_all(&cluster.files(), ino).await == data, "corruption reached the reader");
@@ -429,21 +418,15 @@ async fn a_chunk_corrupt_everywhere_is_an_error_not_zeros() {
     phase("flip bytes in chunk 0 on every replica");
     let ch = layout(&c, ino).await.chunks.iter().find(|c| c.index == 0).unwrap().clone();
     for r in &ch.replicas {
-        let node = cluster.chunks.values().find(|n| n.addr.to_string() == r.addr).expect("server");
-        let file = node
-            .chunk_files()
-            .into_iter()
-            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{:016x}", ch.chunk)))
-            .expect("replica file");
-        let mut bytes = std::fs::read(&file).unwrap();
-        let n = bytes.len();
-        for b in &mut bytes[n - 1000..n - 900] {
-            *b ^= 0x5A;
-        }
-        std::fs::write(&file, &bytes).unwrap();
+        flip_replica_bytes(&cluster, &r.addr, ch.chunk, 0x5A);
     }
 
     phase("reads of chunk 0 fail, now and once every replica was set aside; chunk 1 still reads");
+    let held = |addr: &str| {
+        let node = cluster.chunks.values().find(|n| n.addr.to_string() == addr).expect("server");
+        let name = format!("{:016x}", ch.chunk);
+        node.chunk_files().iter().any(|p| p.file_name().is_some_and(|f| f.to_string_lossy().starts_with(&name)))
+    };
     for round in 0..3 {
         let reader = cluster.files();
         match reader.read(ino, MIB - 500, 200).await {
@@ -452,8 +435,30 @@ async fn a_chunk_corrupt_everywhere_is_an_error_not_zeros() {
         }
         let got = reader.read(ino, MIB, MIB).await.unwrap();
         assert!(got[..] == data[MIB as usize..], "round {round}: chunk 1 differs");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if round == 0 {
+            // The failed read had every server set its copy aside.
+            let gone =
+                locus_tests::mount::wait_until(Duration::from_secs(10), || ch.replicas.iter().all(|r| !held(&r.addr)));
+            assert!(gone, "replicas not set aside after a failed read");
+        }
     }
+}
+
+/// Flips 100 bytes near the end of the data of chunk `chunk`'s replica on
+/// the server at `addr` (with `xor`), behind the server's back.
+fn flip_replica_bytes(cluster: &Cluster, addr: &str, chunk: ChunkId, xor: u8) {
+    let node = cluster.chunks.values().find(|n| n.addr.to_string() == addr).expect("server");
+    let file = node
+        .chunk_files()
+        .into_iter()
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{chunk:016x}")))
+        .expect("replica file");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    for b in &mut bytes[n - 1000..n - 900] {
+        *b ^= xor;
+    }
+    std::fs::write(&file, &bytes).unwrap();
 }
 
 /// Goal: a replica that missed writes while its server was down is never

@@ -401,21 +401,8 @@ impl Server {
             Err(_) => return,
         };
         let started = Instant::now();
-        let op = match &req {
-            ChunkRequest::Read { .. } => "read",
-            ChunkRequest::Write { .. } => "write",
-            ChunkRequest::Zero { .. } => "zero",
-            ChunkRequest::Flush { .. } => "flush",
-            ChunkRequest::SetVersion { .. } => "set_version",
-            ChunkRequest::Export { .. } => "export",
-            ChunkRequest::Status => "status",
-            ChunkRequest::SetVersions { .. } => "set_versions",
-            ChunkRequest::WriteV { .. } => "writev",
-        };
+        let op = self.start(&req);
         let status = matches!(req, ChunkRequest::Status);
-        if matches!(req, ChunkRequest::Read { .. } | ChunkRequest::Write { .. } | ChunkRequest::WriteV { .. }) {
-            self.served.fetch_add(1, Ordering::Relaxed);
-        }
         let result = if let Some(refused) = self.refusal(status) {
             Err(refused)
         } else {
@@ -432,16 +419,8 @@ impl Server {
                         Err(e) => Err(e),
                     }
                 }
-                ChunkRequest::Write { chunk, version, offset, len, chain, create, origin, sums } => {
-                    let at = Place { chunk, version, offset, origin };
-                    self.write(Incoming::Quic(&mut recv), at, vec![(offset, len)], chain, create, false, sums).await
-                }
-                ChunkRequest::WriteV { chunk, version, extents, chain, create, origin, sums } => {
-                    let at = Place { chunk, version, offset: extents.first().map_or(0, |e| e.0), origin };
-                    self.write(Incoming::Quic(&mut recv), at, extents, chain, create, true, sums).await
-                }
-                ChunkRequest::Zero { chunk, version, offset, len, chain, origin } => {
-                    self.zero(Place { chunk, version, offset, origin }, len, chain).await
+                req @ (ChunkRequest::Write { .. } | ChunkRequest::WriteV { .. } | ChunkRequest::Zero { .. }) => {
+                    self.chained(req, Incoming::Quic(&mut recv)).await
                 }
                 ChunkRequest::Flush { chunks } => {
                     let store = self.store.clone();
@@ -467,6 +446,45 @@ impl Server {
         self.metrics.observe(op, started.elapsed(), result.as_ref().err().map(|e| e.code));
         let _ = frame::write_frame(&mut send, &result).await;
         let _ = send.finish();
+    }
+
+    /// A request begins: its name in the metrics; client reads and writes
+    /// are counted (the scrubber slows down while they come).
+    fn start(&self, req: &ChunkRequest) -> &'static str {
+        let op = match req {
+            ChunkRequest::Read { .. } => "read",
+            ChunkRequest::Write { .. } => "write",
+            ChunkRequest::Zero { .. } => "zero",
+            ChunkRequest::Flush { .. } => "flush",
+            ChunkRequest::SetVersion { .. } => "set_version",
+            ChunkRequest::Export { .. } => "export",
+            ChunkRequest::Status => "status",
+            ChunkRequest::SetVersions { .. } => "set_versions",
+            ChunkRequest::WriteV { .. } => "writev",
+        };
+        if matches!(op, "read" | "write" | "writev") {
+            self.served.fetch_add(1, Ordering::Relaxed);
+        }
+        op
+    }
+
+    /// `Write`, `WriteV` and `Zero`, whichever transport brought them (a
+    /// write's bytes come from `from`).
+    async fn chained(&self, req: ChunkRequest, from: Incoming<'_>) -> Result<ChunkReply, WireError> {
+        match req {
+            ChunkRequest::Write { chunk, version, offset, len, chain, create, origin, sums } => {
+                let at = Place { chunk, version, offset, origin };
+                self.write(from, at, vec![(offset, len)], chain, create, false, sums).await
+            }
+            ChunkRequest::WriteV { chunk, version, extents, chain, create, origin, sums } => {
+                let at = Place { chunk, version, offset: extents.first().map_or(0, |e| e.0), origin };
+                self.write(from, at, extents, chain, create, true, sums).await
+            }
+            ChunkRequest::Zero { chunk, version, offset, len, chain, origin } => {
+                self.zero(Place { chunk, version, offset, origin }, len, chain).await
+            }
+            _ => Err(WireError::new(ErrorCode::BadRequest, "not a chained request")),
+        }
     }
 
     /// Why I/O is not served now, if it is not (`Status` always is).
@@ -580,25 +598,10 @@ impl Server {
         rd: &mut tokio::net::unix::ReadHalf<'_>,
     ) -> (ChunkResponse, Option<Bytes>, bool) {
         let started = Instant::now();
-        let op = match &req {
-            ChunkRequest::Read { .. } => "read",
-            ChunkRequest::Write { .. } => "write",
-            ChunkRequest::WriteV { .. } => "writev",
-            ChunkRequest::Zero { .. } => "zero",
-            _ => "other",
-        };
-        if op != "zero" && op != "other" {
-            self.served.fetch_add(1, Ordering::Relaxed);
-        }
+        let op = self.start(&req);
         // A write's bytes follow its request: all of them must be taken,
         // even when it is refused.
-        let owed: Option<u64> = match &req {
-            ChunkRequest::Write { len, .. } => Some(*len),
-            ChunkRequest::WriteV { extents, .. } => {
-                extents.iter().try_fold(0u64, |a, e| a.checked_add(e.1)).filter(|n| *n <= MAX_IO_BYTES)
-            }
-            _ => Some(0),
-        };
+        let owed = req.bytes_following().filter(|n| *n <= MAX_IO_BYTES);
         let mut taken = 0u64;
         let mut data = None;
         let result = if let Some(refused) = self.refusal(false) {
@@ -612,18 +615,9 @@ impl Server {
                         ChunkReply::Data { len }
                     })
                 }
-                ChunkRequest::Write { chunk, version, offset, len, chain, create, origin, sums } => {
-                    let at = Place { chunk, version, offset, origin };
+                req @ (ChunkRequest::Write { .. } | ChunkRequest::WriteV { .. } | ChunkRequest::Zero { .. }) => {
                     let from = Incoming::Local { conn: &mut *rd, taken: &mut taken, buf: bytes::BytesMut::new() };
-                    self.write(from, at, vec![(offset, len)], chain, create, false, sums).await
-                }
-                ChunkRequest::WriteV { chunk, version, extents, chain, create, origin, sums } => {
-                    let at = Place { chunk, version, offset: extents.first().map_or(0, |e| e.0), origin };
-                    let from = Incoming::Local { conn: &mut *rd, taken: &mut taken, buf: bytes::BytesMut::new() };
-                    self.write(from, at, extents, chain, create, true, sums).await
-                }
-                ChunkRequest::Zero { chunk, version, offset, len, chain, origin } => {
-                    self.zero(Place { chunk, version, offset, origin }, len, chain).await
+                    self.chained(req, from).await
                 }
                 _ => Err(WireError::new(ErrorCode::BadRequest, "not served on the local socket")),
             }
